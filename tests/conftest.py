@@ -1,0 +1,223 @@
+"""Shared fixtures: the real default models (each loaded once per session) and tiny random
+Hugging Face models saved with ``save_pretrained`` into session folders, so that the
+"any Hugging Face folder" paths run end to end without a hub download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.encoders.models import resolve_model
+from mmfeatures.modalities.audio import AudioModality
+from mmfeatures.modalities.base import Modality, Prepared
+from mmfeatures.modalities.image import ImageModality
+from mmfeatures.modalities.text import TextModality
+
+TINY_BERT_POSITIONS = 64
+TINY_WHISPER_MELS = 16
+
+
+# -- real default models (loaded once) -------------------------------------------------------
+@pytest.fixture(scope="session")
+def text_default() -> TextModality:
+    modality = TextModality()
+    modality.setup()
+    return modality
+
+
+@pytest.fixture(scope="session")
+def text_default_model(text_default: TextModality) -> torch.nn.Module:
+    return text_default.load_model("cpu")
+
+
+@pytest.fixture(scope="session")
+def image_default() -> ImageModality:
+    modality = ImageModality()
+    modality.setup()
+    return modality
+
+
+@pytest.fixture(scope="session")
+def image_default_model(image_default: ImageModality) -> torch.nn.Module:
+    return image_default.load_model("cpu")
+
+
+@pytest.fixture(scope="session")
+def audio_default() -> AudioModality:
+    modality = AudioModality()
+    modality.setup()
+    return modality
+
+
+@pytest.fixture(scope="session")
+def audio_default_model(audio_default: AudioModality) -> torch.nn.Module:
+    return audio_default.load_model("cpu")
+
+
+# -- tiny random Hugging Face folders --------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with the bundled MiniLM tokenizer saved beside it."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("text", "default").directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=TINY_BERT_POSITIONS,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]
+    ).save_pretrained(folder)
+    return folder
+
+
+def _tiny_whisper_config() -> Any:
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=TINY_WHISPER_MELS,
+        d_model=32,
+        encoder_layers=1,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=37,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=37,
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer Whisper with 16 mel bins and a matching feature extractor."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    folder = tmp_path_factory.mktemp("tiny_whisper")
+    torch.manual_seed(0)
+    WhisperModel(_tiny_whisper_config()).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=TINY_WHISPER_MELS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_without_extractor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny Whisper, but with no ``preprocessor_config.json``."""
+    from transformers import WhisperModel
+
+    folder = tmp_path_factory.mktemp("tiny_whisper_bare")
+    torch.manual_seed(0)
+    WhisperModel(_tiny_whisper_config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer Wav2Vec2 (320-sample frames, like the real ones) and its feature extractor."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    folder = tmp_path_factory.mktemp("tiny_wav2vec2")
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        vocab_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 8, 8),
+        conv_kernel=(10, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+    )
+    Wav2Vec2Model(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tiny_bert_dir: Path) -> TextModality:
+    modality = TextModality(model=str(tiny_bert_dir))
+    modality.setup()
+    return modality
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tiny_text: TextModality) -> torch.nn.Module:
+    return tiny_text.load_model("cpu")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def prepare(modality: Modality, payload: bytes | str, source: str | None = None) -> Prepared:
+    """A payload through the modality's own decode and preprocess."""
+    return Prepared(modality.preprocess(modality.decode(payload)), source=source)
+
+
+def embed_all(modality: Modality, model: torch.nn.Module, payloads: list[bytes | str]) -> list[Outcome]:
+    """Every payload embedded in one batch through the real model handler."""
+    handler = EmbeddingModelHandler(modality, max_batch_cost=10**9)
+    batch = [(f"r{i}", prepare(modality, payload)) for i, payload in enumerate(payloads)]
+    return list(handler.run_inference(batch, model))
+
+
+@pytest.fixture(scope="session")
+def embed() -> Callable[[Modality, torch.nn.Module, list[bytes | str]], list[np.ndarray]]:
+    """``embed(modality, model, payloads)``: one float32 vector per payload, in one batch."""
+
+    def run(modality: Modality, model: torch.nn.Module, payloads: list[bytes | str]) -> list[np.ndarray]:
+        outcomes = embed_all(modality, model, payloads)
+        assert [o.error for o in outcomes] == [None] * len(payloads)
+        return [o.vector for o in outcomes]  # type: ignore[misc]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def prepared() -> Callable[[Modality, bytes | str], Prepared]:
+    """``prepared(modality, payload)``: the payload through decode and preprocess."""
+    return prepare
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="session")
+def cos() -> Callable[[np.ndarray, np.ndarray], float]:
+    return cosine

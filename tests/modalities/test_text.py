@@ -1,0 +1,180 @@
+"""Text modality: normalisation, decode errors, windowing and the embeddings of the default
+MiniLM and of a tiny random BERT loaded from a ``save_pretrained`` folder."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mmfeatures.errors import DecodeError, Stage
+from mmfeatures.modalities.base import Limits, Prepared
+from mmfeatures.modalities.text import TextModality, normalize_text
+
+LONG_TEXT = " ".join(f"word{i % 97} example{i % 13}" for i in range(500))  # 1000 words
+
+
+# -- normalisation and decode ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("  hello \t\n  world  ", "hello world"),
+        ("ｆｕｌｌ\u3000ｗｉｄｔｈ", "full width"),  # full-width letters and ideographic space
+        ("\ufb01ne caf\u0065\u0301", "fine caf\u00e9"),  # ligature split, e + combining acute composed
+        ("x\u00a0y\u2003z", "x y z"),  # no-break and em spaces
+        ("①②", "12"),
+        ("line1\r\nline2\x0bline3", "line1 line2 line3"),
+    ],
+)
+def test_normalize_text_applies_nfkc_and_collapses_whitespace(raw: str, expected: str) -> None:
+    assert normalize_text(raw) == expected
+
+
+@given(st.text())
+@settings(max_examples=200, deadline=None)
+def test_normalize_text_is_idempotent_and_trimmed(raw: str) -> None:
+    once = normalize_text(raw)
+    assert normalize_text(once) == once
+    assert once == once.strip()
+    assert "  " not in once
+
+
+def test_decode_accepts_utf8_bytes_and_str() -> None:
+    modality = TextModality()
+    assert modality.decode("Caf\u00e9  au   lait".encode()) == "Caf\u00e9 au lait"
+    assert modality.decode(" Caf\u00e9 ") == "Caf\u00e9"
+
+
+@pytest.mark.parametrize("payload", ["", "   \n\t ", b"", "\u3000\u00a0".encode()])
+def test_empty_text_is_a_decode_error(payload: bytes | str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        TextModality().decode(payload)
+    assert caught.value.error_type == "empty_text"
+    assert caught.value.stage == Stage.DECODE
+
+
+@pytest.mark.parametrize("payload", [b"\xff\xfe bad", b"ok then \xc3\x28", b"\xed\xa0\x80"])
+def test_invalid_utf8_is_a_decode_error(payload: bytes) -> None:
+    with pytest.raises(DecodeError) as caught:
+        TextModality().decode(payload)
+    assert caught.value.error_type == "invalid_utf8"
+
+
+def test_text_over_the_character_limit_is_refused() -> None:
+    modality = TextModality(limits=Limits(max_text_chars=10))
+    assert modality.decode("x" * 10) == "x" * 10
+    with pytest.raises(DecodeError) as caught:
+        modality.decode("x" * 11)
+    assert caught.value.error_type == "text_too_long"
+
+
+# -- windows -------------------------------------------------------------------------------------
+def test_short_text_is_one_window_with_special_tokens(text_default: TextModality) -> None:
+    windows = text_default.preprocess("a photo of a cat")
+    assert len(windows) == 1
+    ids = windows[0]["input_ids"]
+    assert ids.dtype == np.int64
+    assert ids[0] == text_default._tokenizer.cls_token_id
+    assert ids[-1] == text_default._tokenizer.sep_token_id
+
+
+def test_long_text_is_split_into_windows_of_at_most_256_tokens(text_default: TextModality) -> None:
+    assert text_default.settings()["max_tokens_per_window"] == 256
+    windows = text_default.preprocess(text_default.decode(LONG_TEXT))
+    lengths = [len(w["input_ids"]) for w in windows]
+    assert len(windows) > 1
+    assert max(lengths) <= 256
+    assert all(length == 256 for length in lengths[:-1])
+    # No token is lost or repeated: the windows' contents are the whole text's tokens.
+    content = [int(t) for w in windows for t in w["input_ids"][1:-1]]
+    assert content == text_default._tokenizer(LONG_TEXT, add_special_tokens=False)["input_ids"]
+
+
+def test_prepared_cost_counts_tokens(text_default: TextModality) -> None:
+    windows = text_default.preprocess(LONG_TEXT)
+    assert Prepared(windows).cost == sum(len(w["input_ids"]) for w in windows)
+
+
+def test_modality_pickles_without_tokenizer_and_rebuilds_it(text_default: TextModality) -> None:
+    clone = pickle.loads(pickle.dumps(text_default))
+    assert clone._tokenizer is None
+    assert [w["input_ids"].tolist() for w in clone.preprocess("a photo of a cat")] == [
+        w["input_ids"].tolist() for w in text_default.preprocess("a photo of a cat")
+    ]
+
+
+# -- default model -------------------------------------------------------------------------------
+def test_default_model_gives_384_d_finite_semantic_embeddings(text_default, text_default_model, embed, cos) -> None:
+    assert text_default.dimension() == 384
+    cat, kitten, tax = embed(
+        text_default, text_default_model, ["a photo of a cat", "a picture of a kitten", "quarterly tax report"]
+    )
+    for vector in (cat, kitten, tax):
+        assert vector.shape == (384,)
+        assert vector.dtype == np.float32
+        assert np.all(np.isfinite(vector))
+    assert cos(cat, kitten) > cos(cat, tax) + 0.2
+    assert cos(cat, kitten) > 0.5
+
+
+def test_embedding_alone_equals_embedding_beside_a_longer_text(
+    text_default, text_default_model, embed
+) -> None:
+    (alone,) = embed(text_default, text_default_model, ["a photo of a cat"])
+    batched = embed(text_default, text_default_model, [LONG_TEXT, "a photo of a cat", "tax"])
+    np.testing.assert_allclose(batched[1], alone, atol=1e-5)
+
+
+def test_long_text_embedding_is_the_mean_of_its_window_embeddings(
+    text_default, text_default_model, embed
+) -> None:
+    windows = text_default.preprocess(LONG_TEXT)
+    batch = text_default.collate(windows)
+    per_window = text_default.encode(text_default_model, batch).numpy()
+    (pooled,) = embed(text_default, text_default_model, [LONG_TEXT])
+    np.testing.assert_allclose(pooled, per_window.mean(axis=0), atol=1e-5)
+
+
+def test_describe_records_model_and_preprocessing(text_default: TextModality) -> None:
+    description = text_default.describe()
+    assert description["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert description["dimension"] == 384
+    assert len(description["weights_sha256"]) == 64
+    assert description["preprocessing"]["max_tokens_per_window"] == 256
+
+
+# -- a tiny random BERT from a save_pretrained folder -------------------------------------------
+def test_tiny_bert_folder_runs_end_to_end(tiny_bert_dir: Path, embed) -> None:
+    modality = TextModality(model=str(tiny_bert_dir))
+    modality.setup()
+    assert modality.resolved.bundled is False
+    assert modality.dimension() == 32
+    assert modality.settings()["max_tokens_per_window"] == 64  # the model's position table
+
+    windows = modality.preprocess(modality.decode(LONG_TEXT))
+    assert len(windows) > 1
+    assert max(len(w["input_ids"]) for w in windows) <= 64
+
+    model = modality.load_model("cpu")
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = modality.collate(windows[:3])
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 64)
+    assert modality.encode(model, batch).shape == (3, 32)
+
+    short, long = embed(modality, model, ["hello world", LONG_TEXT])
+    assert short.shape == long.shape == (32,)
+    assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
+    assert not np.allclose(short, long)
+
+
+def test_collate_pads_with_the_pad_id_and_masks_padding(tiny_text: TextModality) -> None:
+    windows = [{"input_ids": np.array([101, 7, 102])}, {"input_ids": np.array([101, 102])}]
+    batch = tiny_text.collate(windows)
+    pad = tiny_text._tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -1,0 +1,163 @@
+"""The whole job on the sample data set, on Beam's local runner, with the real default models."""
+
+from __future__ import annotations
+
+import json
+import os
+from itertools import combinations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmfeatures import schema
+from mmfeatures.cli import main as cli_main
+from mmfeatures.sample import build_sample_dataset
+from pipelines.extract_features import run
+
+MODALITIES = ("text", "image", "audio")
+DIMS = {"text": 384, "image": 1280, "audio": 384}
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("sample")
+    manifest = build_sample_dataset(str(folder), n=60, seed=0)
+    with open(manifest) as handle:
+        records = [json.loads(line) for line in handle]
+    with open(folder / "expected_errors.json") as handle:
+        broken = json.load(handle)
+    return {"manifest": manifest, "records": {r["id"]: r for r in records}, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def output(sample: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = str(tmp_path_factory.mktemp("run1"))
+    assert cli_main(["extract", "--input", sample["manifest"], "--output", out]) == 0
+    return out
+
+
+def _features(out: str) -> dict[str, dict]:
+    table = schema.read_features(os.path.join(out, "features"))
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+def _summary(out: str) -> dict:
+    with open(os.path.join(out, "_run.json")) as handle:
+        return json.load(handle)
+
+
+def test_feature_table_follows_the_contract(output: str) -> None:
+    files = sorted(os.listdir(os.path.join(output, "features")))
+    assert files and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    file_schema = pq.read_schema(os.path.join(output, "features", files[0]))
+    declared = schema.field_names("features")
+    assert file_schema.names[: len(declared)] == declared
+    assert file_schema.names[len(declared) :] == ["speaker"]  # the sample's extra column is carried
+    table = schema.read_features(os.path.join(output, "features"))
+    for name, dim in {**{f"{m}_embedding": d for m, d in DIMS.items()}, "fused": sum(DIMS.values())}.items():
+        assert table.schema.field(name).type.list_size == dim
+    assert str(table.schema.field("event_timestamp").type) == "timestamp[us, tz=UTC]"
+
+    metadata = schema.read_run_metadata(file_schema)
+    assert metadata["schema_version"] == "v1"
+    assert metadata["modalities"]["text"]["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert metadata["modalities"]["image"]["model_id"].startswith("torchvision/mobilenet_v2")
+    assert metadata["modalities"]["audio"]["model_id"] == "openai/whisper-tiny.en"
+    for modality, dim in DIMS.items():
+        described = metadata["modalities"][modality]
+        assert described["dimension"] == dim
+        assert len(described["weights_sha256"]) == 64
+        assert described["preprocessing"]
+    assert metadata["fusion"]["method"] == "concat"
+
+    errors = pq.read_table(os.path.join(output, "errors"))
+    assert errors.schema.names == schema.field_names("errors")
+
+
+def test_every_record_is_accounted_for(output: str, sample: dict) -> None:
+    features = _features(output)
+    errors = pq.read_table(os.path.join(output, "errors")).to_pylist()
+    records = sample["records"]
+    assert set(features) == set(records)  # no sample record loses every modality
+
+    failed = {(e["id"], e["modality"]) for e in errors}
+    assert failed == set(sample["broken"].items())
+    for record_id, record in records.items():
+        row = features[record_id]
+        assert row["label"] == str(record["label"]) and row["split"] == record["split"]
+        assert row["speaker"] == record.get("speaker")
+        for modality in MODALITIES:
+            holds = record.get(modality) is not None
+            broken = sample["broken"].get(record_id) == modality
+            vector = row[f"{modality}_embedding"]
+            assert row[f"has_{modality}"] == (holds and not broken)
+            assert (vector is not None) == (holds and not broken), (record_id, modality)
+            if vector is not None:
+                assert len(vector) == DIMS[modality] and np.all(np.isfinite(vector))
+        assert row["failed_modalities"] == ([sample["broken"][record_id]] if record_id in sample["broken"] else [])
+        assert len(row["fused"]) == sum(DIMS.values())
+
+
+def test_run_summary_reconciles(output: str, sample: dict) -> None:
+    summary = _summary(output)
+    records = sample["records"].values()
+    assert summary["reconciles"] and all(summary["checks"].values())
+    assert summary["records"]["read"] == len(sample["records"])
+    assert summary["feature_rows"] == len(sample["records"])
+    assert summary["error_rows"] == len(sample["broken"])
+    for modality in MODALITIES:
+        present = sum(r.get(modality) is not None for r in records)
+        failed = sum(m == modality for m in sample["broken"].values())
+        assert summary["modalities"][modality] == {
+            "present": present, "embedded": present - failed, "failed": failed,
+            "absent": len(sample["records"]) - present,
+        }
+    assert summary["models"]["audio"]["model_id"] == "openai/whisper-tiny.en"
+    assert summary["options"]["fusion"] == "concat" and summary["wall_seconds"] > 0
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_embeddings_mean_something(output: str, modality: str) -> None:
+    """Same-label records are on average closer than different-label ones, for every modality."""
+    rows = [r for r in _features(output).values() if r[f"{modality}_embedding"] is not None]
+    same, different = [], []
+    for a, b in combinations(rows, 2):
+        similarity = _cosine(np.asarray(a[f"{modality}_embedding"]), np.asarray(b[f"{modality}_embedding"]))
+        (same if a["label"] == b["label"] else different).append(similarity)
+    assert np.mean(same) > np.mean(different), (np.mean(same), np.mean(different))
+
+
+def test_two_runs_give_the_same_vectors(output: str, sample: dict, tmp_path) -> None:
+    run(["--input", sample["manifest"], "--output", str(tmp_path)])
+    first, second = _features(output), _features(str(tmp_path))
+    assert first.keys() == second.keys()
+    for record_id, row in first.items():
+        for column in [f"{m}_embedding" for m in MODALITIES] + ["fused"]:
+            if row[column] is None:
+                assert second[record_id][column] is None
+            else:
+                np.testing.assert_allclose(row[column], second[record_id][column], atol=1e-6, rtol=0)
+
+
+def test_mean_fusion_records_its_projection(sample: dict, tmp_path) -> None:
+    subset = tmp_path / "subset.jsonl"
+    lines = open(sample["manifest"]).read().splitlines()[:8]
+    manifest_dir = os.path.dirname(sample["manifest"])
+    with open(subset, "w") as handle:
+        for line in lines:
+            record = json.loads(line)
+            for key in ("image", "audio"):
+                if record.get(key):
+                    record[key] = os.path.join(manifest_dir, record[key])
+            handle.write(json.dumps(record) + "\n")
+    out = tmp_path / "out"
+    run(["--input", str(subset), "--output", str(out), "--fusion", "mean", "--fusion_dim", "64"])
+    table = schema.read_features(str(out / "features"))
+    assert table.schema.field("fused").type.list_size == 64
+    fusion = schema.read_run_metadata(table.schema)["fusion"]
+    assert fusion["method"] == "mean" and fusion["projection"]["dimension"] == 64

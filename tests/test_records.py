@@ -1,0 +1,103 @@
+"""Tests for mmfeatures.records.parse_record: every validation rule and its stable error code."""
+
+import math
+
+import pytest
+
+from mmfeatures.errors import Stage, ValidationError
+from mmfeatures.records import Record, parse_record
+
+SOURCE = "/data/m.jsonl:7"
+DIR = "/data"
+
+
+def parse(row):
+    return parse_record(row, source=SOURCE, manifest_dir=DIR)
+
+
+def error_type(row):
+    with pytest.raises(ValidationError) as info:
+        parse(row)
+    assert info.value.stage == Stage.VALIDATE
+    return info.value.error_type
+
+
+def test_full_record():
+    record = parse({
+        "id": "r1", "text": "hello", "image": "img/a.png", "audio": "gs://b/a.wav",
+        "label": "cat", "split": "train",
+    })
+    assert record == Record(
+        id="r1", source=SOURCE, manifest_dir=DIR, text="hello", image="img/a.png",
+        audio="gs://b/a.wav", label="cat", split="train", carried={},
+    )
+    assert record.modalities() == ["text", "image", "audio"]
+    assert record.payload("image") == "img/a.png"
+
+
+@pytest.mark.parametrize("row", [
+    {"text": "t"},
+    {"id": None, "text": "t"},
+    {"id": "", "text": "t"},
+    {"id": "   ", "text": "t"},
+    {"id": float("nan"), "text": "t"},
+])
+def test_missing_or_empty_id(row):
+    assert error_type(row) == "missing_id"
+
+
+def test_int_id_becomes_string():
+    record = parse({"id": 42, "text": "t"})
+    assert record.id == "42"
+    assert isinstance(record.id, str)
+
+
+@pytest.mark.parametrize("value", [1.0, 3.5, True, False, ["a"], {"a": 1}])
+def test_id_of_wrong_type(value):
+    assert error_type({"id": value, "text": "t"}) == "wrong_type"
+
+
+@pytest.mark.parametrize("column", ["text", "image", "audio", "split"])
+@pytest.mark.parametrize("value", [5, 1.5, True, ["x"], {"x": 1}])
+def test_non_string_modality_or_split_is_wrong_type(column, value):
+    row = {"id": "a", "text": "keep", column: value}
+    assert error_type(row) == "wrong_type"
+
+
+def test_no_modality():
+    assert error_type({"id": "a", "label": "x", "split": "train", "other": 1}) == "no_modality"
+    assert error_type({"id": "a", "text": None, "image": None, "audio": None}) == "no_modality"
+
+
+def test_label_int_becomes_string_and_float_label_rejected():
+    assert parse({"id": "a", "text": "t", "label": 3}).label == "3"
+    assert parse({"id": "a", "text": "t", "label": 0}).label == "0"
+    assert error_type({"id": "a", "text": "t", "label": True}) == "wrong_type"
+
+
+def test_unknown_columns_are_carried():
+    row = {"id": "a", "text": "t", "label": 1, "score": 0.5, "tags": ["x", "y"], "meta": {"k": None}}
+    record = parse(row)
+    assert dict(record.carried) == {"score": 0.5, "tags": ["x", "y"], "meta": {"k": None}}
+    for reserved in ("id", "text", "image", "audio", "label", "split"):
+        assert reserved not in record.carried
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t\n"])
+def test_whitespace_only_media_paths_are_absent(blank):
+    record = parse({"id": "a", "text": "t", "image": blank, "audio": blank})
+    assert record.image is None and record.audio is None
+    assert record.modalities() == ["text"]
+    assert error_type({"id": "a", "image": blank}) == "no_modality"
+
+
+def test_nan_values_are_absent():
+    nan = math.nan
+    record = parse({"id": "a", "text": nan, "image": "x.png", "audio": nan, "label": nan, "split": nan})
+    assert (record.text, record.audio, record.label, record.split) == (None, None, None, None)
+    assert record.modalities() == ["image"]
+    assert error_type({"id": "a", "text": nan, "image": nan, "audio": nan}) == "no_modality"
+
+
+def test_modalities_keep_a_fixed_order():
+    assert parse({"audio": "a.wav", "id": "x", "text": "t"}).modalities() == ["text", "audio"]

@@ -1,0 +1,317 @@
+"""Tests for mmfeatures.sinks: type unification, Arrow conversion and the Beam Parquet table sink."""
+
+import datetime
+import uuid
+
+import apache_beam as beam
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from mmfeatures import schema, sinks
+
+DIMS = {"text": 3, "image": 2, "audio": 4, "fused": 5}
+WHEN = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
+METADATA = {"fusion": {"method": "concat"}, "models": {"text": "tiny"}}
+
+
+def feature_row(i, *, text=True, image=False, audio=False, **carried):
+    """A feature row whose floats are exact in float32, so read-back values compare with ==."""
+    row = {
+        "id": f"r{i}",
+        "label": str(i % 3) if i % 2 else None,
+        "split": "train",
+        "text_embedding": np.array([i, 0.5, -1.0], np.float32) if text else None,
+        "image_embedding": np.array([i, 2.0], np.float64) if image else None,
+        "audio_embedding": [0.25, 0.5, 0.75, float(i)] if audio else None,
+        "fused": np.full(5, i / 4, np.float32),
+        "has_text": text,
+        "has_image": image,
+        "has_audio": audio,
+        "failed_modalities": [] if text else ["text"],
+        "event_timestamp": WHEN,
+    }
+    row.update(carried)
+    return row
+
+
+def expected(row, carried_types):
+    """What reading ``row`` back should give: lists of floats, conformed carried values."""
+    out = {}
+    for name, value in row.items():
+        if name.endswith("_embedding") or name == "fused":
+            out[name] = None if value is None else [float(x) for x in value]
+        elif name in carried_types:
+            out[name] = sinks.conform_value(value, carried_types[name])
+        else:
+            out[name] = value
+    for name in carried_types:
+        out.setdefault(name, None)
+    return out
+
+
+# -- unify_types, value_type, conform_value ----------------------------------------------------
+
+
+STRUCT_A = pa.struct([("a", pa.int64())])
+STRUCT_B = pa.struct([("b", pa.string())])
+
+
+@pytest.mark.parametrize("left, right, result", [
+    (None, None, None),
+    (None, pa.int64(), pa.int64()),
+    (pa.null(), pa.string(), pa.string()),
+    (pa.float64(), None, pa.float64()),
+    (pa.bool_(), pa.null(), pa.bool_()),
+    (pa.int64(), pa.int64(), pa.int64()),
+    (pa.int64(), pa.float64(), pa.float64()),
+    (pa.float64(), pa.int64(), pa.float64()),
+    (pa.int32(), pa.float32(), pa.float64()),
+    (pa.int64(), pa.string(), pa.string()),
+    (pa.string(), pa.float64(), pa.string()),
+    (pa.bool_(), pa.int64(), pa.string()),
+    (STRUCT_A, STRUCT_A, STRUCT_A),
+    (STRUCT_A, STRUCT_B, pa.string()),
+    (STRUCT_A, pa.int64(), pa.string()),
+    (pa.list_(pa.int64()), pa.list_(pa.string()), pa.string()),
+])
+def test_unify_types(left, right, result):
+    assert sinks.unify_types(left, right) == result
+    assert sinks.unify_types(right, left) == result
+
+
+@pytest.mark.parametrize("value, arrow_type", [
+    (None, None),
+    (1, pa.int64()),
+    (1.5, pa.float64()),
+    ("x", pa.string()),
+    (True, pa.bool_()),
+    ({"a": 1}, STRUCT_A),
+    ([1, 2], pa.list_(pa.int64())),
+    (2 ** 70, pa.string()),          # does not fit an int64
+    (object(), pa.string()),         # not convertible at all
+])
+def test_value_type(value, arrow_type):
+    assert sinks.value_type(value) == arrow_type
+
+
+@pytest.mark.parametrize("value, arrow_type, result", [
+    (None, pa.string(), None),
+    ("x", pa.string(), "x"),
+    (5, pa.string(), "5"),
+    (1.5, pa.string(), "1.5"),
+    (True, pa.string(), "true"),
+    ({"b": [1, 2], "a": None}, pa.string(), '{"a": null, "b": [1, 2]}'),
+    ([1, "x"], pa.string(), '[1, "x"]'),
+    (3, pa.float64(), 3.0),
+    (2.5, pa.float64(), 2.5),
+    (7, pa.int64(), 7),
+])
+def test_conform_value(value, arrow_type, result):
+    conformed = sinks.conform_value(value, arrow_type)
+    assert conformed == result
+    assert type(conformed) is type(result)
+
+
+def test_unify_carried_types_combine_fn():
+    fn = sinks.UnifyCarriedTypes()
+    first = fn.create_accumulator()
+    for carried in [{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}]:
+        first = fn.add_input(first, carried)
+    second = fn.add_input(fn.create_accumulator(), {"mixed": "x", "z": {"k": 1}})
+    merged = fn.merge_accumulators([first, second])
+    result = fn.extract_output(merged)
+    assert list(result) == ["empty", "mixed", "n", "s", "z"]  # sorted
+    assert result == {
+        "empty": pa.string(), "mixed": pa.string(), "n": pa.float64(), "s": pa.string(),
+        "z": pa.struct([("k", pa.int64())]),
+    }
+
+
+def test_carried_values_fit_unified_types():
+    carried = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
+    fn = sinks.UnifyCarriedTypes()
+    acc = fn.create_accumulator()
+    for c in carried:
+        acc = fn.add_input(acc, c)
+    types = fn.extract_output(acc)
+    column_v = pa.array([sinks.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
+    column_w = pa.array([sinks.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
+    assert column_v.to_pylist() == ["1", "x", '{"a": 1}', None, None, None]
+    assert column_w.to_pylist() == [None, None, None, None, 2.0, 0.5]
+
+
+# -- embedding_array and rows_to_table ---------------------------------------------------------
+
+
+def test_embedding_array_with_nulls():
+    array = sinks.embedding_array([np.array([1, 2], np.float64), None, [3.0, 4.0], None], 2)
+    assert array.type == pa.list_(pa.float32())
+    assert array.to_pylist() == [[1.0, 2.0], None, [3.0, 4.0], None]
+    assert array.null_count == 2
+    assert array.offsets.to_pylist() == [0, 2, 2, 4, 4]
+
+
+def test_embedding_array_all_null_and_empty():
+    assert sinks.embedding_array([None, None], 3).to_pylist() == [None, None]
+    assert sinks.embedding_array([], 3).to_pylist() == []
+
+
+@pytest.mark.parametrize("vectors", [[np.zeros(3), np.zeros(2)], [None, np.zeros(4)], [[1.0]]])
+def test_embedding_array_wrong_dimension(vectors):
+    with pytest.raises(ValueError, match="dimension 3"):
+        sinks.embedding_array(vectors, 3)
+
+
+def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
+    carried = {"score": pa.float64(), "note": pa.string()}
+    features = schema.features_schema(DIMS, carried=carried, metadata=METADATA)
+    rows = [
+        feature_row(0, score=1, note="plain"),
+        feature_row(1, text=False, image=True, score=2.5, note={"k": [1]}),
+        feature_row(2, image=True, audio=True, note=None),
+        feature_row(3, text=False, audio=True),
+    ]
+    table = sinks.rows_to_table(rows, features)
+    assert table.schema == features
+    path = tmp_path / "f.parquet"
+    pq.write_table(table, path)
+
+    # stored as variable-length lists: a null fixed_size_list does not survive Parquet in pyarrow
+    stored = pq.read_schema(path)
+    assert pa.types.is_list(stored.field("text_embedding").type)
+
+    read = schema.read_features(str(path))
+    for name, modality in [("text_embedding", "text"), ("image_embedding", "image"),
+                           ("audio_embedding", "audio"), ("fused", "fused")]:
+        assert read.schema.field(name).type == pa.list_(pa.float32(), DIMS[modality])
+    assert read.column("text_embedding").null_count == 2
+    assert read.column("image_embedding").null_count == 2
+    assert read.column("audio_embedding").null_count == 2
+    assert read.column("fused").null_count == 0
+    assert read.to_pylist() == [expected(row, carried) for row in rows]
+    assert schema.read_run_metadata(read.schema) == METADATA
+
+
+def test_rows_to_table_rejects_wrong_embedding_dimension():
+    features = schema.features_schema(DIMS)
+    row = feature_row(0)
+    row["fused"] = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="dimension 5"):
+        sinks.rows_to_table([row], features)
+
+
+# -- WriteParquetTable -------------------------------------------------------------------------
+
+
+CARRIED = {"score": pa.float64()}
+FEATURES = schema.features_schema(DIMS, carried=CARRIED, metadata=METADATA)
+
+
+def rows_for(ids):
+    return [feature_row(i, text=i % 2 == 0, image=i % 2 == 1, audio=i % 3 == 0, score=i) for i in ids]
+
+
+def write_tables(targets):
+    """One pipeline writing each ``directory -> rows`` in ``targets``; returns nothing, asserts
+    the {"files", "rows"} output of each write inside the pipeline."""
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        features = p | "Schema" >> beam.Create([FEATURES])
+        for n, (directory, rows, rows_per_file, expected_output) in enumerate(targets):
+            written = (
+                p
+                | f"Rows{n}" >> beam.Create(rows, reshuffle=False)
+                | f"Write{n}" >> sinks.WriteParquetTable(directory, features, rows_per_file=rows_per_file)
+            )
+            assert_that(written, expected_output, label=f"Check{n}")
+
+
+def output_is(rows, min_files):
+    """A matcher for the single {"files", "rows"} output of a write whose file count depends on
+    how Beam batches: at least ``min_files`` (the rows over ``rows_per_file``)."""
+    def match(outputs):
+        assert len(outputs) == 1, outputs
+        (output,) = outputs
+        assert set(output) == {"files", "rows"}, output
+        assert output["rows"] == rows, output
+        assert output["files"] >= min_files, output
+    return match
+
+
+def part_files(fs, root):
+    return sorted(fs.glob(f"{root.rstrip('/')}/part-*.parquet"))
+
+
+def read_table_files(fs, paths):
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    return tables
+
+
+def check_written(fs, root, rows, rows_per_file):
+    files = part_files(fs, root)
+    assert files, "no part files"
+    count = len(files)
+    assert [f.rsplit("/", 1)[1] for f in files] == [
+        f"part-{i:05d}-of-{count:05d}.parquet" for i in range(count)
+    ]
+    assert not fs.exists(f"{root.rstrip('/')}/_staging")
+    tables = read_table_files(fs, files)
+    assert all(t.num_rows <= rows_per_file for t in tables)
+    assert all(schema.read_run_metadata(t.schema) == METADATA for t in tables)
+    assert sum(t.num_rows for t in tables) == len(rows)
+    assert len(fs.ls(root)) == count  # nothing else left in the folder
+    return count
+
+
+def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
+    local = tmp_path / "features"
+    empty = tmp_path / "empty"
+    memory = f"memory://sinks-{uuid.uuid4().hex}/features"
+    # leftovers of an earlier run: old part files and an orphan in staging
+    local.mkdir()
+    (local / "_staging").mkdir()
+    (local / "_staging" / "orphan.parquet").write_bytes(b"junk")
+    stale = sinks.rows_to_table(rows_for([100, 101]), FEATURES)
+    for i in range(4):
+        pq.write_table(stale, local / f"part-{i:05d}-of-00004.parquet")
+
+    rows = rows_for(range(7))
+    write_tables([
+        (str(local), rows, 3, output_is(rows=7, min_files=3)),
+        (str(empty), [], 3, equal_to([{"files": 1, "rows": 0}])),
+        (memory, rows, 100, equal_to([{"files": 1, "rows": 7}])),
+    ])
+
+    local_fs = fsspec.filesystem("file")
+    count = check_written(local_fs, str(local), rows, 3)
+    assert count >= 3
+    read = schema.read_features(str(local))
+    assert sorted(read.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
+    assert read.schema.field("fused").type == pa.list_(pa.float32(), 5)
+
+    # no rows: one readable file with the full schema
+    assert sorted(p.name for p in empty.iterdir()) == ["part-00000-of-00001.parquet"]
+    read_empty = schema.read_features(str(empty))
+    assert read_empty.num_rows == 0
+    assert read_empty.schema.names == FEATURES.names
+    assert schema.read_run_metadata(read_empty.schema) == METADATA
+
+    # memory://: same files, same rows
+    memory_fs, memory_root = fsspec.core.url_to_fs(memory)
+    assert check_written(memory_fs, memory_root, rows, 100) == 1
+    read_memory = schema.read_features(memory_root, filesystem=memory_fs)
+    assert sorted(read_memory.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
+    memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
+
+    # a rerun replaces the table: no stale part files, no duplicate rows
+    rerun = rows_for(range(10, 13))
+    write_tables([(str(local), rerun, 2, output_is(rows=3, min_files=2))])
+    check_written(local_fs, str(local), rerun, 2)
+    again = schema.read_features(str(local))
+    assert sorted(again.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rerun]
