@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mmfeatures.errors import ValidationError
-from mmfeatures.schema import reserved_record_columns
+from mmfeatures.schema import load_contract, reserved_record_columns
 
-MODALITY_COLUMNS = ("text", "image", "audio")
+MODALITY_COLUMNS = tuple(f["name"] for f in load_contract("record")["fields"] if f.get("modality"))
 
 
 @dataclass(frozen=True)

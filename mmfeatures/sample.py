@@ -79,7 +79,6 @@ MISSING_RATE = 0.10
 # truncated PNG, cut-off WAV header, random bytes named .jpg, empty FLAC.
 BREAKAGES = (("image", "png"), ("audio", "wav"), ("image", "jpg"), ("audio", "flac"))
 
-OGG_SERIAL = (0x6D6D6665).to_bytes(4, "little")  # "mmfe"
 
 
 @dataclass(frozen=True)
@@ -300,8 +299,7 @@ def encode_audio(samples: np.ndarray, rate: int, speech: Speech) -> bytes:
     fmt, subtype = AUDIO_FORMATS[speech.ext]
     buf = io.BytesIO()
     sf.write(buf, samples, speech.rate, format=fmt, subtype=subtype)
-    data = buf.getvalue()
-    return pin_ogg_serial(data) if fmt == "OGG" else data
+    return buf.getvalue()
 
 
 def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool,
@@ -315,48 +313,6 @@ def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool
     else:
         data = b""
     path.write_bytes(data)
-
-
-def _ogg_crc_table() -> list[int]:
-    """Lookup table for Ogg's page CRC-32 (poly 0x04C11DB7, MSB first, init 0)."""
-    table = []
-    for byte in range(256):
-        crc = byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
-        table.append(crc & 0xFFFFFFFF)
-    return table
-
-
-_OGG_CRC = _ogg_crc_table()
-
-
-def _ogg_crc(page: bytes) -> int:
-    crc = 0
-    for byte in page:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC[(crc >> 24) ^ byte]
-    return crc
-
-
-def pin_ogg_serial(data: bytes) -> bytes:
-    """Replace libsndfile's random Ogg stream serial with a fixed one.
-
-    libsndfile seeds the serial from the clock, which is the only thing that
-    makes two Vorbis encodes of the same samples differ; each page carries the
-    serial and a CRC over the page, so both are rewritten.
-    """
-    out = bytearray(data)
-    pos = 0
-    while pos < len(out):
-        if out[pos:pos + 4] != b"OggS":
-            raise ValueError(f"not an Ogg page at byte {pos}")
-        n_segments = out[pos + 26]
-        end = pos + 27 + n_segments + sum(out[pos + 27:pos + 27 + n_segments])
-        out[pos + 14:pos + 18] = OGG_SERIAL
-        out[pos + 22:pos + 26] = bytes(4)  # the CRC is computed with its field zeroed
-        out[pos + 22:pos + 26] = _ogg_crc(out[pos:end]).to_bytes(4, "little")
-        pos = end
-    return bytes(out)
 
 
 # ------------------------------------------------------------------ build

@@ -17,7 +17,9 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import storage
 from mmfeatures.schema import embedding_dimension
@@ -130,6 +132,16 @@ class _WriteStagedFile(beam.DoFn):
         yield path, len(rows)
 
 
+def _move(fs: AbstractFileSystem, source: str, target: str) -> None:
+    """Rename on local disks; copy then delete on object stores, which have no rename (as Beam's
+    own GCS and S3 filesystems do)."""
+    if isinstance(fs, LocalFileSystem):
+        fs.mv(source, target)
+    else:
+        fs.copy(source, target)
+        fs.rm(source)
+
+
 class _CommitFiles(beam.DoFn):
     """Replace the table's files with the staged ones, in one step after all writes finished."""
 
@@ -150,9 +162,12 @@ class _CommitFiles(beam.DoFn):
         files = []
         for index, (path, _rows) in enumerate(staged):
             final = f"{root.rstrip('/')}/{PART_PREFIX}{index:05d}-of-{len(staged):05d}.parquet"
-            fs.mv(_filesystem(path)[1], final)
+            _move(fs, _filesystem(path)[1], final)
             files.append(final)
-        fs.rm(f"{root.rstrip('/')}/{STAGING_DIR}", recursive=True)
+        try:  # orphans of retried bundles; object stores have no folder left once it is empty
+            fs.rm(f"{root.rstrip('/')}/{STAGING_DIR}", recursive=True)
+        except FileNotFoundError:
+            pass
         yield {"files": len(files), "rows": sum(rows for _, rows in staged)}
 
 

@@ -45,7 +45,7 @@ def _row_error(exc: ManifestError, source: str) -> ErrorRow:
 def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as raw:
-        for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), 1):
+        for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace"), 1):
             if not line.strip():
                 continue
             source = f"{path}:{number}"
@@ -63,7 +63,7 @@ def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
 def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline=""))
+        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline=""))
         for row in reader:
             source = f"{path}:{reader.line_num}"
             if None in row or any(value is None for value in row.values()):

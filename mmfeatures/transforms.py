@@ -7,6 +7,8 @@ Every composite returns its main output and an ``errors`` PCollection of ``Error
 from __future__ import annotations
 
 import datetime
+import logging
+import time
 from typing import Any, Iterable, Iterator, Mapping
 
 import apache_beam as beam
@@ -23,6 +25,7 @@ from mmfeatures.records import MODALITY_COLUMNS, Record, parse_record
 from mmfeatures.sinks import UnifyCarriedTypes
 from mmfeatures.sources import read_manifest
 
+_LOG = logging.getLogger(__name__)
 NAMESPACE = "mmfeatures"
 ROWS_READ_TAG = "rows_read"
 
@@ -50,10 +53,10 @@ class _ReadManifest(beam.DoFn):
             try:
                 record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir)
             except ValidationError as exc:
-                record_id = item.data.get("id")
+                raw_id = item.data.get("id")
+                usable = raw_id is not None and raw_id == raw_id and str(raw_id).strip()  # not NaN/blank
                 yield _error_output(ErrorRow.from_exception(
-                    exc, record_id=str(record_id) if record_id is not None else None,
-                    modality=None, source=item.source,
+                    exc, record_id=str(raw_id) if usable else None, modality=None, source=item.source,
                 ))
                 continue
             yield record.id, ((file_index, row_number), record)
@@ -173,12 +176,22 @@ def tally(record: Record, embedded: Iterable[str], failed: Iterable[str]) -> dic
 
 
 class _Fuse(beam.DoFn):
+    PROGRESS_EVERY = 1000
+
     def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
         self.fusion = fusion
         self.event_timestamp = event_timestamp
 
+    def setup(self) -> None:
+        self._done = 0
+        self._started = time.monotonic()
+
     def process(self, joined: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
         record_id, groups = joined
+        self._done += 1
+        if self._done % self.PROGRESS_EVERY == 0:
+            rate = self._done / max(time.monotonic() - self._started, 1e-9)
+            _LOG.info("%d records fused by this worker (%.1f records/s)", self._done, rate)
         (record,) = groups["record"]
         embeddings: dict[str, np.ndarray] = dict(groups["embeddings"])
         failed = sorted(set(groups["failed"]))

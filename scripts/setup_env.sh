@@ -15,7 +15,8 @@ stamp=.venv/.mmfeatures-installed
 wanted=$(cat requirements.txt requirements-test.txt setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "installing Python dependencies into .venv (a few minutes the first time)..."
-  pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+  # This machine's pip config names local wheel folders; its notes about absent ones are noise.
+  pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
   pip install --upgrade pip setuptools wheel
   # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
   pip install torch==2.13.0

@@ -10,8 +10,9 @@ from mmfeatures.transforms import ROWS_READ_TAG, ReadRecords, error_tally, sum_c
 def write_manifests(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(
-        '{"id": "dup", "text": "from jsonl", "score": 1}\n'   # 1: first "dup" -> kept
-        '{"id": "j1", "image": "img/1.png", "label": 3}\n'     # 2
+        '{"id": "j1", "image": "img/1.png", "label": 3}\n'     # 1
+        '{"id": "dup", "text": "from jsonl", "score": 1}\n'   # 2: first "dup" (file order wins
+                                                                #    over its later row) -> kept
         "\n"                                                    # 3: blank, not a row
         "{not json\n"                                           # 4: malformed_json
         '{"id": "j2"}\n'                                        # 5: no_modality
@@ -22,7 +23,7 @@ def write_manifests(tmp_path):
     csv = tmp_path / "b.csv"
     csv.write_text(
         "id,text,audio,split\n"        # 1: header
-        "dup,from csv,,test\n"         # 2: duplicate of a.jsonl:1
+        "dup,from csv,,test\n"         # 2: duplicate of a.jsonl:2
         "c1,,sound/1.wav,train\n"      # 3
         "c2,a,b,c,d\n"                 # 4: malformed_csv
         ",orphan text,,\n"             # 5: missing_id
@@ -38,8 +39,8 @@ def test_read_records(tmp_path):
             lambda r: (r.id, r.source, r.text, r.image, r.audio, r.label, r.split, dict(r.carried), r.manifest_dir)
         )
         assert_that(summaries, equal_to([
-            ("dup", f"{jsonl}:1", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
-            ("j1", f"{jsonl}:2", None, "img/1.png", None, "3", None, {}, str(tmp_path)),
+            ("dup", f"{jsonl}:2", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
+            ("j1", f"{jsonl}:1", None, "img/1.png", None, "3", None, {}, str(tmp_path)),
             ("j3", f"{jsonl}:6", "x", None, None, None, None, {}, str(tmp_path)),
             ("c1", f"{csv}:3", None, None, "sound/1.wav", None, "train", {}, str(tmp_path)),
         ]), label="Records")
@@ -58,7 +59,7 @@ def test_read_records(tmp_path):
         assert_that(
             out[ERRORS_TAG] | "Messages" >> beam.Filter(lambda e: e["error_type"] == "duplicate_id")
             | "Message" >> beam.Map(lambda e: e["message"]),
-            equal_to([f"id 'j3' first appears at {jsonl}:6", f"id 'dup' first appears at {jsonl}:1"]),
+            equal_to([f"id 'j3' first appears at {jsonl}:6", f"id 'dup' first appears at {jsonl}:2"]),
             label="DuplicateMessages",
         )
         # 7 non-blank lines in a.jsonl, 4 data rows in b.csv
@@ -75,7 +76,7 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
         assert_that(kept, equal_to([(f"{csv}:2", "from csv")]), label="Kept")
         dropped = (out[ERRORS_TAG] | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
                    | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"])))
-        assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:1")]), label="Dropped")
+        assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:2")]), label="Dropped")
         assert_that(out[ROWS_READ_TAG], equal_to([11]), label="RowsRead")
 
 

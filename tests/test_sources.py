@@ -109,6 +109,19 @@ def test_csv_from_memory_url():
     ]
 
 
+def test_utf8_byte_order_mark_is_not_part_of_the_data(tmp_path):
+    """Spreadsheet tools write UTF-8 CSV with a BOM; it must not rename the first column."""
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes("\ufeffid,text\na,h\u00e9llo\n".encode("utf-8"))
+    jsonl_path = tmp_path / "bom.jsonl"
+    jsonl_path.write_bytes('\ufeff{"id": "a", "text": "t"}\n{"id": "b", "text": "\ufeff"}\n'.encode("utf-8"))
+    assert [r.data for r in read_manifest(str(csv_path))] == [{"id": "a", "text": "h\u00e9llo"}]
+    # only a leading BOM is dropped; the same character inside the data stays
+    assert [r.data for r in read_manifest(str(jsonl_path))] == [
+        {"id": "a", "text": "t"}, {"id": "b", "text": "\ufeff"},
+    ]
+
+
 # -- Parquet -----------------------------------------------------------------------------------
 
 

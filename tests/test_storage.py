@@ -126,6 +126,11 @@ def test_read_bytes_directory(tmp_path):
     fetch_error(str(tmp_path), max_bytes=1)
 
 
+def test_read_bytes_other_os_error(tmp_path):
+    # ENAMETOOLONG is a plain OSError, none of the subclasses with a code of their own
+    assert fetch_error(str(tmp_path / ("x" * 300))).error_type == "fetch_failed"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="running as root: chmod 000 does not deny reads to root")
 def test_read_bytes_permission_denied(tmp_path):
     path = tmp_path / "secret.bin"

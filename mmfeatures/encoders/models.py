@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,6 +76,8 @@ def resolve_model(modality: str, reference: str) -> ResolvedModel:
     local = reference.removeprefix("file://")
     if os.path.isdir(local):
         return _resolve_folder(reference, local)
+    if local.startswith(("/", ".", "~")) or reference.startswith("file://"):
+        raise FileNotFoundError(f"model folder {reference!r} does not exist")
     return _resolve_folder(reference, _hub_snapshot(reference))
 
 
@@ -119,7 +122,12 @@ def _copy_remote_folder(url: str) -> str:
         local = os.path.join(staging, relative)
         os.makedirs(os.path.dirname(local), exist_ok=True)
         fs.get_file(remote, local)
-    os.replace(staging, target)  # atomic: a half-copied folder is never mistaken for a model
+    try:
+        os.replace(staging, target)  # atomic: a half-copied folder is never mistaken for a model
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(staging)  # another process finished the same copy first
     return target
 
 

@@ -170,7 +170,17 @@ class AudioModality(Modality):
         values, lengths = batch["input_values"], batch["lengths"]
         mask = (torch.arange(values.shape[1], device=values.device) < lengths[:, None]).long()
         hidden = model(input_values=values, attention_mask=mask).last_hidden_state
-        # Output frames cover the input evenly, so a clip's real frames are the same share of them.
-        frames = torch.clamp(torch.ceil(lengths.to(hidden.dtype) * hidden.shape[1] / values.shape[1]), min=1)
+        frames = _output_frames(model, lengths, hidden.shape[1], values.shape[1]).to(hidden.dtype)
         frame_mask = (torch.arange(hidden.shape[1], device=hidden.device) < frames[:, None]).unsqueeze(-1)
         return (hidden * frame_mask).sum(dim=1) / frames[:, None]
+
+
+def _output_frames(model: torch.nn.Module, lengths: torch.Tensor, output: int, padded: int) -> torch.Tensor:
+    """How many output frames hold real audio: the model's own conv arithmetic where it exposes
+    it (Wav2Vec2, HuBERT, WavLM, ...), else the clip's share of the padded input."""
+    output_lengths = getattr(model, "_get_feat_extract_output_lengths", None)
+    if output_lengths is not None:
+        frames = output_lengths(lengths)
+    else:
+        frames = torch.ceil(lengths.float() * output / padded)
+    return torch.clamp(frames, min=1, max=output)

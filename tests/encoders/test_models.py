@@ -110,7 +110,7 @@ def test_an_fsspec_url_is_copied_locally_with_the_same_fingerprint(
     assert remote.bundled is False
     assert remote.model_id == memory_copy
     assert Path(remote.directory).is_relative_to(tmp_path / "cache" / "models")
-    assert sorted(os.listdir(remote.directory)) == sorted(os.listdir(tiny_bert_dir)) + ["extra"]
+    assert sorted(os.listdir(remote.directory)) == sorted(os.listdir(tiny_bert_dir) + ["extra"])
     assert (Path(remote.directory) / "extra" / "notes.txt").read_bytes() == b"nested files are copied too"
     assert remote.weights_sha256() == local.weights_sha256()
     # No staging folder is left behind beside the copy.

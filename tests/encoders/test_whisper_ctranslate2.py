@@ -44,8 +44,7 @@ def feature_extractor() -> transformers.WhisperFeatureExtractor:
 def speech(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """SENTENCE spoken by espeak-ng, as 16 kHz mono float32."""
     espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        pytest.skip("espeak-ng binary not installed (apt-get install espeak-ng)")
+    assert espeak is not None, "espeak-ng is not installed: run ./scripts/setup_env.sh"
     wav_path = tmp_path_factory.mktemp("speech") / "sentence.wav"
     subprocess.run([espeak, "-w", str(wav_path), SENTENCE], check=True, capture_output=True)
     audio, rate = soundfile.read(wav_path, dtype="float32")

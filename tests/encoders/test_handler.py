@@ -1,0 +1,201 @@
+"""The model handler: inside a real Beam pipeline (RunInference on the FnApiRunner), and called
+directly for the retry path (one poison record fails alone), non-finite embeddings and empty
+batches."""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import apache_beam as beam
+import cv2
+import numpy as np
+import pytest
+import soundfile
+import torch
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.testing.util import assert_that, equal_to
+
+from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.errors import EncodeError, Stage
+from mmfeatures.modalities.audio import AudioModality
+from mmfeatures.modalities.base import Modality, Prepared
+from mmfeatures.modalities.image import ImageModality
+from mmfeatures.modalities.text import TextModality
+
+TEXTS = {
+    "short": "a photo of a cat",
+    "medium": "the quick brown fox jumps over the lazy dog " * 3,
+    "long": " ".join(f"token{i}" for i in range(400)),  # several 64-token windows for the tiny BERT
+    "unicode": "ｆｕｌｌ width and café",
+}
+
+
+def poison_text(modality: TextModality) -> Prepared:
+    """A window whose ids are past the vocabulary: the embedding lookup raises IndexError."""
+    vocab = modality._tokenizer.vocab_size
+    return Prepared([{"input_ids": np.array([101, vocab + 5, 102], np.int64)}], source="poison.txt")
+
+
+def summary(outcome: Outcome) -> tuple[str, str | None, str | None, int | None]:
+    vector = outcome.vector
+    if vector is not None:
+        assert vector.dtype == np.float32 and np.all(np.isfinite(vector))
+    return (
+        outcome.record_id,
+        outcome.source,
+        outcome.error.error_type if outcome.error is not None else None,
+        None if vector is None else int(vector.shape[0]),
+    )
+
+
+def run_pipeline(handler: EmbeddingModelHandler, items: list[tuple[str, Prepared]], expected: list[tuple]) -> None:
+    with beam.Pipeline(runner="FnApiRunner") as pipeline:
+        outcomes = pipeline | beam.Create(items) | RunInference(handler) | beam.Map(summary)
+        assert_that(outcomes, equal_to(expected))
+
+
+# -- inside Beam ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_batch_cost", [10**6, 8])  # 8 tokens: most records outweigh the cap alone
+def test_text_records_in_a_beam_pipeline_give_one_outcome_each(
+    tiny_text: TextModality, prepared, max_batch_cost: int
+) -> None:
+    items = [(key, Prepared(prepared(tiny_text, text).windows, source=f"{key}.txt")) for key, text in TEXTS.items()]
+    items.append(("poison", poison_text(tiny_text)))
+    expected = [(key, f"{key}.txt", None, 32) for key in TEXTS] + [("poison", "poison.txt", "model_error", None)]
+    run_pipeline(EmbeddingModelHandler(tiny_text, max_batch_cost=max_batch_cost), items, expected)
+
+
+def _png(seed: int, shape: tuple[int, int]) -> bytes:
+    image = np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def _wav(seconds: float, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    samples = np.random.default_rng(int(seconds * 10)).normal(0, 0.1, int(seconds * rate)).astype(np.float32)
+    soundfile.write(buffer, samples, rate, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_image_and_audio_records_in_a_beam_pipeline(
+    kind: str, tiny_vit_dir: Path, tiny_whisper_dir: Path, prepared
+) -> None:
+    modality: Modality
+    if kind == "image":
+        modality = ImageModality(model=str(tiny_vit_dir))
+        payloads = [_png(0, (40, 60)), _png(1, (90, 30)), _png(2, (32, 32))]
+    else:
+        modality = AudioModality(model=str(tiny_whisper_dir))
+        payloads = [_wav(0.5, 16000), _wav(2.0, 8000), _wav(1.2, 44100)]
+    items = [(f"{kind}{i}", prepared(modality, payload)) for i, payload in enumerate(payloads)]
+    expected = [(f"{kind}{i}", None, None, 32) for i in range(len(payloads))]
+    run_pipeline(EmbeddingModelHandler(modality, max_batch_cost=10**9), items, expected)
+
+
+# -- called directly -----------------------------------------------------------------------------
+def test_a_poison_record_fails_alone_and_the_others_are_embedded(
+    tiny_text: TextModality, tiny_text_model: torch.nn.Module, prepared
+) -> None:
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9)
+    good = {key: prepared(tiny_text, text) for key, text in TEXTS.items()}
+    alone = {key: handler.run_inference([(key, p)], tiny_text_model)[0].vector for key, p in good.items()}
+
+    batch = [("short", good["short"]), ("poison", poison_text(tiny_text)), ("long", good["long"])]
+    outcomes = list(handler.run_inference(batch, tiny_text_model))
+
+    assert [o.record_id for o in outcomes] == ["short", "poison", "long"]
+    poison = outcomes[1]
+    assert poison.vector is None
+    assert isinstance(poison.error, EncodeError)
+    assert poison.error.error_type == "model_error"
+    assert poison.error.stage == Stage.ENCODE
+    assert "IndexError" in str(poison.error)
+    assert poison.source == "poison.txt"
+    for outcome in (outcomes[0], outcomes[2]):
+        assert outcome.error is None
+        np.testing.assert_allclose(outcome.vector, alone[outcome.record_id], atol=1e-5)
+
+
+def test_a_batch_of_one_poison_record_gives_one_error(tiny_text: TextModality, tiny_text_model) -> None:
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9)
+    (outcome,) = handler.run_inference([("p", poison_text(tiny_text))], tiny_text_model)
+    assert outcome.error is not None and outcome.error.error_type == "model_error"
+
+
+def test_a_non_finite_embedding_is_an_error_not_a_feature(
+    tiny_text: TextModality, tiny_text_model: torch.nn.Module, prepared
+) -> None:
+    """A model whose embedding row for one word is NaN: records holding that word fail alone."""
+    (word_id,) = tiny_text._tokenizer("zebra", add_special_tokens=False)["input_ids"]
+    broken = copy.deepcopy(tiny_text_model)
+    with torch.no_grad():
+        broken.embeddings.word_embeddings.weight[word_id] = float("nan")
+
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9)
+    batch = [
+        ("clean", prepared(tiny_text, "a photo of a cat")),
+        ("nan", prepared(tiny_text, "a photo of a zebra")),
+        ("also clean", prepared(tiny_text, "quarterly tax report")),
+    ]
+    outcomes = list(handler.run_inference(batch, broken))
+    assert [summary(o)[2] for o in outcomes] == [None, "non_finite_embedding", None]
+    assert outcomes[1].vector is None
+    assert outcomes[1].error.stage == Stage.ENCODE
+    np.testing.assert_allclose(
+        outcomes[0].vector, handler.run_inference(batch[:1], tiny_text_model)[0].vector, atol=1e-5
+    )
+
+
+def test_an_infinite_embedding_is_an_error_too(tiny_vit_dir: Path, prepared) -> None:
+    modality = ImageModality(model=str(tiny_vit_dir))
+    model = modality.load_model("cpu")
+    with torch.no_grad():
+        model.pooler.dense.bias[0] = float("inf")
+        model.pooler.activation = torch.nn.Identity()  # keep the Inf past the tanh
+    handler = EmbeddingModelHandler(modality, max_batch_cost=10**9)
+    (outcome,) = handler.run_inference([("img", prepared(modality, _png(3, (32, 32))))], model)
+    assert outcome.error is not None and outcome.error.error_type == "non_finite_embedding"
+
+
+def test_an_empty_batch_gives_no_outcomes(tiny_text: TextModality, tiny_text_model) -> None:
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9)
+    assert list(handler.run_inference([], tiny_text_model)) == []
+
+
+def test_multi_window_records_are_mean_pooled(tiny_text: TextModality, tiny_text_model, prepared) -> None:
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9)
+    record = prepared(tiny_text, TEXTS["long"])
+    assert len(record.windows) > 1
+    (outcome,) = handler.run_inference([("long", record)], tiny_text_model)
+    per_window = [
+        handler.run_inference([(str(i), Prepared([window]))], tiny_text_model)[0].vector
+        for i, window in enumerate(record.windows)
+    ]
+    np.testing.assert_allclose(outcome.vector, np.mean(per_window, axis=0), atol=1e-5)
+
+
+def test_load_model_gives_a_frozen_model(tiny_bert_dir: Path) -> None:
+    handler = EmbeddingModelHandler(TextModality(model=str(tiny_bert_dir)), max_batch_cost=100)
+    model = handler.load_model()
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
+def test_asking_for_cuda_without_a_gpu_fails_clearly(tiny_bert_dir: Path) -> None:
+    handler = EmbeddingModelHandler(TextModality(model=str(tiny_bert_dir)), device="cuda", max_batch_cost=100)
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        handler.load_model()
+
+
+def test_batches_are_weighed_by_cost(tiny_text: TextModality, prepared) -> None:
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=1234)
+    kwargs = handler.batch_elements_kwargs()
+    assert kwargs["max_batch_size"] == 1234
+    record = prepared(tiny_text, TEXTS["long"])
+    assert kwargs["element_size_fn"](("id", record)) == record.cost == sum(len(w["input_ids"]) for w in record.windows)
+    assert handler.get_num_bytes([("a", record), ("b", record)]) == 2 * record.cost * 4
+    assert handler.get_metrics_namespace() == "mmfeatures.text"
