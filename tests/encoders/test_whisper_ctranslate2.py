@@ -20,10 +20,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mmfeatures.encoders.whisper_ctranslate2 import (
     WhisperClipEncoder,
-    default_whisper_dir,
     load_whisper_from_ctranslate2,
     read_ctranslate2_variables,
 )
+from mmfeatures.encoders.models import resolve_model
+
+WHISPER_DIR = resolve_model("audio", "default").directory
 
 SAMPLE_RATE = 16_000
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -32,7 +34,7 @@ BATCH_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def whisper() -> transformers.WhisperForConditionalGeneration:
-    return load_whisper_from_ctranslate2(default_whisper_dir())
+    return load_whisper_from_ctranslate2(WHISPER_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_transcribes_espeak_sentence(
     features = feature_extractor(speech, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     with torch.inference_mode():
         token_ids = whisper.generate(features)
-    tokenizer_file = Path(default_whisper_dir()) / "tokenizer.json"
+    tokenizer_file = Path(WHISPER_DIR) / "tokenizer.json"
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     text = tokenizer.decode(token_ids[0], skip_special_tokens=True)
 
@@ -206,7 +208,7 @@ def test_reader_parses_variables_and_aliases(tmp_path: Path) -> None:
 
 
 def test_reader_reads_packaged_model() -> None:
-    variables = read_ctranslate2_variables(str(Path(default_whisper_dir()) / "model.bin"))
+    variables = read_ctranslate2_variables(str(Path(WHISPER_DIR) / "model.bin"))
     assert len(variables) == 149  # 148 stored variables + the tied output projection alias
     assert variables["encoder/layer_0/self_attention/linear_0/weight"].shape == (3 * 384, 384)
     assert variables["decoder/projection/weight"] is variables["decoder/embeddings/weight"]
@@ -235,6 +237,6 @@ def test_reader_rejects_malformed_files(tmp_path: Path, content: bytes) -> None:
 
 def test_reader_rejects_truncated_packaged_model(tmp_path: Path) -> None:
     path = tmp_path / "model.bin"
-    path.write_bytes((Path(default_whisper_dir()) / "model.bin").read_bytes()[:1_000_000])
+    path.write_bytes((Path(WHISPER_DIR) / "model.bin").read_bytes()[:1_000_000])
     with pytest.raises(ValueError, match="truncated"):
         read_ctranslate2_variables(str(path))

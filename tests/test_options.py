@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import pytest
+from apache_beam.options.pipeline_options import StandardOptions
+
+from mmfeatures.cli import main
+from mmfeatures.options import LOCAL_RUNNER, ExtractOptions, extract_option_values, parse_options
+
+
+def test_dashed_and_underscored_spellings_are_the_same_option() -> None:
+    dashed = parse_options(["--fusion-weights", "text=0.2", "--text-model", "m", "--input", "a", "--input", "b"])
+    underscored = parse_options(["--fusion_weights", "text=0.2", "--text_model", "m", "--input", "a", "--input", "b"])
+    for options in (dashed, underscored):
+        extract = options.view_as(ExtractOptions)
+        assert extract.fusion_weights == "text=0.2" and extract.text_model == "m"
+        assert extract.input == ["a", "b"]
+
+
+def test_local_runner_is_the_default_and_a_named_runner_is_kept() -> None:
+    assert parse_options([]).view_as(StandardOptions).runner == LOCAL_RUNNER
+    assert parse_options(["--runner", "DataflowRunner"]).view_as(StandardOptions).runner == "DataflowRunner"
+
+
+def test_recorded_options_are_the_jobs_own_only() -> None:
+    values = extract_option_values(parse_options(["--output", "o", "--s3_secret_access_key", "SECRET"]))
+    assert values["output"] == "o" and values["fusion"] == "concat"
+    assert "s3_secret_access_key" not in values and "SECRET" not in str(values)
+
+
+def test_help_lists_the_jobs_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for option in ("--input", "--output", "--fusion", "--fusion_weights", "--device", "--image_model"):
+        assert option in printed
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["nonsense"]) == 2
+    assert "usage: mmfeatures" in capsys.readouterr().err
