@@ -59,6 +59,11 @@ def unify_types(left: pa.DataType | None, right: pa.DataType | None) -> pa.DataT
     numeric = (pa.types.is_integer, pa.types.is_floating)
     if any(f(left) for f in numeric) and any(f(right) for f in numeric):
         return pa.float64()
+    if pa.types.is_list(left) and pa.types.is_list(right):  # e.g. [] beside ["x"]
+        inner = unify_types(left.value_type, right.value_type)
+        items = (left.value_type, right.value_type)
+        if not pa.types.is_string(inner) or all(pa.types.is_string(t) or pa.types.is_null(t) for t in items):
+            return pa.list_(inner)
     return pa.string()
 
 

@@ -161,3 +161,39 @@ def test_mean_fusion_records_its_projection(sample: dict, tmp_path) -> None:
     assert table.schema.field("fused").type.list_size == 64
     fusion = schema.read_run_metadata(table.schema)["fusion"]
     assert fusion["method"] == "mean" and fusion["projection"]["dimension"] == 64
+
+
+def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
+    """Text-only records from a Parquet manifest (typed extra columns) and a CSV one."""
+    import datetime
+
+    import pyarrow as pa
+
+    created = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    pq.write_table(pa.table({
+        "id": ["p1", "p2", "p3"],
+        "text": ["a red apple", "a green pear", None],
+        "label": [1, 2, 3],
+        "score": [0.5, None, 1.5],
+        "tags": [["x"], [], ["y", "z"]],
+        "created": [created] * 3,
+    }), tmp_path / "part.parquet")
+    (tmp_path / "rows.csv").write_text("id,text,split,score\nc1,a yellow banana,test,7\n")
+    out = tmp_path / "out"
+    run(["--input", str(tmp_path / "part.parquet"), "--output", str(out)])
+    table = schema.read_features(str(out / "features"))
+    assert sorted(table.column("id").to_pylist()) == ["p1", "p2"]
+    assert table.schema.field("score").type == "double"
+    assert table.schema.field("tags").type.equals(pa.list_(pa.string()))
+    assert table.schema.field("created").type.tz is not None
+    rows = {row["id"]: row for row in table.to_pylist()}
+    assert rows["p1"]["tags"] == ["x"] and rows["p1"]["created"] == created and rows["p1"]["label"] == "1"
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert [(e["id"], e["error_type"]) for e in errors] == [("p3", "no_modality")]
+
+    both = tmp_path / "both"
+    run(["--input", str(tmp_path / "part.parquet"), "--input", str(tmp_path / "rows.csv"), "--output", str(both)])
+    mixed = schema.read_features(str(both / "features"))
+    assert mixed.num_rows == 3
+    assert mixed.schema.field("score").type == "string"  # CSV has no types: a mixed column is text
+    assert {r["id"]: r["score"] for r in mixed.to_pylist()} == {"p1": "0.5", "p2": None, "c1": "7"}

@@ -315,3 +315,10 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
     check_written(local_fs, str(local), rerun, 2)
     again = schema.read_features(str(local))
     assert sorted(again.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rerun]
+
+
+def test_empty_lists_give_way_to_typed_lists() -> None:
+    empty, strings = sinks.value_type([]), sinks.value_type(["x"])
+    assert sinks.unify_types(empty, strings).equals(pa.list_(pa.string()))
+    assert sinks.unify_types(strings, empty).equals(pa.list_(pa.string()))
+    assert sinks.unify_types(sinks.value_type([1]), sinks.value_type([2.5])).equals(pa.list_(pa.float64()))
