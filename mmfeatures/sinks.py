@@ -56,6 +56,8 @@ def unify_types(left: pa.DataType | None, right: pa.DataType | None) -> pa.DataT
         return right
     if right is None or pa.types.is_null(right) or left == right:
         return left
+    if pa.types.is_integer(left) and pa.types.is_integer(right):
+        return pa.int64()
     numeric = (pa.types.is_integer, pa.types.is_floating)
     if any(f(left) for f in numeric) and any(f(right) for f in numeric):
         return pa.float64()
@@ -76,27 +78,27 @@ def value_type(value: Any) -> pa.DataType | None:
         return pa.string()
 
 
-class UnifyCarriedTypes(beam.CombineFn):
-    """Combines the carried columns of every record into one Arrow type per column."""
+def add_value_types(types: dict[str, pa.DataType | None], row: Mapping[str, Any]) -> None:
+    """Widen ``types`` (column -> type) to hold ``row``'s values: manifests without a schema."""
+    for name, value in row.items():
+        types[name] = unify_types(types.get(name), value_type(value))
 
-    def create_accumulator(self) -> dict[str, pa.DataType | None]:
-        return {}
 
-    def add_input(self, accumulator: dict, carried: Mapping[str, Any]) -> dict:
-        for name, value in carried.items():
-            accumulator[name] = unify_types(accumulator.get(name), value_type(value))
-        return accumulator
+def infer_column_types(rows: Iterable[Mapping[str, Any]]) -> dict[str, pa.DataType | None]:
+    types: dict[str, pa.DataType | None] = {}
+    for row in rows:
+        add_value_types(types, row)
+    return types
 
-    def merge_accumulators(self, accumulators: Iterable[dict]) -> dict:
-        merged: dict[str, pa.DataType | None] = {}
-        for accumulator in accumulators:
-            for name, arrow_type in accumulator.items():
-                merged[name] = unify_types(merged.get(name), arrow_type)
-        return merged
 
-    def extract_output(self, accumulator: dict) -> dict[str, pa.DataType]:
-        # A column that is null everywhere is still carried, as string.
-        return {name: accumulator[name] or pa.string() for name in sorted(accumulator)}
+def merge_column_types(per_source: Iterable[Mapping[str, pa.DataType | None]]) -> dict[str, pa.DataType]:
+    """The carried columns of a run: every source's columns in first-seen order, one type each.
+    A column that is null everywhere is still carried, as string."""
+    merged: dict[str, pa.DataType | None] = {}
+    for types in per_source:
+        for name, arrow_type in types.items():
+            merged[name] = unify_types(merged.get(name), arrow_type)
+    return {name: arrow_type or pa.string() for name, arrow_type in merged.items()}
 
 
 def embedding_array(vectors: list[np.ndarray | None], dim: int) -> pa.ListArray:

@@ -9,13 +9,11 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from mmfeatures.errors import ErrorRow, ManifestError
-
-MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
-
 
 @dataclass(frozen=True)
 class ManifestRow:
@@ -32,6 +30,15 @@ def manifest_format(path: str) -> str:
     raise ValueError(f"cannot tell the manifest format of {path!r}: use .jsonl, .csv or .parquet")
 
 
+def declared_column_types(path: str) -> dict[str, pa.DataType] | None:
+    """A Parquet manifest's own column types; None for formats whose values carry no schema."""
+    if manifest_format(path) != "parquet":
+        return None
+    fs, fs_path = url_to_fs(path)
+    with fs.open(fs_path, "rb") as handle:
+        return {field.name: field.type for field in pq.read_schema(handle)}
+
+
 def read_manifest(path: str) -> Iterator[ManifestRow | ErrorRow]:
     """Stream the rows of one manifest file."""
     readers = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
@@ -45,10 +52,15 @@ def _row_error(exc: ManifestError, source: str) -> ErrorRow:
 def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as raw:
-        for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace"), 1):
+        for number, raw_line in enumerate(raw, 1):
+            source = f"{path}:{number}"
+            try:
+                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield _row_error(ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8"), source)
+                continue
             if not line.strip():
                 continue
-            source = f"{path}:{number}"
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as exc:

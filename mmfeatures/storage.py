@@ -13,6 +13,14 @@ from fsspec.core import url_to_fs
 from mmfeatures.errors import FetchError
 
 
+CACHE_ENV = "MMFEATURES_CACHE"
+
+
+def cache_root() -> str:
+    """This machine's cache for copied models and sample sources (``$MMFEATURES_CACHE``)."""
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmfeatures")
+
+
 def has_scheme(path: str) -> bool:
     return "://" in path
 
@@ -53,7 +61,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
 def _with_protocol(fs: fsspec.AbstractFileSystem, pattern: str, path: str) -> str:
     """fsspec's glob drops the scheme; put it back so workers can open the file anywhere."""
     if not has_scheme(pattern):
-        return path
+        return os.path.abspath(path)  # workers may run in another folder
     return fs.unstrip_protocol(path)
 
 

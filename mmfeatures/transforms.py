@@ -7,12 +7,11 @@ Every composite returns its main output and an ``errors`` PCollection of ``Error
 from __future__ import annotations
 
 import datetime
-import logging
-import time
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.metrics import Metrics
 
@@ -21,13 +20,15 @@ from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
 from mmfeatures.modalities.base import Modality, Prepared
-from mmfeatures.records import MODALITY_COLUMNS, Record, parse_record
-from mmfeatures.sinks import UnifyCarriedTypes
-from mmfeatures.sources import read_manifest
+from mmfeatures.progress import Progress
+from mmfeatures.records import MODALITY_COLUMNS, Record, carried_column_name, parse_record, reported_id
+from mmfeatures.schema import reserved_record_columns
+from mmfeatures.sinks import add_value_types, merge_column_types
+from mmfeatures.sources import declared_column_types, read_manifest
 
-_LOG = logging.getLogger(__name__)
 NAMESPACE = "mmfeatures"
 ROWS_READ_TAG = "rows_read"
+COLUMN_TYPES_TAG = "column_types"
 
 
 def _error_output(row: ErrorRow) -> beam.pvalue.TaggedOutput:
@@ -39,11 +40,14 @@ def _error_output(row: ErrorRow) -> beam.pvalue.TaggedOutput:
 
 
 class _ReadManifest(beam.DoFn):
-    """One manifest file to validated records (keyed by id, with their position for dedup)."""
+    """One manifest file to validated records (keyed by id, with their position for dedup), the
+    number of rows read, and the types of its carried columns (its own schema for Parquet)."""
 
     def process(self, indexed_path: tuple[int, str]) -> Iterator[Any]:
         file_index, path = indexed_path
         manifest_dir = storage.parent(path)
+        declared = declared_column_types(path)
+        inferred: dict[str, pa.DataType | None] = {}
         rows = 0
         for row_number, item in enumerate(read_manifest(path)):
             rows += 1
@@ -53,15 +57,19 @@ class _ReadManifest(beam.DoFn):
             try:
                 record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir)
             except ValidationError as exc:
-                raw_id = item.data.get("id")
-                usable = raw_id is not None and raw_id == raw_id and str(raw_id).strip()  # not NaN/blank
                 yield _error_output(ErrorRow.from_exception(
-                    exc, record_id=str(raw_id) if usable else None, modality=None, source=item.source,
+                    exc, record_id=reported_id(item.data), modality=None, source=item.source,
                 ))
                 continue
+            if declared is None:
+                add_value_types(inferred, record.carried)
             yield record.id, ((file_index, row_number), record)
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
         yield beam.pvalue.TaggedOutput(ROWS_READ_TAG, rows)
+        if declared is not None:
+            reserved = reserved_record_columns()
+            inferred = {carried_column_name(n): t for n, t in declared.items() if n not in reserved}
+        yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
 
 
 def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:
@@ -88,7 +96,9 @@ class ReadRecords(beam.PTransform):
             pbegin
             | "Files" >> beam.Create(list(enumerate(self.files)))
             | "Spread" >> beam.Reshuffle()
-            | "Parse" >> beam.ParDo(_ReadManifest()).with_outputs(ERRORS_TAG, ROWS_READ_TAG, main="records")
+            | "Parse" >> beam.ParDo(_ReadManifest()).with_outputs(
+                ERRORS_TAG, ROWS_READ_TAG, COLUMN_TYPES_TAG, main="records"
+            )
         )
         deduplicated = (
             read.records
@@ -97,7 +107,12 @@ class ReadRecords(beam.PTransform):
         )
         errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG]) | "Errors" >> beam.Flatten()
         rows_read = read[ROWS_READ_TAG] | "CountRows" >> beam.CombineGlobally(sum)
-        return {"records": deduplicated.records, ERRORS_TAG: errors, ROWS_READ_TAG: rows_read}
+        return {
+            "records": deduplicated.records,
+            ERRORS_TAG: errors,
+            ROWS_READ_TAG: rows_read,
+            COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],
+        }
 
 
 # -- embed -------------------------------------------------------------------------------------
@@ -176,22 +191,14 @@ def tally(record: Record, embedded: Iterable[str], failed: Iterable[str]) -> dic
 
 
 class _Fuse(beam.DoFn):
-    PROGRESS_EVERY = 1000
-
     def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
         self.fusion = fusion
         self.event_timestamp = event_timestamp
-
-    def setup(self) -> None:
-        self._done = 0
-        self._started = time.monotonic()
+        self._progress = Progress("records fused", every=1000)
 
     def process(self, joined: tuple[str, Mapping[str, list[Any]]]) -> Iterator[Any]:
         record_id, groups = joined
-        self._done += 1
-        if self._done % self.PROGRESS_EVERY == 0:
-            rate = self._done / max(time.monotonic() - self._started, 1e-9)
-            _LOG.info("%d records fused by this worker (%.1f records/s)", self._done, rate)
+        self._progress.add()
         (record,) = groups["record"]
         embeddings: dict[str, np.ndarray] = dict(groups["embeddings"])
         failed = sorted(set(groups["failed"]))
@@ -240,19 +247,18 @@ class JoinAndFuse(beam.PTransform):
 
 
 class FeatureSchema(beam.PTransform):
-    """Records to the feature table's schema (a singleton): declared columns, then the carried
-    manifest columns with one type each, unified over all records."""
+    """Per-manifest column types to the feature table's schema (a singleton): the declared
+    columns, then the carried ones in input order, each with one type over the whole run."""
 
-    def __init__(self, job: Any):
+    def __init__(self, build: Callable[[Mapping[str, pa.DataType]], pa.Schema]):
         super().__init__()
-        self.job = job
+        self.build = build
 
-    def expand(self, records: beam.PCollection) -> beam.PCollection:
+    def expand(self, column_types: beam.PCollection) -> beam.PCollection:
         return (
-            records
-            | "Carried" >> beam.Map(lambda record: record.carried)
-            | "UnifyTypes" >> beam.CombineGlobally(UnifyCarriedTypes())
-            | "Schema" >> beam.Map(self.job.features_schema)
+            column_types
+            | "Gather" >> beam.combiners.ToList()
+            | "Schema" >> beam.Map(lambda per_file: self.build(merge_column_types(t for _, t in sorted(per_file))))
         )
 
 
@@ -262,15 +268,3 @@ def sum_counts(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
         for key, value in counts.items():
             total[key] = total.get(key, 0) + value
     return total
-
-
-def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
-    """One error row's contribution to the run's counts (summed with ``sum_counts``)."""
-    return {
-        "rows": 1,
-        "rejected_rows": int(row["stage"] in (Stage.READ, Stage.VALIDATE)),
-        f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
-    }
-
-
-ERROR_TYPE_PREFIX = "by_type:"

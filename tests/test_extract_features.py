@@ -177,6 +177,8 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
         "score": [0.5, None, 1.5],
         "tags": [["x"], [], ["y", "z"]],
         "created": [created] * 3,
+        "count": pa.array([1, None, 3], pa.int32()),
+        "fused": ["collides", "with", "an output column"],
     }), tmp_path / "part.parquet")
     (tmp_path / "rows.csv").write_text("id,text,split,score\nc1,a yellow banana,test,7\n")
     out = tmp_path / "out"
@@ -186,8 +188,12 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     assert table.schema.field("score").type == "double"
     assert table.schema.field("tags").type.equals(pa.list_(pa.string()))
     assert table.schema.field("created").type.tz is not None
+    assert table.schema.field("count").type == pa.int32()  # a Parquet manifest's own types are kept
+    carried = table.schema.names[len(schema.field_names("features")):]
+    assert carried == ["score", "tags", "created", "count", "manifest_fused"]  # manifest order
     rows = {row["id"]: row for row in table.to_pylist()}
     assert rows["p1"]["tags"] == ["x"] and rows["p1"]["created"] == created and rows["p1"]["label"] == "1"
+    assert rows["p1"]["manifest_fused"] == "collides" and len(rows["p1"]["fused"]) == 2048
     errors = pq.read_table(out / "errors").to_pylist()
     assert [(e["id"], e["error_type"]) for e in errors] == [("p3", "no_modality")]
 

@@ -39,3 +39,23 @@ def test_help_lists_the_jobs_options(capsys: pytest.CaptureFixture[str]) -> None
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["nonsense"]) == 2
     assert "usage: mmfeatures" in capsys.readouterr().err
+
+
+def test_progress_logs_each_time_the_count_passes_a_multiple(caplog: pytest.LogCaptureFixture) -> None:
+    from mmfeatures.progress import Progress
+
+    progress = Progress("records", every=10)
+    with caplog.at_level("INFO", logger="mmfeatures.progress"):
+        for batch in (4, 4, 4, 9, 1):
+            progress.add(batch)
+    assert [r.getMessage().split(" by")[0] for r in caplog.records] == ["records: 12", "records: 21"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "o"], "--input is required"),
+    (["--input", "/nonexistent/*.jsonl", "--output", "o"], "matches no file"),
+    (["--input", "m.jsonl", "--output", "o", "--device", "gpu"], "--device must be cpu or cuda"),
+])
+def test_bad_options_are_usage_errors_before_any_work(argv, message, capsys) -> None:
+    assert main(["extract", *argv]) == 2
+    assert message in capsys.readouterr().err

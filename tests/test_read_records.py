@@ -4,7 +4,8 @@ import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.transforms import ROWS_READ_TAG, ReadRecords, error_tally, sum_counts
+from mmfeatures.errors import error_tally
+from mmfeatures.transforms import ROWS_READ_TAG, ReadRecords, sum_counts
 
 
 def write_manifests(tmp_path):
@@ -36,7 +37,8 @@ def test_read_records(tmp_path):
     with beam.Pipeline(runner="FnApiRunner") as p:
         out = p | ReadRecords([jsonl, csv])
         summaries = out["records"] | "Summarise" >> beam.Map(
-            lambda r: (r.id, r.source, r.text, r.image, r.audio, r.label, r.split, dict(r.carried), r.manifest_dir)
+            lambda r: (r.id, r.source, r.payload("text"), r.payload("image"), r.payload("audio"), r.label, r.split,
+                       dict(r.carried), r.manifest_dir)
         )
         assert_that(summaries, equal_to([
             ("dup", f"{jsonl}:2", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
@@ -72,7 +74,7 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
     with beam.Pipeline(runner="FnApiRunner") as p:
         out = p | ReadRecords([csv, jsonl])
         kept = (out["records"] | "Dup" >> beam.Filter(lambda r: r.id == "dup")
-                | "Source" >> beam.Map(lambda r: (r.source, r.text)))
+                | "Source" >> beam.Map(lambda r: (r.source, r.payload("text"))))
         assert_that(kept, equal_to([(f"{csv}:2", "from csv")]), label="Kept")
         dropped = (out[ERRORS_TAG] | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
                    | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"])))

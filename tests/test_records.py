@@ -28,8 +28,9 @@ def test_full_record():
         "label": "cat", "split": "train",
     })
     assert record == Record(
-        id="r1", source=SOURCE, manifest_dir=DIR, text="hello", image="img/a.png",
-        audio="gs://b/a.wav", label="cat", split="train", carried={},
+        id="r1", source=SOURCE, manifest_dir=DIR,
+        payloads={"text": "hello", "image": "img/a.png", "audio": "gs://b/a.wav"},
+        label="cat", split="train", carried={},
     )
     assert record.modalities() == ["text", "image", "audio"]
     assert record.payload("image") == "img/a.png"
@@ -86,7 +87,7 @@ def test_unknown_columns_are_carried():
 @pytest.mark.parametrize("blank", ["", " ", "\t\n"])
 def test_whitespace_only_media_paths_are_absent(blank):
     record = parse({"id": "a", "text": "t", "image": blank, "audio": blank})
-    assert record.image is None and record.audio is None
+    assert record.payload("image") is None and record.payload("audio") is None
     assert record.modalities() == ["text"]
     assert error_type({"id": "a", "image": blank}) == "no_modality"
 
@@ -94,7 +95,7 @@ def test_whitespace_only_media_paths_are_absent(blank):
 def test_nan_values_are_absent():
     nan = math.nan
     record = parse({"id": "a", "text": nan, "image": "x.png", "audio": nan, "label": nan, "split": nan})
-    assert (record.text, record.audio, record.label, record.split) == (None, None, None, None)
+    assert (record.payload("text"), record.payload("audio"), record.label, record.split) == (None, None, None, None)
     assert record.modalities() == ["image"]
     assert error_type({"id": "a", "text": nan, "image": nan, "audio": nan}) == "no_modality"
 

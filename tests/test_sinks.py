@@ -116,28 +116,21 @@ def test_conform_value(value, arrow_type, result):
     assert type(conformed) is type(result)
 
 
-def test_unify_carried_types_combine_fn():
-    fn = sinks.UnifyCarriedTypes()
-    first = fn.create_accumulator()
-    for carried in [{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}]:
-        first = fn.add_input(first, carried)
-    second = fn.add_input(fn.create_accumulator(), {"mixed": "x", "z": {"k": 1}})
-    merged = fn.merge_accumulators([first, second])
-    result = fn.extract_output(merged)
-    assert list(result) == ["empty", "mixed", "n", "s", "z"]  # sorted
+def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
+    first = sinks.infer_column_types([{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}])
+    second = sinks.infer_column_types([{"mixed": "x", "z": {"k": 1}}])
+    result = sinks.merge_column_types([first, second])
+    assert list(result) == ["n", "s", "empty", "mixed", "z"]
     assert result == {
         "empty": pa.string(), "mixed": pa.string(), "n": pa.float64(), "s": pa.string(),
         "z": pa.struct([("k", pa.int64())]),
     }
+    assert sinks.merge_column_types([{"i": pa.int32()}, {"i": pa.int64()}]) == {"i": pa.int64()}
 
 
 def test_carried_values_fit_unified_types():
     carried = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
-    fn = sinks.UnifyCarriedTypes()
-    acc = fn.create_accumulator()
-    for c in carried:
-        acc = fn.add_input(acc, c)
-    types = fn.extract_output(acc)
+    types = sinks.merge_column_types([sinks.infer_column_types(carried)])
     column_v = pa.array([sinks.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
     column_w = pa.array([sinks.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
     assert column_v.to_pylist() == ["1", "x", '{"a": 1}', None, None, None]

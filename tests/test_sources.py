@@ -171,3 +171,21 @@ def test_unknown_extension_is_value_error(tmp_path, name):
     path.write_text('{"id": "a"}\n')
     with pytest.raises(ValueError, match="manifest format"):
         list(read_manifest(str(path)))
+
+
+def test_jsonl_line_that_is_not_utf8_is_an_error_row_and_the_rest_is_read(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "\xff\xfe bad"}\n{"id": "c", "text": "ok"}\n')
+    items = list(read_manifest(str(path)))
+    assert [i.data["id"] for i in items if isinstance(i, ManifestRow)] == ["a", "c"]
+    (error,) = [i for i in items if isinstance(i, ErrorRow)]
+    assert error.error_type == "invalid_utf8" and error.source.endswith("m.jsonl:2")
+
+
+def test_declared_column_types_only_for_parquet(tmp_path):
+    from mmfeatures.sources import declared_column_types
+
+    pq.write_table(pa.table({"id": ["a"], "n": pa.array([1], pa.int16())}), tmp_path / "m.parquet")
+    (tmp_path / "m.jsonl").write_text('{"id": "a"}\n')
+    assert declared_column_types(str(tmp_path / "m.parquet")) == {"id": pa.string(), "n": pa.int16()}
+    assert declared_column_types(str(tmp_path / "m.jsonl")) is None

@@ -19,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 
 from mmfeatures.errors import EncodeError, RecordError
 from mmfeatures.modalities.base import Modality, Prepared
+from mmfeatures.progress import Progress
 
 _LOG = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, torch.nn.Module]):
         self.modality = modality
         self.device = device
         self.micro_batch_size = micro_batch_size
+        self._progress = Progress(f"{modality.name} records embedded", every=500)
 
     def load_model(self) -> torch.nn.Module:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,6 +73,7 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, torch.nn.Module]):
     ) -> Iterable[Outcome]:
         if not batch:  # BatchElements can emit an empty batch when one element outweighs the cap
             return []
+        self._progress.add(len(batch))
         try:
             vectors = self._embed([prepared for _, prepared in batch], model)
         except Exception as exc:  # noqa: BLE001 - retried one by one so only the poison record fails

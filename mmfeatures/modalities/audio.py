@@ -51,6 +51,7 @@ def split_windows(waveform: np.ndarray, window: int, min_tail: int) -> list[np.n
 
 class AudioModality(Modality):
     name = "audio"
+    default_batch_cost = 16 * 80 * 3000  # mel values: 16 windows of 30 s
 
     _extractor: Any = None
     _is_whisper: bool = True

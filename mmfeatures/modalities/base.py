@@ -55,6 +55,7 @@ class Modality(ABC):
 
     name: ClassVar[str]
     inline: ClassVar[bool] = False  # True when the manifest holds the content itself (text)
+    default_batch_cost: ClassVar[int]  # most input values in one RunInference batch
 
     def __init__(self, model: str = "default", limits: Limits | None = None):
         self.model_reference = model

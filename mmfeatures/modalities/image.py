@@ -1,5 +1,5 @@
 """Images: decoded with OpenCV (JPEG, PNG, WebP, BMP, TIFF; grey and alpha to RGB; EXIF orientation
-applied to JPEGs), the shorter side resized and centre-cropped to the model's input size, normalised
+applied), the shorter side resized and centre-cropped to the model's input size, normalised
 with the model's mean and std. The default model is ImageNet MobileNetV2 (1280-d pooled features);
 any Hugging Face vision encoder folder or id works too."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from typing import Any
 
 import cv2
@@ -23,29 +24,89 @@ from mmfeatures.modalities.base import Modality, Window
 # Corrupt inputs are reported as error rows; OpenCV's own warnings about them would only be noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _BACKGROUND = 255.0  # transparent pixels are composited onto white
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """Bytes to an RGB uint8 array [H, W, 3]; raises ``DecodeError`` when OpenCV cannot read them.
 
-    JPEGs go through OpenCV's colour path, which applies their EXIF orientation; other formats are
-    read unchanged so that an alpha channel can be composited rather than dropped.
+    Each image is decoded once. OpenCV's colour path (``IMREAD_COLOR_RGB``) applies EXIF orientation
+    and turns grey and 16-bit into 8-bit RGB, but drops an alpha channel, which would leave whatever
+    colour lies under transparent pixels. So images whose header shows they have no alpha (JPEG, and
+    PNG and WebP without it) take that path, and all others are read unchanged: alpha is composited
+    onto white, grey, 16-bit and float are converted here, and the EXIF orientation OpenCV reports is
+    applied here too (PNG, WebP, AVIF). TIFF needs nothing more: OpenCV's TIFF reader applies the
+    Orientation tag itself, even unchanged. BMP and the other formats carry no orientation.
     """
     if not data:
         raise DecodeError("the image file is empty", error_type="empty_file")
     buffer = np.frombuffer(data, dtype=np.uint8)
-    flags = cv2.IMREAD_COLOR_RGB if data.startswith(_JPEG_MAGIC) else cv2.IMREAD_UNCHANGED
+    may_have_alpha = _may_have_alpha(data)
     try:
-        image = cv2.imdecode(buffer, flags)
+        if may_have_alpha:
+            image, kinds, blocks = cv2.imdecodeWithMetadata(buffer, cv2.IMREAD_UNCHANGED)
+        else:
+            image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
     except cv2.error as exc:
         raise DecodeError(f"OpenCV could not decode the image: {exc}", error_type="corrupt_image") from exc
     if image is None or image.size == 0:
         raise DecodeError("not an image OpenCV can read, or a corrupt one", error_type="corrupt_image")
-    if flags == cv2.IMREAD_COLOR_RGB:
+    if not may_have_alpha:
         return image
-    return _to_rgb(image)
+    exif = next((bytes(block) for kind, block in zip(kinds, blocks) if kind == cv2.IMAGE_METADATA_EXIF), b"")
+    return _apply_orientation(_to_rgb(image), _exif_orientation(exif))
+
+
+def _may_have_alpha(data: bytes) -> bool:
+    """False only where the header shows there is no alpha channel, so that the colour path is safe."""
+    if data.startswith(b"\xff\xd8\xff"):  # JPEG
+        return False
+    if len(data) < 26:  # too short for the headers below: let OpenCV judge it
+        return True
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        if data[25] in (4, 6):  # IHDR colour type: grey + alpha, RGBA
+            return True
+        position = 8  # a tRNS chunk (transparent palette entries or colour) comes before the first IDAT
+        while position + 8 <= len(data):
+            length, kind = struct.unpack_from(">I4s", data, position)
+            if kind in (b"tRNS", b"IDAT"):
+                return kind == b"tRNS"
+            position += 12 + length
+        return False
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        if data[12:16] == b"VP8X":  # extended: flags byte, 0x10 = alpha
+            return bool(data[20] & 0x10)
+        if data[12:16] == b"VP8L":  # lossless: alpha_is_used is bit 28 of the 32 bits after the 0x2f signature
+            return bool(data[24] & 0x10)
+        return False  # simple lossy VP8: never alpha
+    return True  # TIFF, BMP, AVIF, ...: as before, read unchanged
+
+
+def _exif_orientation(exif: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 when absent or unreadable."""
+    if exif.startswith(b"Exif\x00\x00"):  # some writers keep the JPEG APP1 prefix
+        exif = exif[6:]
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    if order is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack_from(order + "I", exif, 4)
+        (count,) = struct.unpack_from(order + "H", exif, ifd)
+        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+            tag, kind, _, value = struct.unpack_from(order + "HHIH", exif, entry)
+            if tag == 0x0112 and kind == 3:  # SHORT
+                return value
+    except struct.error:
+        pass
+    return 1
+
+
+def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """Undo EXIF ``orientation`` (1-8) the way OpenCV's colour path does: transpose, then flip."""
+    if orientation in (5, 6, 7, 8):
+        image = cv2.transpose(image)
+    flip = {2: 1, 3: -1, 4: 0, 6: 1, 7: -1, 8: 0}.get(orientation)
+    return image if flip is None else cv2.flip(image, flip)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
@@ -83,6 +144,7 @@ def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarr
 
 class ImageModality(Modality):
     name = "image"
+    default_batch_cost = 32 * 3 * 224 * 224  # input values: 32 images at 224x224
 
     _settings: dict[str, Any] | None = None
 

@@ -29,6 +29,7 @@ def normalize_text(text: str) -> str:
 class TextModality(Modality):
     name = "text"
     inline = True
+    default_batch_cost = 8192  # tokens
 
     _tokenizer: Any = None
     _window: int = 0

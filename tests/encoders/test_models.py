@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mmfeatures.encoders import models
-from mmfeatures.encoders.models import CACHE_ENV, resolve_model
+from mmfeatures.encoders.models import resolve_model
+from mmfeatures.storage import CACHE_ENV
 from mmfeatures.modalities.text import TextModality
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import cv2
@@ -35,8 +36,11 @@ def red_left_blue_right(height: int = 24, width: int = 40) -> np.ndarray:
     return image
 
 
-def jpeg_with_exif_orientation(image: np.ndarray, orientation: int) -> bytes:
-    """A JPEG whose APP1 EXIF block holds one tag: Orientation (0x0112, SHORT) = ``orientation``."""
+def with_exif_orientation(
+    image: np.ndarray, orientation: int, ext: str = ".jpg", params: list[int] | None = None
+) -> bytes:
+    """An ``ext`` file whose EXIF block holds one tag: Orientation (0x0112, SHORT) = ``orientation``
+    (a JPEG APP1 segment, a PNG eXIf chunk, a WebP EXIF chunk)."""
     tiff = (
         b"II*\x00"
         + struct.pack("<I", 8)  # offset of IFD0
@@ -44,13 +48,61 @@ def jpeg_with_exif_orientation(image: np.ndarray, orientation: int) -> bytes:
         + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0)
         + struct.pack("<I", 0)  # no next IFD
     )
-    ok, buffer = cv2.imencodeWithMetadata(
-        ".jpg", image, [cv2.IMAGE_METADATA_EXIF], [np.frombuffer(tiff, np.uint8)], [cv2.IMWRITE_JPEG_QUALITY, 95]
-    )
+    if params is None:
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == ".jpg" else []
+    exif = [np.frombuffer(tiff, np.uint8)]
+    ok, buffer = cv2.imencodeWithMetadata(ext, image, [cv2.IMAGE_METADATA_EXIF], exif, params)
     assert ok
     data = buffer.tobytes()
-    assert b"Exif\x00\x00II*\x00" in data[:64]
+    assert tiff in data
     return data
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def grey_alpha_png(grey: np.ndarray, alpha: np.ndarray) -> bytes:
+    """An 8-bit grey + alpha PNG (colour type 4), which ``cv2.imencode`` cannot write."""
+    height, width = grey.shape
+    rows = np.dstack([grey, alpha]).reshape(height, width * 2)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)  # filter type 0 on every row
+    header = struct.pack(">IIBBBBB", width, height, 8, 4, 0, 0, 0)
+    chunks = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def tiff_with_orientation(rgb: np.ndarray, orientation: int) -> bytes:
+    """An uncompressed RGB or RGBA (unassociated alpha) TIFF with an Orientation tag, which OpenCV's
+    TIFF writer does not write."""
+    height, width, channels = rgb.shape
+    pixels = rgb.tobytes() + b"\x00" * (rgb.nbytes % 2)  # the IFD must start on a word boundary
+    bits_offset = 8 + len(pixels)
+    ifd_offset = bits_offset + 2 * channels
+    short, long_ = 3, 4  # field types
+    entries = [
+        (256, long_, 1, width),
+        (257, long_, 1, height),
+        (258, short, channels, bits_offset),  # BitsPerSample: 8 for each sample, stored at bits_offset
+        (259, short, 1, 1),  # no compression
+        (262, short, 1, 2),  # RGB
+        (273, long_, 1, 8),  # the strip starts right after the header
+        (274, short, 1, orientation),
+        (277, short, 1, channels),
+        (278, long_, 1, height),
+        (279, long_, 1, rgb.nbytes),
+    ] + ([(338, short, 1, 2)] if channels == 4 else [])  # ExtraSamples: unassociated alpha
+    # Little-endian, so a one-SHORT value left-justified in its 4-byte field packs like a LONG.
+    ifd = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    bits = struct.pack(f"<{channels}H", *[8] * channels)
+    return b"II*\x00" + struct.pack("<I", ifd_offset) + pixels + bits + ifd + b"\x00" * 4  # no next IFD
+
+
+def assert_rotated_clockwise(decoded: np.ndarray, height: int = 24, width: int = 40, atol: float = 10) -> None:
+    """``red_left_blue_right(height, width)`` turned 90 degrees clockwise: red on top, blue below."""
+    assert decoded.shape == (width, height, 3) and decoded.dtype == np.uint8
+    np.testing.assert_allclose(decoded[: width // 2 - 5].reshape(-1, 3).mean(0), RED_RGB, atol=atol)
+    np.testing.assert_allclose(decoded[-(width // 2 - 5) :].reshape(-1, 3).mean(0), BLUE_RGB, atol=atol)
 
 
 # -- decoding ------------------------------------------------------------------------------------
@@ -119,17 +171,94 @@ def test_16_bit_images_are_scaled_to_8_bit(ext: str) -> None:
 
 def test_jpeg_exif_orientation_is_applied() -> None:
     image = red_left_blue_right(24, 40)
-    assert decode_image(jpeg_with_exif_orientation(image, 1)).shape == (24, 40, 3)
+    assert decode_image(with_exif_orientation(image, 1)).shape == (24, 40, 3)
 
-    rotated = decode_image(jpeg_with_exif_orientation(image, 6))  # 6: rotate 90 degrees clockwise
+    rotated = decode_image(with_exif_orientation(image, 6))  # 6: rotate 90 degrees clockwise
     assert rotated.shape == (40, 24, 3)
     # Rotated clockwise, the left (red) half ends on top and the right (blue) half at the bottom.
     np.testing.assert_allclose(rotated[:15].reshape(-1, 3).mean(0), RED_RGB, atol=10)
     np.testing.assert_allclose(rotated[-15:].reshape(-1, 3).mean(0), BLUE_RGB, atol=10)
 
-    flipped = decode_image(jpeg_with_exif_orientation(image, 3))  # 3: rotate 180 degrees
+    flipped = decode_image(with_exif_orientation(image, 3))  # 3: rotate 180 degrees
     assert flipped.shape == (24, 40, 3)
     np.testing.assert_allclose(flipped[:, :15].reshape(-1, 3).mean(0), BLUE_RGB, atol=10)
+
+
+@pytest.mark.parametrize(
+    ("ext", "params", "atol"),
+    [(".png", None, 0), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], 0), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80], 10)],
+)
+def test_png_and_webp_exif_orientation_is_applied(ext: str, params: list[int] | None, atol: float) -> None:
+    image = red_left_blue_right(24, 40)
+    assert decode_image(with_exif_orientation(image, 1, ext, params)).shape == (24, 40, 3)
+    assert_rotated_clockwise(decode_image(with_exif_orientation(image, 6, ext, params)), atol=atol)
+
+
+def test_grey_and_16_bit_pngs_with_exif_orientation() -> None:
+    grey = cv2.cvtColor(red_left_blue_right(24, 40), cv2.COLOR_BGR2GRAY)
+    decoded = decode_image(with_exif_orientation(grey, 6, ".png"))
+    assert decoded.shape == (40, 24, 3)
+    assert (decoded[:15] == grey[0, 0]).all() and (decoded[-15:] == grey[0, -1]).all()
+
+    deep = red_left_blue_right(24, 40).astype(np.uint16) * 257
+    assert_rotated_clockwise(decode_image(with_exif_orientation(deep, 6, ".png")), atol=0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize(("ext", "params"), [(".png", None), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101])])
+def test_alpha_images_are_composited_and_oriented(ext: str, params: list[int] | None, orientation: int) -> None:
+    """An image with alpha is read unchanged and oriented by hand: every orientation must match what
+    OpenCV's own colour path makes of the same pixels without alpha (a transparent pixel is white)."""
+    rgb = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rgb[0, 1] = 255  # white where the alpha version is transparent
+    bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
+    bgra[0, 1] = (0, 0, 255, 0)  # transparent red
+    opaque = with_exif_orientation(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), orientation, ".png")
+    expected = cv2.imdecode(np.frombuffer(opaque, np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert expected.shape == ((5, 7, 3) if orientation < 5 else (7, 5, 3))
+    np.testing.assert_array_equal(decode_image(with_exif_orientation(bgra, orientation, ext, params)), expected)
+
+
+def test_png_transparency_chunk_is_composited() -> None:
+    """An RGB PNG whose tRNS chunk makes one colour transparent: that colour becomes white."""
+    data = encode(red_left_blue_right(), ".png")
+    assert data[25] == 2  # RGB, no alpha channel
+    transparent_blue = png_chunk(b"tRNS", struct.pack(">HHH", *BLUE_RGB))
+    decoded = decode_image(data[:33] + transparent_blue + data[33:])  # right after IHDR
+    assert (decoded[:, :20] == RED_RGB).all() and (decoded[:, 20:] == 255).all()
+
+
+def test_grey_alpha_png_is_composited() -> None:
+    grey = np.array([[0, 100], [200, 50]], np.uint8)
+    alpha = np.array([[255, 0], [255, 128]], np.uint8)
+    decoded = decode_image(grey_alpha_png(grey, alpha))
+    assert decoded.shape == (2, 2, 3)
+    assert tuple(decoded[0, 0]) == (0, 0, 0) and tuple(decoded[0, 1]) == (255, 255, 255)
+    assert tuple(decoded[1, 0]) == (200, 200, 200)
+    np.testing.assert_allclose(decoded[1, 1].astype(int), [152] * 3, atol=1)  # 50 * a + 255 * (1 - a)
+
+
+def test_16_bit_rgba_png_is_composited() -> None:
+    bgra = np.zeros((1, 2, 4), np.uint16)
+    bgra[0, 0] = (0, 0, 65535, 65535)  # opaque red
+    bgra[0, 1] = (0, 0, 65535, 0)  # transparent red
+    decoded = decode_image(encode(bgra, ".png"))
+    assert decoded.dtype == np.uint8
+    assert tuple(decoded[0, 0]) == (255, 0, 0) and tuple(decoded[0, 1]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_tiff_orientation_is_applied_by_opencv(alpha: bool) -> None:
+    """OpenCV's TIFF reader applies the Orientation tag itself, even when reading unchanged."""
+    rgb = cv2.cvtColor(red_left_blue_right(24, 40), cv2.COLOR_BGR2RGB)
+    if alpha:
+        rgb = np.dstack([rgb, np.full((24, 40), 255, np.uint8)])
+        rgb[0, 0, 3] = 0  # transparent: white after compositing
+    assert decode_image(tiff_with_orientation(rgb, 1)).shape == (24, 40, 3)
+    rotated = decode_image(tiff_with_orientation(rgb, 6))
+    assert tuple(rotated[0, -1]) == ((255, 255, 255) if alpha else RED_RGB)  # top-left went to top-right
+    rotated[0, -1] = RED_RGB
+    assert_rotated_clockwise(rotated, atol=0)
 
 
 @pytest.mark.parametrize(
