@@ -19,6 +19,7 @@ from mmfeatures.errors import ConfigurationError
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmfeatures").setLevel(logging.INFO)
+    storage.install_log_redaction()  # other libraries log URLs too
 
 
 def _print_summary(summary: dict[str, Any], output: str) -> None:
@@ -50,7 +51,7 @@ def extract(argv: list[str]) -> int:
         return 2
     fs, path = url_to_fs(job.path("_run.json"))
     with fs.open(path, "r") as handle:
-        _print_summary(json.load(handle), job.output)
+        _print_summary(json.load(handle), storage.redact(job.output))
     return 0
 
 

@@ -69,7 +69,10 @@ class EncodeError(RecordError):
 
 @dataclass(frozen=True)
 class ErrorRow:
-    """One row of the error table (``schemas/v1/errors.json``)."""
+    """One row of the error table (``schemas/v1/errors.json``).
+
+    ``message`` and ``source`` are redacted on construction (however the row is built): a signed
+    URL or a URL's ``user:password@`` never reaches the error table."""
 
     id: str | None
     modality: str | None
@@ -77,6 +80,14 @@ class ErrorRow:
     error_type: str
     message: str
     source: str | None
+
+    def __post_init__(self) -> None:
+        from mmfeatures.storage import redact  # storage imports this module
+
+        for name in ("message", "source"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, redact(value))
 
     @classmethod
     def from_exception(

@@ -41,8 +41,11 @@ class Job:
         started = datetime.datetime.now(datetime.timezone.utc)
         try:
             return cls._from_options(options, started)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-            raise ConfigurationError(str(exc)) from exc
+        except (ValueError, OSError, ModuleNotFoundError) as exc:
+            # OSError: an input or model folder that cannot be listed or copied is a configuration
+            # problem too. ``from None``: the cause's text may hold a signed URL, which a printed
+            # traceback would show; the message itself is redacted.
+            raise ConfigurationError(storage.redact(str(exc))) from None
 
     @classmethod
     def _from_options(cls, options: PipelineOptions, started: datetime.datetime) -> "Job":
@@ -92,7 +95,7 @@ class Job:
         return {
             "package_version": __version__,
             "schema_version": schema.SCHEMA_VERSION,
-            "modalities": self.models,
+            "modalities": storage.redact_all(self.models),  # a model folder may be a signed URL
             "fusion": self.fusion.describe(),
             "created": self.started.isoformat(),
         }
@@ -111,7 +114,9 @@ class Job:
         features: Mapping[str, int],
         errors: Mapping[str, int],
     ) -> dict[str, Any]:
-        """``_run.json``: every count comes from the data the run produced and wrote."""
+        """``_run.json``: every count comes from the data the run produced and wrote. Every string
+        in it is redacted (inputs, outputs, options, model references): no credential or signed
+        URL is ever written there."""
         accepted = tallies.get("records_accepted", 0)
         with_features = tallies.get("records_with_features", 0)
         modalities = {}
@@ -134,7 +139,7 @@ class Job:
                 c["present"] == c["embedded"] + c["failed"] for c in modalities.values()
             ),
         }
-        return {
+        return storage.redact_all({
             "records": records,
             "feature_rows": features["rows"],
             "feature_files": features["files"],
@@ -153,5 +158,5 @@ class Job:
             "outputs": {"features": self.path("features"), "errors": self.path("errors")},
             "started": self.started.isoformat(),
             "package_version": __version__,
-        }
+        })
 
