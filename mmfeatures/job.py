@@ -56,7 +56,12 @@ class Job:
             raise ValueError("--output is required (a local folder or fsspec URL)")
         if extract.device != "cpu" and not extract.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {extract.device!r}")
-        limits = Limits()
+        limits = Limits(
+            max_bytes=extract.max_bytes,
+            max_pixels=extract.max_pixels,
+            max_audio_seconds=extract.max_audio_seconds,
+            max_text_chars=extract.max_text_chars,
+        )
         modalities = {
             name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_NAMES
         }

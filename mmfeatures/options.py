@@ -10,6 +10,7 @@ from typing import Any
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from mmfeatures.fusion import FUSION_METHODS
+from mmfeatures.limits import Limits
 from mmfeatures.records import MODALITY_COLUMNS
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
@@ -46,6 +47,15 @@ class ExtractOptions(PipelineOptions):
         add("--micro_batch_size", dest="micro_batch_size", type=int, default=8,
             help="Windows per forward pass. Every pass has exactly this many rows, so a record's "
                  "embedding does not depend on its batch; raise it (e.g. 64) on GPUs.")
+        defaults = Limits()
+        add("--max_bytes", dest="max_bytes", type=int, default=defaults.max_bytes,
+            help="Largest media file read, in bytes; larger ones are error rows (file_too_large).")
+        add("--max_pixels", dest="max_pixels", type=int, default=defaults.max_pixels,
+            help="Largest image, width x height, checked from its header before decoding (image_too_large).")
+        add("--max_audio_seconds", dest="max_audio_seconds", type=float, default=defaults.max_audio_seconds,
+            help="Longest audio clip, checked before decoding; longer ones are error rows (audio_too_long).")
+        add("--max_text_chars", dest="max_text_chars", type=int, default=defaults.max_text_chars,
+            help="Longest text, in characters; longer ones are error rows (text_too_long).")
         add("--rows_per_file", dest="rows_per_file", type=int, default=2000,
             help="Most rows in one output Parquet file.")
 

@@ -8,6 +8,7 @@ into place. A retried bundle leaves only orphans in staging, never duplicate row
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import time
 import uuid
@@ -125,57 +126,77 @@ def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def staging_directory(table: str) -> str:
+    """Where a table's files are staged: ``OUTPUT/_staging/<table>``, beside the tables, since
+    readers (pyarrow, Spark) skip folders whose names start with an underscore."""
+    table = table.rstrip("/")
+    return storage.join(storage.parent(table), STAGING_DIR, posixpath.basename(table))
+
+
 class _WriteStagedFile(beam.DoFn):
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, staging: str):
+        self.staging = staging
 
     def process(self, rows: list[Mapping[str, Any]], schema: pa.Schema) -> Iterable[tuple[str, int]]:
         if not rows:
             return
-        path = storage.join(self.directory, STAGING_DIR, f"{uuid.uuid4().hex}.parquet")
-        fs, fs_path = _filesystem(path)
+        yield self.write(rows_to_table(rows, schema)), len(rows)
+
+    def write(self, table: pa.Table) -> str:
+        fs, fs_path = _filesystem(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"))
         with _open_for_write(fs, fs_path) as handle:
-            pq.write_table(rows_to_table(rows, schema), handle, compression="zstd")
-        yield path, len(rows)
+            pq.write_table(table, handle, compression="zstd")
+        return fs_path
 
 
-def _move(fs: AbstractFileSystem, source: str, target: str) -> None:
-    """Rename on local disks; copy then delete on object stores, which have no rename (as Beam's
-    own GCS and S3 filesystems do)."""
-    if isinstance(fs, LocalFileSystem):
-        fs.mv(source, target)
-    else:
-        fs.copy(source, target)
-        fs.rm(source)
+class _CommitFiles(_WriteStagedFile):
+    """Publish the staged files as the table, once, after every row is written.
 
+    On a local disk the new table is assembled in staging and swapped in by renaming folders, so
+    a reader, or a run killed part-way, sees the old table or the new one, never a mix. Object
+    stores have no rename: the new parts are copied over the old names and the old extra parts
+    deleted after, so a run killed mid-commit can leave a mix until it is rerun.
+    """
 
-class _CommitFiles(beam.DoFn):
-    """Replace the table's files with the staged ones, in one step after all writes finished."""
-
-    def __init__(self, directory: str):
+    def __init__(self, staging: str, directory: str):
+        super().__init__(staging)
         self.directory = directory
 
     def process(self, staged: list[tuple[str, int]], schema: pa.Schema) -> Iterable[dict[str, Any]]:
         fs, root = _filesystem(self.directory)
-        fs.makedirs(root, exist_ok=True)
-        for old in fs.glob(f"{root.rstrip('/')}/{PART_PREFIX}*.parquet"):
-            fs.rm(old)
-        staged = sorted(staged)
-        if not staged:  # an empty table is still a readable file with the full schema
-            empty = storage.join(self.directory, STAGING_DIR, f"{uuid.uuid4().hex}.parquet")
-            with _open_for_write(fs, _filesystem(empty)[1]) as handle:
-                pq.write_table(schema.empty_table(), handle)
-            staged = [(empty, 0)]
-        files = []
-        for index, (path, _rows) in enumerate(staged):
-            final = f"{root.rstrip('/')}/{PART_PREFIX}{index:05d}-of-{len(staged):05d}.parquet"
-            _move(fs, _filesystem(path)[1], final)
-            files.append(final)
-        try:  # orphans of retried bundles; object stores have no folder left once it is empty
-            fs.rm(f"{root.rstrip('/')}/{STAGING_DIR}", recursive=True)
-        except FileNotFoundError:
+        _, staging_root = _filesystem(self.staging)
+        staged = sorted(staged) or [(self.write(schema.empty_table()), 0)]  # empty: still readable
+        names = [f"{PART_PREFIX}{i:05d}-of-{len(staged):05d}.parquet" for i in range(len(staged))]
+        if isinstance(fs, LocalFileSystem):
+            _swap_in_locally(staging_root, root, [path for path, _ in staged], names)
+        else:
+            _copy_in(fs, root, [path for path, _ in staged], names)
+        try:  # with it go the orphans of retried bundles
+            fs.rm(staging_root, recursive=True)
+            fs.rmdir(posixpath.dirname(staging_root))  # once the other table is done too
+        except (FileNotFoundError, OSError):  # object stores keep no empty folder; still in use
             pass
-        yield {"files": len(files), "rows": sum(rows for _, rows in staged)}
+        yield {"files": len(names), "rows": sum(rows for _, rows in staged)}
+
+
+def _swap_in_locally(staging_root: str, root: str, staged: list[str], names: list[str]) -> None:
+    assembled = os.path.join(staging_root, f"table-{uuid.uuid4().hex}")
+    os.makedirs(assembled)
+    for path, name in zip(staged, names):
+        os.rename(path, os.path.join(assembled, name))
+    previous = os.path.join(staging_root, f"previous-{uuid.uuid4().hex}")
+    if os.path.exists(root):
+        os.rename(root, previous)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    os.rename(assembled, root)
+
+
+def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str]) -> None:
+    final = [f"{root}/{name}" for name in names]
+    for path, target in zip(staged, final):
+        fs.copy(path, target)
+    for old in set(fs.glob(f"{root}/{PART_PREFIX}*.parquet")) - set(final):
+        fs.rm(old)
 
 
 class WriteParquetTable(beam.PTransform):
@@ -184,18 +205,19 @@ class WriteParquetTable(beam.PTransform):
 
     def __init__(self, directory: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000):
         super().__init__()
-        self.directory = directory
+        self.directory = directory.rstrip("/")
         self.schema = schema
         self.rows_per_file = rows_per_file
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         schema = beam.pvalue.AsSingleton(self.schema)
+        staging = staging_directory(self.directory)
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file)
-            | "WriteStaged" >> beam.ParDo(_WriteStagedFile(self.directory), schema)
+            | "WriteStaged" >> beam.ParDo(_WriteStagedFile(staging), schema)
             | "Gather" >> beam.combiners.ToList()
-            | "Commit" >> beam.ParDo(_CommitFiles(self.directory), schema)
+            | "Commit" >> beam.ParDo(_CommitFiles(staging, self.directory), schema)
         )
 
 

@@ -15,6 +15,11 @@ from fsspec.core import url_to_fs
 
 from mmfeatures.errors import ErrorRow, ManifestError
 
+# What pyarrow raises for a corrupt or truncated Parquet file: ArrowInvalid and the other Arrow
+# errors, OSError, and UnicodeDecodeError (a ValueError) for a column name that is not UTF-8.
+_UNREADABLE_PARQUET = (pa.ArrowException, OSError, ValueError)
+
+
 @dataclass(frozen=True)
 class ManifestRow:
     data: dict[str, Any]
@@ -31,12 +36,16 @@ def manifest_format(path: str) -> str:
 
 
 def declared_column_types(path: str) -> dict[str, pa.DataType] | None:
-    """A Parquet manifest's own column types; None for formats whose values carry no schema."""
+    """A Parquet manifest's own column types; None for formats whose values carry no schema, and
+    for a Parquet file whose schema cannot be read (``read_manifest`` reports that file)."""
     if manifest_format(path) != "parquet":
         return None
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as handle:
-        return {field.name: field.type for field in pq.read_schema(handle)}
+        try:
+            return {field.name: field.type for field in pq.read_schema(handle)}
+        except _UNREADABLE_PARQUET:
+            return None
 
 
 def read_manifest(path: str) -> Iterator[ManifestRow | ErrorRow]:
@@ -63,7 +72,9 @@ def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
                 continue
             try:
                 data = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
+                # ValueError: JSONDecodeError, and integers over Python's 4300-digit limit;
+                # RecursionError: nesting deeper than the interpreter's stack.
                 yield _row_error(ManifestError(f"malformed JSON: {exc}", error_type="malformed_json"), source)
                 continue
             if not isinstance(data, dict):
@@ -76,7 +87,23 @@ def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as raw:
         reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline=""))
-        for row in reader:
+        # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
+        # the read goes on with the next line; a header that cannot be parsed ends the file.
+        try:
+            if reader.fieldnames is None:  # an empty file
+                return
+        except csv.Error as exc:
+            yield _row_error(ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv"), f"{path}:1")
+            return
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
+                yield _row_error(error, f"{path}:{reader.line_num}")
+                continue
             source = f"{path}:{reader.line_num}"
             if None in row or any(value is None for value in row.values()):
                 yield _row_error(
@@ -92,7 +119,29 @@ def _read_parquet(path: str) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     with fs.open(fs_path, "rb") as handle:
         number = 0
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
-            for data in batch.to_pylist():
-                number += 1
-                yield ManifestRow(data, f"{path}:{number}")
+        try:
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
+                for data in _batch_rows(batch):
+                    number += 1
+                    source = f"{path}:{number}"
+                    yield _row_error(data, source) if isinstance(data, ManifestError) else ManifestRow(data, source)
+        except _UNREADABLE_PARQUET as exc:
+            # A corrupt or truncated file cannot be read row by row: the rest of it is one error row.
+            error = ManifestError(f"the Parquet file cannot be read: {exc}", error_type="unreadable_manifest")
+            yield _row_error(error, path)
+
+
+def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
+    """A batch's rows; a row holding a value Python cannot represent (a timestamp past year 9999,
+    a string that is not UTF-8) is that row's error instead."""
+    try:
+        return batch.to_pylist()
+    except (ValueError, OverflowError):
+        pass
+    rows: list[dict[str, Any] | ManifestError] = []
+    for index in range(batch.num_rows):
+        try:
+            rows.append(batch.slice(index, 1).to_pylist()[0])
+        except (ValueError, OverflowError) as exc:
+            rows.append(ManifestError(f"a value cannot be read: {exc}"))
+    return rows

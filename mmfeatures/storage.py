@@ -11,9 +11,12 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 import fsspec
+from apache_beam.utils import retry
 from fsspec.core import url_to_fs
 
 from mmfeatures.errors import FetchError
+
+_LOG = logging.getLogger(__name__)
 
 
 CACHE_ENV = "MMFEATURES_CACHE"
@@ -175,27 +178,66 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, pattern: str, path: str) -> st
     return fs.unstrip_protocol(path)
 
 
+FETCH_RETRIES = 4  # transient faults: about 0.5 + 1 + 2 + 4 s of backoff before a record fails
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A storage fault worth retrying: a 5xx/429/408 answer, a reset or refused connection, or a
+    timeout, anywhere in the exception's chain (fsspec's HTTP filesystem wraps them all in
+    FileNotFoundError)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        status = getattr(seen, "status", None) or getattr(seen, "code", None)
+        if isinstance(status, int) and status in _TRANSIENT_STATUS:
+            return True
+        if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
+            "ClientOSError", "ServerDisconnectedError", "ClientConnectorError", "ClientPayloadError",
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _log_retry(message: str, *args: object) -> None:
+    _LOG.warning(redact(message % args))
+
+
+@retry.with_exponential_backoff(
+    num_retries=FETCH_RETRIES, initial_delay_secs=0.5, max_delay_secs=8, retry_filter=is_transient, logger=_log_retry
+)
+def _read_whole(location: str, max_bytes: int | None) -> bytes:
+    fs, path = url_to_fs(location)
+    if max_bytes is not None:
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise FetchError(f"{size} bytes is over the {max_bytes}-byte limit", error_type="file_too_large")
+    with fs.open(path, "rb") as handle:
+        data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # a store that did not report the size
+        raise FetchError(f"over the {max_bytes}-byte limit", error_type="file_too_large")
+    return data
+
+
 def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
-    """Read a whole media file, mapping storage failures to ``FetchError`` codes."""
+    """Read a whole media file, retrying transient faults with backoff, and mapping what still
+    fails to ``FetchError`` codes."""
     try:
-        fs, path = url_to_fs(location)
-        if max_bytes is not None:
-            size = fs.size(path)
-            if size is not None and size > max_bytes:
-                raise FetchError(
-                    f"{size} bytes is over the {max_bytes}-byte limit", error_type="file_too_large"
-                )
-        with fs.open(path, "rb") as handle:
-            return handle.read()
+        return _read_whole(location, max_bytes)
     except FetchError:
         raise
     # ``from None``: the storage's own exception may quote the full URL, credentials included,
     # and a chained cause would carry it into any traceback that is logged.
-    except FileNotFoundError:
-        raise FetchError(redact(f"no such file: {location}"), error_type="missing_file") from None
-    except PermissionError:
-        raise FetchError(redact(f"permission denied: {location}"), error_type="permission_denied") from None
-    except IsADirectoryError:
-        raise FetchError(redact(f"is a directory: {location}"), error_type="not_a_file") from None
-    except OSError as exc:
-        raise FetchError(redact(f"could not read {location}: {exc}"), error_type="fetch_failed") from None
+    except Exception as exc:  # noqa: BLE001 - classified below, never lost
+        if is_transient(exc):
+            message = f"storage still failing after {FETCH_RETRIES} retries: {location}: {exc}"
+            raise FetchError(redact(message), error_type="storage_unavailable") from None
+        if isinstance(exc, FileNotFoundError):
+            raise FetchError(redact(f"no such file: {location}"), error_type="missing_file") from None
+        if isinstance(exc, PermissionError):
+            raise FetchError(redact(f"permission denied: {location}"), error_type="permission_denied") from None
+        if isinstance(exc, IsADirectoryError):
+            raise FetchError(redact(f"is a directory: {location}"), error_type="not_a_file") from None
+        if isinstance(exc, OSError):
+            raise FetchError(redact(f"could not read {location}: {exc}"), error_type="fetch_failed") from None
+        raise

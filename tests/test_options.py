@@ -59,3 +59,17 @@ def test_progress_logs_each_time_the_count_passes_a_multiple(caplog: pytest.LogC
 def test_bad_options_are_usage_errors_before_any_work(argv, message, capsys) -> None:
     assert main(["extract", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_limits_are_options_with_safe_defaults(tmp_path) -> None:
+    from mmfeatures.job import Job
+    from mmfeatures.limits import Limits
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    base = ["--input", str(manifest), "--output", str(tmp_path / "out")]
+    assert Job.from_options(parse_options(base)).modalities["image"].limits == Limits()
+    job = Job.from_options(parse_options(base + ["--max-pixels", "100", "--max_audio_seconds", "2.5"]))
+    for modality in job.modalities.values():
+        assert modality.limits.max_pixels == 100 and modality.limits.max_audio_seconds == 2.5
+        assert modality.limits.max_bytes == Limits().max_bytes

@@ -172,7 +172,7 @@ def test_read_bytes_refused_https_url_has_no_secret():
     # 127.0.0.1 port 1 refuses at once: nothing leaves this machine
     with pytest.raises(FetchError) as info:
         storage.read_bytes("https://user:hunter2@127.0.0.1:1/x?sig=abc123")
-    assert info.value.error_type in ("fetch_failed", "missing_file")
+    assert info.value.error_type in ("fetch_failed", "missing_file", "storage_unavailable")
     assert_no_secret(str(info.value))
     assert "127.0.0.1" in str(info.value)
     row = ErrorRow.from_exception(info.value, record_id="r", modality="image", source="https://user:hunter2@127.0.0.1:1/x?sig=abc123")

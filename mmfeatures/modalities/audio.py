@@ -106,8 +106,13 @@ class AudioModality(Modality):
             raise PreprocessError("the audio is shorter than 20 ms", error_type="audio_too_short")
         pieces = split_windows(waveform, self.window_samples, int(MIN_WINDOW_SECONDS * self.sample_rate))
         if not self._is_whisper:
-            return [self._waveform_window(piece) for piece in pieces]
-        return [self._mel_window(piece) for piece in pieces]
+            windows = [self._waveform_window(piece) for piece in pieces]
+        else:
+            windows = [self._mel_window(piece) for piece in pieces]
+        # Finite samples far outside [-1, 1] (a corrupt float WAV holds 1e20) overflow the features.
+        if not all(np.isfinite(value).all() for window in windows for value in window.values()):
+            raise PreprocessError("the audio's features hold NaN or Inf", error_type="non_finite_features")
+        return windows
 
     def _mel_window(self, piece: np.ndarray) -> Window:
         features = self._extractor(

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mmfeatures.encoders.models import ResolvedModel, resolve_model
+from mmfeatures.limits import Limits
 
 Window = dict[str, np.ndarray]
 
@@ -38,16 +39,6 @@ class Prepared:
     def cost(self) -> int:
         """Batch weight: the number of values the model will read (tokens, pixels, frames)."""
         return sum(int(next(iter(window.values())).size) for window in self.windows)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Safety caps applied while decoding untrusted media."""
-
-    max_bytes: int = 64 * 1024 * 1024
-    max_pixels: int = 64_000_000
-    max_audio_seconds: float = 600.0
-    max_text_chars: int = 1_000_000
 
 
 class Modality(ABC):

@@ -51,6 +51,11 @@ class TextModality(Modality):
                 payload = payload.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise DecodeError(f"text is not valid UTF-8: {exc}", error_type="invalid_utf8") from exc
+        else:
+            try:  # a lone surrogate (JSON "\\ud800") has no UTF-8 form; the tokenizer would raise TypeError
+                payload.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise DecodeError(f"text is not valid Unicode: {exc}", error_type="invalid_utf8") from exc
         if len(payload) > self.limits.max_text_chars:
             raise DecodeError(
                 f"text of {len(payload)} characters is over the {self.limits.max_text_chars} limit",
