@@ -93,7 +93,8 @@ def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
             if reader.fieldnames is None:  # an empty file
                 return
         except csv.Error as exc:
-            yield _row_error(ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv"), f"{path}:1")
+            error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
+            yield _row_error(error, f"{path}:{reader.reader.line_num}")
             return
         while True:
             try:
@@ -102,7 +103,7 @@ def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
                 break
             except csv.Error as exc:
                 error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-                yield _row_error(error, f"{path}:{reader.line_num}")
+                yield _row_error(error, f"{path}:{reader.reader.line_num}")  # DictReader's lags on errors
                 continue
             source = f"{path}:{reader.line_num}"
             if None in row or any(value is None for value in row.values()):

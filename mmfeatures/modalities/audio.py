@@ -23,20 +23,33 @@ from mmfeatures.modalities.base import Modality, Window, round_up
 MIN_WINDOW_SECONDS = 0.1  # a shorter tail than this is dropped unless it is the whole clip
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Bytes to (mono float32 waveform, sample rate); raises ``DecodeError``."""
+def _too_long(seconds: float, max_seconds: float) -> DecodeError:
+    return DecodeError(f"{seconds:.1f} s of audio is over the {max_seconds:g} s limit", error_type="audio_too_long")
+
+
+def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Bytes to (mono float32 waveform, sample rate); raises ``DecodeError``. A clip whose header
+    says it is longer than ``max_seconds`` is refused before any sample is decoded."""
     if not data:
         raise DecodeError("the audio file is empty", error_type="empty_file")
     try:
+        if max_seconds is not None:
+            info = soundfile.info(io.BytesIO(data))
+            if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+                raise _too_long(info.frames / info.samplerate, max_seconds)
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         reason = str(exc).rsplit(">: ", 1)[-1]  # drop libsndfile's "Error opening <BytesIO at 0x...>"
         raise DecodeError(f"soundfile could not decode the audio: {reason}", error_type="corrupt_audio") from exc
+    except MemoryError as exc:  # soundfile allocates the frame count the header claims, true or not
+        raise DecodeError(f"the header claims more audio than memory holds: {exc}", error_type="corrupt_audio") from exc
     if samples.shape[0] == 0:
         raise DecodeError("the audio holds no samples", error_type="empty_audio")
     mono = samples.mean(axis=1)
     if not np.all(np.isfinite(mono)):
         raise DecodeError("the audio holds NaN or Inf samples", error_type="non_finite_audio")
+    if max_seconds is not None and len(mono) / rate > max_seconds:  # the header understated it
+        raise _too_long(len(mono) / rate, max_seconds)
     return mono, int(rate)
 
 
@@ -90,13 +103,7 @@ class AudioModality(Modality):
         return 30 * self.sample_rate
 
     def decode(self, payload: bytes | str) -> tuple[np.ndarray, int]:
-        waveform, rate = decode_audio(payload)  # type: ignore[arg-type]
-        if len(waveform) / rate > self.limits.max_audio_seconds:
-            raise DecodeError(
-                f"{len(waveform) / rate:.1f} s of audio is over the {self.limits.max_audio_seconds:g} s limit",
-                error_type="audio_too_long",
-            )
-        return waveform, rate
+        return decode_audio(payload, self.limits.max_audio_seconds)  # type: ignore[arg-type]
 
     def preprocess(self, raw: tuple[np.ndarray, int]) -> list[Window]:
         waveform, rate = raw
