@@ -14,12 +14,13 @@ from typing import Any
 
 from mmfeatures import storage
 from mmfeatures.errors import ConfigurationError
+from mmfeatures.redaction import install_log_redaction, redact
 
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmfeatures").setLevel(logging.INFO)
-    storage.install_log_redaction()  # other libraries log URLs too
+    install_log_redaction()  # other libraries log URLs too
 
 
 def _print_summary(summary: dict[str, Any], output: str) -> None:
@@ -51,7 +52,7 @@ def extract(argv: list[str]) -> int:
         return 2
     fs, path = url_to_fs(job.path("_run.json"))
     with fs.open(path, "r") as handle:
-        _print_summary(json.load(handle), storage.redact(job.output))
+        _print_summary(json.load(handle), redact(job.output))
     return 0
 
 

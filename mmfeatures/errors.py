@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from mmfeatures.redaction import redact
+
 ERRORS_TAG = "errors"
 
 
@@ -82,7 +84,6 @@ class ErrorRow:
     source: str | None
 
     def __post_init__(self) -> None:
-        from mmfeatures.storage import redact  # storage imports this module
 
         for name in ("message", "source"):
             value = getattr(self, name)

@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from mmfeatures import __version__, schema, storage
 from mmfeatures.errors import ERROR_TYPE_PREFIX, ConfigurationError
+from mmfeatures.redaction import redact, redact_all
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.modalities import MODALITIES, Limits, Modality
 from mmfeatures.options import ExtractOptions, extract_option_values
@@ -45,7 +46,7 @@ class Job:
             # OSError: an input or model folder that cannot be listed or copied is a configuration
             # problem too. ``from None``: the cause's text may hold a signed URL, which a printed
             # traceback would show; the message itself is redacted.
-            raise ConfigurationError(storage.redact(str(exc))) from None
+            raise ConfigurationError(redact(str(exc))) from None
 
     @classmethod
     def _from_options(cls, options: PipelineOptions, started: datetime.datetime) -> "Job":
@@ -100,7 +101,7 @@ class Job:
         return {
             "package_version": __version__,
             "schema_version": schema.SCHEMA_VERSION,
-            "modalities": storage.redact_all(self.models),  # a model folder may be a signed URL
+            "modalities": redact_all(self.models),  # a model folder may be a signed URL
             "fusion": self.fusion.describe(),
             "created": self.started.isoformat(),
         }
@@ -144,7 +145,7 @@ class Job:
                 c["present"] == c["embedded"] + c["failed"] for c in modalities.values()
             ),
         }
-        return storage.redact_all({
+        return redact_all({
             "records": records,
             "feature_rows": features["rows"],
             "feature_files": features["files"],

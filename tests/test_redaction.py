@@ -9,7 +9,7 @@ from mmfeatures import storage
 from mmfeatures.errors import ErrorRow, FetchError, Stage
 from mmfeatures.job import Job
 from mmfeatures.options import parse_options
-from mmfeatures.storage import redact
+from mmfeatures.redaction import redact, redact_all, install_log_redaction
 
 SECRETS = ("hunter2", "SIGNATURE", "abc123", "tok3n", "s1gn4ture")
 
@@ -122,7 +122,7 @@ def test_redact_scheme_less_signed_query():
 
 def test_redact_all_nested():
     value = {"a": ["https://u:hunter2@h/x", ("gs://b/k?token=tok3n", 3)], "b": None, "c": 1.5}
-    assert storage.redact_all(value) == {"a": ["https://***@h/x", ("gs://b/k?***", 3)], "b": None, "c": 1.5}
+    assert redact_all(value) == {"a": ["https://***@h/x", ("gs://b/k?***", 3)], "b": None, "c": 1.5}
 
 
 # -- ErrorRow ----------------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def test_log_records_are_redacted():
     logger = logging.getLogger(f"redaction-test-{uuid.uuid4().hex}")
     logger.addHandler(handler)
     logger.propagate = False
-    storage.install_log_redaction(logger)
-    storage.install_log_redaction(logger)  # twice adds nothing
+    install_log_redaction(logger)
+    install_log_redaction(logger)  # twice adds nothing
     assert len(handler.filters) == 1
     try:
         logger.warning("loaded model %s", "gs://k:hunter2@b/model?X-Goog-Signature=SIGNATURE")

@@ -17,10 +17,10 @@ import torch
 from apache_beam.ml.inference.base import ModelHandler
 from transformers.utils import logging as transformers_logging
 
-from mmfeatures import storage
 from mmfeatures.errors import EncodeError, RecordError
 from mmfeatures.modalities.base import Modality, Prepared
 from mmfeatures.progress import Progress
+from mmfeatures.redaction import redact
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, torch.nn.Module]):
         transformers_logging.disable_progress_bar()  # one bar per worker and model is noise in job logs
         self.modality.setup()
         model = self.modality.load_model(self.device)
-        model_id = storage.redact(self.modality.resolved.model_id)
+        model_id = redact(self.modality.resolved.model_id)
         _LOG.info("loaded %s model %s on %s", self.modality.name, model_id, self.device)
         return model
 
