@@ -20,6 +20,7 @@ from mmfeatures.encoders.whisper_ctranslate2 import WhisperClipEncoder, load_whi
 from mmfeatures.errors import DecodeError, PreprocessError
 from mmfeatures.modalities.base import Modality, Window, round_up
 
+SILENCE_PEAK = 1e-5  # -100 dBFS: nothing a model could hear
 MIN_WINDOW_SECONDS = 0.1  # a shorter tail than this is dropped unless it is the whole clip
 
 
@@ -50,6 +51,8 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
         raise DecodeError("the audio holds NaN or Inf samples", error_type="non_finite_audio")
     if max_seconds is not None and len(mono) / rate > max_seconds:  # the header understated it
         raise _too_long(len(mono) / rate, max_seconds)
+    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+        raise DecodeError("the audio is silent (peak below -100 dBFS)", error_type="silent_audio")
     return mono, int(rate)
 
 

@@ -256,3 +256,16 @@ def test_wav2vec2_batching(tiny_wav2vec2_dir: Path, embed, cos) -> None:
         padded = modality.encode(model, modality.collate(windows))[0].numpy()
     assert cos(single, padded) > 0.99
     assert np.linalg.norm(single - padded) / np.linalg.norm(single) < 0.1
+
+
+@pytest.mark.parametrize("peak, silent", [(0.0, True), (5e-6, True), (1e-3, False)])
+def test_silent_audio_is_a_decode_error(peak: float, silent: bool) -> None:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.full(16000, peak, np.float32), 16000, format="WAV", subtype="FLOAT")
+    if silent:
+        with pytest.raises(DecodeError) as info:
+            decode_audio(buffer.getvalue())
+        assert info.value.error_type == "silent_audio"
+    else:
+        waveform, rate = decode_audio(buffer.getvalue())
+        assert rate == 16000 and np.allclose(waveform, peak)
