@@ -12,13 +12,11 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from mmfeatures import __version__, schema, storage
 from mmfeatures.errors import ERROR_TYPE_PREFIX, ConfigurationError
-from mmfeatures.redaction import redact, redact_all
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.modalities import MODALITIES, Limits, Modality
 from mmfeatures.options import ExtractOptions, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS
-
-MODALITY_NAMES = MODALITY_COLUMNS
+from mmfeatures.redaction import redact, redact_all
 
 
 @dataclass
@@ -64,12 +62,13 @@ class Job:
             max_text_chars=extract.max_text_chars,
         )
         modalities = {
-            name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_NAMES
+            name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS
         }
-        models = {name: modality.describe() for name, modality in modalities.items()}
+        # Redacted once, here: a model folder may be a signed URL, and these go into every output.
+        models = redact_all({name: modality.describe() for name, modality in modalities.items()})
         fusion = Fusion(
             method=extract.fusion,
-            dims={name: models[name]["dimension"] for name in MODALITY_NAMES},
+            dims={name: models[name]["dimension"] for name in MODALITY_COLUMNS},
             weights=parse_weights(extract.fusion_weights),
             projection_dim=extract.fusion_dim,
             seed=extract.fusion_seed,
@@ -84,7 +83,7 @@ class Job:
             device=extract.device,
             batch_costs={
                 name: getattr(extract, f"{name}_batch_cost") or modalities[name].default_batch_cost
-                for name in MODALITY_NAMES
+                for name in MODALITY_COLUMNS
             },
             rows_per_file=extract.rows_per_file,
             micro_batch_size=extract.micro_batch_size,
@@ -101,7 +100,7 @@ class Job:
         return {
             "package_version": __version__,
             "schema_version": schema.SCHEMA_VERSION,
-            "modalities": redact_all(self.models),  # a model folder may be a signed URL
+            "modalities": self.models,
             "fusion": self.fusion.describe(),
             "created": self.started.isoformat(),
         }
@@ -126,7 +125,7 @@ class Job:
         accepted = tallies.get("records_accepted", 0)
         with_features = tallies.get("records_with_features", 0)
         modalities = {}
-        for name in MODALITY_NAMES:
+        for name in MODALITY_COLUMNS:
             counts = {key: tallies.get(f"{name}.{key}", 0) for key in ("present", "embedded", "failed")}
             counts["absent"] = accepted - counts["present"]
             modalities[name] = counts

@@ -85,12 +85,6 @@ def add_value_types(types: dict[str, pa.DataType | None], row: Mapping[str, Any]
         types[name] = unify_types(types.get(name), value_type(value))
 
 
-def infer_column_types(rows: Iterable[Mapping[str, Any]]) -> dict[str, pa.DataType | None]:
-    types: dict[str, pa.DataType | None] = {}
-    for row in rows:
-        add_value_types(types, row)
-    return types
-
 
 def merge_column_types(per_source: Iterable[Mapping[str, pa.DataType | None]]) -> dict[str, pa.DataType]:
     """The carried columns of a run: every source's columns in first-seen order, one type each.

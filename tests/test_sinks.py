@@ -116,9 +116,16 @@ def test_conform_value(value, arrow_type, result):
     assert type(conformed) is type(result)
 
 
+def _value_types(rows):
+    types = {}
+    for row in rows:
+        sinks.add_value_types(types, row)
+    return types
+
+
 def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
-    first = sinks.infer_column_types([{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}])
-    second = sinks.infer_column_types([{"mixed": "x", "z": {"k": 1}}])
+    first = _value_types([{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}])
+    second = _value_types([{"mixed": "x", "z": {"k": 1}}])
     result = sinks.merge_column_types([first, second])
     assert list(result) == ["n", "s", "empty", "mixed", "z"]
     assert result == {
@@ -130,7 +137,7 @@ def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
 
 def test_carried_values_fit_unified_types():
     carried = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
-    types = sinks.merge_column_types([sinks.infer_column_types(carried)])
+    types = sinks.merge_column_types([_value_types(carried)])
     column_v = pa.array([sinks.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
     column_w = pa.array([sinks.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
     assert column_v.to_pylist() == ["1", "x", '{"a": 1}', None, None, None]
