@@ -74,7 +74,9 @@ class ErrorRow:
     """One row of the error table (``schemas/v1/errors.json``).
 
     ``message`` and ``source`` are redacted on construction (however the row is built): a signed
-    URL or a URL's ``user:password@`` never reaches the error table."""
+    URL or a URL's ``user:password@`` never reaches the error table. Text that is not valid Unicode
+    (a lone surrogate from JSON, a tar member name that is not UTF-8) is escaped, so that the row
+    can always be written."""
 
     id: str | None
     modality: str | None
@@ -84,11 +86,11 @@ class ErrorRow:
     source: str | None
 
     def __post_init__(self) -> None:
-
-        for name in ("message", "source"):
+        for name in ("id", "message", "source"):
             value = getattr(self, name)
             if isinstance(value, str):
-                object.__setattr__(self, name, redact(value))
+                value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+                object.__setattr__(self, name, value if name == "id" else redact(value))
 
     @classmethod
     def from_exception(
@@ -123,6 +125,6 @@ def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
     """One error row's contribution to the run's counts (summed over the run)."""
     return {
         "rows": 1,
-        "rejected_rows": int(row["stage"] in (Stage.READ, Stage.VALIDATE)),
+        "rejected_rows": int(row["modality"] is None),  # a whole row; else one modality of a kept record
         f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
     }

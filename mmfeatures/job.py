@@ -29,6 +29,8 @@ class Job:
     batch_costs: dict[str, int]
     rows_per_file: int
     micro_batch_size: int
+    limits: Limits
+    location_policy: storage.LocationPolicy
     options: dict[str, Any]
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
     models: dict[str, Any] = field(default_factory=dict)
@@ -75,8 +77,9 @@ class Job:
         )
         recorded = extract_option_values(options)
         recorded["runner"] = str(options.view_as(StandardOptions).runner)
+        inputs = storage.expand_inputs(extract.input)
         return cls(
-            inputs=storage.expand_inputs(extract.input),
+            inputs=inputs,
             output=extract.output,
             modalities=modalities,
             fusion=fusion,
@@ -87,6 +90,8 @@ class Job:
             },
             rows_per_file=extract.rows_per_file,
             micro_batch_size=extract.micro_batch_size,
+            limits=limits,
+            location_policy=storage.LocationPolicy.from_roots(_allowed_roots(extract.allowed_roots or [], inputs)),
             options=recorded,
             started=started,
             models=models,
@@ -165,3 +170,14 @@ class Job:
             "package_version": __version__,
         })
 
+
+
+INPUTS_ROOT = "inputs"
+
+
+def _allowed_roots(roots: list[str], inputs: list[str]) -> list[str]:
+    """``--allowed_roots`` with ``inputs`` replaced by the folders of the manifests."""
+    expanded: list[str] = []
+    for root in roots:
+        expanded += sorted({storage.parent(path) for path in inputs}) if root == INPUTS_ROOT else [root]
+    return expanded

@@ -56,6 +56,11 @@ class ExtractOptions(PipelineOptions):
             help="Longest audio clip, checked before decoding; longer ones are error rows (audio_too_long).")
         add("--max_text_chars", dest="max_text_chars", type=int, default=defaults.max_text_chars,
             help="Longest text, in characters; longer ones are error rows (text_too_long).")
+        add("--allowed_roots", dest="allowed_roots", action="append", default=None,
+            help="Read media only under these roots (repeatable): local folders, URL prefixes "
+                 "(gs://bucket/images) or bare schemes (https://); 'inputs' stands for the folders of "
+                 "the --input manifests. Other references are error rows (location_not_allowed). "
+                 "Default: anywhere.")
         add("--rows_per_file", dest="rows_per_file", type=int, default=2000,
             help="Most rows in one output Parquet file.")
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from mmfeatures.errors import ValidationError
+from mmfeatures.errors import ErrorRow, RecordError, ValidationError
 from mmfeatures.schema import field_names, load_contract, reserved_record_columns
 
 _FIELDS = load_contract("record")["fields"]
 MODALITY_COLUMNS = tuple(f["name"] for f in _FIELDS if f.get("modality"))
 REFERENCE_COLUMNS = frozenset(f["name"] for f in _FIELDS if f.get("reference"))
+# A tar shard's member extension -> the column its bytes fill ("sample.jpg" fills image).
+TAR_COLUMNS = {extension: f["name"] for f in _FIELDS for extension in f.get("tar_extensions", ())}
+
+
+Payload = str | bytes  # a media reference or inline text; bytes are the content itself (tar shards)
 
 
 @dataclass(frozen=True)
@@ -18,18 +23,27 @@ class Record:
     id: str
     source: str
     manifest_dir: str
-    payloads: Mapping[str, str] = field(default_factory=dict)  # modality -> inline text or reference
+    payloads: Mapping[str, Payload] = field(default_factory=dict)  # modality -> payload
     label: str | None = None
     split: str | None = None
     carried: Mapping[str, Any] = field(default_factory=dict)
+    # Modalities rejected while reading (a value of the wrong type, an oversized tar member): they
+    # count as present and failed, and their error rows are emitted once the record is kept.
+    rejected: tuple[ErrorRow, ...] = ()
 
     def modalities(self) -> list[str]:
         """The modalities this record holds, in a fixed order."""
         return [name for name in MODALITY_COLUMNS if name in self.payloads]
 
-    def payload(self, modality: str) -> str | None:
-        """The inline text or the media reference of one modality, None when absent."""
+    def payload(self, modality: str) -> Payload | None:
+        """The inline text, media reference or media content of one modality, None when absent."""
         return self.payloads.get(modality)
+
+    def without_content(self) -> "Record":
+        """This record with inline media bytes emptied: what the join needs, without shuffling
+        images and audio a second time."""
+        payloads = {m: (b"" if isinstance(v, bytes) else v) for m, v in self.payloads.items()}
+        return replace(self, payloads=payloads)
 
 
 CARRIED_PREFIX = "manifest_"
@@ -64,6 +78,23 @@ def _optional_string(row: Mapping[str, Any], column: str, *, allow_int: bool = F
     )
 
 
+def _require_unicode(column: str, value: Any) -> None:
+    """Refuse text the Parquet writers cannot encode: a lone surrogate (JSON's "\\ud800"), at any
+    depth of a carried value."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValidationError(f"column {column!r} is not valid Unicode: {exc}", error_type="invalid_utf8") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _require_unicode(column, item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _require_unicode(column, key)
+            _require_unicode(column, item)
+
+
 def _label(row: Mapping[str, Any]) -> str | None:
     value = row.get("label")
     if isinstance(value, float) and not _is_missing(value):  # pandas stores int labels with gaps as float
@@ -71,19 +102,50 @@ def _label(row: Mapping[str, Any]) -> str | None:
     return _optional_string(row, "label", allow_int=True)
 
 
-def parse_record(row: Mapping[str, Any], *, source: str, manifest_dir: str) -> Record:
-    """Validate one manifest row; raises ``ValidationError`` with a stable code when it is unusable."""
+def _payload(row: Mapping[str, Any], modality: str) -> Payload | None:
+    value = row.get(modality)
+    if isinstance(value, (bytes, bytearray)):  # content, from a tar shard or a Parquet binary column
+        return bytes(value)
+    value = _optional_string(row, modality)
+    if value is not None and modality in REFERENCE_COLUMNS and not value.strip():
+        return None  # a blank reference is no reference; blank text is an error later
+    return value
+
+
+def parse_record(
+    row: Mapping[str, Any],
+    *,
+    source: str,
+    manifest_dir: str,
+    rejected: Mapping[str, RecordError] | None = None,
+) -> Record:
+    """Validate one manifest row; raises ``ValidationError`` with a stable code when it is unusable.
+
+    A modality whose value is unusable (wrong type, or in ``rejected`` by the reader) fails alone:
+    the record keeps its other modalities, and is accepted even when all of them failed, so that
+    each failure is counted once, against its modality."""
     record_id = _optional_string(row, "id", allow_int=True)
     if record_id is None or not record_id.strip():
         raise ValidationError("the record has no id", error_type="missing_id")
-    payloads = {}
-    for modality in MODALITY_COLUMNS:
-        value = _optional_string(row, modality)
-        if value is not None and not (modality in REFERENCE_COLUMNS and not value.strip()):
-            payloads[modality] = value  # a blank reference is no reference; blank text is an error later
-    if not payloads:
-        raise ValidationError(f"the record has none of {', '.join(MODALITY_COLUMNS)}", error_type="no_modality")
     reserved = reserved_record_columns()
+    for column, value in row.items():
+        if column not in MODALITY_COLUMNS:  # a modality's text is checked, and fails alone, when decoded
+            _require_unicode(column, column)
+            _require_unicode(column, value)
+    payloads: dict[str, Payload] = {}
+    failures: dict[str, RecordError] = dict(rejected or {})
+    for modality in MODALITY_COLUMNS:
+        if modality in failures:
+            continue
+        try:
+            value = _payload(row, modality)
+        except ValidationError as exc:
+            failures[modality] = exc
+            continue
+        if value is not None:
+            payloads[modality] = value
+    if not payloads and not failures:
+        raise ValidationError(f"the record has none of {', '.join(MODALITY_COLUMNS)}", error_type="no_modality")
     return Record(
         id=record_id,
         source=source,
@@ -92,4 +154,8 @@ def parse_record(row: Mapping[str, Any], *, source: str, manifest_dir: str) -> R
         label=_label(row),
         split=_optional_string(row, "split"),
         carried={carried_column_name(key): value for key, value in row.items() if key not in reserved},
+        rejected=tuple(
+            ErrorRow.from_exception(failures[m], record_id=record_id, modality=m, source=source)
+            for m in MODALITY_COLUMNS if m in failures
+        ),
     )

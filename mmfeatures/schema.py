@@ -60,11 +60,28 @@ def embedding_dimension(field: pa.Field) -> int | None:
     return None
 
 
-def read_features(path: str, **kwargs: Any) -> pa.Table:
-    """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``."""
-    import pyarrow.parquet as pq
+MANIFEST = "_manifest.json"  # a table's committed parts; Parquet readers skip names starting with "_"
 
-    table = pq.read_table(path, **kwargs)
+
+def read_features(path: str, **kwargs: Any) -> pa.Table:
+    """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``.
+
+    A table folder with a ``_manifest.json`` is read from the parts it lists only: the folder may
+    also hold parts of a commit that was killed, or whose old parts are not yet deleted. A
+    ``filesystem`` passed in must be an fsspec one, with ``path`` in its terms.
+    """
+    import pyarrow.parquet as pq
+    from fsspec.core import url_to_fs
+
+    fs, root = (kwargs["filesystem"], path) if kwargs.get("filesystem") else url_to_fs(path)
+    root = root.rstrip("/")
+    try:
+        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except (FileNotFoundError, NotADirectoryError):  # a single file, or a folder written otherwise
+        table = pq.read_table(path, **kwargs)
+    else:
+        parts = [f"{root}/{part['path']}" for part in manifest["files"]]
+        table = pq.read_table(parts, **{**kwargs, "filesystem": fs})
     for index, field in enumerate(table.schema):
         dim = embedding_dimension(field)
         if dim is not None:

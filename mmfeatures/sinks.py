@@ -2,7 +2,8 @@
 
 Tables are written the way Beam's file sinks are: each batch of rows becomes one Parquet file in a
 staging folder, and a single commit step, which runs once all rows are written, moves the files
-into place. A retried bundle leaves only orphans in staging, never duplicate rows in the table.
+into place and lists them in the table's ``_manifest.json``. A retried bundle leaves only orphans in
+staging, never duplicate rows in the table.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import storage
-from mmfeatures.schema import embedding_dimension
+from mmfeatures.schema import MANIFEST, embedding_dimension
 
 
 PART_PREFIX = "part-"
@@ -146,10 +147,14 @@ class _WriteStagedFile(beam.DoFn):
 class _CommitFiles(_WriteStagedFile):
     """Publish the staged files as the table, once, after every row is written.
 
-    On a local disk the new table is assembled in staging and swapped in by renaming folders, so
-    a reader, or a run killed part-way, sees the old table or the new one, never a mix. Object
-    stores have no rename: the new parts are copied over the old names and the old extra parts
-    deleted after, so a run killed mid-commit can leave a mix until it is rerun.
+    Each commit names its parts after itself (``part-<commit>-00000-of-00003.parquet``), so it never
+    overwrites a file of an earlier table, and then writes ``_manifest.json``, which lists the parts
+    and is the table's one source of truth (``read_features`` reads only those). On a local disk the
+    parts and manifest are assembled in staging and the folder swapped in by renames, so even plain
+    readers never see a mix. Object stores have no rename: parts are copied in
+    beside the old ones, then the manifest is written in one PUT (atomic), and only then are the
+    parts it does not list deleted, so a run killed at any point leaves the old manifest or the new
+    one, each naming whole files, and the next commit deletes the leftovers.
     """
 
     def __init__(self, staging: str, directory: str):
@@ -160,11 +165,13 @@ class _CommitFiles(_WriteStagedFile):
         fs, root = _filesystem(self.directory)
         _, staging_root = _filesystem(self.staging)
         staged = sorted(staged) or [(self.write(schema.empty_table()), 0)]  # empty: still readable
-        names = [f"{PART_PREFIX}{i:05d}-of-{len(staged):05d}.parquet" for i in range(len(staged))]
+        commit = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"  # sorts by time
+        names = [f"{PART_PREFIX}{commit}-{i:05d}-of-{len(staged):05d}.parquet" for i in range(len(staged))]
+        manifest = {"commit": commit, "files": [{"path": name, "rows": rows} for name, (_, rows) in zip(names, staged)]}
         if isinstance(fs, LocalFileSystem):
-            _swap_in_locally(staging_root, root, [path for path, _ in staged], names)
+            _swap_in_locally(staging_root, root, [path for path, _ in staged], names, manifest)
         else:
-            _copy_in(fs, root, [path for path, _ in staged], names)
+            _copy_in(fs, root, [path for path, _ in staged], names, manifest)
         try:  # with it go the orphans of retried bundles
             fs.rm(staging_root, recursive=True)
             fs.rmdir(posixpath.dirname(staging_root))  # once the other table is done too
@@ -173,11 +180,13 @@ class _CommitFiles(_WriteStagedFile):
         yield {"files": len(names), "rows": sum(rows for _, rows in staged)}
 
 
-def _swap_in_locally(staging_root: str, root: str, staged: list[str], names: list[str]) -> None:
+def _swap_in_locally(staging_root: str, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
     assembled = os.path.join(staging_root, f"table-{uuid.uuid4().hex}")
     os.makedirs(assembled)
     for path, name in zip(staged, names):
         os.rename(path, os.path.join(assembled, name))
+    with open(os.path.join(assembled, MANIFEST), "w") as handle:  # not visible until the swap
+        json.dump(manifest, handle, indent=1)
     previous = os.path.join(staging_root, f"previous-{uuid.uuid4().hex}")
     if os.path.exists(root):
         os.rename(root, previous)
@@ -185,10 +194,11 @@ def _swap_in_locally(staging_root: str, root: str, staged: list[str], names: lis
     os.rename(assembled, root)
 
 
-def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str]) -> None:
+def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
     final = [f"{root}/{name}" for name in names]
     for path, target in zip(staged, final):
         fs.copy(path, target)
+    fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     for old in set(fs.glob(f"{root}/{PART_PREFIX}*.parquet")) - set(final):
         fs.rm(old)
 

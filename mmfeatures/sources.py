@@ -1,19 +1,25 @@
-"""Manifest readers: JSONL, CSV and Parquet files become plain rows, each tagged with where it
-came from; a row that cannot be parsed becomes an error row instead of stopping the read."""
+"""Manifest readers: JSONL, CSV and Parquet files, and tar shards, become plain rows, each tagged
+with where it came from; a row that cannot be parsed becomes an error row instead of stopping the
+read."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import dataclass
-from typing import Any, Iterator
+import posixpath
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from mmfeatures.errors import ErrorRow, ManifestError
+from mmfeatures.errors import ErrorRow, ManifestError, RecordError
+from mmfeatures.limits import check_size
+from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS
 
 # What pyarrow raises for a corrupt or truncated Parquet file: ArrowInvalid and the other Arrow
 # errors, OSError, and UnicodeDecodeError (a ValueError) for a column name that is not UTF-8.
@@ -23,16 +29,18 @@ _UNREADABLE_PARQUET = (pa.ArrowException, OSError, ValueError)
 @dataclass(frozen=True)
 class ManifestRow:
     data: dict[str, Any]
-    source: str  # "path:line" (1-based; Parquet counts rows)
+    source: str  # "path:line" (1-based; Parquet counts rows), or "path:key" for a tar sample
+    rejected: Mapping[str, RecordError] = field(default_factory=dict)  # modalities refused while reading
 
 
 def manifest_format(path: str) -> str:
     lowered = path.lower()
     for suffix, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"),
-                         (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
+                         (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet"),
+                         (".tar", "tar"), (".tar.gz", "tar"), (".tgz", "tar")):
         if lowered.endswith(suffix):
             return kind
-    raise ValueError(f"cannot tell the manifest format of {path!r}: use .jsonl, .csv or .parquet")
+    raise ValueError(f"cannot tell the manifest format of {path!r}: use .jsonl, .csv, .parquet or .tar")
 
 
 def declared_column_types(path: str) -> dict[str, pa.DataType] | None:
@@ -48,10 +56,15 @@ def declared_column_types(path: str) -> dict[str, pa.DataType] | None:
             return None
 
 
-def read_manifest(path: str) -> Iterator[ManifestRow | ErrorRow]:
-    """Stream the rows of one manifest file."""
+def read_manifest(path: str, max_member_bytes: int | None = None) -> Iterator[ManifestRow | ErrorRow]:
+    """Stream the rows of one manifest file (the samples of a tar shard, whose members over
+    ``max_member_bytes`` are refused unread)."""
+    kind = manifest_format(path)
+    if kind == "tar":
+        yield from _read_tar(path, max_member_bytes)
+        return
     readers = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
-    yield from readers[manifest_format(path)](path)
+    yield from readers[kind](path)
 
 
 def _row_error(exc: ManifestError, source: str) -> ErrorRow:
@@ -146,3 +159,149 @@ def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
         except (ValueError, OverflowError) as exc:
             rows.append(ManifestError(f"a value cannot be read: {exc}"))
     return rows
+
+
+# -- tar shards ----------------------------------------------------------------------------------
+#
+# The WebDataset layout: the members of one sample sit next to each other and share a key, the
+# member's path up to the first dot of its file name; the rest of the name says what the member
+# holds ("a/0001.jpg" is the image of sample "a/0001", see TAR_COLUMNS). A ".json" member holds an
+# object of more columns (label, split, anything carried). Members are read into memory, never
+# written anywhere, and a member that could escape a folder if it were (an absolute path, "..",
+# a link, a device) is refused.
+
+# What tarfile raises for a corrupt, truncated or wrongly compressed shard; TypeError too, from
+# its gzip stream reader on a header cut short (Python 3.11).
+_UNREADABLE_TAR = (tarfile.TarError, OSError, EOFError, zlib.error, TypeError)
+
+
+def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member is refused, or None when it is a plain file or folder with a safe name."""
+    if not (member.isreg() or member.isdir()):
+        return "links, devices and FIFOs are refused"
+    name = member.name
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "absolute paths are refused"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "paths with '..' are refused"
+    return None
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """A member's sample key and extension: "a/0001.seg.JPG" -> ("a/0001", "seg.jpg")."""
+    folder, base = posixpath.split(name)
+    stem, _, extension = base.partition(".")
+    return posixpath.join(folder, stem), extension.lower()
+
+
+class _Sample:
+    """The members of one sample, gathered until the key changes."""
+
+    def __init__(self, key: str, source: str):
+        self.key = key
+        self.source = source
+        self.data: dict[str, Any] = {"id": key}
+        self.rejected: dict[str, RecordError] = {}
+        self.error: ManifestError | None = None
+
+    def fill(self, column: str, value: Any) -> None:
+        if self._claim(column):
+            self.data[column] = value
+
+    def reject(self, column: str, error: RecordError) -> None:
+        """One modality failed (an oversized member): the rest of the sample goes on."""
+        if self._claim(column):
+            self.rejected[column] = error
+
+    def _claim(self, column: str) -> bool:
+        """True when ``column`` has no value yet; otherwise the sample fails (two values for one column)."""
+        if column in self.data or column in self.rejected:
+            self.fail(f"the sample has two values for {column!r}", "conflicting_member")
+            return False
+        return True
+
+    def fail(self, message: str, error_type: str) -> None:
+        self.error = self.error or ManifestError(message, error_type=error_type)
+
+    def row(self) -> ManifestRow | ErrorRow:
+        if self.error is not None:
+            return ErrorRow.from_exception(self.error, record_id=self.key, modality=None, source=self.source)
+        return ManifestRow(self.data, self.source, self.rejected)
+
+
+def _read_tar(path: str, max_member_bytes: int | None) -> Iterator[ManifestRow | ErrorRow]:
+    fs, fs_path = url_to_fs(path)
+    sample: _Sample | None = None
+    with fs.open(fs_path, "rb") as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as archive:  # a stream: one pass, no seeking
+                for member in archive:
+                    reason = unsafe_member_reason(member)
+                    if reason is not None:
+                        error = ManifestError(f"tar member {member.name!r}: {reason}", error_type="unsafe_tar_member")
+                        yield _row_error(error, f"{path}:{member.name}")
+                        continue
+                    if member.isdir():
+                        continue
+                    key, extension = split_member_name(member.name)
+                    if sample is None or sample.key != key:
+                        if sample is not None:
+                            yield sample.row()
+                        sample = _Sample(key, f"{path}:{key}")
+                    if extension in TAR_COLUMNS or extension == "json":
+                        _add_member(sample, archive, member, extension, max_member_bytes)
+                        continue
+                    error = ManifestError(
+                        f"member {member.name!r} skipped: no column takes .{extension} files",
+                        error_type="unsupported_member",
+                    )  # its own row: the rest of the sample goes on
+                    yield ErrorRow.from_exception(error, record_id=key, modality=None, source=f"{path}:{member.name}")
+        except _UNREADABLE_TAR as exc:
+            # A corrupt or truncated shard cannot be read past the damage; the sample being read
+            # is lost with the rest, and this one error row says so.
+            lost = f"; sample {sample.key!r} and any after it are lost" if sample is not None else ""
+            error = ManifestError(f"the tar file cannot be read: {exc}{lost}", error_type="unreadable_manifest")
+            yield ErrorRow.from_exception(
+                error, record_id=sample.key if sample else None, modality=None, source=path
+            )
+            return
+    if sample is not None:
+        yield sample.row()
+
+
+def _add_member(
+    sample: _Sample, archive: tarfile.TarFile, member: tarfile.TarInfo, extension: str, max_bytes: int | None
+) -> None:
+    """Put one member's content in its sample: a modality's bytes as they are, a ".json" object's
+    columns, another column's UTF-8 text (a ".cls" label)."""
+    column = TAR_COLUMNS.get(extension)  # None: a ".json" member
+    try:
+        check_size(member.size, max_bytes)  # the size in the header: an oversized member is never read
+    except RecordError as exc:
+        if column in MODALITY_COLUMNS:
+            sample.reject(column, exc)
+        else:
+            sample.fail(f"member {member.name!r}: {exc}", exc.error_type)
+        return
+    data = archive.extractfile(member).read()  # type: ignore[union-attr]  # a regular file
+    if column in MODALITY_COLUMNS:
+        sample.fill(column, data)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        sample.fail(f"member {member.name!r} is not valid UTF-8: {exc}", "invalid_utf8")
+        return
+    if column is not None:
+        sample.fill(column, text.strip())
+        return
+    try:
+        columns = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        sample.fail(f"member {member.name!r}: malformed JSON: {exc}", "malformed_json")
+        return
+    if not isinstance(columns, dict):
+        sample.fail(f"member {member.name!r}: the JSON must hold an object", "malformed_json")
+        return
+    for name, value in columns.items():
+        sample.fill(name, value)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
+from dataclasses import dataclass
 from typing import Iterable
+from urllib.parse import unquote
 
 import fsspec
 from apache_beam.utils import retry
 from fsspec.core import url_to_fs
 
-from mmfeatures.errors import FetchError
+from mmfeatures.errors import ConfigurationError, FetchError
+from mmfeatures.limits import check_size
 from mmfeatures.redaction import redact
 
 _LOG = logging.getLogger(__name__)
@@ -47,6 +51,81 @@ def resolve_reference(reference: str, manifest_dir: str) -> str:
     if has_scheme(reference) or os.path.isabs(reference):
         return reference
     return join(manifest_dir, reference)
+
+
+_LOCAL_SCHEMES = frozenset({"file", "local"})  # fsspec's names for this machine's files
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_Key = tuple[str, tuple[str, ...]]  # (scheme, path components) that locations are compared on
+
+
+def _key(location: str, resolve: bool = True) -> _Key | None:
+    """``location`` as a lowercase scheme and its path components, or None where it cannot be
+    judged safely. Local paths are realpath'ed (``resolve``) so neither ".." nor a symlink leads out
+    of a root; URL paths are normalised as text, and the query or fragment is left out (a signed
+    URL's path is what it reads). None for an fsspec chain ("a::b", which reads through another
+    file system than the one named), a malformed scheme, or a ".." that is still there once
+    percent-escapes and backslashes are read as a server may ("%2e%2e", "a\\..") or that sits in
+    a query which some file systems take as part of the path."""
+    if "::" in location:
+        return None
+    scheme, rest = location.split("://", 1) if has_scheme(location) else ("file", location)
+    scheme = scheme.lower()
+    if not _SCHEME.fullmatch(scheme):
+        return None
+    if scheme in _LOCAL_SCHEMES:
+        path = os.path.realpath(rest) if resolve else os.path.abspath(rest)
+        return "file", tuple(part for part in path.split(os.sep) if part)
+    path, tail = re.match(r"([^?#]*)(.*)", rest, re.DOTALL).groups()
+    path = posixpath.normpath(path)
+    if ".." in re.split(r"[/\\]", unquote(path + tail)):
+        return None
+    return scheme, tuple(part for part in path.split("/") if part not in ("", "."))
+
+
+@dataclass(frozen=True)
+class LocationPolicy:
+    """Which locations manifest references may be read from (``--allowed_roots``), so a manifest
+    written by someone else cannot make the job read files or buckets the user did not hand it.
+    ``roots`` empty = anywhere. A root is a bare scheme ("https://": every URL of it), a URL prefix
+    ("gs://bucket/images") or a local folder ("/data/media" or "file:///data/media"). Matching is
+    by whole path components, so "/data/media" does not allow "/data/media-secret/x.png". Build it
+    with ``from_roots``: plain data, so it pickles to workers unchanged."""
+
+    roots: tuple[str, ...] = ()
+
+    @classmethod
+    def from_roots(cls, roots: Iterable[str]) -> LocationPolicy:
+        """The policy for the roots the user passed, each normalised once, here on the launcher:
+        local roots realpath'ed (a root reached through a symlink still matches the files under
+        it), schemes lowercased, URL paths normalised. Raises ``ConfigurationError`` for a root
+        that cannot be judged (an fsspec chain, a ".." above the bucket, an empty string)."""
+        normalised: list[str] = []
+        for root in roots:
+            key = _key(root) if root.strip() else None
+            if key is None:
+                raise ConfigurationError(redact(f"--allowed_roots: cannot use {root!r} as a root"))
+            scheme, parts = key
+            if scheme == "file":
+                normalised.append(os.sep + os.sep.join(parts))
+            else:
+                normalised.append(f"{scheme}://" + "/".join(parts))
+        return cls(tuple(dict.fromkeys(normalised)))
+
+    def check(self, location: str) -> None:
+        """Raise ``FetchError`` ("location_not_allowed") unless ``location`` lies under a root.
+        Check the location that will be read (after ``resolve_reference``); the message is
+        redacted, since a refused URL may carry credentials."""
+        if not self.roots:
+            return
+        key = _key(location)
+        if key is not None:
+            scheme, parts = key
+            for root_scheme, root_parts in filter(None, (_key(root, resolve=False) for root in self.roots)):
+                if scheme == root_scheme and parts[: len(root_parts)] == root_parts:
+                    return
+        raise FetchError(
+            redact(f"location not allowed by --allowed_roots: {location}"), error_type="location_not_allowed"
+        )
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
@@ -105,9 +184,7 @@ def _log_retry(message: str, *args: object) -> None:
 def _read_whole(location: str, max_bytes: int | None) -> bytes:
     fs, path = url_to_fs(location)
     if max_bytes is not None:
-        size = fs.size(path)
-        if size is not None and size > max_bytes:
-            raise FetchError(f"{size} bytes is over the {max_bytes}-byte limit", error_type="file_too_large")
+        check_size(fs.size(path), max_bytes)
     with fs.open(path, "rb") as handle:
         data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:  # a store that did not report the size

@@ -19,9 +19,10 @@ from mmfeatures import storage
 from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
+from mmfeatures.limits import check_size
 from mmfeatures.modalities.base import Modality, Prepared
 from mmfeatures.progress import Progress
-from mmfeatures.records import MODALITY_COLUMNS, Record, carried_column_name, parse_record, reported_id
+from mmfeatures.records import MODALITY_COLUMNS, Payload, Record, carried_column_name, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
 from mmfeatures.sinks import add_value_types, merge_column_types
 from mmfeatures.sources import declared_column_types, read_manifest
@@ -43,19 +44,24 @@ class _ReadManifest(beam.DoFn):
     """One manifest file to validated records (keyed by id, with their position for dedup), the
     number of rows read, and the types of its carried columns (its own schema for Parquet)."""
 
+    def __init__(self, max_member_bytes: int | None):
+        self.max_member_bytes = max_member_bytes
+
     def process(self, indexed_path: tuple[int, str]) -> Iterator[Any]:
         file_index, path = indexed_path
         manifest_dir = storage.parent(path)
         declared = declared_column_types(path)
         inferred: dict[str, pa.DataType | None] = {}
         rows = 0
-        for row_number, item in enumerate(read_manifest(path)):
+        for row_number, item in enumerate(read_manifest(path, self.max_member_bytes)):
             rows += 1
             if isinstance(item, ErrorRow):
                 yield _error_output(item)
                 continue
             try:
-                record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir)
+                record = parse_record(
+                    item.data, source=item.source, manifest_dir=manifest_dir, rejected=item.rejected
+                )
             except ValidationError as exc:
                 yield _error_output(ErrorRow.from_exception(
                     exc, record_id=reported_id(item.data), modality=None, source=item.source,
@@ -73,10 +79,14 @@ class _ReadManifest(beam.DoFn):
 
 
 def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:
-    """Duplicate ids: the first occurrence (by input order) is kept, the others are error rows."""
+    """Duplicate ids: the first occurrence (by input order) is kept, the others are error rows. The
+    kept record's rejected modalities become error rows here, so a duplicate's never count."""
     _, occurrences = keyed
     ordered = sorted(occurrences, key=lambda item: item[0])
-    yield ordered[0][1]
+    kept = ordered[0][1]
+    yield kept
+    for rejected in kept.rejected:
+        yield _error_output(rejected)
     for _, duplicate in ordered[1:]:
         yield _error_output(ErrorRow(
             duplicate.id, None, Stage.VALIDATE, "duplicate_id",
@@ -85,18 +95,20 @@ def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> 
 
 
 class ReadRecords(beam.PTransform):
-    """Manifest files (already expanded from globs) to unique, validated ``Record``s."""
+    """Manifest files (already expanded from globs) to unique, validated ``Record``s; a tar shard's
+    members over ``max_member_bytes`` are refused unread."""
 
-    def __init__(self, files: list[str]):
+    def __init__(self, files: list[str], max_member_bytes: int | None = None):
         super().__init__()
         self.files = files
+        self.max_member_bytes = max_member_bytes
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         read = (
             pbegin
             | "Files" >> beam.Create(list(enumerate(self.files)))
             | "Spread" >> beam.Reshuffle()
-            | "Parse" >> beam.ParDo(_ReadManifest()).with_outputs(
+            | "Parse" >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
                 ERRORS_TAG, ROWS_READ_TAG, COLUMN_TYPES_TAG, main="records"
             )
         )
@@ -121,8 +133,9 @@ class ReadRecords(beam.PTransform):
 class _Prepare(beam.DoFn):
     """Fetch (for media), decode and preprocess one modality of one record."""
 
-    def __init__(self, modality: Modality):
+    def __init__(self, modality: Modality, policy: storage.LocationPolicy):
         self.modality = modality
+        self.policy = policy
 
     def setup(self) -> None:
         self.modality.setup()
@@ -130,9 +143,15 @@ class _Prepare(beam.DoFn):
     def process(self, record: Record) -> Iterator[Any]:
         name = self.modality.name
         payload = record.payload(name)
-        source = record.source if self.modality.inline else storage.resolve_reference(payload, record.manifest_dir)
+        content = self.modality.inline or isinstance(payload, bytes)
+        source = record.source if content else storage.resolve_reference(payload, record.manifest_dir)
         try:
-            data = payload if self.modality.inline else storage.read_bytes(source, self.modality.limits.max_bytes)
+            if not content:
+                self.policy.check(source)
+                data: Payload = storage.read_bytes(source, self.modality.limits.max_bytes)
+            else:  # inline text, or media bytes carried by the manifest itself (a tar shard)
+                check_size(len(payload) if isinstance(payload, bytes) else None, self.modality.limits.max_bytes)
+                data = payload
             windows = self.modality.preprocess(self.modality.decode(data))
         except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
             yield _error_output(ErrorRow.from_exception(exc, record_id=record.id, modality=name, source=source))
@@ -153,9 +172,18 @@ def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
 class EmbedModality(beam.PTransform):
     """Records holding ``modality`` to ``(id, (modality, vector))`` pairs, via RunInference."""
 
-    def __init__(self, modality: Modality, *, device: str, max_batch_cost: int, micro_batch_size: int):
+    def __init__(
+        self,
+        modality: Modality,
+        *,
+        device: str,
+        max_batch_cost: int,
+        micro_batch_size: int,
+        location_policy: storage.LocationPolicy | None = None,
+    ):
         super().__init__()
         self.modality = modality
+        self.location_policy = location_policy or storage.LocationPolicy()
         self.handler = EmbeddingModelHandler(
             modality, device=device, max_batch_cost=max_batch_cost, micro_batch_size=micro_batch_size
         )
@@ -165,7 +193,7 @@ class EmbedModality(beam.PTransform):
         prepared = (
             records
             | "Holding" >> beam.Filter(lambda record, m=name: record.payload(m) is not None)
-            | "Prepare" >> beam.ParDo(_Prepare(self.modality)).with_outputs(ERRORS_TAG, main="prepared")
+            | "Prepare" >> beam.ParDo(_Prepare(self.modality, self.location_policy)).with_outputs(ERRORS_TAG, main="prepared")
         )
         embedded = (
             prepared.prepared
@@ -184,7 +212,7 @@ def tally(record: Record, embedded: Iterable[str], failed: Iterable[str]) -> dic
     embedded, failed = set(embedded), set(failed)
     counts = {"records_accepted": 1, "records_with_features": int(bool(embedded))}
     for modality in MODALITY_COLUMNS:
-        counts[f"{modality}.present"] = int(record.payload(modality) is not None)
+        counts[f"{modality}.present"] = int(record.payload(modality) is not None or modality in failed)
         counts[f"{modality}.embedded"] = int(modality in embedded)
         counts[f"{modality}.failed"] = int(modality in failed)
     return counts
@@ -229,7 +257,9 @@ class JoinAndFuse(beam.PTransform):
         self.event_timestamp = event_timestamp
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
-        keyed_records = inputs["records"] | "KeyRecords" >> beam.Map(lambda record: (record.id, record))
+        keyed_records = inputs["records"] | "KeyRecords" >> beam.Map(
+            lambda record: (record.id, record.without_content())
+        )
         failed = (
             inputs["errors"]
             | "ModalityFailures" >> beam.Filter(lambda row: row["modality"] is not None and row["id"] is not None)

@@ -30,7 +30,7 @@ from mmfeatures.transforms import (
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
     """Add the whole job to ``pipeline``."""
-    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs)
+    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.limits.max_bytes)
     records = read["records"]
     embedded = [
         records | f"Embed[{name}]" >> EmbedModality(
@@ -38,6 +38,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
             device=job.device,
             max_batch_cost=job.batch_costs[name],
             micro_batch_size=job.micro_batch_size,
+            location_policy=job.location_policy,
         )
         for name, modality in job.modalities.items()
     ]

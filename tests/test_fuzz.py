@@ -1,5 +1,5 @@
-"""Property-based fuzz tests: manifest parsing, record validation, the three decoders and the
-preprocessing after them, on arbitrary and on mutated valid inputs. No exception may escape
+"""Property-based fuzz tests: manifest parsing, tar shards, record validation, the three decoders
+and the preprocessing after them, on arbitrary and on mutated valid inputs. No exception may escape
 except the documented ones (``mmfeatures.errors``): manifest readers yield ``ErrorRow``s for what
 they cannot read, ``parse_record`` raises ``ValidationError``, decoders raise ``DecodeError`` and
 ``preprocess`` raises ``PreprocessError`` (or ``DecodeError``).
@@ -21,8 +21,9 @@ import io
 import json
 import os
 import struct
+import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import cv2
 import numpy as np
@@ -33,14 +34,15 @@ import soundfile
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mmfeatures.errors import DecodeError, ErrorRow, PreprocessError, Stage, ValidationError
+from mmfeatures.errors import DecodeError, ErrorRow, PreprocessError, RecordError, Stage, ValidationError
 from mmfeatures.modalities.audio import AudioModality, decode_audio
 from mmfeatures.modalities.base import Modality, Window
-from mmfeatures.modalities.image import ImageModality, _exif_orientation, decode_image
+from mmfeatures.modalities.image import ImageModality, _exif_orientation, check_header_pixels, decode_image
 from mmfeatures.modalities.text import TextModality, normalize_text
-from mmfeatures.records import MODALITY_COLUMNS, Record, parse_record, reported_id
+from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS, Record, parse_record, reported_id
 from mmfeatures.schema import field_names
 from mmfeatures.sources import ManifestRow, declared_column_types, read_manifest
+from tests.tar_shards import Member, build_tar
 
 # -- settings profiles ---------------------------------------------------------------------------
 # Applied with a decorator rather than ``settings.load_profile`` so that the other test modules
@@ -256,20 +258,26 @@ def test_parquet_value_python_cannot_hold_is_that_rows_error(workdir: Path, seed
     assert [items[0].data["id"], items[2].data["id"]] == ["a", "c"]
 
 
-def _check_record(row: dict, source: str) -> None:
+def _check_record(row: dict, source: str, rejected: Mapping[str, RecordError] | None = None) -> None:
     try:
-        record = parse_record(row, source=source, manifest_dir="/m")
+        record = parse_record(row, source=source, manifest_dir="/m", rejected=rejected)
     except ValidationError as exc:
         assert exc.error_type and exc.stage == Stage.VALIDATE
         rid = reported_id(row)
         assert rid is None or (isinstance(rid, str) and rid.strip())
+        error = ErrorRow.from_exception(exc, record_id=rid, modality=None, source=source)
+        pa.Table.from_pylist([error.to_dict()])  # the error row can always be written
         return
     assert isinstance(record, Record)
     assert isinstance(record.id, str) and record.id.strip()
-    assert record.modalities() and set(record.payloads) <= set(MODALITY_COLUMNS)
-    assert all(isinstance(value, str) for value in record.payloads.values())
+    assert record.modalities() or record.rejected  # a record whose every modality failed is kept
+    assert set(record.payloads) <= set(MODALITY_COLUMNS)
+    assert all(isinstance(value, (str, bytes)) for value in record.payloads.values())
+    assert all(row.id == record.id and row.modality in MODALITY_COLUMNS for row in record.rejected)
     assert record.label is None or isinstance(record.label, str)
     assert record.split is None or isinstance(record.split, str)
+    pa.array([record.id, record.label, record.split])  # what the feature table holds can be written
+    json.dumps(dict(record.carried), default=str).encode("utf-8")
 
 
 @fuzz()
@@ -298,6 +306,76 @@ def test_generated_manifests_read_and_validate(workdir: Path, rows: list[dict], 
     for item in _check_manifest(path):
         if isinstance(item, ManifestRow):
             _check_record(item.data, item.source)
+
+
+# -- tar shards ------------------------------------------------------------------------------------
+TAR_ERROR_TYPES = {
+    "unsafe_tar_member", "unsupported_member", "conflicting_member", "malformed_json", "invalid_utf8",
+    "file_too_large", "unreadable_manifest",
+}
+HOSTILE_NAMES = ["../x.txt", "/etc/x.txt", "a/../../x.txt", "..\\x.txt", "C:/x.txt", "..", "a/.."]
+member_names = st.one_of(
+    st.builds(
+        "{}{}.{}".format,
+        st.sampled_from(["", "a/", "a/b.c/"]),
+        st.sampled_from(["0", "1", "k.v"]),
+        st.sampled_from(sorted(TAR_COLUMNS) + ["json", "npy", "JPG", ""]),
+    ),
+    st.sampled_from(HOSTILE_NAMES),
+    # Any bytes but NUL, as tarfile reads them: not UTF-8 becomes lone surrogates.
+    st.binary(max_size=20).map(lambda raw: raw.replace(b"\x00", b"").decode("utf-8", "surrogateescape")),
+)
+member_data = st.binary(max_size=64) | json_values.map(_json_line) | manifest_rows.map(_json_line)
+tar_members = st.lists(
+    st.builds(
+        Member,
+        name=member_names,
+        data=member_data,
+        type=st.sampled_from([tarfile.REGTYPE] * 6 + [
+            tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE,
+        ]),
+        linkname=st.sampled_from(["", "/etc/passwd", "../x"]),
+    ),
+    max_size=12,
+)
+TAR_SEEDS = [
+    build_tar([Member("a/0.txt", b"words"), Member("a/0.json", b'{"label": 1}'), Member("a/1.png", b"\x89PNG")], c)
+    for c in ("", "gz")
+]
+
+
+def _check_tar(path: str, max_member_bytes: int | None) -> None:
+    """Read a shard the way the job does: rows and error rows of the documented types only, no
+    row from a member whose name could escape a folder, and rows that validate."""
+    for item in read_manifest(path, max_member_bytes):
+        assert item.source is not None and item.source.startswith(path)
+        if isinstance(item, ErrorRow):
+            assert item.stage == Stage.READ and item.modality is None
+            assert item.error_type in TAR_ERROR_TYPES, item
+            continue
+        assert isinstance(item, ManifestRow), item
+        parts = item.data["id"].replace("\\", "/").split("/")
+        assert ".." not in parts and not item.data["id"].startswith(("/", "\\")), item.data["id"]
+        _check_record(item.data, item.source, item.rejected)
+
+
+@fuzz()
+@given(members=tar_members, compression=st.sampled_from(["", "gz"]), cut=st.none() | st.integers(0, 4000),
+       max_member_bytes=st.none() | st.integers(0, 80))
+@example(members=[Member(name, b"x") for name in HOSTILE_NAMES], compression="", cut=None, max_member_bytes=None)
+def test_tar_shard_of_generated_members(
+    workdir: Path, members: list[Member], compression: str, cut: int | None, max_member_bytes: int | None
+) -> None:
+    """Any member names, types and contents, compressed or not, whole or cut short."""
+    data = build_tar(members, compression)
+    _check_tar(_write(workdir, "g.tar.gz" if compression else "g.tar", data[:cut]), max_member_bytes)
+
+
+@fuzz()
+@given(data=mutated(TAR_SEEDS))
+@example(data=b"\x1f\x8b\x08")  # a gzip header cut short: TypeError inside tarfile
+def test_tar_shard_of_mutated_bytes(workdir: Path, data: bytes) -> None:
+    _check_tar(_write(workdir, "m.tar", data), 4)
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -360,6 +438,17 @@ def test_decode_image_of_any_bytes(data: bytes) -> None:
 @given(data=mutated(IMAGE_SEEDS))
 def test_decode_image_of_mutated_files(data: bytes) -> None:
     _check_image(data)
+
+
+@fuzz(2)
+@given(data=mutated(IMAGE_SEEDS), max_pixels=st.integers(1, 100))
+def test_header_probe_of_mutated_files(data: bytes, max_pixels: int) -> None:
+    """Pillow's header parsers on broken files: nothing escapes but ``image_too_large`` (the seeds
+    are 35 pixels, so both verdicts occur)."""
+    try:
+        check_header_pixels(data, max_pixels)
+    except DecodeError as exc:
+        assert exc.error_type == "image_too_large" and exc.stage == Stage.DECODE
 
 
 @fuzz(2)

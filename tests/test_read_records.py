@@ -20,6 +20,8 @@ def write_manifests(tmp_path):
         '{"id": "j3", "text": "x"}\n'                           # 6: "j3" twice in the same file
         '{"id": "j3", "text": "y"}\n'                           # 7: duplicate of line 6
         '{"id": 4.5, "text": "z"}\n'                            # 8: wrong_type
+        '{"id": "j4", "text": "ok", "image": 7}\n'              # 9: image wrong_type, text kept
+        '{"id": "j4", "text": "again", "audio": 7}\n'           # 10: duplicate: its audio never counts
     )
     csv = tmp_path / "b.csv"
     csv.write_text(
@@ -44,6 +46,7 @@ def test_read_records(tmp_path):
             ("dup", f"{jsonl}:2", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
             ("j1", f"{jsonl}:1", None, "img/1.png", None, "3", None, {}, str(tmp_path)),
             ("j3", f"{jsonl}:6", "x", None, None, None, None, {}, str(tmp_path)),
+            ("j4", f"{jsonl}:9", "ok", None, None, None, None, {}, str(tmp_path)),
             ("c1", f"{csv}:3", None, None, "sound/1.wav", None, "train", {}, str(tmp_path)),
         ]), label="Records")
         errors = out[ERRORS_TAG] | "ErrorKeys" >> beam.Map(
@@ -54,6 +57,8 @@ def test_read_records(tmp_path):
             ("j2", None, Stage.VALIDATE, "no_modality", f"{jsonl}:5"),
             ("4.5", None, Stage.VALIDATE, "wrong_type", f"{jsonl}:8"),
             ("j3", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:7"),
+            ("j4", "image", Stage.VALIDATE, "wrong_type", f"{jsonl}:9"),
+            ("j4", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:10"),
             ("dup", None, Stage.VALIDATE, "duplicate_id", f"{csv}:2"),
             (None, None, Stage.READ, "malformed_csv", f"{csv}:4"),
             (None, None, Stage.VALIDATE, "missing_id", f"{csv}:5"),
@@ -61,11 +66,15 @@ def test_read_records(tmp_path):
         assert_that(
             out[ERRORS_TAG] | "Messages" >> beam.Filter(lambda e: e["error_type"] == "duplicate_id")
             | "Message" >> beam.Map(lambda e: e["message"]),
-            equal_to([f"id 'j3' first appears at {jsonl}:6", f"id 'dup' first appears at {jsonl}:2"]),
+            equal_to([
+                f"id 'j3' first appears at {jsonl}:6",
+                f"id 'j4' first appears at {jsonl}:9",
+                f"id 'dup' first appears at {jsonl}:2",
+            ]),
             label="DuplicateMessages",
         )
-        # 7 non-blank lines in a.jsonl, 4 data rows in b.csv
-        assert_that(out[ROWS_READ_TAG], equal_to([11]), label="RowsRead")
+        # 9 non-blank lines in a.jsonl, 4 data rows in b.csv
+        assert_that(out[ROWS_READ_TAG], equal_to([13]), label="RowsRead")
 
 
 def test_read_records_file_order_decides_duplicates(tmp_path):
@@ -79,7 +88,7 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
         dropped = (out[ERRORS_TAG] | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
                    | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"])))
         assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:2")]), label="Dropped")
-        assert_that(out[ROWS_READ_TAG], equal_to([11]), label="RowsRead")
+        assert_that(out[ROWS_READ_TAG], equal_to([13]), label="RowsRead")
 
 
 def test_sum_counts():
@@ -91,8 +100,10 @@ def test_error_tally():
     read = {"id": None, "modality": None, "stage": "read", "error_type": "malformed_json", "message": "m", "source": "s"}
     validate = dict(read, stage="validate", error_type="missing_id")
     fetch = dict(read, id="x", modality="image", stage="fetch", error_type="missing_file")
+    one_modality = dict(read, id="x", modality="image", stage="validate", error_type="wrong_type")
     assert error_tally(read) == {"rows": 1, "rejected_rows": 1, "by_type:read/malformed_json": 1}
     assert error_tally(validate) == {"rows": 1, "rejected_rows": 1, "by_type:validate/missing_id": 1}
+    assert error_tally(one_modality) == {"rows": 1, "rejected_rows": 0, "by_type:validate/wrong_type": 1}
     assert error_tally(fetch) == {"rows": 1, "rejected_rows": 0, "by_type:fetch/missing_file": 1}
     assert sum_counts(map(error_tally, [read, fetch, fetch, validate])) == {
         "rows": 4,

@@ -58,11 +58,50 @@ def test_id_of_wrong_type(value):
     assert error_type({"id": value, "text": "t"}) == "wrong_type"
 
 
-@pytest.mark.parametrize("column", ["text", "image", "audio", "split"])
 @pytest.mark.parametrize("value", [5, 1.5, True, ["x"], {"x": 1}])
-def test_non_string_modality_or_split_is_wrong_type(column, value):
-    row = {"id": "a", "text": "keep", column: value}
-    assert error_type(row) == "wrong_type"
+def test_non_string_split_is_wrong_type(value):
+    assert error_type({"id": "a", "text": "keep", "split": value}) == "wrong_type"
+
+
+@pytest.mark.parametrize("column", ["image", "audio"])
+@pytest.mark.parametrize("value", [5, 1.5, True, ["x"], {"x": 1}])
+def test_a_wrong_typed_modality_fails_alone(column, value):
+    record = parse({"id": "a", "text": "keep", column: value})
+    assert record.payloads == {"text": "keep"}
+    (rejected,) = record.rejected
+    assert (rejected.id, rejected.modality, rejected.stage, rejected.error_type) == (
+        "a", column, Stage.VALIDATE, "wrong_type"
+    )
+    assert rejected.source == SOURCE and "must be a string" in rejected.message
+
+
+def test_a_record_whose_every_modality_is_wrong_typed_is_kept_to_count_its_failures():
+    record = parse({"id": "a", "text": 5, "image": ["x"]})
+    assert record.payloads == {}
+    assert [(row.modality, row.error_type) for row in record.rejected] == [
+        ("text", "wrong_type"), ("image", "wrong_type")
+    ]
+
+
+def test_modalities_refused_by_the_reader_fail_alone():
+    from mmfeatures.errors import FetchError
+
+    too_large = FetchError("too big", error_type="file_too_large")
+    record = parse_record(
+        {"id": "a", "text": b"hi", "image": None}, source=SOURCE, manifest_dir=DIR, rejected={"image": too_large}
+    )
+    assert record.payloads == {"text": b"hi"}
+    assert [(row.modality, row.stage, row.error_type) for row in record.rejected] == [
+        ("image", Stage.FETCH, "file_too_large")
+    ]
+
+
+def test_bytes_are_content_and_without_content_keeps_which_modalities_are_present():
+    record = parse({"id": "a", "text": "t", "image": bytearray(b"\x89PNG"), "audio": b"RIFF"})
+    assert record.payloads == {"text": "t", "image": b"\x89PNG", "audio": b"RIFF"}
+    light = record.without_content()
+    assert light.payloads == {"text": "t", "image": b"", "audio": b""}
+    assert light.modalities() == ["text", "image", "audio"]
 
 
 def test_no_modality():
@@ -102,3 +141,20 @@ def test_nan_values_are_absent():
 
 def test_modalities_keep_a_fixed_order():
     assert parse({"audio": "a.wav", "id": "x", "text": "t"}).modalities() == ["text", "audio"]
+
+
+@pytest.mark.parametrize("row", [
+    {"id": "a\ud800", "text": "t"},
+    {"id": "a", "text": "t", "label": "\udcff"},
+    {"id": "a", "text": "t", "note": {"k": ["ok", "\ud800"]}},
+    {"id": "a", "text": "t", "\ud800": 1},
+])
+def test_text_that_is_not_valid_unicode_is_refused_before_the_writers_see_it(row):
+    assert error_type(row) == "invalid_utf8"
+
+
+def test_error_rows_escape_what_is_not_valid_unicode():
+    from mmfeatures.errors import ErrorRow
+
+    row = ErrorRow("a\ud800", None, Stage.VALIDATE, "invalid_utf8", "bad \udcff", "m.tar:\udcff.txt")
+    assert (row.id, row.message, row.source) == ("a\\ud800", "bad \\udcff", "m.tar:\\udcff.txt")

@@ -1,6 +1,7 @@
 """Tests for mmfeatures.sinks: type unification, Arrow conversion and the Beam Parquet table sink."""
 
 import datetime
+import json
 import uuid
 
 import apache_beam as beam
@@ -10,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
+from fsspec.implementations.memory import MemoryFileSystem
 
 from mmfeatures import schema, sinks
 
@@ -253,20 +255,33 @@ def read_table_files(fs, paths):
     return tables
 
 
+def read_manifest(fs, root):
+    return json.loads(fs.cat_file(f"{root.rstrip('/')}/{schema.MANIFEST}"))
+
+
 def check_written(fs, root, rows, rows_per_file):
+    """The folder holds one commit's parts and the manifest listing exactly them, nothing else."""
     files = part_files(fs, root)
     assert files, "no part files"
     count = len(files)
+    manifest = read_manifest(fs, root)
+    commit = manifest["commit"]
     assert [f.rsplit("/", 1)[1] for f in files] == [
-        f"part-{i:05d}-of-{count:05d}.parquet" for i in range(count)
+        f"part-{commit}-{i:05d}-of-{count:05d}.parquet" for i in range(count)
     ]
+    assert [entry["path"] for entry in manifest["files"]] == [f.rsplit("/", 1)[1] for f in files]
     assert not fs.exists(f"{root.rstrip('/')}/_staging")
     tables = read_table_files(fs, files)
+    assert [entry["rows"] for entry in manifest["files"]] == [t.num_rows for t in tables]
     assert all(t.num_rows <= rows_per_file for t in tables)
     assert all(schema.read_run_metadata(t.schema) == METADATA for t in tables)
     assert sum(t.num_rows for t in tables) == len(rows)
-    assert len(fs.ls(root)) == count  # nothing else left in the folder
+    assert len(fs.ls(root)) == count + 1  # nothing else left in the folder
     return count
+
+
+def read_rows(path, **kwargs):
+    return sorted(schema.read_features(path, **kwargs).to_pylist(), key=lambda r: r["id"])
 
 
 def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
@@ -296,25 +311,75 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
     assert read.schema.field("fused").type == pa.list_(pa.float32(), 5)
 
     # no rows: one readable file with the full schema
-    assert sorted(p.name for p in empty.iterdir()) == ["part-00000-of-00001.parquet"]
+    (part,) = part_files(local_fs, str(empty))
+    assert sorted(p.name for p in empty.iterdir()) == [schema.MANIFEST, part.rsplit("/", 1)[1]]
     read_empty = schema.read_features(str(empty))
     assert read_empty.num_rows == 0
     assert read_empty.schema.names == FEATURES.names
     assert schema.read_run_metadata(read_empty.schema) == METADATA
 
-    # memory://: same files, same rows
+    # memory://: same files, same rows, read by URL or with the filesystem
     memory_fs, memory_root = fsspec.core.url_to_fs(memory)
     assert check_written(memory_fs, memory_root, rows, 100) == 1
-    read_memory = schema.read_features(memory_root, filesystem=memory_fs)
-    assert sorted(read_memory.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
-    memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
+    assert read_rows(memory) == read_rows(memory_root, filesystem=memory_fs) == [expected(r, CARRIED) for r in rows]
 
     # a rerun replaces the table: no stale part files, no duplicate rows
     rerun = rows_for(range(10, 13))
-    write_tables([(str(local), rerun, 2, output_is(rows=3, min_files=2))])
+    write_tables([
+        (str(local), rerun, 2, output_is(rows=3, min_files=2)),
+        (memory, rerun, 2, output_is(rows=3, min_files=2)),
+    ])
     check_written(local_fs, str(local), rerun, 2)
-    again = schema.read_features(str(local))
-    assert sorted(again.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rerun]
+    check_written(memory_fs, memory_root, rerun, 2)
+    assert read_rows(str(local)) == read_rows(memory) == [expected(r, CARRIED) for r in rerun]
+    assert pq.read_table(str(local)).num_rows == 3  # plain readers skip _manifest.json
+    memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
+
+
+def commit_directly(directory, batches):
+    """Stage ``batches`` of rows and run the commit step on them, outside a pipeline."""
+    staging = sinks.staging_directory(directory)
+    writer = sinks._WriteStagedFile(staging)
+    staged = [(writer.write(sinks.rows_to_table(batch, FEATURES)), len(batch)) for batch in batches]
+    return list(sinks._CommitFiles(staging, directory).process(staged, FEATURES))
+
+
+@pytest.mark.parametrize("method, calls, survivor", [
+    ("cp_file", 1, "old"),   # killed after one new part is copied in, before the manifest
+    ("rm_file", 1, "new"),   # killed after the manifest, while deleting the old parts
+])
+def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivor):
+    memory = f"memory://sinks-{uuid.uuid4().hex}/features"
+    fs, root = fsspec.core.url_to_fs(memory)
+    old, new = rows_for(range(5)), rows_for(range(20, 24))
+    try:
+        write_tables([(memory, old, 2, output_is(rows=5, min_files=3))])
+
+        original = getattr(MemoryFileSystem, method)
+        done = []
+
+        def dies_part_way(self, *args, **kwargs):
+            if len(done) == calls:
+                raise OSError("killed")
+            done.append(args)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, method, dies_part_way)
+        with pytest.raises(OSError, match="killed"):
+            commit_directly(memory, [new[:2], new[2:]])
+        monkeypatch.undo()
+
+        # the folder holds parts of both commits, but the manifest names one whole table
+        assert len(part_files(fs, root)) > len(read_manifest(fs, root)["files"])
+        assert read_rows(memory) == [expected(r, CARRIED) for r in {"old": old, "new": new}[survivor]]
+
+        rerun = rows_for(range(40, 43))
+        write_tables([(memory, rerun, 2, output_is(rows=3, min_files=2))])
+        check_written(fs, root, rerun, 2)
+        assert read_rows(memory) == [expected(r, CARRIED) for r in rerun]
+        assert not fs.exists(sinks.staging_directory(root))
+    finally:
+        fs.rm(root.rsplit("/", 1)[0], recursive=True)
 
 
 def test_empty_lists_give_way_to_typed_lists() -> None:

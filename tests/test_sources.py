@@ -1,5 +1,7 @@
-"""Tests for mmfeatures.sources: JSONL, CSV and Parquet manifests from real files and memory://."""
+"""Tests for mmfeatures.sources: JSONL, CSV and Parquet manifests and tar shards, from real files
+and memory://."""
 
+import tarfile
 import uuid
 
 import fsspec
@@ -9,6 +11,7 @@ import pytest
 
 from mmfeatures.errors import ErrorRow, Stage
 from mmfeatures.sources import ManifestRow, manifest_format, read_manifest
+from tests.tar_shards import Member, build_tar
 
 
 def split(items):
@@ -160,6 +163,7 @@ def test_parquet_from_memory_url():
 @pytest.mark.parametrize("path, kind", [
     ("a.jsonl", "jsonl"), ("a.JSON", "jsonl"), ("a.ndjson", "jsonl"),
     ("dir/a.csv", "csv"), ("gs://b/a.parquet", "parquet"), ("a.PQ", "parquet"),
+    ("s.tar", "tar"), ("gs://b/s-0001.tar.gz", "tar"), ("s.TGZ", "tar"),
 ])
 def test_manifest_format(path, kind):
     assert manifest_format(path) == kind
@@ -189,3 +193,107 @@ def test_declared_column_types_only_for_parquet(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a"}\n')
     assert declared_column_types(str(tmp_path / "m.parquet")) == {"id": pa.string(), "n": pa.int16()}
     assert declared_column_types(str(tmp_path / "m.jsonl")) is None
+
+
+# -- tar shards --------------------------------------------------------------------------------
+
+
+def read_tar(tmp_path, members, *, name="shard.tar", compression="", max_member_bytes=None):
+    path = tmp_path / name
+    path.write_bytes(build_tar(members, compression))
+    return str(path), split(list(read_manifest(str(path), max_member_bytes)))
+
+
+@pytest.mark.parametrize("name, compression", [("shard.tar", ""), ("shard.tar.gz", "gz"), ("shard.tgz", "gz")])
+def test_tar_members_sharing_a_key_are_one_sample(tmp_path, name, compression):
+    path, (rows, errors) = read_tar(tmp_path, [
+        Member("part/0001.txt", b"a cat"),
+        Member("part/0001.JPG", b"jpeg bytes"),
+        Member("part/0001.cls", b" 3\n"),
+        Member("part/0001.json", b'{"split": "train", "score": 0.5}'),
+        Member("v1.2/", type=tarfile.DIRTYPE),  # a folder entry: no data, not a sample
+        Member("v1.2/0002.wav", b"wave bytes"),  # the key ends at the first dot of the file name
+    ], name=name, compression=compression)
+    assert errors == []
+    assert [(r.data, r.source, dict(r.rejected)) for r in rows] == [
+        ({"id": "part/0001", "text": b"a cat", "image": b"jpeg bytes", "label": "3", "split": "train", "score": 0.5},
+         f"{path}:part/0001", {}),
+        ({"id": "v1.2/0002", "audio": b"wave bytes"}, f"{path}:v1.2/0002", {}),
+    ]
+
+
+@pytest.mark.parametrize("member, reason", [
+    (Member("/etc/cron.d/0001.txt", b"x"), "absolute paths"),
+    (Member("../../0001.txt", b"x"), "'..'"),
+    (Member("a/../../0001.txt", b"x"), "'..'"),
+    (Member("..\\0001.txt", b"x"), "'..'"),
+    (Member("C:/0001.txt", b"x"), "absolute paths"),
+    (Member("0001.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "links"),
+    (Member("0001.txt", type=tarfile.LNKTYPE, linkname="other.txt"), "links"),
+    (Member("0001.txt", type=tarfile.CHRTYPE), "devices"),
+    (Member("0001.txt", type=tarfile.BLKTYPE), "devices"),
+    (Member("0001.txt", type=tarfile.FIFOTYPE), "FIFOs"),
+    (Member("../outside/", type=tarfile.DIRTYPE), "'..'"),
+])
+def test_hostile_tar_members_are_refused_and_the_rest_is_read(tmp_path, member, reason):
+    path, (rows, errors) = read_tar(tmp_path, [Member("0000.txt", b"before"), member, Member("0002.txt", b"after")])
+    assert [r.data["id"] for r in rows] == ["0000", "0002"]
+    (error,) = errors
+    assert (error.id, error.modality, error.stage, error.error_type) == (None, None, Stage.READ, "unsafe_tar_member")
+    assert reason in error.message and error.source == f"{path}:{member.name.rstrip('/')}"  # tarfile drops a folder's slash
+
+
+def test_tar_member_problems_are_error_rows(tmp_path):
+    path, (rows, errors) = read_tar(tmp_path, [
+        Member("a.txt", b"kept"), Member("a.npy", b"\x93NUMPY"),  # skipped member, its sample goes on
+        Member("b.txt", b"one"), Member("b.text", b"two"),  # two texts
+        Member("c.txt", b"x"), Member("c.json", b'{"text": "clash"}'),  # JSON gives text again
+        Member("d.txt", b"x"), Member("d.json", b"{broken"),
+        Member("e.txt", b"x"), Member("e.json", b"[1, 2]"),
+        Member("f.txt", b"x"), Member("f.cls", b"\xff\xfe"),
+        Member("g.jpg", b"x" * 100), Member("g.txt", b"small"),  # over the cap: the image fails alone
+        Member("h.txt", b"x"), Member("h.json", b'{"pad": "' + b"y" * 100 + b'"}'),  # over the cap: all of h
+    ], max_member_bytes=64)
+    assert [(r.data, dict(r.rejected).keys()) for r in rows] == [
+        ({"id": "a", "text": b"kept"}, set()),
+        ({"id": "g", "text": b"small"}, {"image"}),
+    ]
+    assert rows[1].rejected["image"].error_type == "file_too_large"
+    assert [(e.id, e.error_type, e.source) for e in errors] == [
+        ("a", "unsupported_member", f"{path}:a.npy"),
+        ("b", "conflicting_member", f"{path}:b"),
+        ("c", "conflicting_member", f"{path}:c"),
+        ("d", "malformed_json", f"{path}:d"),
+        ("e", "malformed_json", f"{path}:e"),
+        ("f", "invalid_utf8", f"{path}:f"),
+        ("h", "file_too_large", f"{path}:h"),
+    ]
+    assert all(e.stage == Stage.READ and e.modality is None for e in errors)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_tar_keeps_what_came_before_and_says_what_is_lost(tmp_path, damage):
+    whole = build_tar([Member("a.txt", b"first"), Member("b.txt", b"x" * 5000), Member("c.txt", b"last")])
+    data = whole[:2000] if damage == "truncated" else b"not a tar at all" * 100
+    path = tmp_path / "shard.tar"
+    path.write_bytes(data)
+    rows, errors = split(list(read_manifest(str(path))))
+    (error,) = errors
+    assert error.error_type == "unreadable_manifest" and error.source == str(path)
+    if damage == "truncated":
+        assert [r.data["id"] for r in rows] == ["a"]
+        assert error.id == "b" and "'b' and any after it are lost" in error.message
+    else:
+        assert rows == [] and error.id is None
+
+
+def test_empty_tar_has_no_rows(tmp_path):
+    assert read_tar(tmp_path, [])[1] == ([], [])
+
+
+def test_tar_from_memory_url():
+    url = f"memory://shards-{uuid.uuid4().hex}/s.tar"
+    with fsspec.open(url, "wb") as handle:
+        handle.write(build_tar([Member("x.txt", b"hi")]))
+    rows, errors = split(list(read_manifest(url)))
+    assert errors == [] and [(r.data, r.source) for r in rows] == [({"id": "x", "text": b"hi"}, f"{url}:x")]

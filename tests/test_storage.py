@@ -1,13 +1,14 @@
 """Tests for mmfeatures.storage on real local files and fsspec's memory:// filesystem."""
 
 import os
+import pickle
 import uuid
 
 import fsspec
 import pytest
 
 from mmfeatures import storage
-from mmfeatures.errors import FetchError, Stage
+from mmfeatures.errors import ConfigurationError, FetchError, Stage
 
 
 @pytest.fixture
@@ -140,3 +141,189 @@ def test_read_bytes_permission_denied(tmp_path):
         assert fetch_error(str(path)).error_type == "permission_denied"
     finally:
         path.chmod(0o600)
+
+
+# -- LocationPolicy ----------------------------------------------------------------------------
+
+
+def location_error(policy, location):
+    with pytest.raises(FetchError) as info:
+        policy.check(location)
+    assert info.value.error_type == "location_not_allowed"
+    assert info.value.stage == Stage.FETCH
+    return info.value
+
+
+@pytest.fixture
+def media_root(tmp_path):
+    """A root folder with a file, a sibling folder sharing its name as prefix, and a secret outside."""
+    root = tmp_path / "media"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a.png").write_bytes(b"png")
+    (tmp_path / "media-secret").mkdir()
+    (tmp_path / "media-secret" / "x.png").write_bytes(b"secret")
+    return root
+
+
+@pytest.mark.parametrize("root_form", ["plain", "trailing_slash", "file_url", "dotted"])
+@pytest.mark.parametrize(
+    "relative, allowed",
+    [
+        ("media/img/a.png", True),
+        ("media/img/missing.png", True),  # the policy judges the location, not whether it exists
+        ("media", True),
+        ("media/img/../img/a.png", True),
+        ("media-secret/x.png", False),  # a sibling whose name starts with the root's: no raw prefix match
+        ("media/../media-secret/x.png", False),
+        ("media/img/../../media-secret/x.png", False),
+        ("other.png", False),
+    ],
+)
+def test_local_roots(tmp_path, media_root, root_form, relative, allowed):
+    root = {
+        "plain": str(media_root),
+        "trailing_slash": str(media_root) + "/",
+        "file_url": f"file://{media_root}",
+        "dotted": str(media_root / "img" / ".."),
+    }[root_form]
+    policy = storage.LocationPolicy.from_roots([root])
+    for location in (str(tmp_path) + "/" + relative, f"file://{tmp_path}/{relative}"):
+        if allowed:
+            policy.check(location)
+        else:
+            location_error(policy, location)
+
+
+def test_relative_location_is_taken_from_the_working_folder(tmp_path, media_root, monkeypatch):
+    policy = storage.LocationPolicy.from_roots([str(media_root)])
+    monkeypatch.chdir(media_root)
+    policy.check("img/a.png")
+    location_error(policy, "../media-secret/x.png")
+
+
+def test_symlink_out_of_a_root_is_refused(tmp_path, media_root):
+    os.symlink(tmp_path / "media-secret", media_root / "link")
+    os.symlink(tmp_path / "media-secret" / "x.png", media_root / "img" / "x.png")
+    policy = storage.LocationPolicy.from_roots([str(media_root)])
+    location_error(policy, str(media_root / "link" / "x.png"))
+    location_error(policy, str(media_root / "img" / "x.png"))
+    location_error(policy, f"file://{media_root}/link/x.png")
+
+
+def test_root_reached_through_a_symlink_allows_its_files(tmp_path, media_root):
+    os.symlink(media_root, tmp_path / "alias")
+    policy = storage.LocationPolicy.from_roots([str(tmp_path / "alias")])
+    assert policy.roots == (str(media_root),)  # realpath'ed once, on the launcher
+    policy.check(str(media_root / "img" / "a.png"))
+    policy.check(str(tmp_path / "alias" / "img" / "a.png"))
+    location_error(policy, str(tmp_path / "media-secret" / "x.png"))
+
+
+URL_CASES = [
+    # (roots, location, allowed)
+    (["https://"], "https://any.host/a/b.png", True),
+    (["https://"], "HTTPS://any.host/a.png", True),  # schemes compare case-insensitively
+    (["https://"], "http://any.host/a.png", False),
+    (["https://"], "/local/a.png", False),
+    (["gs://"], "gs://any-bucket/x.png", True),
+    (["GS://"], "gs://any-bucket/x.png", True),
+    (["gs://"], "s3://any-bucket/x.png", False),
+    (["gs://bucket/img"], "gs://bucket/img/x.png", True),
+    (["gs://bucket/img/"], "gs://bucket/img/sub/x.png", True),
+    (["gs://bucket/img"], "gs://bucket/img2/x.png", False),  # sibling prefix
+    (["gs://bucket/img"], "gs://bucket/other/x.png", False),
+    (["gs://bucket/img"], "gs://bucket2/img/x.png", False),
+    (["gs://bucket/img"], "s3://bucket/img/x.png", False),  # same path, other scheme
+    (["gs://bucket/img"], "gs://bucket/img/../secret/x.png", False),
+    (["gs://bucket/img"], "gs://bucket/img/sub/../x.png", True),
+    (["gs://bucket/img"], "gs://bucket/./img/./x.png", True),
+    (["gs://bucket/img"], "gs://bucket/img/../../other-bucket/img/x.png", False),
+    (["gs://bucket/img/../img"], "gs://bucket/img/x.png", True),
+    (["s3://b/p"], "s3://b/p/q.png", True),
+    (["s3://b/p"], "s3://b/pq.png", False),
+    (["s3://b/p", "/data/media"], "/data/media/x.png", True),
+    (["s3://b/p", "/data/media"], "s3://b/p/x.png", True),
+    (["s3://b/p", "/data/media"], "s3://b/x.png", False),
+    # an fsspec chain reads through another file system than the one named
+    (["https://"], "simplecache::https://host/a.png", False),
+    (["https://host/a"], "simplecache::https://host/a/x.png", False),
+    (["/data/media"], "simplecache::/data/media/x.png", False),
+    (["gs://bucket/img"], "gs://bucket/img/x.png::s3://other/y", False),
+    # the query and fragment are left out when matching (signed URLs)
+    (["https://host/a"], "https://host/a/b.png?X-Goog-Signature=abc&X-Goog-Credential=k%2F2024%2Fauto", True),
+    (["https://host/a"], "https://host/a/b.png#frag", True),
+    (["https://host/a"], "https://host/b.png?next=/a/b.png", False),
+    (["https://host/a"], "https://host/a/b.png?x=/../../secret", False),  # a ".." in the query: refused
+    # percent-escaped or backslashed dot segments that a server may still read as ".."
+    (["https://host/a"], "https://host/a/%2e%2e/secret.png", False),
+    (["https://host/a"], "https://host/a/%2E%2E%2fsecret.png", False),
+    (["https://host/a"], "https://host/a\\..\\secret.png", False),
+    (["https://host/a"], "https://host/a/%20b.png", True),
+    # the authority is compared as written: another host, port or user is another place
+    (["https://host/a"], "https://host.evil.com/a/x.png", False),
+    (["https://host/a"], "https://host@evil.com/a/x.png", False),
+    (["https://host/a"], "https://host:8443/a/x.png", False),
+    (["https://host"], "https://host/../evil.com/x.png", False),
+    # not a URL fsspec could read
+    (["https://"], "://host/a.png", False),
+    (["https://"], "1http://host/a.png", False),
+]
+
+
+@pytest.mark.parametrize("roots, location, allowed", URL_CASES)
+def test_url_roots(roots, location, allowed):
+    policy = storage.LocationPolicy.from_roots(roots)
+    if allowed:
+        policy.check(location)
+    else:
+        location_error(policy, location)
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["/etc/passwd", "../x.png", "gs://any/x.png", "simplecache::https://h/a.png", "https://h/a?token=t"],
+)
+def test_empty_policy_allows_everything(location):
+    storage.LocationPolicy().check(location)
+    storage.LocationPolicy.from_roots([]).check(location)
+
+
+@pytest.mark.parametrize(
+    "location, secret",
+    [
+        ("https://user:hunter2@host/x.png", "hunter2"),
+        ("https://host/x.png?token=s3cr3t", "s3cr3t"),
+        ("https://host/x.png?X-Goog-Signature=deadbeef", "deadbeef"),
+        ("simplecache::https://user:hunter2@host/x.png", "hunter2"),
+        ("/data/other/x.png?token=s3cr3t", "s3cr3t"),
+    ],
+)
+def test_refusal_message_is_redacted(location, secret):
+    error = location_error(storage.LocationPolicy.from_roots(["gs://bucket"]), location)
+    assert "--allowed_roots" in str(error)
+    assert secret not in str(error)
+    assert "x.png" in str(error)
+
+
+@pytest.mark.parametrize("root", ["", "  ", "simplecache::gs://b", "gs://b/../../x", "htt ps://h"])
+def test_unusable_root_is_a_configuration_error(root):
+    with pytest.raises(ConfigurationError, match="allowed_roots") as info:
+        storage.LocationPolicy.from_roots([root])
+    assert "hunter2" not in str(info.value)
+
+
+def test_unusable_root_message_is_redacted():
+    with pytest.raises(ConfigurationError) as info:
+        storage.LocationPolicy.from_roots(["simplecache::https://u:hunter2@host/a"])
+    assert "hunter2" not in str(info.value)
+
+
+def test_roots_normalised_once_and_policy_pickles(tmp_path):
+    policy = storage.LocationPolicy.from_roots(
+        ["HTTPS://", "gs://bucket/img/", "gs://bucket/./img", f"file://{tmp_path}", str(tmp_path) + "/"]
+    )
+    assert policy.roots == ("https://", "gs://bucket/img", os.path.realpath(tmp_path))
+    copy = pickle.loads(pickle.dumps(policy))
+    assert copy == policy
+    copy.check("gs://bucket/img/x.png")
+    location_error(copy, "gs://bucket/img2/x.png")

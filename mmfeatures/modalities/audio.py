@@ -7,6 +7,7 @@ frames that hold real audio; Hugging Face Whisper models and waveform encoders (
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,10 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
     if not data:
         raise DecodeError("the audio file is empty", error_type="empty_file")
     try:
-        if max_seconds is not None:
-            info = soundfile.info(io.BytesIO(data))
-            if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
-                raise _too_long(info.frames / info.samplerate, max_seconds)
+        info = soundfile.info(io.BytesIO(data))
+        if max_seconds is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
+            raise _too_long(info.frames / info.samplerate, max_seconds)
+        _check_not_truncated(info.extra_info)
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         reason = str(exc).rsplit(">: ", 1)[-1]  # drop libsndfile's "Error opening <BytesIO at 0x...>"
@@ -54,6 +55,21 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
     if float(np.max(np.abs(mono))) < SILENCE_PEAK:
         raise DecodeError("the audio is silent (peak below -100 dBFS)", error_type="silent_audio")
     return mono, int(rate)
+
+
+# libsndfile's log of a WAV or AIFF whose sample data is shorter than its header says, e.g.
+# "data : 16000 (should be 7978)": it would read what is there and say nothing.
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND) : (\d+) \(should be (\d+)\)", re.MULTILINE)
+_STREAMING_SIZES = (0, 0xFFFFFFFF)  # written by encoders that stream, before the length is known
+
+
+def _check_not_truncated(log: str) -> None:
+    for declared, present in _SHORT_CHUNK.findall(log):
+        if int(declared) not in _STREAMING_SIZES and int(declared) > int(present):
+            raise DecodeError(
+                f"the audio is truncated: {present} of the {declared} data bytes its header declares",
+                error_type="truncated_audio",
+            )
 
 
 def split_windows(waveform: np.ndarray, window: int, min_tail: int) -> list[np.ndarray]:

@@ -1,19 +1,27 @@
 """Images: decoded with OpenCV (JPEG, PNG, WebP, BMP, TIFF; grey and alpha to RGB; EXIF orientation
 applied), the shorter side resized and centre-cropped to the model's input size, normalised
 with the model's mean and std. The default model is ImageNet MobileNetV2 (1280-d pooled features);
-any Hugging Face vision encoder folder or id works too."""
+any Hugging Face vision encoder folder or id works too.
+
+The pixel cap (``Limits.max_pixels``) is checked twice: first on the width and height in the file's
+header, read by Pillow without decoding any pixel data, so that a decompression bomb (a few hundred
+bytes claiming 50000 x 50000 pixels) is refused before OpenCV allocates gigabytes for it; then on the
+decoded image, for the formats whose header Pillow cannot read."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import struct
+import warnings
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModel
 
 from mmfeatures.encoders import mobilenet_v2
@@ -25,6 +33,10 @@ from mmfeatures.modalities.base import Modality, Window
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 _BACKGROUND = 255.0  # transparent pixels are composited onto white
+
+# The header probe asks Pillow only about formats OpenCV reads too: bytes that only Pillow would
+# recognise (TGA, ICO, PSD, ...) stay OpenCV's to judge, so they stay corrupt_image as before.
+_PROBED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "TIFF", "GIF", "JPEG2000", "PPM", "SUN")
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -122,6 +134,42 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def check_header_pixels(data: bytes, max_pixels: int) -> None:
+    """Raise ``image_too_large`` when the header claims more than ``max_pixels``, before any decoding.
+
+    ``Image.open`` reads the header only. Where Pillow cannot identify or parse the bytes, nothing is
+    decided here: OpenCV judges them as before, and the check after decoding still applies. Our limit
+    is the authority, not Pillow's own bomb guard (its global ``Image.MAX_IMAGE_PIXELS`` is left
+    alone): its warnings are silenced, and its error (over twice that, raised before the size is known)
+    counts as too large only when that bound is at or over our limit; a larger limit leaves such files
+    to the check after decoding.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow's bomb warning and its complaints about a file (corrupt EXIF...) are noise: our
+            # limit and OpenCV judge. Only Pillow's warnings, as catch_warnings is not thread-safe
+            # before Python 3.14: a filter left behind by two threads racing must be harmless.
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            with Image.open(io.BytesIO(data), formats=_PROBED_FORMATS) as probe:
+                width, height = probe.size
+    except Image.DecompressionBombError as exc:
+        bound = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if bound >= max_pixels:
+            raise DecodeError(
+                f"more than {bound} pixels is over the {max_pixels} limit", error_type="image_too_large"
+            ) from exc
+        return
+    except Exception:  # unidentified or malformed header: any Pillow error at all means "let OpenCV judge"
+        return
+    _check_pixels(width, height, max_pixels)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """The one verdict and message for both checks, before and after decoding."""
+    if width * height > max_pixels:
+        raise DecodeError(f"{width}x{height} pixels is over the {max_pixels} limit", error_type="image_too_large")
+
+
 def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarray:
     """Resize the shorter side to ``resize_to`` and take the centre ``crop_to`` square."""
     height, width = image.shape[:2]
@@ -163,12 +211,12 @@ class ImageModality(Modality):
             self._settings = _hugging_face_image_settings(resolved.directory)
 
     def decode(self, payload: bytes | str) -> np.ndarray:
-        image = decode_image(payload)  # type: ignore[arg-type]
-        if image.shape[0] * image.shape[1] > self.limits.max_pixels:
-            raise DecodeError(
-                f"{image.shape[1]}x{image.shape[0]} pixels is over the {self.limits.max_pixels} limit",
-                error_type="image_too_large",
-            )
+        """Check the pixel cap on the header before decoding (see the module docstring), then decode
+        and check it again on the decoded image, for formats whose header Pillow could not read."""
+        data: bytes = payload  # type: ignore[assignment]
+        check_header_pixels(data, self.limits.max_pixels)
+        image = decode_image(data)
+        _check_pixels(image.shape[1], image.shape[0], self.limits.max_pixels)
         return image
 
     def preprocess(self, raw: np.ndarray) -> list[Window]:

@@ -80,6 +80,9 @@ def test_mono_files_stay_as_they_are() -> None:
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 20, "corrupt_audio"),  # a WAV header cut short
         (audio_bytes(np.zeros((0, 1), np.float32)), "empty_audio"),
         (audio_bytes(np.array([0.1, np.nan, 0.2], np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(tone(1.0))[:9000], "truncated_audio"),  # libsndfile would read the first half
+        (audio_bytes(tone(1.0), fmt="AIFF")[:9000], "truncated_audio"),
+        (audio_bytes(tone(1.0), fmt="FLAC")[:3000], "corrupt_audio"),
     ],
 )
 def test_bad_audio_is_a_decode_error(data: bytes, error_type: str) -> None:
@@ -88,6 +91,15 @@ def test_bad_audio_is_a_decode_error(data: bytes, error_type: str) -> None:
     assert caught.value.error_type == error_type
     assert caught.value.stage == Stage.DECODE
     assert "BytesIO at 0x" not in str(caught.value)
+
+
+def test_a_wav_streamed_without_its_length_is_read_whole() -> None:
+    """Streaming encoders leave the RIFF and data sizes at 0xFFFFFFFF: that is not truncation."""
+    data = bytearray(audio_bytes(tone(0.5)))
+    data[4:8] = b"\xff\xff\xff\xff"
+    at = data.index(b"data") + 4
+    data[at : at + 4] = b"\xff\xff\xff\xff"
+    assert len(AudioModality().decode(bytes(data))[0]) == RATE // 2
 
 
 def test_audio_over_the_duration_limit_is_refused() -> None:

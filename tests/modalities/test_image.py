@@ -1,5 +1,6 @@
 """Image modality: decoding every format with OpenCV, colour handling (grey, alpha, 16-bit, EXIF
-orientation), decode errors, resize-and-crop geometry, and embeddings from the default MobileNetV2
+orientation), decode errors, the pixel cap (checked on the header before decoding), resize-and-crop
+geometry, and embeddings from the default MobileNetV2
 and a tiny random ViT loaded from a ``save_pretrained`` folder."""
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ import struct
 import tracemalloc
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from mmfeatures.errors import DecodeError, Stage
 from mmfeatures.modalities.base import Limits
+from mmfeatures.modalities import image as image_module
 from mmfeatures.modalities.image import ImageModality, decode_image, resize_and_crop
 
 RED_RGB = (255, 0, 0)
@@ -291,6 +295,144 @@ def test_images_over_the_pixel_limit_are_refused() -> None:
     with pytest.raises(DecodeError) as caught:
         modality.decode(encode(np.zeros((10, 11, 3), np.uint8), ".png"))
     assert caught.value.error_type == "image_too_large"
+
+
+# Header bombs: a few dozen bytes whose header claims width x height; decoded, each would need
+# width x height x 3 bytes (10.8 GB at 60000 x 60000, 300 MB at 10000 x 10000).
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR (with a valid CRC) claims ``width`` x ``height`` RGB, and a tiny IDAT."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = png_chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + idat + png_chunk(b"IEND", b"")
+
+
+def valid_png_claiming(width: int, height: int) -> bytes:
+    """A complete, valid 1-bit grey PNG of ``width`` x ``height`` black pixels: a real bomb that
+    OpenCV would decode to ``width`` x ``height`` x 3 bytes, from a few kilobytes."""
+    raw = bytes((1 + (width + 7) // 8) * height)  # filter byte 0 and zero bits on every row
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = png_chunk(b"IDAT", zlib.compress(raw, 9))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + idat + png_chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """An 8 x 8 JPEG whose SOF0 segment is rewritten to claim ``width`` x ``height``."""
+    data = bytearray(encode(np.zeros((8, 8, 3), np.uint8), ".jpg"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    """A GIF whose logical screen and only frame claim ``width`` x ``height``, with one data block."""
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return b"GIF89a" + screen + frame + b";"
+
+
+def bmp_claiming(width: int, height: int) -> bytes:
+    """A 24-bit BMP whose BITMAPINFOHEADER claims ``width`` x ``height``, with 16 bytes of pixels."""
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + 40 + 16, 0, 0, 14 + 40) + info + bytes(16)
+
+
+@pytest.mark.parametrize(
+    ("make", "width", "height", "message"),
+    [
+        (png_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
+        (valid_png_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
+        (jpeg_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
+        (gif_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
+        (bmp_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
+        # Over twice Pillow's own MAX_IMAGE_PIXELS: its DecompressionBombError, reported as ours.
+        (png_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
+        (jpeg_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
+        (gif_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
+        (bmp_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
+    ],
+)
+def test_header_bombs_are_refused_before_decoding(
+    make: Callable[[int, int], bytes],
+    width: int,
+    height: int,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """Refused from the header alone: never decoded, in well under 10 MB, where decoding would take
+    300 MB or more (``valid_png_claiming(10000, 10000)`` decodes, in 2 s, to
+    300 MB). Pillow's bomb warning (over 89478485 pixels) stays quiet."""
+    data = make(width, height)
+    assert len(data) < 64 * 1024
+    modality = ImageModality()  # the default limit: 64000000 pixels
+    Image.init()  # Pillow imports its format plugins once: that is not the probe's cost
+
+    def must_not_decode(data: bytes) -> np.ndarray:
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(image_module, "decode_image", must_not_decode)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as caught:
+            modality.decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 1024 * 1024
+    assert caught.value.error_type == "image_too_large" and caught.value.stage == Stage.DECODE
+    assert str(caught.value) == message
+    assert not recwarn.list
+
+
+@pytest.mark.parametrize(
+    ("ext", "params"),
+    [
+        (".png", []),
+        (".jpg", []),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+        (".avif", []),
+        (".bmp", []),
+        (".tiff", []),
+        (".gif", []),
+        (".ppm", []),
+        (".pfm", []),
+        (".ras", []),
+        (".hdr", []),  # Radiance HDR: Pillow cannot read it, so only the check after decoding sees it
+    ],
+)
+def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> None:
+    data = encode(np.zeros((8, 12, 3), np.uint8), ext, params)
+    assert ImageModality(limits=Limits(max_pixels=96)).decode(data).shape == (8, 12, 3)
+    with pytest.raises(DecodeError) as caught:
+        ImageModality(limits=Limits(max_pixels=95)).decode(data)
+    assert caught.value.error_type == "image_too_large"
+    assert str(caught.value) == "12x8 pixels is over the 95 limit"
+
+
+@pytest.mark.parametrize(
+    ("data", "error_type"),
+    [
+        (b"", "empty_file"),
+        (b"this is not an image at all", "corrupt_image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt_image"),
+        (png_claiming(8, 8)[:20], "corrupt_image"),  # a header cut short
+        (b"qoif" + struct.pack(">IIBB", 60000, 60000, 3, 0), "corrupt_image"),  # only Pillow reads QOI
+    ],
+)
+def test_headers_pillow_cannot_read_are_left_to_opencv(data: bytes, error_type: str) -> None:
+    """Pillow's failure to identify or parse a header is no verdict: OpenCV's is, as before."""
+    with pytest.raises(DecodeError) as caught:
+        ImageModality().decode(data)
+    assert caught.value.error_type == error_type
+
+
+def test_a_limit_over_pillows_own_guard_is_the_authority() -> None:
+    """With a limit above twice Pillow's MAX_IMAGE_PIXELS, Pillow's DecompressionBombError is no
+    verdict either: OpenCV judges the bytes (here it cannot fill 3.6 G pixels from a tiny IDAT)."""
+    with pytest.raises(DecodeError) as caught:
+        ImageModality(limits=Limits(max_pixels=10**10)).decode(png_claiming(60000, 60000))
+    assert caught.value.error_type == "corrupt_image"
 
 
 # -- resize and crop -----------------------------------------------------------------------------
