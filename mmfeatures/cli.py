@@ -1,4 +1,5 @@
-"""The ``mmfeatures`` command: ``extract`` runs the feature job, ``sample`` builds the sample set.
+"""The ``mmfeatures`` command: ``extract`` runs the feature job, ``sample`` builds a sample set,
+``train`` trains fusion classifiers on a feature table, ``report`` writes a run's HTML report.
 
 ``mmfeatures extract`` takes the same options as ``python -m pipelines.extract_features``, Beam's
 own included (e.g. ``--runner``); run ``mmfeatures extract --help`` for the job's options.
@@ -7,10 +8,11 @@ own included (e.g. ``--runner``); run ``mmfeatures extract --help`` for the job'
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from mmfeatures import storage
 from mmfeatures.errors import ConfigurationError
@@ -56,20 +58,42 @@ def extract(argv: list[str]) -> int:
     return 0
 
 
-def sample(argv: list[str]) -> int:
-    from mmfeatures.sample import build_sample_dataset
+SAMPLE_KINDS = {
+    "basic": ("mmfeatures.sample", "build_sample_dataset"),  # every format, some broken files
+    "avmnist": ("mmfeatures.avmnist", "build_avmnist"),  # the AV-MNIST-style benchmark set
+}
 
-    parser = argparse.ArgumentParser(prog="mmfeatures sample", description="Build the offline sample data set.")
+
+def sample(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mmfeatures sample", description="Build an offline sample data set.")
     parser.add_argument("--out", required=True, help="Folder to write manifest.jsonl and media into.")
+    parser.add_argument("--kind", choices=SAMPLE_KINDS, default="basic",
+                        help="basic: a small set in every format, with some broken files; "
+                             "avmnist: the AV-MNIST-style classification benchmark.")
     parser.add_argument("--n", type=int, default=60, help="Number of records.")
     parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same set.")
     args = parser.parse_args(argv)
-    manifest = build_sample_dataset(args.out, n=args.n, seed=args.seed)
+    module, function = SAMPLE_KINDS[args.kind]
+    manifest = getattr(importlib.import_module(module), function)(args.out, n=args.n, seed=args.seed)
     print(f"sample data set: {manifest}")
     return 0
 
 
-COMMANDS = {"extract": extract, "sample": sample}
+def _delegate(module: str) -> Callable[[list[str]], int]:
+    """A command whose module has its own ``main(argv)``, imported only when it runs."""
+
+    def command(argv: list[str]) -> int:
+        return importlib.import_module(module).main(argv)
+
+    return command
+
+
+COMMANDS = {
+    "extract": extract,
+    "sample": sample,
+    "train": _delegate("mmfeatures.train"),
+    "report": _delegate("mmfeatures.report"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ down-mixing, resampling and error rows are all exercised by one small build.
 Everything is derived from ``(n, seed)``; two builds give identical manifests
 and byte-identical media files.
 
-    python -m mmfeatures.sample OUT_DIR [N] [SEED]
+    mmfeatures sample --out OUT_DIR [--n N] [--seed SEED]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -243,8 +242,10 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
 # ----------------------------------------------------------------- images
 
 def render_digit(pixels: np.ndarray) -> np.ndarray:
-    """28x28 floats in [0, 1] -> IMAGE_SIDE^2 uint8 grey, like a modest scan."""
-    grey = np.rint(pixels * 255).astype(np.uint8)
+    """28x28 floats -> IMAGE_SIDE^2 uint8 grey, like a modest scan.
+
+    Values outside [0, 1] (a degraded digit can overshoot) are clipped, not wrapped."""
+    grey = np.rint(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
     return cv2.resize(grey, (IMAGE_SIDE, IMAGE_SIDE), interpolation=cv2.INTER_CUBIC)
 
 
@@ -271,23 +272,37 @@ def write_image(path: Path, image: np.ndarray, ext: str, broken: bool,
 
 # ------------------------------------------------------------------ audio
 
-def require_espeak() -> str:
-    """Path of the espeak-ng binary, or a RuntimeError saying how to get it."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        raise RuntimeError("espeak-ng not found: install it with `apt-get install -y espeak-ng`")
-    return espeak
+def require_binary(name: str, apt_package: str) -> str:
+    """Path of an external program, or a RuntimeError saying which Debian package provides it."""
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found: install it with `apt-get install -y {apt_package}`")
+    return path
+
+
+def run_tts(argv: list[str], wav: Path, stdin: str | None = None) -> tuple[np.ndarray, int]:
+    """Run a text-to-speech command that writes ``wav``; returns (mono float32, rate).
+
+    The file's existence is checked as well as the exit status: festival's text2wave
+    exits 0 without writing anything when its Scheme code fails (e.g. an unknown voice)."""
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 or not wav.is_file():
+        raise RuntimeError(f"text-to-speech failed: {' '.join(argv)}: {proc.stderr.strip()}")
+    return sf.read(wav, dtype="float32")
 
 
 def speak(espeak: str, word: str, speech: Speech, wav: Path) -> tuple[np.ndarray, int]:
     """Synthesise ``word`` with espeak-ng into ``wav``; returns (mono float32, rate)."""
-    proc = subprocess.run(
-        [espeak, "-v", speech.voice, "-s", str(speech.speed), "-p", str(speech.pitch),
-         "-w", str(wav), word],
-        capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"espeak-ng failed for {word!r} ({speech.voice}): {proc.stderr.strip()}")
-    return sf.read(wav, dtype="float32")
+    return run_tts([espeak, "-v", speech.voice, "-s", str(speech.speed),
+                    "-p", str(speech.pitch), "-w", str(wav), word], wav)
+
+
+def encode_samples(samples: np.ndarray, rate: int, ext: str) -> bytes:
+    """Encode float samples in [-1, 1] with libsndfile (16-bit PCM, or Vorbis for .ogg)."""
+    fmt, subtype = AUDIO_FORMATS[ext]
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
 
 
 def encode_audio(samples: np.ndarray, rate: int, speech: Speech) -> bytes:
@@ -297,11 +312,7 @@ def encode_audio(samples: np.ndarray, rate: int, speech: Speech) -> bytes:
     if speech.channels == 2:
         # Panned rather than duplicated, so a down-mix is observable.
         samples = np.stack([samples, 0.5 * samples], axis=1)
-    samples = np.clip(samples, -1.0, 1.0)
-    fmt, subtype = AUDIO_FORMATS[speech.ext]
-    buf = io.BytesIO()
-    sf.write(buf, samples, speech.rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
+    return encode_samples(np.clip(samples, -1.0, 1.0), speech.rate, speech.ext)
 
 
 def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool,
@@ -334,6 +345,13 @@ def manifest_row(plan: Plan) -> dict:
     return row
 
 
+def write_manifest(out: Path, rows: list[dict]) -> str:
+    """Write ``out/manifest.jsonl``, one JSON object per record; returns its path."""
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(manifest)
+
+
 def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
     """Write ``n`` records under ``out_dir`` and return the path of manifest.jsonl.
 
@@ -343,7 +361,7 @@ def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
     """
     if n < 1:
         raise ValueError("n must be >= 1")
-    espeak = require_espeak()
+    espeak = require_binary("espeak-ng", "espeak-ng")
     digits = load_digits(fetch_mnist())
     plans = plan_records(n, seed, {label: len(d) for label, d in digits.items()})
 
@@ -366,13 +384,5 @@ def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
 
     errors = {p.rec_id: p.broken for p in plans if p.broken}
     (out / "expected_errors.json").write_text(json.dumps(errors, indent=2, sort_keys=True) + "\n")
-    manifest = out / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(manifest)
+    return write_manifest(out, rows)
 
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not 1 <= len(args) <= 3:
-        sys.exit("usage: python -m mmfeatures.sample OUT_DIR [N] [SEED]")
-    print(build_sample_dataset(args[0], *(int(a) for a in args[1:])))

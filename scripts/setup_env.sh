@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv and installs everything the job and its tests need; a second run skips what is done.
+# Creates .venv and installs everything the job (and, with --tests, its tests) needs; a second run
+# skips what is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
-  echo "installing espeak-ng (text-to-speech for the sample data set)..."
+# Debian packages: the text-to-speech engines and voices that speak the sample data sets, and,
+# with --tests, the headless browser that opens the HTML report.
+apt_packages=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)
+[ "${1:-}" = "--tests" ] && apt_packages+=(chromium)
+missing=()
+for package in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]} with apt..."
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq espeak-ng >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv

@@ -73,3 +73,12 @@ def test_limits_are_options_with_safe_defaults(tmp_path) -> None:
     for modality in job.modalities.values():
         assert modality.limits.max_pixels == 100 and modality.limits.max_audio_seconds == 2.5
         assert modality.limits.max_bytes == Limits().max_bytes
+
+
+@pytest.mark.parametrize("command, says", [
+    ("train", "mmfeatures train"), ("report", "mmfeatures report"), ("sample", "avmnist"),
+])
+def test_every_command_has_its_help(command: str, says: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0 and says in capsys.readouterr().out
