@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import unquote
 
+import aiohttp
 import fsspec
 from apache_beam.utils import retry
 from fsspec.core import url_to_fs
@@ -154,6 +155,9 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, pattern: str, path: str) -> st
 
 
 FETCH_RETRIES = 4  # transient faults: about 0.5 + 1 + 2 + 4 s of backoff before a record fails
+# A connection or read that stalls this long is a transient fault too: retried, then an error row,
+# never a worker hung on a server that stopped answering. (Object stores' clients have their own.)
+FETCH_TIMEOUT_SECONDS = 60.0
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -174,6 +178,14 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _media_filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's file system for a media file; HTTP(S) sessions get connect and read timeouts."""
+    if location.lower().startswith(("http://", "https://")):
+        timeout = aiohttp.ClientTimeout(sock_connect=FETCH_TIMEOUT_SECONDS, sock_read=FETCH_TIMEOUT_SECONDS)
+        return url_to_fs(location, client_kwargs={"timeout": timeout})
+    return url_to_fs(location)
+
+
 def _log_retry(message: str, *args: object) -> None:
     _LOG.warning(redact(message % args))
 
@@ -182,7 +194,7 @@ def _log_retry(message: str, *args: object) -> None:
     num_retries=FETCH_RETRIES, initial_delay_secs=0.5, max_delay_secs=8, retry_filter=is_transient, logger=_log_retry
 )
 def _read_whole(location: str, max_bytes: int | None) -> bytes:
-    fs, path = url_to_fs(location)
+    fs, path = _media_filesystem(location)
     if max_bytes is not None:
         check_size(fs.size(path), max_bytes)
     with fs.open(path, "rb") as handle:

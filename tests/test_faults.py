@@ -1,14 +1,16 @@
-"""Transient storage faults are retried with backoff and nothing is lost; permanent ones become
-error rows. Media are served over HTTP by a fault-injecting server on 127.0.0.1."""
+"""Transient storage faults (5xx answers, resets, stalled reads) are retried with backoff and
+nothing is lost; permanent ones become error rows. Media are served over HTTP by a fault-injecting server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -22,9 +24,14 @@ from pipelines.extract_features import run
 FAILURES_BEFORE_SUCCESS = 2
 
 
+STALL_SECONDS = 2.0  # longer than the fetch timeout the tests set (FETCH_TIMEOUT)
+FETCH_TIMEOUT = 0.5
+
+
 class FaultyServer(http.server.ThreadingHTTPServer):
     """Serves files from ``root``. Paths containing ``flaky`` fail their first requests (503,
-    then a reset connection); ``down`` always answers 503; anything missing is a 404."""
+    then a reset connection); ``slow`` stalls its first request past the client's timeout;
+    ``stalled`` always does; ``down`` always answers 503; anything missing is a 404."""
 
     def __init__(self, root: str):
         self.root = root
@@ -44,6 +51,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.requests[self.path] += 1
             attempt = self.server.requests[self.path]
+        if "stalled" in self.path or ("slow" in self.path and attempt == 1):
+            time.sleep(STALL_SECONDS)  # the client has given up by now
+            return
         if "down" in self.path or ("flaky" in self.path and attempt == 1):
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -54,7 +64,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.connection.close()
             return
-        path = os.path.join(self.server.root, self.path.lstrip("/").replace("flaky-", ""))
+        path = os.path.join(self.server.root, re.sub(r"^(flaky|slow)-", "", self.path.lstrip("/")))
         if not os.path.isfile(path):
             self.send_error(404)
             return
@@ -73,7 +83,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "FETCH_TIMEOUT_SECONDS", FETCH_TIMEOUT)
     root = tmp_path / "media"
     build_sample_dataset(str(root), n=12, seed=2)
     server = FaultyServer(str(root))
@@ -94,6 +105,9 @@ def test_transient_faults_are_retried_and_permanent_ones_become_error_rows(serve
                 record[key] = f"{server.url}/flaky-{record[key]}"
     records[0]["image"] = f"{server.url}/down/{os.path.basename(records[0]['image'] or 'x.png')}"
     records[1]["audio"] = f"{server.url}/no-such-file.wav"
+    # One image's first request stalls past the client's timeout: retried like any transient fault.
+    slow = next(r for r in records[2:] if r.get("image") and broken.get(r["id"]) != "image")
+    slow["image"] = slow["image"].replace("/flaky-", "/slow-")
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -109,6 +123,8 @@ def test_transient_faults_are_retried_and_permanent_ones_become_error_rows(serve
     assert summary["reconciles"] and summary["feature_rows"] == len(records)
     flaky = [path for path in server.requests if "flaky" in path]
     assert flaky and all(server.requests[path] > FAILURES_BEFORE_SUCCESS for path in flaky)
+    slow_requests = [server.requests[path] for path in server.requests if "slow" in path]
+    assert len(slow_requests) == 1 and slow_requests[0] >= 2  # stalled once, then served
 
 
 def test_read_bytes_classifies_what_still_fails(server) -> None:
@@ -120,3 +136,8 @@ def test_read_bytes_classifies_what_still_fails(server) -> None:
         storage.read_bytes(f"{server.url}/nothing-here.png")
     assert missing.value.error_type == "missing_file"
     assert storage.read_bytes(f"{server.url}/flaky-manifest.jsonl").startswith(b"{")
+    assert storage.read_bytes(f"{server.url}/slow-manifest.jsonl").startswith(b"{")
+    with pytest.raises(FetchError) as stalled:
+        storage.read_bytes(f"{server.url}/stalled/a.png")
+    assert stalled.value.error_type == "storage_unavailable"
+    assert server.requests["/stalled/a.png"] > storage.FETCH_RETRIES
