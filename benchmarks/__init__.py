@@ -1,2 +1,1 @@
-"""Benchmarks: ``python -m benchmarks.throughput`` (speed against the ceilings) and
-``python -m benchmarks.quality`` (fusion against single modalities); see README."""
+"""Benchmarks, each run as ``python -m benchmarks.<name>``; see README."""
