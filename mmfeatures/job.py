@@ -11,6 +11,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from mmfeatures import __version__, schema, storage
+from mmfeatures.encoders.handler import default_batch_cost, default_micro_batch_size
 from mmfeatures.errors import ERROR_TYPE_PREFIX, ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.modalities import MODALITIES, Limits, Modality
@@ -28,7 +29,10 @@ class Job:
     device: str
     batch_costs: dict[str, int]
     rows_per_file: int
-    micro_batch_size: int
+    micro_batch_sizes: dict[str, int]
+    precision: str
+    torch_threads: int | None
+    model_copies: int | None
     limits: Limits
     location_policy: storage.LocationPolicy
     options: dict[str, Any]
@@ -57,6 +61,9 @@ class Job:
             raise ValueError("--output is required (a local folder or fsspec URL)")
         if extract.device != "cpu" and not extract.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {extract.device!r}")
+        for flag in ("micro_batch_size", "torch_threads", "model_copies"):
+            if getattr(extract, flag) is not None and getattr(extract, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, not {getattr(extract, flag)}")
         limits = Limits(
             max_bytes=extract.max_bytes,
             max_pixels=extract.max_pixels,
@@ -75,8 +82,18 @@ class Job:
             projection_dim=extract.fusion_dim,
             seed=extract.fusion_seed,
         )
+        batch_costs = {
+            name: getattr(extract, f"{name}_batch_cost") or default_batch_cost(modalities[name], extract.device)
+            for name in MODALITY_COLUMNS
+        }
+        micro_batch_sizes = {
+            name: extract.micro_batch_size or default_micro_batch_size(modalities[name], extract.device)
+            for name in MODALITY_COLUMNS
+        }
         recorded = extract_option_values(options)
         recorded["runner"] = str(options.view_as(StandardOptions).runner)
+        recorded["micro_batch_size"] = ",".join(f"{name}={size}" for name, size in micro_batch_sizes.items())
+        recorded.update({f"{name}_batch_cost": cost for name, cost in batch_costs.items()})
         inputs = storage.expand_inputs(extract.input)
         return cls(
             inputs=inputs,
@@ -84,18 +101,29 @@ class Job:
             modalities=modalities,
             fusion=fusion,
             device=extract.device,
-            batch_costs={
-                name: getattr(extract, f"{name}_batch_cost") or modalities[name].default_batch_cost
-                for name in MODALITY_COLUMNS
-            },
+            batch_costs=batch_costs,
             rows_per_file=extract.rows_per_file,
-            micro_batch_size=extract.micro_batch_size,
+            micro_batch_sizes=micro_batch_sizes,
+            precision=extract.precision,
+            torch_threads=extract.torch_threads,
+            model_copies=extract.model_copies,
             limits=limits,
             location_policy=storage.LocationPolicy.from_roots(_allowed_roots(extract.allowed_roots or [], inputs)),
             options=recorded,
             started=started,
             models=models,
         )
+
+    def embedding_options(self, name: str) -> dict[str, Any]:
+        """How modality ``name`` is batched and run: ``EmbeddingModelHandler``'s keyword arguments."""
+        return {
+            "device": self.device,
+            "max_batch_cost": self.batch_costs[name],
+            "micro_batch_size": self.micro_batch_sizes[name],
+            "precision": self.precision,
+            "threads": self.torch_threads,
+            "model_copies": self.model_copies,
+        }
 
     def path(self, *parts: str) -> str:
         return storage.join(self.output, *parts)

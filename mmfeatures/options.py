@@ -9,6 +9,7 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from mmfeatures.encoders.handler import PRECISIONS
 from mmfeatures.fusion import FUSION_METHODS
 from mmfeatures.limits import Limits
 from mmfeatures.records import MODALITY_COLUMNS
@@ -42,11 +43,22 @@ class ExtractOptions(PipelineOptions):
                      "(local or fsspec URL) in Hugging Face layout with safetensors weights.")
             add(f"--{modality}_batch_cost", dest=f"{modality}_batch_cost", type=int, default=None,
                 help=f"Most {modality} input values (tokens, pixels or mel values) in one RunInference "
-                     "batch (default: the modality's own, see README).")
+                     "batch (default: the modality's own, see README; 16 times that on a GPU).")
         add("--device", dest="device", default="cpu", help="Torch device for the encoders: cpu or cuda.")
-        add("--micro_batch_size", dest="micro_batch_size", type=int, default=8,
-            help="Windows per forward pass. Every pass has exactly this many rows, so a record's "
-                 "embedding does not depend on its batch; raise it (e.g. 64) on GPUs.")
+        add("--micro_batch_size", dest="micro_batch_size", type=int, default=None,
+            help="Windows per forward pass, for every modality (default: on a CPU 8 texts, 4 images, "
+                 "1 audio clip; 64 on a GPU). Every pass has exactly this many rows, so a record's "
+                 "embedding does not depend on its batch.")
+        add("--precision", dest="precision", default="fp32", choices=sorted(PRECISIONS),
+            help="fp32 runs the models as loaded; bf16 and fp16 run them under torch autocast (on a "
+                 "GPU about twice as fast; on a CPU only where it has bf16 instructions).")
+        add("--torch_threads", dest="torch_threads", type=int, default=None,
+            help="Torch threads per worker process (default: the cores the process may use). With "
+                 "several worker processes on one machine, give each its share of the cores.")
+        add("--model_copies", dest="model_copies", type=int, default=None,
+            help="Load this many copies of each model per machine, shared by all of its worker "
+                 "processes (Beam's multi-process shared model), instead of one per process: "
+                 "e.g. 1 to fit the three models once on one GPU.")
         defaults = Limits()
         add("--max_bytes", dest="max_bytes", type=int, default=defaults.max_bytes,
             help="Largest media file read, in bytes; larger ones are error rows (file_too_large).")

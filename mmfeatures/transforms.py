@@ -6,17 +6,30 @@ Every composite returns its main output and an ``errors`` PCollection of ``Error
 
 from __future__ import annotations
 
+import collections
+import copy
 import datetime
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import torch
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures import storage
-from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.encoders.handler import (
+    CPU_TURNS,
+    BatchByCost,
+    EmbeddingModelHandler,
+    Outcome,
+    available_cores,
+    device_type,
+)
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
 from mmfeatures.limits import check_size
@@ -129,34 +142,99 @@ class ReadRecords(beam.PTransform):
 
 # -- embed -------------------------------------------------------------------------------------
 
+# Records _Prepare keeps in flight, per device type of the model: enough to keep preparing while a
+# GPU batch (512 images by default) runs, and a bound on memory (256 prepared 224x224 images are
+# about 150 MB). On a CPU the preparing threads wait for the model anyway (see CoreTurns).
+PREPARE_AHEAD = {"cpu": 256, "cuda": 2048}
+
+
+def default_prepare_threads() -> int:
+    """Threads preparing one modality: two per core, at least 4, as part of each is spent waiting
+    for storage and part holding the GIL."""
+    return max(4, 2 * available_cores())
+
 
 class _Prepare(beam.DoFn):
-    """Fetch (for media), decode and preprocess one modality of one record."""
+    """Fetch (for media), decode and preprocess one modality of one record.
 
-    def __init__(self, modality: Modality, policy: storage.LocationPolicy):
+    The work runs in a pool of threads (``default_prepare_threads``) that keeps up to ``ahead``
+    records in flight, so remote fetches wait side by side, and decoding and preprocessing
+    (OpenCV, soundfile, soxr, numpy and the tokenizers release the GIL) run while the bundle's
+    thread runs a GPU model downstream; beside a CPU model they take turns at the cores
+    (``CoreTurns``), fetches excepted. Results leave in input order, each in its own record's
+    window; the bundle's end waits for the last ones. Each pool thread has its own copy of the
+    modality, since tokenizers and feature extractors are not safe to share between threads.
+    """
+
+    def __init__(self, modality: Modality, policy: storage.LocationPolicy, ahead: int):
         self.modality = modality
         self.policy = policy
+        self.ahead = ahead
 
     def setup(self) -> None:
         self.modality.setup()
+        # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
+        # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
+        # (the Whisper encoder ran 30% slower beside them). The setting is per thread.
+        self._pool = ThreadPoolExecutor(
+            default_prepare_threads(), f"prepare-{self.modality.name}",
+            initializer=torch.set_num_threads, initargs=(1,),
+        )
+        self._thread_state = threading.local()
 
-    def process(self, record: Record) -> Iterator[Any]:
-        name = self.modality.name
+    def start_bundle(self) -> None:
+        self._in_flight: collections.deque[tuple[Future[Any], Any, Any]] = collections.deque()
+
+    def process(
+        self, record: Record, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
+    ) -> Iterator[Any]:
+        self._in_flight.append((self._pool.submit(self._prepare, record), window, timestamp))
+        yield from self._completed(keep=self.ahead)
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._completed(keep=0)
+
+    def teardown(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
+
+    def _completed(self, keep: int) -> Iterator[Any]:
+        """The finished records at the head of the queue, waiting for the head while more than
+        ``keep`` are in flight."""
+        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][0].done()):
+            future, window, timestamp = self._in_flight.popleft()
+            result = future.result()
+            if isinstance(result, ErrorRow):
+                error = _error_output(result)  # counted here: metrics belong to the bundle's thread
+                yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
+            else:
+                yield WindowedValue(result, timestamp, (window,))
+
+    def _modality(self) -> Modality:
+        """This thread's own copy of the modality."""
+        modality = getattr(self._thread_state, "modality", None)
+        if modality is None:
+            modality = self._thread_state.modality = copy.deepcopy(self.modality)
+            modality.setup()
+        return modality
+
+    def _prepare(self, record: Record) -> tuple[str, Prepared] | ErrorRow:
+        modality = self._modality()
+        name = modality.name
         payload = record.payload(name)
-        content = self.modality.inline or isinstance(payload, bytes)
+        content = modality.inline or isinstance(payload, bytes)
         source = record.source if content else storage.resolve_reference(payload, record.manifest_dir)
         try:
             if not content:
                 self.policy.check(source)
-                data: Payload = storage.read_bytes(source, self.modality.limits.max_bytes)
+                data: Payload = storage.read_bytes(source, modality.limits.max_bytes)
             else:  # inline text, or media bytes carried by the manifest itself (a tar shard)
-                check_size(len(payload) if isinstance(payload, bytes) else None, self.modality.limits.max_bytes)
+                check_size(len(payload) if isinstance(payload, bytes) else None, modality.limits.max_bytes)
                 data = payload
-            windows = self.modality.preprocess(self.modality.decode(data))
+            CPU_TURNS.wait_for_cores()  # fetching overlaps a CPU model; decoding takes turns with it
+            windows = modality.preprocess(modality.decode(data))
         except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
-            yield _error_output(ErrorRow.from_exception(exc, record_id=record.id, modality=name, source=source))
-            return
-        yield record.id, Prepared(windows, source)
+            return ErrorRow.from_exception(exc, record_id=record.id, modality=name, source=source)
+        return record.id, Prepared(windows, source)
 
 
 def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
@@ -170,33 +248,36 @@ def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
 
 
 class EmbedModality(beam.PTransform):
-    """Records holding ``modality`` to ``(id, (modality, vector))`` pairs, via RunInference."""
+    """Records holding ``modality`` to ``(id, (modality, vector))`` pairs: prepared in a pool of
+    threads, batched by cost one length bucket at a time, and embedded by RunInference. The
+    keyword arguments are ``EmbeddingModelHandler``'s (batch limits, device, precision, threads,
+    model copies)."""
 
     def __init__(
         self,
         modality: Modality,
         *,
-        device: str,
-        max_batch_cost: int,
-        micro_batch_size: int,
         location_policy: storage.LocationPolicy | None = None,
+        **handler_options: Any,
     ):
         super().__init__()
         self.modality = modality
         self.location_policy = location_policy or storage.LocationPolicy()
-        self.handler = EmbeddingModelHandler(
-            modality, device=device, max_batch_cost=max_batch_cost, micro_batch_size=micro_batch_size
-        )
+        self.handler = EmbeddingModelHandler(modality, **handler_options)
 
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
         name = self.modality.name
+        ahead = PREPARE_AHEAD[device_type(self.handler.device)]
         prepared = (
             records
             | "Holding" >> beam.Filter(lambda record, m=name: record.payload(m) is not None)
-            | "Prepare" >> beam.ParDo(_Prepare(self.modality, self.location_policy)).with_outputs(ERRORS_TAG, main="prepared")
+            | "Prepare" >> beam.ParDo(_Prepare(self.modality, self.location_policy, ahead)).with_outputs(
+                ERRORS_TAG, main="prepared"
+            )
         )
         embedded = (
             prepared.prepared
+            | "BatchByCost" >> BatchByCost(self.handler)
             | "RunInference" >> RunInference(self.handler)
             | "Split" >> beam.FlatMap(_split_outcome, name).with_outputs(ERRORS_TAG, main="embeddings")
         )

@@ -35,10 +35,8 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     embedded = [
         records | f"Embed[{name}]" >> EmbedModality(
             modality,
-            device=job.device,
-            max_batch_cost=job.batch_costs[name],
-            micro_batch_size=job.micro_batch_size,
             location_policy=job.location_policy,
+            **job.embedding_options(name),
         )
         for name, modality in job.modalities.items()
     ]

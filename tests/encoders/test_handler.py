@@ -17,7 +17,14 @@ import torch
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.testing.util import assert_that, equal_to
 
-from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.encoders.handler import (
+    BUFFERED_BATCHES,
+    MICRO_BATCHES_PER_BATCH,
+    BatchByCost,
+    CostBatcher,
+    EmbeddingModelHandler,
+    Outcome,
+)
 from mmfeatures.errors import EncodeError, Stage
 from mmfeatures.modalities.audio import AudioModality
 from mmfeatures.modalities.base import Modality, Prepared
@@ -52,7 +59,7 @@ def summary(outcome: Outcome) -> tuple[str, str | None, str | None, int | None]:
 
 def run_pipeline(handler: EmbeddingModelHandler, items: list[tuple[str, Prepared]], expected: list[tuple]) -> None:
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
-        outcomes = pipeline | beam.Create(items) | RunInference(handler) | beam.Map(summary)
+        outcomes = pipeline | beam.Create(items) | BatchByCost(handler) | RunInference(handler) | beam.Map(summary)
         assert_that(outcomes, equal_to(expected))
 
 
@@ -177,11 +184,16 @@ def test_multi_window_records_are_mean_pooled(tiny_text: TextModality, tiny_text
     np.testing.assert_allclose(outcome.vector, np.mean(per_window, axis=0), atol=1e-5)
 
 
-def test_load_model_gives_a_frozen_model(tiny_bert_dir: Path) -> None:
-    handler = EmbeddingModelHandler(TextModality(model=str(tiny_bert_dir)), max_batch_cost=100)
-    model = handler.load_model()
-    assert not model.training
-    assert not any(p.requires_grad for p in model.parameters())
+def test_load_model_gives_a_frozen_model_and_sets_the_threads_once(tiny_bert_dir: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        handler = EmbeddingModelHandler(TextModality(model=str(tiny_bert_dir)), max_batch_cost=100, threads=1)
+        embedder = handler.load_model()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert not embedder.model.training
+    assert not any(p.requires_grad for p in embedder.model.parameters())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
@@ -191,11 +203,80 @@ def test_asking_for_cuda_without_a_gpu_fails_clearly(tiny_bert_dir: Path) -> Non
         handler.load_model()
 
 
-def test_batches_are_weighed_by_cost(tiny_text: TextModality, prepared) -> None:
+def test_an_unknown_precision_is_refused(tiny_text: TextModality) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        EmbeddingModelHandler(tiny_text, max_batch_cost=100, precision="fp8")
+
+
+def test_bf16_autocast_gives_nearly_the_fp32_embedding(tiny_text: TextModality, tiny_text_model, prepared) -> None:
+    batch = [(key, prepared(tiny_text, text)) for key, text in TEXTS.items()]
+    full = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9).run_inference(batch, tiny_text_model)
+    bf16 = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9, precision="bf16")
+    half = bf16.run_inference(batch, tiny_text_model)
+    for exact, approximate in zip(full, half):
+        assert approximate.vector.dtype == np.float32
+        a, b = exact.vector, approximate.vector
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+
+
+# -- batching ------------------------------------------------------------------------------------
+def _text_of_tokens(tokens: int) -> Prepared:
+    """A one-window text record of ``tokens`` tokens (its cost)."""
+    return Prepared([{"input_ids": np.ones(tokens, dtype=np.int64)}])
+
+
+def test_batches_hold_one_length_bucket_in_whole_micro_batches(tiny_text: TextModality) -> None:
+    """Short and long records interleaved: each batch is one padded length, cut at whole
+    micro-batches of 4 once it holds 100 tokens; the rest waits for the next batch or the flush."""
+    batcher = CostBatcher(tiny_text, max_batch_cost=100, micro_batch_size=4)
+    records = [(f"r{i}", _text_of_tokens(5 if i % 2 else 30)) for i in range(40)]
+    batches = [batch for item in records for batch in batcher.add(item)]
+    flushed = list(batcher.flush())
+
+    assert all(len({tiny_text.padded_length(p.windows[0]) for _, p in batch}) == 1 for batch in batches + flushed)
+    assert batches and all(len(batch) % 4 == 0 and sum(p.cost for _, p in batch) >= 100 for batch in batches)
+    assert sorted(key for batch in batches + flushed for key, _ in batch) == sorted(key for key, _ in records)
+
+
+def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_text: TextModality) -> None:
+    """One-token records under a cap that 10,000 of them would reach: a batch goes out at
+    MICRO_BATCHES_PER_BATCH full micro-batches instead, so the model does not wait for them."""
+    batcher = CostBatcher(tiny_text, max_batch_cost=10_000, micro_batch_size=4)
+    batches = [batch for i in range(100) for batch in batcher.add((f"r{i}", _text_of_tokens(1)))]
+    rows = MICRO_BATCHES_PER_BATCH * 4
+    assert [len(batch) for batch in batches] == [rows] * (100 // rows)
+
+
+def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextModality) -> None:
+    """Many length buckets that never fill alone: the fullest goes out early, so what is held never
+    passes BUFFERED_BATCHES batches' worth, however long the input."""
+    batcher = CostBatcher(tiny_text, max_batch_cost=64, micro_batch_size=8)
+    held = 0
+    for i in range(2000):
+        record = _text_of_tokens(1 + i % 60)
+        held += record.cost
+        for batch in batcher.add((f"r{i}", record)):
+            held -= sum(p.cost for _, p in batch)
+        assert held <= BUFFERED_BATCHES * 64
+    assert sum(p.cost for batch in batcher.flush() for _, p in batch) == held
+
+
+def test_a_record_costs_its_input_values(tiny_text: TextModality, prepared) -> None:
     handler = EmbeddingModelHandler(tiny_text, max_batch_cost=1234)
-    kwargs = handler.batch_elements_kwargs()
-    assert kwargs["max_batch_size"] == 1234
     record = prepared(tiny_text, TEXTS["long"])
-    assert kwargs["element_size_fn"](("id", record)) == record.cost == sum(len(w["input_ids"]) for w in record.windows)
+    assert record.cost == sum(len(w["input_ids"]) for w in record.windows)
     assert handler.get_num_bytes([("a", record), ("b", record)]) == 2 * record.cost * 4
     assert handler.get_metrics_namespace() == "mmfeatures.text"
+
+
+def test_a_model_shared_across_processes_gives_the_same_embeddings(tiny_vit_dir: Path, prepared) -> None:
+    """``model_copies``: the model runs in a process of its own, behind Beam's proxy."""
+    modality = ImageModality(model=str(tiny_vit_dir))
+    items = [(f"image{i}", prepared(modality, _png(i, (40, 40)))) for i in range(3)]
+    local = EmbeddingModelHandler(modality, max_batch_cost=10**9)
+    expected = {o.record_id: o.vector for o in local.run_inference(items, local.load_model())}
+    shared = EmbeddingModelHandler(modality, max_batch_cost=10**9, model_copies=1)
+    with beam.Pipeline(runner="FnApiRunner") as pipeline:
+        outcomes = pipeline | beam.Create(items) | BatchByCost(shared) | RunInference(shared)
+        assert_that(outcomes | beam.Map(lambda o: (o.record_id, o.vector.round(5).tolist())),
+                    equal_to([(key, vector.round(5).tolist()) for key, vector in expected.items()]))

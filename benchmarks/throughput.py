@@ -1,0 +1,576 @@
+"""Throughput of the feature job, per modality, against its ceilings and two baselines, in one run.
+
+    .venv/bin/python -m benchmarks.throughput            # about 10 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.throughput --quick    # a smoke test of a minute
+    benchmarks/gpu.sh                                    # the same on one NVIDIA GPU, in bf16
+
+For each modality it builds realistic inputs (``benchmarks/inputs.py``) and measures records per
+second of:
+
+1. prepare: decode + preprocess alone (reading the local files), one single-threaded process per core;
+2. model: the forward passes alone, over the job's own batches already prepared, collated and on
+   the device, with the job's batch sizes, precision and torch threads;
+3. job: ``mmfeatures extract`` end to end on a manifest of that modality alone;
+4. stock: Beam's RunInference with its PyTorch keyed-tensor handler and default batching, fed the
+   same prepared inputs (decoded and preprocessed in the pipeline, padded to the longest input of
+   the set so that they stack);
+5. naive: a loop that reads, prepares and embeds one record at a time, over the first quarter of
+   the records (a loop's rate does not depend on how many records there are).
+
+The ceiling that 1 and 2 imply: on a CPU both stages share the cores, so 1/(1/r1 + 1/r2); on a
+GPU the slower of the two. Each measurement runs in a process of its own, forked from this one
+after the heavy imports, so its peak memory (ru_maxrss, plus its worker processes') is its own and
+one step's garbage never weighs on the next; its output goes to a log file beside the results.
+Then the scaling run: the job on N and 10 x N records of one modality, to show that wall time grows
+with the input and memory does not. It prints the tables and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import apache_beam as beam
+import cv2
+import torch
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
+
+import pipelines.extract_features  # noqa: F401 - imported before any step is forked, like the rest
+from benchmarks.inputs import MODALITIES, InputSet, build_input_set
+from mmfeatures import cli, storage
+from mmfeatures.encoders.handler import CostBatcher, EmbeddingModelHandler, available_cores, device_type
+from mmfeatures.job import Job
+from mmfeatures.modalities import MODALITIES as MODALITY_CLASSES
+from mmfeatures.modalities.base import Modality, Prepared, Window
+from mmfeatures.options import parse_options
+
+STEPS = ("prepare", "model", "job", "stock", "naive")
+STEP_TITLES = {
+    "prepare": "1 decode+preprocess",
+    "model": "2 model forward",
+    "job": "3 job end to end",
+    "stock": "4 stock RunInference",
+    "naive": "5 naive loop",
+}
+# Records per device type: enough for the job's fixed costs (resolving the run, building the
+# pipeline, loading the model: about 3 s on 2 cores) to weigh little, and few enough for the whole
+# run to take about 10 minutes on 2 cores.
+RECORDS = {
+    "cpu": {"text": 4000, "image": 3000, "audio": 600},
+    "cuda": {"text": 40000, "image": 10000, "audio": 4000},
+}
+QUICK_RECORDS = {"text": 16, "image": 8, "audio": 4}
+SCALING_RECORDS = {"cpu": 200, "cuda": 1000}
+NAIVE_SHARE = 4  # the naive loop runs over the first 1/NAIVE_SHARE of the records
+QUICK_SCALING_RECORDS = 4
+SCALING_FACTOR = 10
+SCALING_ROWS_PER_FILE = 100
+TARGETS = {  # (figure, at least or at most, bound): the issue's targets for each device type
+    "cpu": {
+        "job / ceiling": (">=", 0.85),
+        "job / naive": (">=", 3.0),
+        "job / stock": (">=", {"text": 1.3, "image": 1.0, "audio": 1.0}),
+        "wall time ratio": ("<=", 11.0),
+        "peak memory ratio": ("<=", 1.25),
+    },
+    "cuda": {"job / ceiling": (">=", 0.8)},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every step of one benchmark run shares."""
+
+    device: str
+    precision: str
+    job_options: tuple[str, ...]  # more `mmfeatures extract` options, passed through
+    workdir: Path
+
+    def job_argv(self, manifest: Path, output: Path) -> list[str]:
+        return ["--input", str(manifest), "--output", str(output), "--device", self.device,
+                "--precision", self.precision, *self.job_options]
+
+    def job(self, inputs: InputSet) -> Job:
+        """The job `mmfeatures extract` would run on these inputs, for its batch sizes and threads."""
+        return Job.from_options(parse_options(self.job_argv(inputs.manifest, self.workdir / "unused")))
+
+
+@dataclass
+class Measured:
+    """One step's result. ``worker_processes``: processes the step started beside its own, each
+    counted at the largest one's peak."""
+
+    records: int
+    seconds: float
+    worker_processes: int = 0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float | None = None
+    load_average: float = 0.0  # the machine's, over the last minute of the step: other work skews it
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def records_per_second(self) -> float:
+        return self.records / self.seconds
+
+
+# -- the five measurements (each runs in a forked process) ---------------------------------------
+def _modality(name: str) -> Modality:
+    modality = MODALITY_CLASSES[name]()
+    modality.setup()
+    return modality
+
+
+def _payload_references(inputs: InputSet) -> list[str]:
+    """Inline texts, or the media files' paths: what each step starts from."""
+    return [row[inputs.modality] if inputs.modality == "text" else str(inputs.folder / row[inputs.modality])
+            for row in inputs.rows()]
+
+
+def _read(modality: Modality, reference: str) -> bytes | str:
+    return reference if modality.inline else storage.read_bytes(reference, modality.limits.max_bytes)
+
+
+def _prepare(modality: Modality, reference: str) -> list[Window]:
+    return modality.preprocess(modality.decode(_read(modality, reference)))
+
+
+def _prepare_all(name: str, references: list[str]) -> list[list[Window]]:
+    """Every record's windows, prepared in a thread per core, each with its own copy of the
+    modality (tokenizers are not safe to share): set-up that the clock does not see."""
+    copies = threading.local()
+
+    def prepare(reference: str) -> list[Window]:
+        if not hasattr(copies, "modality"):
+            copies.modality = _modality(name)
+        return _prepare(copies.modality, reference)
+
+    with ThreadPoolExecutor(available_cores(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(prepare, references))
+
+
+_worker_modality: Modality | None = None
+
+
+def _prepare_worker_start(name: str, ready: Any) -> None:
+    """A prepare-ceiling worker: single-threaded, set up, then waiting for the others."""
+    global _worker_modality
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+    _worker_modality = _modality(name)
+    ready.wait()
+
+
+def _prepare_in_worker(reference: str) -> int:
+    assert _worker_modality is not None
+    return sum(int(next(iter(w.values())).size) for w in _prepare(_worker_modality, reference))
+
+
+def measure_prepare(inputs: InputSet, settings: Settings) -> Measured:
+    """1: decode + preprocess alone, in one single-threaded process per core."""
+    references = _payload_references(inputs)
+    workers = available_cores()
+    context = multiprocessing.get_context("fork")
+    ready = context.Barrier(workers + 1)
+    with context.Pool(workers, _prepare_worker_start, (inputs.modality, ready)) as pool:
+        ready.wait()
+        start = time.perf_counter()
+        pool.map(_prepare_in_worker, references, chunksize=max(1, len(references) // (8 * workers)))
+        seconds = time.perf_counter() - start
+    return Measured(len(references), seconds, worker_processes=workers)
+
+
+def measure_model(inputs: InputSet, settings: Settings) -> Measured:
+    """2: the job's forward passes alone: its batches, micro-batches, precision and threads, with
+    every input already prepared, collated and on the device before the clock starts."""
+    job = settings.job(inputs)
+    modality = job.modalities[inputs.modality]
+    handler = EmbeddingModelHandler(modality, **job.embedding_options(inputs.modality))
+    embedder = handler.load_model()
+    batcher = CostBatcher(modality, handler.max_batch_cost, handler.micro_batch_size)
+    windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs))
+    records = [(str(index), Prepared(windows)) for index, windows in enumerate(windows_per_record)]
+    batches = [batch for item in records for batch in batcher.add(item)] + list(batcher.flush())
+    batch_count = len(batches)
+    passes = [
+        tensors
+        for batch in batches
+        for _, tensors in embedder.micro_batches([window for _, prepared in batch for window in prepared.windows])
+    ]
+    windows = sum(len(record_windows) for record_windows in windows_per_record)
+    del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
+    embedder.forward(passes[0])  # the first pass sets up the kernels; the job pays that once too
+    _synchronize(settings.device)
+    start = time.perf_counter()
+    for tensors in passes:
+        embedder.forward(tensors)
+    _synchronize(settings.device)
+    seconds = time.perf_counter() - start
+    rows = len(passes) * handler.micro_batch_size
+    notes = {"batches": batch_count, "forward_passes": len(passes), "padding_rows": rows - windows,
+             "torch_threads": torch.get_num_threads(), "micro_batch_size": handler.micro_batch_size,
+             "max_batch_cost": handler.max_batch_cost}
+    return Measured(inputs.count, seconds, notes=notes)
+
+
+def measure_job(inputs: InputSet, settings: Settings) -> Measured:
+    """3: `mmfeatures extract` on a manifest of this modality alone, end to end."""
+    output = settings.workdir / "outputs" / f"{inputs.modality}-{inputs.count}"
+    shutil.rmtree(output, ignore_errors=True)
+    start = time.perf_counter()
+    status = cli.main(["extract", *settings.job_argv(inputs.manifest, output)])
+    seconds = time.perf_counter() - start
+    summary = json.loads((output / "_run.json").read_text())
+    embedded = summary["modalities"][inputs.modality]["embedded"]
+    if status != 0 or embedded != inputs.count:
+        raise RuntimeError(f"the job exited {status} and embedded {embedded} of {inputs.count} records")
+    return Measured(inputs.count, seconds)
+
+
+class StockEncoder(torch.nn.Module):
+    """The modality's model behind the plain ``forward(**tensors)`` that Beam's handler calls."""
+
+    def __init__(self, modality_name: str):
+        super().__init__()
+        self.modality = _modality(modality_name)
+        self.encoder = self.modality.load_model("cpu")
+
+    def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
+        return self.modality.encode(self.encoder, tensors)
+
+
+def _stock_example(reference: str, modality: Modality, pad_to: int) -> dict[str, torch.Tensor]:
+    (window,) = _prepare(modality, reference)  # every benchmark input fits one window
+    return {name: tensor[0] for name, tensor in modality.collate([window], pad_to).items()}
+
+
+def measure_stock(inputs: InputSet, settings: Settings) -> Measured:
+    """4: Beam's RunInference with its PyTorch keyed-tensor handler and its default batching."""
+    modality = _modality(inputs.modality)
+    references = _payload_references(inputs)
+    # Fixed shapes are what stacking needs: pad to the longest input of the set, the least any
+    # fixed-shape batching must pad (images all have one size already).
+    (first,) = _prepare(modality, references[0])
+    pad_to = 0
+    if modality.padded_length(first):
+        prepared = _prepare_all(inputs.modality, references)
+        pad_to = max(value.shape[-1] for windows in prepared for window in windows for value in window.values())
+    weights = settings.workdir / f"stock-{inputs.modality}.pt"
+    torch.save(StockEncoder(inputs.modality).state_dict(), weights)
+    handler = PytorchModelHandlerKeyedTensor(
+        state_dict_path=str(weights),
+        model_class=StockEncoder,
+        model_params={"modality_name": inputs.modality},
+        device="GPU" if device_type(settings.device) == "cuda" else "CPU",
+    )
+    start = time.perf_counter()
+    with beam.Pipeline(runner="FnApiRunner") as pipeline:
+        counted = (
+            pipeline
+            | beam.Create(references)
+            | beam.Map(_stock_example, modality, pad_to)
+            | RunInference(handler)
+            | beam.combiners.Count.Globally()
+        )
+        counted | beam.Map(_expect_count, len(references))
+    return Measured(len(references), time.perf_counter() - start, notes={"padded_to": pad_to})
+
+
+def _expect_count(count: int, expected: int) -> None:
+    if count != expected:
+        raise RuntimeError(f"stock RunInference gave {count} predictions for {expected} records")
+
+
+def measure_naive(inputs: InputSet, settings: Settings) -> Measured:
+    """5: one record at a time: read, prepare, embed each window, pool."""
+    modality = _modality(inputs.modality)
+    model = modality.load_model(settings.device)
+    references = _payload_references(inputs)[: -(-inputs.count // NAIVE_SHARE)]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for reference in references:
+            vectors = [
+                modality.encode(model, {k: t.to(settings.device) for k, t in modality.collate([window]).items()})
+                for window in _prepare(modality, reference)
+            ]
+            torch.cat(vectors).mean(dim=0).cpu()
+    return Measured(len(references), time.perf_counter() - start)
+
+
+MEASUREMENTS: dict[str, Callable[[InputSet, Settings], Measured]] = {
+    "prepare": measure_prepare,
+    "model": measure_model,
+    "job": measure_job,
+    "stock": measure_stock,
+    "naive": measure_naive,
+}
+
+
+def _synchronize(device: str) -> None:
+    if device_type(device) == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- running each step in a process of its own ---------------------------------------------------
+def _in_child(function: Callable[..., Any], log: Path, *args: Any) -> Any:
+    """``function(*args)`` in a forked process writing its output to ``log``; its result back."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, log, function, args))
+    process.start()
+    sender.close()
+    try:
+        ok, result = receiver.recv()
+    except EOFError:
+        ok, result = False, f"the process died (exit code {process.exitcode})"
+    process.join()
+    if not ok:
+        raise RuntimeError(f"{function.__name__} failed: {result}\n(log: {log})")
+    return result
+
+
+def _child(sender: Any, log: Path, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    try:
+        result = function(*args)
+        if isinstance(result, Measured):
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * result.worker_processes
+            result.peak_rss_mb = (own + workers) / 1024
+            result.load_average = os.getloadavg()[0]
+            if torch.cuda.is_initialized():
+                result.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        sender.send((True, result))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent, with the log's path
+        traceback.print_exc()
+        sender.send((False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+# -- the run -------------------------------------------------------------------------------------
+@dataclass
+class ModalityReport:
+    modality: str
+    records: int
+    inputs: str
+    steps: dict[str, Measured]
+    ceiling_rule: str
+
+    @property
+    def rates(self) -> dict[str, float]:
+        return {step: measured.records_per_second for step, measured in self.steps.items()}
+
+    @property
+    def ceiling(self) -> float:
+        prepare, model = self.rates["prepare"], self.rates["model"]
+        return min(prepare, model) if self.ceiling_rule == "slower" else 1 / (1 / prepare + 1 / model)
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        job = self.rates["job"]
+        return {"job / ceiling": job / self.ceiling, "job / naive": job / self.rates["naive"],
+                "job / stock": job / self.rates["stock"]}
+
+
+def _verdict(device: str, figure: str, value: float, modality: str | None = None) -> str:
+    """'pass (>= 0.85)', 'FAIL (>= 0.85)', or '' where the issue sets no target."""
+    target = TARGETS[device_type(device)].get(figure)
+    if target is None:
+        return ""
+    direction, bound = target
+    bound = bound[modality] if isinstance(bound, dict) else bound
+    met = value >= bound if direction == ">=" else value <= bound
+    return f"{'pass' if met else 'FAIL'} ({direction} {bound:g})"
+
+
+def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
+    inputs = _in_child(build_input_set, _log(settings, f"inputs-{modality}"), modality,
+                       _inputs_folder(settings, modality, seed), count, seed)
+    steps = {}
+    for step in STEPS:
+        print(f"  {modality}: {STEP_TITLES[step]} ...", flush=True)
+        steps[step] = _in_child(MEASUREMENTS[step], _log(settings, f"{step}-{modality}"), inputs, settings)
+    rule = "slower" if device_type(settings.device) == "cuda" else "combined"
+    return ModalityReport(modality, count, inputs.source, steps, rule)
+
+
+def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dict[str, Any]:
+    """The job on ``count`` and ``SCALING_FACTOR`` x ``count`` records, writing files of
+    ``SCALING_ROWS_PER_FILE`` rows: the feature sink holds one file's rows at a time (2000 by
+    default), and both runs must fill it for the ratio to show how memory grows with the input
+    rather than how full that buffer got."""
+    settings = replace(settings, job_options=(*settings.job_options, "--rows_per_file", str(SCALING_ROWS_PER_FILE)))
+    runs = {}
+    for records in (count, SCALING_FACTOR * count):
+        print(f"  scaling: the job on {records} {modality} records ...", flush=True)
+        inputs = _in_child(build_input_set, _log(settings, f"inputs-scaling-{records}"), modality,
+                           _inputs_folder(settings, modality, seed), records, seed)
+        runs[records] = _in_child(measure_job, _log(settings, f"scaling-{records}"), inputs, settings)
+    small, large = runs[count], runs[SCALING_FACTOR * count]
+    return {
+        "modality": modality,
+        "records": [count, SCALING_FACTOR * count],
+        "runs": {str(records): asdict(measured) for records, measured in runs.items()},
+        "wall_time_ratio": large.seconds / small.seconds,
+        "peak_memory_ratio": large.peak_rss_mb / small.peak_rss_mb,
+    }
+
+
+def _inputs_folder(settings: Settings, modality: str, seed: int) -> Path:
+    return settings.workdir / "inputs" / f"{modality}-seed{seed}"
+
+
+def _log(settings: Settings, name: str) -> Path:
+    folder = settings.workdir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}.log"
+
+
+# -- the report ----------------------------------------------------------------------------------
+def format_report(reports: list[ModalityReport], scaling: dict[str, Any] | None, settings: Settings) -> str:
+    lines = []
+    for report in reports:
+        lines += [
+            "",
+            f"{report.modality}: {report.records} records ({report.inputs}), {settings.device}, {settings.precision}",
+            f"  {'step':<22} {'records/s':>10} {'seconds':>9} {'peak MB':>9} {'load':>6}",
+        ]
+        for step, measured in report.steps.items():
+            gpu = f"  (GPU {measured.peak_gpu_mb:.0f} MB)" if measured.peak_gpu_mb is not None else ""
+            lines.append(f"  {STEP_TITLES[step]:<22} {measured.records_per_second:>10.1f} "
+                         f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}")
+        rule = "slower of 1 and 2" if report.ceiling_rule == "slower" else "1/(1/r1 + 1/r2)"
+        lines.append(f"  {'ceiling, ' + rule:<22} {report.ceiling:>10.1f}")
+        for figure, value in report.ratios.items():
+            verdict = _verdict(settings.device, figure, value, report.modality)
+            lines.append(f"  {figure:<22} {value:>10.2f}   {verdict}")
+    if scaling is not None:
+        small, large = scaling["records"]
+        lines += ["", f"scaling: the job on {small} and {large} {scaling['modality']} records"]
+        for figure, key in (("wall time ratio", "wall_time_ratio"), ("peak memory ratio", "peak_memory_ratio")):
+            lines.append(f"  {figure:<22} {scaling[key]:>10.2f}   {_verdict(settings.device, figure, scaling[key])}")
+    return "\n".join(lines)
+
+
+def report_json(
+    reports: list[ModalityReport], scaling: dict[str, Any] | None, settings: Settings, started: float, quick: bool
+) -> dict[str, Any]:
+    modalities = {}
+    for report in reports:
+        modalities[report.modality] = {
+            "records": report.records,
+            "inputs": report.inputs,
+            "records_per_second": report.rates,
+            "steps": {step: asdict(measured) for step, measured in report.steps.items()},
+            "ceiling": {"records_per_second": report.ceiling, "rule": report.ceiling_rule},
+            "ratios": report.ratios,
+            "targets": {figure: _verdict(settings.device, figure, value, report.modality)
+                        for figure, value in report.ratios.items()},
+        }
+    if scaling is not None:
+        scaling["targets"] = {figure: _verdict(settings.device, figure, scaling[key])
+                              for figure, key in (("wall time ratio", "wall_time_ratio"),
+                                                  ("peak memory ratio", "peak_memory_ratio"))}
+    return {
+        "machine": {
+            "cores": available_cores(),
+            "processor": _processor_name(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "beam": beam.__version__,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "settings": {"device": settings.device, "precision": settings.precision,
+                     "job_options": list(settings.job_options), "quick": quick},
+        "wall_seconds": time.perf_counter() - started,
+        "modalities": modalities,
+        "scaling": scaling,
+    }
+
+
+def _processor_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+# -- command line --------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description="Records per second of the feature job per modality, against its ceilings "
+                    "(decode+preprocess alone, the model alone), stock Beam RunInference and a naive loop.",
+        epilog="Any other option is passed to `mmfeatures extract` (e.g. --micro-batch-size 16).",
+    )
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test of the benchmark itself.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda.")
+    parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu).")
+    parser.add_argument("--modalities", default=",".join(MODALITIES), help="Comma-separated (default: all three).")
+    for modality in MODALITIES:
+        parser.add_argument(f"--{modality}-records", type=int, default=None,
+                            help=f"{modality} records (default: {RECORDS['cpu'][modality]} on cpu, "
+                                 f"{RECORDS['cuda'][modality]} on cuda).")
+    parser.add_argument("--scaling-modality", default="image", choices=MODALITIES + ("none",),
+                        help="The modality of the N and 10 x N scaling run ('none' skips it).")
+    parser.add_argument("--scaling-records", type=int, default=None,
+                        help=f"N of the scaling run (default: {SCALING_RECORDS['cpu']} on cpu).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("out/benchmarks"),
+                        help="Inputs (kept for the next run), job outputs and logs.")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="Where to write the results (default: WORKDIR/throughput.json).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args, job_options = _parser().parse_known_args(argv)
+    kind = device_type(args.device)
+    precision = args.precision or ("bf16" if kind == "cuda" else "fp32")
+    settings = Settings(args.device, precision, tuple(job_options), args.workdir.resolve())
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+        raise SystemExit(f"unknown modalities: {sorted(unknown)}")
+    sizes = QUICK_RECORDS if args.quick else RECORDS[kind]
+    print(f"benchmark on {available_cores()} cores, {args.device}, {precision}; logs in {settings.workdir / 'logs'}")
+    reports = []
+    for modality in modalities:
+        count = getattr(args, f"{modality}_records") or sizes[modality]
+        reports.append(run_modality(modality, count, settings, args.seed))
+    scaling = None
+    if args.scaling_modality != "none":
+        count = args.scaling_records or (QUICK_SCALING_RECORDS if args.quick else SCALING_RECORDS[kind])
+        scaling = run_scaling(args.scaling_modality, count, settings, args.seed)
+    print(format_report(reports, scaling, settings))
+    results = report_json(reports, scaling, settings, started, args.quick)
+    path = args.json or settings.workdir / "throughput.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nresults: {path} ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
