@@ -1,6 +1,6 @@
 """Throughput of the feature job, per modality, against its ceilings and two baselines, in one run.
 
-    .venv/bin/python -m benchmarks.throughput            # about 10 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.throughput            # about 11 minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.throughput --quick    # a smoke test of a minute
     benchmarks/gpu.sh                                    # the same on one NVIDIA GPU, in bf16
 
@@ -14,7 +14,7 @@ second of:
 4. stock: Beam's RunInference with its PyTorch keyed-tensor handler and default batching, fed the
    same prepared inputs (decoded and preprocessed in the pipeline, padded to the longest input of
    the set so that they stack);
-5. naive: a loop that reads, prepares and embeds one record at a time, over the first quarter of
+5. naive: a loop that reads, prepares and embeds one record at a time, over the first eighth of
    the records (a loop's rate does not depend on how many records there are).
 
 The ceiling that 1 and 2 imply: on a CPU both stages share the cores, so 1/(1/r1 + 1/r2); on a
@@ -53,7 +53,8 @@ from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedT
 import pipelines.extract_features  # noqa: F401 - imported before any step is forked, like the rest
 from benchmarks.inputs import MODALITIES, InputSet, build_input_set
 from mmfeatures import cli, storage
-from mmfeatures.encoders.handler import CostBatcher, EmbeddingModelHandler, available_cores, device_type
+from mmfeatures.encoders.handler import CostBatcher, EmbeddingModelHandler, device_type
+from mmfeatures.host import available_cores, keep_large_buffers
 from mmfeatures.job import Job
 from mmfeatures.modalities import MODALITIES as MODALITY_CLASSES
 from mmfeatures.modalities.base import Modality, Prepared, Window
@@ -69,14 +70,14 @@ STEP_TITLES = {
 }
 # Records per device type: enough for the job's fixed costs (resolving the run, building the
 # pipeline, loading the model: about 3 s on 2 cores) to weigh little, and few enough for the whole
-# run to take about 10 minutes on 2 cores.
+# run to take about 11 minutes on 2 cores.
 RECORDS = {
-    "cpu": {"text": 4000, "image": 3000, "audio": 600},
+    "cpu": {"text": 6000, "image": 4000, "audio": 1000},
     "cuda": {"text": 40000, "image": 10000, "audio": 4000},
 }
 QUICK_RECORDS = {"text": 16, "image": 8, "audio": 4}
 SCALING_RECORDS = {"cpu": 200, "cuda": 1000}
-NAIVE_SHARE = 4  # the naive loop runs over the first 1/NAIVE_SHARE of the records
+NAIVE_SHARE = 8  # the naive loop runs over the first 1/NAIVE_SHARE of the records
 QUICK_SCALING_RECORDS = 4
 SCALING_FACTOR = 10
 SCALING_ROWS_PER_FILE = 100
@@ -171,6 +172,7 @@ def _prepare_worker_start(name: str, ready: Any) -> None:
     global _worker_modality
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    keep_large_buffers()  # as the job's workers do
     _worker_modality = _modality(name)
     ready.wait()
 

@@ -22,16 +22,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures import storage
-from mmfeatures.encoders.handler import (
-    CPU_TURNS,
-    BatchByCost,
-    EmbeddingModelHandler,
-    Outcome,
-    available_cores,
-    device_type,
-)
+from mmfeatures.encoders.handler import BatchByCost, EmbeddingModelHandler, Outcome, device_type
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
+from mmfeatures.host import CPU_TURNS, available_cores, keep_large_buffers
 from mmfeatures.limits import check_size
 from mmfeatures.modalities.base import Modality, Prepared
 from mmfeatures.progress import Progress
@@ -173,6 +167,7 @@ class _Prepare(beam.DoFn):
 
     def setup(self) -> None:
         self.modality.setup()
+        keep_large_buffers()  # decoded images are large buffers too
         # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
         # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
         # (the Whisper encoder ran 30% slower beside them). The setting is per thread.

@@ -1,9 +1,11 @@
-"""The throughput benchmark's smoke test: ``--quick`` runs every measurement of every modality on a
-few records of each (real models, real generated files), prints the table and writes the JSON."""
+"""The throughput benchmark's smoke test, through ``benchmarks/gpu.sh --device cpu`` as a machine
+without a GPU runs it: ``--quick`` runs every measurement of every modality on a few records of each
+(real models, real generated files), prints the table and writes the JSON."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,9 @@ MODALITIES = ("text", "image", "audio")
 def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--workdir", str(tmp_path), "--json", results],
+        ["benchmarks/gpu.sh", "--device", "cpu", "--quick", "--workdir", str(tmp_path), "--json", str(results)],
         cwd=REPOSITORY,
+        env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=300,
@@ -33,6 +36,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path
     assert "wall time ratio" in run.stdout and "peak memory ratio" in run.stdout
 
     report = json.loads(results.read_text())
+    assert (report["settings"]["device"], report["settings"]["precision"]) == ("cpu", "fp32")
     assert set(report["modalities"]) == set(MODALITIES)
     for modality, figures in report["modalities"].items():
         assert set(figures["records_per_second"]) == set(STEPS), modality

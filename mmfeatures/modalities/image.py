@@ -190,6 +190,18 @@ def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarr
     return resized[top : top + crop_to, left : left + crop_to]
 
 
+def normalize(image: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
+    """RGB uint8 [H, W, 3] to float32 [3, H, W] of (pixel / 255 - mean) / std per channel.
+
+    One OpenCV call, as (pixel - 255 mean) / (255 std): five times faster than the same in numpy
+    (a fifth of an image's preparing time), and it releases the GIL for the preparing threads.
+    """
+    params = cv2.dnn.Image2BlobParams(
+        scalefactor=tuple(1.0 / (255.0 * s) for s in std), mean=tuple(255.0 * m for m in mean), ddepth=cv2.CV_32F
+    )
+    return cv2.dnn.blobFromImageWithParams(image, params)[0]
+
+
 class ImageModality(Modality):
     name = "image"
     default_batch_cost = 32 * 3 * 224 * 224  # input values: 32 images at 224x224
@@ -224,10 +236,7 @@ class ImageModality(Modality):
         settings = self._settings
         assert settings is not None
         crop = resize_and_crop(raw, settings["resize_shorter_side"], settings["crop"])
-        mean = np.asarray(settings["mean"], dtype=np.float32)
-        std = np.asarray(settings["std"], dtype=np.float32)
-        pixels = (crop.astype(np.float32) / 255.0 - mean) / std
-        return [{"pixel_values": np.ascontiguousarray(pixels.transpose(2, 0, 1))}]
+        return [{"pixel_values": normalize(crop, settings["mean"], settings["std"])}]
 
     def settings(self) -> dict[str, Any]:
         self.setup()

@@ -196,6 +196,24 @@ def test_load_model_gives_a_frozen_model_and_sets_the_threads_once(tiny_bert_dir
     assert not any(p.requires_grad for p in embedder.model.parameters())
 
 
+def test_a_loaded_convolutional_model_has_its_batch_norms_folded_and_gives_the_same_embeddings(
+    image_default: ImageModality, image_default_model: torch.nn.Module, prepared
+) -> None:
+    handler = EmbeddingModelHandler(image_default, max_batch_cost=10**9, micro_batch_size=4)
+    embedder = handler.load_model()
+    rng = np.random.default_rng(0)
+    photos = [cv2.imencode(".jpg", rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))[1].tobytes() for _ in range(5)]
+    records = [prepared(image_default, photo) for photo in photos]
+
+    optimized = embedder.embed(records)
+    as_published = handler.embedder(image_default_model).embed(records)  # a module given is run as it is
+
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in embedder.model.modules())
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in image_default_model.modules())
+    for fast, plain in zip(optimized, as_published):
+        assert np.linalg.norm(fast - plain) <= 1e-5 * np.linalg.norm(plain)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without a GPU")
 def test_asking_for_cuda_without_a_gpu_fails_clearly(tiny_bert_dir: Path) -> None:
     handler = EmbeddingModelHandler(TextModality(model=str(tiny_bert_dir)), device="cuda", max_batch_cost=100)

@@ -20,7 +20,7 @@ from PIL import Image
 from mmfeatures.errors import DecodeError, Stage
 from mmfeatures.modalities.base import Limits
 from mmfeatures.modalities import image as image_module
-from mmfeatures.modalities.image import ImageModality, decode_image, resize_and_crop
+from mmfeatures.modalities.image import ImageModality, decode_image, normalize, resize_and_crop
 
 RED_RGB = (255, 0, 0)
 BLUE_RGB = (0, 0, 255)
@@ -472,6 +472,18 @@ def test_resize_and_crop_of_a_thin_strip_is_cheap() -> None:
 
 
 # -- models --------------------------------------------------------------------------------------
+def test_normalize_gives_channels_first_standardised_pixels() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+    pixels = normalize(image, mean, std)
+
+    assert pixels.shape == (3, 30, 40) and pixels.dtype == np.float32 and pixels.flags["C_CONTIGUOUS"]
+    for channel in range(3):  # channel order kept: no RGB/BGR swap
+        expected = (image[:, :, channel] / 255.0 - mean[channel]) / std[channel]
+        np.testing.assert_allclose(pixels[channel], expected, atol=1e-5)
+
+
 def test_default_model_gives_1280_d_finite_embeddings(image_default, image_default_model, embed, cos) -> None:
     assert image_default.dimension() == 1280
     settings = image_default.settings()

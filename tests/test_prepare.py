@@ -1,0 +1,82 @@
+"""The prepare step of ``EmbedModality``: records prepared in a pool of threads, a bounded number
+ahead, leave in input order with their own timestamps and windows, failures as tagged error rows;
+and the turns a CPU model and the preparing threads take at the cores."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import IntervalWindow
+from apache_beam.utils.windowed_value import WindowedValue
+
+from mmfeatures import storage
+from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.host import CoreTurns
+from mmfeatures.modalities.text import TextModality
+from mmfeatures.records import parse_record
+from mmfeatures.transforms import _Prepare
+
+AHEAD = 4
+
+
+def _run(prepare: _Prepare, texts: list[str]) -> tuple[list[Any], int]:
+    """Every output of one bundle over ``texts`` (record i at timestamp i, in window [i, i+1)),
+    and the most records that were in flight at once."""
+    prepare.setup()
+    prepare.start_bundle()
+    outputs, most_in_flight = [], 0
+    for index, text in enumerate(texts):
+        record = parse_record({"id": f"r{index}", "text": text}, source="m.jsonl", manifest_dir="")
+        outputs += prepare.process(record, window=IntervalWindow(index, index + 1), timestamp=index)
+        most_in_flight = max(most_in_flight, len(prepare._in_flight))
+    outputs += prepare.finish_bundle()
+    prepare.teardown()
+    return outputs, most_in_flight
+
+
+def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(tiny_text: TextModality) -> None:
+    texts = [f"sentence number {index} " * (1 + index % 7) for index in range(60)]
+    outputs, most_in_flight = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
+
+    assert most_in_flight <= AHEAD
+    assert all(isinstance(output, WindowedValue) for output in outputs)
+    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(60)]
+    assert [output.timestamp.micros // 10**6 for output in outputs] == list(range(60))
+    assert [output.windows[0].start.micros // 10**6 for output in outputs] == list(range(60))
+    for text, output in zip(texts, outputs):  # the pool threads' copies prepare as the modality does
+        expected = tiny_text.preprocess(tiny_text.decode(text))
+        windows = output.value[1].windows
+        assert len(windows) == len(expected)
+        for window, expected_window in zip(windows, expected):
+            assert window.keys() == expected_window.keys()
+            assert all(np.array_equal(window[name], expected_window[name]) for name in window)
+
+
+def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text: TextModality) -> None:
+    outputs, _ = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
+
+    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue]
+    error = outputs[1]
+    assert error.tag == ERRORS_TAG
+    assert error.value.timestamp.micros == 1_000_000
+    assert (error.value.value["id"], error.value.value["error_type"]) == ("r1", "empty_text")
+
+
+def test_preparing_waits_while_a_cpu_model_runs() -> None:
+    turns = CoreTurns()
+    waited = threading.Event()
+
+    def prepare() -> None:
+        turns.wait_for_cores()
+        waited.set()
+
+    with turns.model_turn():
+        thread = threading.Thread(target=prepare)
+        thread.start()
+        assert not waited.wait(0.3)  # blocked for as long as the model runs
+    assert waited.wait(5)
+    thread.join()
+    turns.wait_for_cores()  # no model running: no wait at all
