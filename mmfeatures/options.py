@@ -50,8 +50,8 @@ class ExtractOptions(PipelineOptions):
                  "1 audio clip; 64 on a GPU). Every pass has exactly this many rows, so a record's "
                  "embedding does not depend on its batch.")
         add("--precision", dest="precision", default="fp32", choices=sorted(PRECISIONS),
-            help="fp32 runs the models as loaded; bf16 and fp16 run them under torch autocast (on a "
-                 "GPU about twice as fast; on a CPU only where it has bf16 instructions).")
+            help="fp32 runs the models as loaded; bf16 and fp16 run them under torch autocast (for "
+                 "GPUs' tensor cores; on a CPU only where it has bf16 instructions).")
         add("--torch_threads", dest="torch_threads", type=int, default=None,
             help="Torch threads per worker process (default: the cores the process may use). With "
                  "several worker processes on one machine, give each its share of the cores.")
