@@ -235,7 +235,9 @@ class Embedder:
         """Embed every window of every record, then mean-pool each record's windows.
 
         The outputs stay on the device until the batch is done, so a GPU runs ahead of the host
-        (one device-to-host copy per batch, not per micro-batch).
+        (one device-to-host copy per batch, not per micro-batch). Pooling is done in the model's
+        turn too: after it, the preparing threads hold the GIL most of the time, and the same
+        pooling took a millisecond per 4 images.
         """
         windows = [window for record in records for window in record.windows]
         outputs, order = [], []
@@ -245,11 +247,11 @@ class Embedder:
                 order += indices
             per_window = np.empty((len(windows), outputs[0].shape[1]), dtype=np.float32)
             per_window[order] = torch.cat(outputs).cpu().numpy()
-        pooled, start = [], 0
-        for record in records:
-            stop = start + len(record.windows)
-            pooled.append(per_window[start:stop].mean(axis=0))
-            start = stop
+            pooled, start = [], 0
+            for record in records:
+                stop = start + len(record.windows)
+                pooled.append(per_window[start:stop].mean(axis=0))
+                start = stop
         return pooled
 
     def micro_batches(self, windows: Sequence[Window]) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:

@@ -1,7 +1,7 @@
 """Images: decoded with OpenCV (JPEG, PNG, WebP, BMP, TIFF; grey and alpha to RGB; EXIF orientation
-applied), the shorter side resized and centre-cropped to the model's input size, normalised
-with the model's mean and std. The default model is ImageNet MobileNetV2 (1280-d pooled features);
-any Hugging Face vision encoder folder or id works too.
+applied), the shorter side resized (bilinear, antialiased: torchvision's reference) and the centre
+cropped to the model's input size, normalised with the model's mean and std. The default model is
+ImageNet MobileNetV2 (1280-d pooled features); any Hugging Face vision encoder folder or id works too.
 
 The pixel cap (``Limits.max_pixels``) is checked twice: first on the width and height in the file's
 header, read by Pillow without decoding any pixel data, so that a decompression bomb (a few hundred
@@ -171,7 +171,14 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 
 def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarray:
-    """Resize the shorter side to ``resize_to`` and take the centre ``crop_to`` square."""
+    """Resize the shorter side to ``resize_to`` and take the centre ``crop_to`` square.
+
+    The resize is bilinear with antialiasing, torch's uint8 kernel: the reference preprocessing of
+    torchvision's ImageNet models (Pillow's bilinear filter), which these models were trained on.
+    On 640x480 photos it matches Pillow to 0.002 of a grey level on average, where OpenCV's
+    INTER_AREA differed by 0.6 (embeddings down to 0.99 cosine), and it takes a third of
+    INTER_AREA's time (0.7 ms against 2.0 ms), with the GIL released.
+    """
     height, width = image.shape[:2]
     # Only the centre survives the crop: trim a very elongated image's long side to a few crops'
     # worth first, or a 1 x 60000 strip would be resized to gigabytes before being cropped.
@@ -182,24 +189,27 @@ def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarr
         image = image[(height - keep) // 2 : (height - keep) // 2 + keep]
     height, width = image.shape[:2]
     scale = resize_to / min(height, width)
-    size = (max(crop_to, round(width * scale)), max(crop_to, round(height * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, size, interpolation=interpolation)
-    top = (resized.shape[0] - crop_to) // 2
-    left = (resized.shape[1] - crop_to) // 2
-    return resized[top : top + crop_to, left : left + crop_to]
+    size = (max(crop_to, round(height * scale)), max(crop_to, round(width * scale)))
+    pixels = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # a view: [1, 3, H, W]
+    planes = torch.nn.functional.interpolate(pixels, size=size, mode="bilinear", antialias=True)[0].numpy()
+    top = (size[0] - crop_to) // 2
+    left = (size[1] - crop_to) // 2
+    # The kernel's output is planar: the crop is interleaved back to [H, W, 3], which later steps
+    # (and the model, channels-last) read row by row.
+    return cv2.merge(list(planes[:, top : top + crop_to, left : left + crop_to]))
 
 
 def normalize(image: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
     """RGB uint8 [H, W, 3] to float32 [3, H, W] of (pixel / 255 - mean) / std per channel.
 
-    One OpenCV call, as (pixel - 255 mean) / (255 std): five times faster than the same in numpy
-    (a fifth of an image's preparing time), and it releases the GIL for the preparing threads.
+    One affine map of each pixel's channels (OpenCV's ``transform``: scale 1 / (255 std) and shift
+    -mean / std), which keeps them interleaved: the result is channels-last in memory (a transposed
+    view of [H, W, 3]), the layout convolutional networks run in, so that ``collate`` stacks images
+    with plain copies. 40 us for a 224x224 crop, where ``blobFromImage`` took 170 us, and numpy 560.
     """
-    params = cv2.dnn.Image2BlobParams(
-        scalefactor=tuple(1.0 / (255.0 * s) for s in std), mean=tuple(255.0 * m for m in mean), ddepth=cv2.CV_32F
-    )
-    return cv2.dnn.blobFromImageWithParams(image, params)[0]
+    scale, shift = 1.0 / (255.0 * np.asarray(std)), -np.asarray(mean) / np.asarray(std)
+    matrix = np.hstack([np.diag(scale), shift[:, None]]).astype(np.float32)
+    return cv2.transform(image.astype(np.float32), matrix).transpose(2, 0, 1)
 
 
 class ImageModality(Modality):
@@ -240,7 +250,7 @@ class ImageModality(Modality):
 
     def settings(self) -> dict[str, Any]:
         self.setup()
-        return {"decoder": "opencv", "color": "RGB", **(self._settings or {})}
+        return {"decoder": "opencv", "color": "RGB", "resize": "bilinear, antialiased", **(self._settings or {})}
 
     def dimension(self) -> int:
         if self.resolved.bundled:
@@ -257,7 +267,12 @@ class ImageModality(Modality):
         return model.eval().requires_grad_(False).to(device)
 
     def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.from_numpy(np.stack([w["pixel_values"] for w in windows]))}
+        """[rows, 3, H, W], channels-last in memory like each window: converting channels-first
+        stacks took longer than stacking (0.5 ms against 0.2 ms for 4 images), in the model's turn."""
+        first = windows[0]["pixel_values"]
+        stacked = np.empty((len(windows), *first.shape[1:], first.shape[0]), first.dtype)  # [rows, H, W, 3]
+        np.stack([w["pixel_values"].transpose(1, 2, 0) for w in windows], out=stacked)
+        return {"pixel_values": torch.from_numpy(stacked).permute(0, 3, 1, 2)}
 
     def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(model, mobilenet_v2.MobileNetV2):
