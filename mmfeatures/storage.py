@@ -198,9 +198,15 @@ def _read_whole(location: str, max_bytes: int | None) -> bytes:
     size = None if max_bytes is None else fs.size(path)
     check_size(size, max_bytes)
     with fs.open(path, "rb") as handle:
-        # Bounded only where the store did not report the size: a local file's read(n) allocates n
-        # bytes up front (64 MB by default), which took longer than reading a photo.
-        data = handle.read() if max_bytes is None or size is not None else handle.read(max_bytes + 1)
+        if max_bytes is None:
+            data = handle.read()
+        else:
+            # A local file's read(n) allocates n bytes up front: ask for the size the store reported
+            # (plus one, to notice growth), not the whole limit, which took longer than reading a
+            # photo. Reads stay bounded even where the size is wrong (/dev/zero reports 0 bytes).
+            data = handle.read((max_bytes if size is None else size) + 1)
+            if size is not None and len(data) > size:  # it grew while being read
+                data += handle.read(max_bytes + 1 - len(data))
     if max_bytes is not None and len(data) > max_bytes:  # a store that did not report the size
         raise FetchError(f"over the {max_bytes}-byte limit", error_type="file_too_large")
     return data

@@ -121,6 +121,12 @@ def test_read_bytes_too_large(tmp_path, memory_dir):
     assert fetch_error(f"{memory_dir}/big.bin", max_bytes=10).error_type == "file_too_large"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+def test_read_bytes_stays_bounded_where_the_reported_size_is_wrong():
+    """/dev/zero reports 0 bytes and never ends: the read still stops just past the limit."""
+    assert fetch_error("/dev/zero", max_bytes=1000).error_type == "file_too_large"
+
+
 def test_read_bytes_directory(tmp_path):
     assert fetch_error(str(tmp_path)).error_type == "not_a_file"
     # with a size limit the directory is still a FetchError, never an escaped OSError
