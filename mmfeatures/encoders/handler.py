@@ -236,8 +236,8 @@ class Embedder:
 
         The outputs stay on the device until the batch is done, so a GPU runs ahead of the host
         (one device-to-host copy per batch, not per micro-batch). Pooling is done in the model's
-        turn too: after it, the preparing threads hold the GIL most of the time, and the same
-        pooling took a millisecond per 4 images.
+        turn too: after it, the preparing threads take the GIL, and the same pooling took 1.1 s
+        over 4,000 images, against 0.04 s within the turn.
         """
         windows = [window for record in records for window in record.windows]
         outputs, order = [], []
