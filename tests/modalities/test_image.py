@@ -559,6 +559,24 @@ def test_tiny_vit_folder_runs_end_to_end(tiny_vit_dir: Path, embed) -> None:
     assert not np.allclose(first, second)
 
 
+def test_hugging_face_settings_accept_one_mean_and_std_for_all_channels(
+    tiny_vit_dir: Path, tmp_path: Path
+) -> None:
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_vit_dir / name).read_bytes())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": [0.25]}))
+    modality = ImageModality(model=str(tmp_path))
+    assert (modality.settings()["mean"], modality.settings()["std"]) == ([0.5] * 3, [0.25] * 3)
+    pixels = modality.preprocess(np.full((40, 40, 3), 255, np.uint8))[0]["pixel_values"]
+    np.testing.assert_allclose(pixels, (1.0 - 0.5) / 0.25, rtol=1e-6)
+
+
+def test_resize_and_crop_accepts_mirrored_views() -> None:
+    image = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    mirrored = resize_and_crop(image[:, ::-1], 32, 32)
+    np.testing.assert_array_equal(mirrored, resize_and_crop(np.ascontiguousarray(image[:, ::-1]), 32, 32))
+
+
 def test_hugging_face_settings_accept_integer_sizes(tiny_vit_dir: Path, tmp_path: Path) -> None:
     """Older ``preprocessor_config.json`` files give ``size`` and ``crop_size`` as plain ints."""
     for name in ("config.json", "model.safetensors"):
