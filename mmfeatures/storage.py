@@ -207,7 +207,7 @@ def _read_whole(location: str, max_bytes: int | None) -> bytes:
             data = handle.read((max_bytes if size is None else size) + 1)
             if size is not None and len(data) > size:  # it grew while being read
                 data += handle.read(max_bytes + 1 - len(data))
-    if max_bytes is not None and len(data) > max_bytes:  # a store that did not report the size
+    if max_bytes is not None and len(data) > max_bytes:  # the size was not reported, or was wrong
         raise FetchError(f"over the {max_bytes}-byte limit", error_type="file_too_large")
     return data
 
