@@ -54,7 +54,7 @@ import pipelines.extract_features  # noqa: F401 - imported before any step is fo
 from benchmarks.inputs import MODALITIES, InputSet, build_input_set
 from mmfeatures import cli, storage
 from mmfeatures.encoders.handler import CostBatcher, EmbeddingModelHandler, device_type
-from mmfeatures.host import available_cores, keep_large_buffers
+from mmfeatures.host import available_cores, settle_worker_process
 from mmfeatures.job import Job
 from mmfeatures.modalities import MODALITIES as MODALITY_CLASSES
 from mmfeatures.modalities.base import Modality, Prepared, Window
@@ -172,7 +172,7 @@ def _prepare_worker_start(name: str, ready: Any) -> None:
     global _worker_modality
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    keep_large_buffers()  # as the job's workers do
+    settle_worker_process()  # as the job's workers do
     _worker_modality = _modality(name)
     ready.wait()
 

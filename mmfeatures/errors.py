@@ -124,7 +124,7 @@ ERROR_TYPE_PREFIX = "by_type:"
 def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
     """One error row's contribution to the run's counts (summed over the run)."""
     return {
-        "rows": 1,
+        "error_rows": 1,
         "rejected_rows": int(row["modality"] is None),  # a whole row; else one modality of a kept record
         f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
     }

@@ -146,25 +146,23 @@ class Job:
     def summary(
         self,
         *,
-        rows_read: int,
-        tallies: Mapping[str, int],
-        error_counts: Mapping[str, int],
+        counts: Mapping[str, int],
         features: Mapping[str, int],
         errors: Mapping[str, int],
     ) -> dict[str, Any]:
         """``_run.json``: every count comes from the data the run produced and wrote. Every string
         in it is redacted (inputs, outputs, options, model references): no credential or signed
         URL is ever written there."""
-        accepted = tallies.get("records_accepted", 0)
-        with_features = tallies.get("records_with_features", 0)
+        accepted = counts.get("records_accepted", 0)
+        with_features = counts.get("records_with_features", 0)
         modalities = {}
         for name in MODALITY_COLUMNS:
-            counts = {key: tallies.get(f"{name}.{key}", 0) for key in ("present", "embedded", "failed")}
-            counts["absent"] = accepted - counts["present"]
-            modalities[name] = counts
+            modality = {key: counts.get(f"{name}.{key}", 0) for key in ("present", "embedded", "failed")}
+            modality["absent"] = accepted - modality["present"]
+            modalities[name] = modality
         records = {
-            "read": rows_read,
-            "rejected": error_counts.get("rejected_rows", 0),
+            "read": counts.get("rows_read", 0),
+            "rejected": counts.get("rejected_rows", 0),
             "accepted": accepted,
             "with_features": with_features,
             "without_features": accepted - with_features,
@@ -172,7 +170,7 @@ class Job:
         checks = {
             "every_row_accounted_for": records["read"] == records["rejected"] + accepted,
             "feature_rows_match": features["rows"] == with_features,
-            "error_rows_match": errors["rows"] == error_counts.get("rows", 0),
+            "error_rows_match": errors["rows"] == counts.get("error_rows", 0),
             "modalities_reconcile": all(
                 c["present"] == c["embedded"] + c["failed"] for c in modalities.values()
             ),
@@ -184,7 +182,7 @@ class Job:
             "error_rows": errors["rows"],
             "errors_by_type": {
                 key.removeprefix(ERROR_TYPE_PREFIX): count
-                for key, count in sorted(error_counts.items()) if key.startswith(ERROR_TYPE_PREFIX)
+                for key, count in sorted(counts.items()) if key.startswith(ERROR_TYPE_PREFIX)
             },
             "modalities": modalities,
             "reconciles": all(checks.values()),

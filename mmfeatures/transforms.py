@@ -25,7 +25,7 @@ from mmfeatures import storage
 from mmfeatures.encoders.handler import BatchByCost, EmbeddingModelHandler, Outcome, device_type
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
-from mmfeatures.host import CPU_TURNS, available_cores, keep_large_buffers
+from mmfeatures.host import CPU_TURNS, available_cores, settle_worker_process
 from mmfeatures.limits import check_size
 from mmfeatures.modalities.base import Modality, Prepared
 from mmfeatures.progress import Progress
@@ -35,7 +35,7 @@ from mmfeatures.sinks import add_value_types, merge_column_types
 from mmfeatures.sources import declared_column_types, read_manifest
 
 NAMESPACE = "mmfeatures"
-ROWS_READ_TAG = "rows_read"
+COUNTS_TAG = "counts"  # dicts of counts, summed over the run for _run.json (see ``sum_counts``)
 COLUMN_TYPES_TAG = "column_types"
 
 
@@ -48,8 +48,8 @@ def _error_output(row: ErrorRow) -> beam.pvalue.TaggedOutput:
 
 
 class _ReadManifest(beam.DoFn):
-    """One manifest file to validated records (keyed by id, with their position for dedup), the
-    number of rows read, and the types of its carried columns (its own schema for Parquet)."""
+    """One manifest file to validated records (keyed by id, with their position for dedup), its
+    counts (``rows_read``), and the types of its carried columns (its own schema for Parquet)."""
 
     def __init__(self, max_member_bytes: int | None):
         self.max_member_bytes = max_member_bytes
@@ -78,7 +78,7 @@ class _ReadManifest(beam.DoFn):
                 add_value_types(inferred, record.carried)
             yield record.id, ((file_index, row_number), record)
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
-        yield beam.pvalue.TaggedOutput(ROWS_READ_TAG, rows)
+        yield beam.pvalue.TaggedOutput(COUNTS_TAG, {"rows_read": rows})
         if declared is not None:
             reserved = reserved_record_columns()
             inferred = {carried_column_name(n): t for n, t in declared.items() if n not in reserved}
@@ -116,7 +116,7 @@ class ReadRecords(beam.PTransform):
             | "Files" >> beam.Create(list(enumerate(self.files)))
             | "Spread" >> beam.Reshuffle()
             | "Parse" >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
-                ERRORS_TAG, ROWS_READ_TAG, COLUMN_TYPES_TAG, main="records"
+                ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, main="records"
             )
         )
         deduplicated = (
@@ -125,11 +125,10 @@ class ReadRecords(beam.PTransform):
             | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="records")
         )
         errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG]) | "Errors" >> beam.Flatten()
-        rows_read = read[ROWS_READ_TAG] | "CountRows" >> beam.CombineGlobally(sum)
         return {
             "records": deduplicated.records,
             ERRORS_TAG: errors,
-            ROWS_READ_TAG: rows_read,
+            COUNTS_TAG: read[COUNTS_TAG],
             COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],
         }
 
@@ -167,7 +166,7 @@ class _Prepare(beam.DoFn):
 
     def setup(self) -> None:
         self.modality.setup()
-        keep_large_buffers()  # decoded images are large buffers too
+        settle_worker_process()
         # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
         # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
         # (the Whisper encoder ran 30% slower beside them). The setting is per thread.
@@ -306,7 +305,7 @@ class _Fuse(beam.DoFn):
         (record,) = groups["record"]
         embeddings: dict[str, np.ndarray] = dict(groups["embeddings"])
         failed = sorted(set(groups["failed"]))
-        yield beam.pvalue.TaggedOutput("tallies", tally(record, embeddings, failed))
+        yield beam.pvalue.TaggedOutput(COUNTS_TAG, tally(record, embeddings, failed))
         if not embeddings:  # every modality failed: the error rows alone account for the record
             return
         row: dict[str, Any] = dict(record.carried)
@@ -325,7 +324,8 @@ class _Fuse(beam.DoFn):
 
 
 class JoinAndFuse(beam.PTransform):
-    """Join each record with its embeddings and failures by id; emit feature rows and tallies."""
+    """Join each record with its embeddings and failures by id; emit feature rows and each record's
+    counts (``tally``)."""
 
     def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
         super().__init__()
@@ -344,9 +344,9 @@ class JoinAndFuse(beam.PTransform):
         fused = (
             {"record": keyed_records, "embeddings": inputs["embeddings"], "failed": failed}
             | "Join" >> beam.CoGroupByKey()
-            | "Fuse" >> beam.ParDo(_Fuse(self.fusion, self.event_timestamp)).with_outputs("tallies", main="features")
+            | "Fuse" >> beam.ParDo(_Fuse(self.fusion, self.event_timestamp)).with_outputs(COUNTS_TAG, main="features")
         )
-        return {"features": fused.features, "tallies": fused.tallies}
+        return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG]}
 
 
 # -- what the sinks need -----------------------------------------------------------------------
@@ -369,6 +369,8 @@ class FeatureSchema(beam.PTransform):
 
 
 def sum_counts(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """The run's counts: rows read per manifest, each record's ``tally``, each error row's
+    ``error_tally``, summed key by key in one combine (their keys never overlap)."""
     total: dict[str, int] = {}
     for counts in tallies:
         for key, value in counts.items():

@@ -19,7 +19,7 @@ from mmfeatures.options import parse_options
 from mmfeatures.sinks import WriteParquetTable, WriteRunSummary
 from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
-    ROWS_READ_TAG,
+    COUNTS_TAG,
     EmbedModality,
     FeatureSchema,
     JoinAndFuse,
@@ -60,10 +60,9 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         job.path("_run.json"),
         job.summary,
         job.started.timestamp(),
-        rows_read=read[ROWS_READ_TAG],
-        tallies=fused["tallies"] | "CountRecords" >> beam.CombineGlobally(sum_counts),
-        error_counts=errors | "TallyErrors" >> beam.Map(error_tally)
-        | "CountErrors" >> beam.CombineGlobally(sum_counts),
+        counts=[read[COUNTS_TAG], fused[COUNTS_TAG], errors | "TallyErrors" >> beam.Map(error_tally)]
+        | "AllCounts" >> beam.Flatten()
+        | "SumCounts" >> beam.CombineGlobally(sum_counts),
         features=features_written,
         errors=errors_written,
     )

@@ -4,6 +4,8 @@ and the turns a CPU model and the preparing threads take at the cores."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -80,3 +82,15 @@ def test_preparing_waits_while_a_cpu_model_runs() -> None:
     assert waited.wait(5)
     thread.join()
     turns.wait_for_cores()  # no model running: no wait at all
+
+
+def test_a_settled_worker_leaves_its_loaded_modules_out_of_garbage_collection() -> None:
+    """Run in a fresh interpreter: this one may be settled already."""
+    code = (
+        "import gc, torch, mmfeatures.host as host\n"
+        "assert gc.get_freeze_count() == 0\n"
+        "host.settle_worker_process(); frozen = gc.get_freeze_count()\n"
+        "host.settle_worker_process()\n"
+        "assert frozen > 100000 and gc.get_freeze_count() == frozen, frozen\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

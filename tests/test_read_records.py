@@ -5,7 +5,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from mmfeatures.errors import ERRORS_TAG, Stage
 from mmfeatures.errors import error_tally
-from mmfeatures.transforms import ROWS_READ_TAG, ReadRecords, sum_counts
+from mmfeatures.transforms import COUNTS_TAG, ReadRecords, sum_counts
 
 
 def write_manifests(tmp_path):
@@ -74,7 +74,7 @@ def test_read_records(tmp_path):
             label="DuplicateMessages",
         )
         # 9 non-blank lines in a.jsonl, 4 data rows in b.csv
-        assert_that(out[ROWS_READ_TAG], equal_to([13]), label="RowsRead")
+        assert_that(out[COUNTS_TAG], equal_to([{"rows_read": 9}, {"rows_read": 4}]), label="RowsRead")
 
 
 def test_read_records_file_order_decides_duplicates(tmp_path):
@@ -88,7 +88,7 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
         dropped = (out[ERRORS_TAG] | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
                    | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"])))
         assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:2")]), label="Dropped")
-        assert_that(out[ROWS_READ_TAG], equal_to([13]), label="RowsRead")
+        assert_that(out[COUNTS_TAG], equal_to([{"rows_read": 9}, {"rows_read": 4}]), label="RowsRead")
 
 
 def test_sum_counts():
@@ -101,12 +101,12 @@ def test_error_tally():
     validate = dict(read, stage="validate", error_type="missing_id")
     fetch = dict(read, id="x", modality="image", stage="fetch", error_type="missing_file")
     one_modality = dict(read, id="x", modality="image", stage="validate", error_type="wrong_type")
-    assert error_tally(read) == {"rows": 1, "rejected_rows": 1, "by_type:read/malformed_json": 1}
-    assert error_tally(validate) == {"rows": 1, "rejected_rows": 1, "by_type:validate/missing_id": 1}
-    assert error_tally(one_modality) == {"rows": 1, "rejected_rows": 0, "by_type:validate/wrong_type": 1}
-    assert error_tally(fetch) == {"rows": 1, "rejected_rows": 0, "by_type:fetch/missing_file": 1}
+    assert error_tally(read) == {"error_rows": 1, "rejected_rows": 1, "by_type:read/malformed_json": 1}
+    assert error_tally(validate) == {"error_rows": 1, "rejected_rows": 1, "by_type:validate/missing_id": 1}
+    assert error_tally(one_modality) == {"error_rows": 1, "rejected_rows": 0, "by_type:validate/wrong_type": 1}
+    assert error_tally(fetch) == {"error_rows": 1, "rejected_rows": 0, "by_type:fetch/missing_file": 1}
     assert sum_counts(map(error_tally, [read, fetch, fetch, validate])) == {
-        "rows": 4,
+        "error_rows": 4,
         "rejected_rows": 2,
         "by_type:read/malformed_json": 1,
         "by_type:fetch/missing_file": 2,

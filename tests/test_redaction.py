@@ -200,7 +200,7 @@ def test_job_summary_has_no_secret(tmp_path):
     job.inputs.append("https://u:hunter2@h/manifest.jsonl?X-Amz-Signature=SIGNATURE&token=tok3n")
     job.options["input"] = [*job.options["input"], job.inputs[-1]]
     summary = job.summary(
-        rows_read=0, tallies={}, error_counts={}, features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0}
+        counts={}, features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0}
     )
     text = json.dumps(summary, default=str)
     assert_no_secret(text)

@@ -26,6 +26,7 @@ from mmfeatures.encoders.handler import (
     Outcome,
 )
 from mmfeatures.errors import EncodeError, Stage
+from mmfeatures.host import CPU_TURNS
 from mmfeatures.modalities.audio import AudioModality
 from mmfeatures.modalities.base import Modality, Prepared
 from mmfeatures.modalities.image import ImageModality
@@ -298,3 +299,18 @@ def test_a_model_shared_across_processes_gives_the_same_embeddings(tiny_vit_dir:
         outcomes = pipeline | beam.Create(items) | BatchByCost(shared) | RunInference(shared)
         assert_that(outcomes | beam.Map(lambda o: (o.record_id, o.vector.round(5).tolist())),
                     equal_to([(key, vector.round(5).tolist()) for key, vector in expected.items()]))
+
+
+def test_on_a_cpu_batches_are_stacked_before_the_models_turn(
+    tiny_text: TextModality, tiny_text_model, prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stacking is a copy on one core: done in the model's turn, it would keep the preparing
+    threads off the other core."""
+    turns: list[bool] = []
+    collate = tiny_text.collate
+    monkeypatch.setattr(tiny_text, "collate", lambda *args: turns.append(CPU_TURNS._models_running > 0) or collate(*args))
+    handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9, micro_batch_size=2)
+    items = [(text, prepared(tiny_text, text)) for text in TEXTS.values()]
+    outcomes = handler.run_inference(items, tiny_text_model)
+    assert [o.error for o in outcomes] == [None] * len(items)
+    assert turns and not any(turns)
