@@ -177,21 +177,27 @@ def _prepare_worker_start(name: str, ready: Any) -> None:
     ready.wait()
 
 
-def _prepare_in_worker(reference: str) -> int:
-    assert _worker_modality is not None
-    return sum(int(next(iter(w.values())).size) for w in _prepare(_worker_modality, reference))
+def _prepare_in_worker(references: list[str]) -> int:
+    """A group of records prepared as the job prepares them: each read and decoded, then all
+    preprocessed in one call (``Modality.preprocess_batch``)."""
+    modality = _worker_modality
+    assert modality is not None
+    groups = modality.preprocess_batch([modality.decode(_read(modality, reference)) for reference in references])
+    return sum(int(next(iter(w.values())).size) for windows in groups for w in windows)
 
 
 def measure_prepare(inputs: InputSet, settings: Settings) -> Measured:
     """1: decode + preprocess alone, in one single-threaded process per core."""
     references = _payload_references(inputs)
+    size = MODALITY_CLASSES[inputs.modality].preprocess_batch_size
+    groups = [references[start : start + size] for start in range(0, len(references), size)]
     workers = available_cores()
     context = multiprocessing.get_context("fork")
     ready = context.Barrier(workers + 1)
     with context.Pool(workers, _prepare_worker_start, (inputs.modality, ready)) as pool:
         ready.wait()
         start = time.perf_counter()
-        pool.map(_prepare_in_worker, references, chunksize=max(1, len(references) // (8 * workers)))
+        pool.map(_prepare_in_worker, groups, chunksize=max(1, len(groups) // (8 * workers)))
         seconds = time.perf_counter() - start
     return Measured(len(references), seconds, worker_processes=workers)
 

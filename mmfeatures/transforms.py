@@ -27,7 +27,7 @@ from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.fusion import Fusion
 from mmfeatures.host import CPU_TURNS, available_cores, settle_worker_process
 from mmfeatures.limits import check_size
-from mmfeatures.modalities.base import Modality, Prepared
+from mmfeatures.modalities.base import Modality, Prepared, Window
 from mmfeatures.progress import Progress
 from mmfeatures.records import MODALITY_COLUMNS, Payload, Record, carried_column_name, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
@@ -148,15 +148,17 @@ def default_prepare_threads() -> int:
 
 
 class _Prepare(beam.DoFn):
-    """Fetch (for media), decode and preprocess one modality of one record.
+    """Fetch (for media), decode and preprocess one modality of each record.
 
     The work runs in a pool of threads (``default_prepare_threads``) that keeps up to ``ahead``
     records in flight, so remote fetches wait side by side, and decoding and preprocessing
     (OpenCV, soundfile, soxr, numpy and the tokenizers release the GIL) run while the bundle's
     thread runs a GPU model downstream; beside a CPU model they take turns at the cores
-    (``CoreTurns``), fetches excepted. Results leave in input order, each in its own record's
-    window; the bundle's end waits for the last ones. Each pool thread has its own copy of the
-    modality, since tokenizers and feature extractors are not safe to share between threads.
+    (``CoreTurns``), fetches excepted. Records go to the pool in groups of the modality's
+    ``preprocess_batch_size`` (texts are tokenized 64 at a time, media one by one). Results leave
+    in input order, each in its own record's window; the bundle's end waits for the last ones.
+    Each pool thread has its own copy of the modality, since tokenizers and feature extractors
+    are not safe to share between threads.
     """
 
     def __init__(self, modality: Modality, policy: storage.LocationPolicy, ahead: int):
@@ -165,7 +167,6 @@ class _Prepare(beam.DoFn):
         self.ahead = ahead
 
     def setup(self) -> None:
-        self.modality.setup()
         settle_worker_process()
         # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
         # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
@@ -177,31 +178,46 @@ class _Prepare(beam.DoFn):
         self._thread_state = threading.local()
 
     def start_bundle(self) -> None:
-        self._in_flight: collections.deque[tuple[Future[Any], Any, Any]] = collections.deque()
+        # Each group in flight: its future and, per record, the window and timestamp it leaves in.
+        self._in_flight: collections.deque[tuple[Future[list[Any]], list[tuple[Any, Any]]]] = collections.deque()
+        self._records_in_flight = 0
+        self._grouping: list[tuple[Record, Any, Any]] = []
 
     def process(
         self, record: Record, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
-        self._in_flight.append((self._pool.submit(self._prepare, record), window, timestamp))
+        self._grouping.append((record, window, timestamp))
+        if len(self._grouping) >= self.modality.preprocess_batch_size:
+            self._submit_group()
         yield from self._completed(keep=self.ahead)
 
     def finish_bundle(self) -> Iterator[Any]:
+        self._submit_group()
         yield from self._completed(keep=0)
 
     def teardown(self) -> None:
         self._pool.shutdown(cancel_futures=True)
 
+    def _submit_group(self) -> None:
+        if self._grouping:
+            records = [record for record, _, _ in self._grouping]
+            places = [(window, timestamp) for _, window, timestamp in self._grouping]
+            self._in_flight.append((self._pool.submit(self._prepare, records), places))
+            self._records_in_flight += len(records)
+            self._grouping = []
+
     def _completed(self, keep: int) -> Iterator[Any]:
         """The finished records at the head of the queue, waiting for the head while more than
         ``keep`` are in flight."""
-        while self._in_flight and (len(self._in_flight) > keep or self._in_flight[0][0].done()):
-            future, window, timestamp = self._in_flight.popleft()
-            result = future.result()
-            if isinstance(result, ErrorRow):
-                error = _error_output(result)  # counted here: metrics belong to the bundle's thread
-                yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
-            else:
-                yield WindowedValue(result, timestamp, (window,))
+        while self._in_flight and (self._records_in_flight > keep or self._in_flight[0][0].done()):
+            future, places = self._in_flight.popleft()
+            self._records_in_flight -= len(places)
+            for result, (window, timestamp) in zip(future.result(), places):
+                if isinstance(result, ErrorRow):
+                    error = _error_output(result)  # counted here: metrics belong to the bundle's thread
+                    yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
+                else:
+                    yield WindowedValue(result, timestamp, (window,))
 
     def _modality(self) -> Modality:
         """This thread's own copy of the modality."""
@@ -211,10 +227,26 @@ class _Prepare(beam.DoFn):
             modality.setup()
         return modality
 
-    def _prepare(self, record: Record) -> tuple[str, Prepared] | ErrorRow:
+    def _prepare(self, records: list[Record]) -> list[tuple[str, Prepared] | ErrorRow]:
+        """Each record's windows, or its error row: any failure is the record's, never the run's."""
         modality = self._modality()
-        name = modality.name
-        payload = record.payload(name)
+        decoded = [self._decode(modality, record) for record in records]
+        ready = [index for index, (_, raw) in enumerate(decoded) if not isinstance(raw, ErrorRow)]
+        windows = dict(zip(ready, _preprocess_each(modality, [decoded[index][1] for index in ready])))
+        results: list[tuple[str, Prepared] | ErrorRow] = []
+        for index, (record, (source, raw)) in enumerate(zip(records, decoded)):
+            outcome = windows.get(index)
+            if isinstance(raw, ErrorRow):
+                results.append(raw)
+            elif isinstance(outcome, Exception):
+                results.append(ErrorRow.from_exception(outcome, record_id=record.id, modality=modality.name, source=source))
+            else:
+                results.append((record.id, Prepared(outcome, source)))
+        return results
+
+    def _decode(self, modality: Modality, record: Record) -> tuple[str | None, Any]:
+        """The record's source and its decoded value, or the error row of its fetch or decode."""
+        payload = record.payload(modality.name)
         content = modality.inline or isinstance(payload, bytes)
         source = record.source if content else storage.resolve_reference(payload, record.manifest_dir)
         try:
@@ -225,10 +257,27 @@ class _Prepare(beam.DoFn):
                 check_size(len(payload) if isinstance(payload, bytes) else None, modality.limits.max_bytes)
                 data = payload
             CPU_TURNS.wait_for_cores()  # fetching overlaps a CPU model; decoding takes turns with it
-            windows = modality.preprocess(modality.decode(data))
+            return source, modality.decode(data)
         except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
-            return ErrorRow.from_exception(exc, record_id=record.id, modality=name, source=source)
-        return record.id, Prepared(windows, source)
+            return source, ErrorRow.from_exception(exc, record_id=record.id, modality=modality.name, source=source)
+
+
+def _preprocess_each(modality: Modality, raws: list[Any]) -> list[list[Window] | Exception]:
+    """Each raw value's windows, or the exception that preprocessing it raised: several in one call
+    (``Modality.preprocess_batch``) and, where that call fails, each on its own, so that only the
+    value that failed fails."""
+    if len(raws) > 1:
+        try:
+            return list(modality.preprocess_batch(raws))
+        except Exception:  # noqa: BLE001 - found and reported per value below
+            pass
+    outcomes: list[list[Window] | Exception] = []
+    for raw in raws:
+        try:
+            outcomes.append(modality.preprocess(raw))
+        except Exception as exc:  # noqa: BLE001 - this value's error row
+            outcomes.append(exc)
+    return outcomes
 
 
 def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:

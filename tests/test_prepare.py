@@ -4,18 +4,20 @@ and the turns a CPU model and the preparing threads take at the cores."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import threading
 from typing import Any
 
 import numpy as np
+import pytest
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import IntervalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures import storage
-from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.errors import ERRORS_TAG, PreprocessError
 from mmfeatures.host import CoreTurns
 from mmfeatures.modalities.text import TextModality
 from mmfeatures.records import parse_record
@@ -26,14 +28,14 @@ AHEAD = 4
 
 def _run(prepare: _Prepare, texts: list[str]) -> tuple[list[Any], int]:
     """Every output of one bundle over ``texts`` (record i at timestamp i, in window [i, i+1)),
-    and the most records that were in flight at once."""
+    and the most records the step held at once (grouping or in flight)."""
     prepare.setup()
     prepare.start_bundle()
     outputs, most_in_flight = [], 0
     for index, text in enumerate(texts):
         record = parse_record({"id": f"r{index}", "text": text}, source="m.jsonl", manifest_dir="")
         outputs += prepare.process(record, window=IntervalWindow(index, index + 1), timestamp=index)
-        most_in_flight = max(most_in_flight, len(prepare._in_flight))
+        most_in_flight = max(most_in_flight, len(prepare._grouping) + prepare._records_in_flight)
     outputs += prepare.finish_bundle()
     prepare.teardown()
     return outputs, most_in_flight
@@ -41,9 +43,11 @@ def _run(prepare: _Prepare, texts: list[str]) -> tuple[list[Any], int]:
 
 def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(tiny_text: TextModality) -> None:
     texts = [f"sentence number {index} " * (1 + index % 7) for index in range(60)]
-    outputs, most_in_flight = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
+    grouped = copy.deepcopy(tiny_text)
+    grouped.preprocess_batch_size = 3  # tokenized 3 at a time: many groups in flight
+    outputs, most_in_flight = _run(_Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), texts)
 
-    assert most_in_flight <= AHEAD
+    assert AHEAD < most_in_flight <= AHEAD + 3
     assert all(isinstance(output, WindowedValue) for output in outputs)
     assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(60)]
     assert [output.timestamp.micros // 10**6 for output in outputs] == list(range(60))
@@ -65,6 +69,32 @@ def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text
     assert error.tag == ERRORS_TAG
     assert error.value.timestamp.micros == 1_000_000
     assert (error.value.value["id"], error.value.value["error_type"]) == ("r1", "empty_text")
+
+
+def test_a_text_that_fails_in_a_batched_call_fails_alone(
+    tiny_text: TextModality, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batched call fails as a whole; each text is then tokenized on its own."""
+    preprocess, preprocess_batch = TextModality.preprocess, TextModality.preprocess_batch
+
+    def failing(modality: TextModality, raw: str) -> Any:
+        if "poison" in raw:
+            raise PreprocessError("the tokenizer refused it", error_type="tokenizer_failed")
+        return preprocess(modality, raw)
+
+    def failing_batch(modality: TextModality, raws: list[str]) -> Any:
+        if any("poison" in raw for raw in raws):
+            raise PreprocessError("the tokenizer refused it", error_type="tokenizer_failed")
+        return preprocess_batch(modality, raws)
+
+    monkeypatch.setattr(TextModality, "preprocess", failing)
+    monkeypatch.setattr(TextModality, "preprocess_batch", failing_batch)
+    texts = ["fine", "poison", "also fine", "fine again"]
+    outputs, _ = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
+
+    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue, WindowedValue]
+    assert (outputs[1].value.value["id"], outputs[1].value.value["error_type"]) == ("r1", "tokenizer_failed")
+    assert [len(output.value[1].windows) for i, output in enumerate(outputs) if i != 1] == [1, 1, 1]
 
 
 def test_preparing_waits_while_a_cpu_model_runs() -> None:

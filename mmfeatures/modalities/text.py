@@ -30,6 +30,10 @@ class TextModality(Modality):
     name = "text"
     inline = True
     default_batch_cost = 8192  # tokens
+    # One call of a fast tokenizer encodes a list of texts in parallel and without the GIL: 64 at
+    # a time, four preparing threads decoded and tokenized 11,000 to 12,500 texts a second on 2
+    # cores, against 5,500 to 7,000 one at a time (each call holds the GIL).
+    preprocess_batch_size = 64
 
     _tokenizer: Any = None
     _window: int = 0
@@ -67,15 +71,23 @@ class TextModality(Modality):
         return text
 
     def preprocess(self, raw: str) -> list[Window]:
+        return self.preprocess_batch([raw])[0]
+
+    def preprocess_batch(self, raws: list[str]) -> list[list[Window]]:
+        """Each text's token windows: the model's window length at most, the overflow of a long
+        text in further windows."""
         self.setup()
         encoded = self._tokenizer(
-            raw,
+            raws,
             truncation=True,
             max_length=self._window,
             return_overflowing_tokens=True,
             return_attention_mask=False,
         )
-        return [{"input_ids": np.asarray(ids, dtype=np.int64)} for ids in encoded["input_ids"]]
+        windows: list[list[Window]] = [[] for _ in raws]
+        for text, ids in zip(encoded["overflow_to_sample_mapping"], encoded["input_ids"]):
+            windows[text].append({"input_ids": np.asarray(ids, dtype=np.int64)})
+        return windows
 
     def settings(self) -> dict[str, Any]:
         self.setup()

@@ -94,6 +94,18 @@ def test_long_text_is_split_into_windows_of_at_most_256_tokens(text_default: Tex
     assert content == text_default._tokenizer(LONG_TEXT, add_special_tokens=False)["input_ids"]
 
 
+def test_texts_tokenized_together_get_the_windows_each_gets_alone(text_default: TextModality) -> None:
+    texts = [LONG_TEXT, "a photo of a cat", "ｆｕｌｌ width and café " * 40, "one", LONG_TEXT[:900]]
+    together = text_default.preprocess_batch([text_default.decode(text) for text in texts])
+    assert len(together) == len(texts)
+    for text, windows in zip(texts, together):
+        alone = text_default._tokenizer(
+            text_default.decode(text), truncation=True, max_length=256, return_overflowing_tokens=True
+        )["input_ids"]
+        assert [window["input_ids"].tolist() for window in windows] == alone
+    assert len(together[0]) > 1  # the long text overflowed into several windows
+
+
 def test_prepared_cost_counts_tokens(text_default: TextModality) -> None:
     windows = text_default.preprocess(LONG_TEXT)
     assert Prepared(windows).cost == sum(len(w["input_ids"]) for w in windows)
