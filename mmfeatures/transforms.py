@@ -1,7 +1,8 @@
 """The Beam composites of the job, in the order data flows through them:
 
 ReadRecords -> EmbedModality (one per modality) -> JoinAndFuse -> sinks (see ``sinks.py``).
-Every composite returns its main output and an ``errors`` PCollection of ``ErrorRow`` dicts.
+ReadRecords and EmbedModality return their main output and an ``errors`` PCollection of
+``ErrorRow`` dicts; ReadRecords and JoinAndFuse also return ``counts`` for the run's summary.
 """
 
 from __future__ import annotations
@@ -150,10 +151,10 @@ def default_prepare_threads() -> int:
 class _Prepare(beam.DoFn):
     """Fetch (for media), decode and preprocess one modality of each record.
 
-    The work runs in a pool of threads (``default_prepare_threads``) that keeps up to ``ahead``
+    The work runs in a pool of threads (``default_prepare_threads``) that keeps about ``ahead``
     records in flight, so remote fetches wait side by side, and decoding and preprocessing
-    (OpenCV, soundfile, soxr, numpy and the tokenizers release the GIL) run while the bundle's
-    thread runs a GPU model downstream; beside a CPU model they take turns at the cores
+    (OpenCV, soundfile, soxr, numpy and a tokenizer's batched calls release the GIL) run while the
+    bundle's thread runs a GPU model downstream; beside a CPU model they take turns at the cores
     (``CoreTurns``), fetches excepted. Records go to the pool in groups of the modality's
     ``preprocess_batch_size`` (texts are tokenized 64 at a time, media one by one). Results leave
     in input order, each in its own record's window; the bundle's end waits for the last ones.
@@ -167,6 +168,7 @@ class _Prepare(beam.DoFn):
         self.ahead = ahead
 
     def setup(self) -> None:
+        self.modality.setup()  # once, before the pool threads set up their copies from its files
         settle_worker_process()
         # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
         # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
@@ -232,6 +234,7 @@ class _Prepare(beam.DoFn):
         modality = self._modality()
         decoded = [self._decode(modality, record) for record in records]
         ready = [index for index, (_, raw) in enumerate(decoded) if not isinstance(raw, ErrorRow)]
+        CPU_TURNS.wait_for_cores()  # a model's turn may have begun while the group was decoded
         windows = dict(zip(ready, _preprocess_each(modality, [decoded[index][1] for index in ready])))
         results: list[tuple[str, Prepared] | ErrorRow] = []
         for index, (record, (source, raw)) in enumerate(zip(records, decoded)):
@@ -246,11 +249,12 @@ class _Prepare(beam.DoFn):
 
     def _decode(self, modality: Modality, record: Record) -> tuple[str | None, Any]:
         """The record's source and its decoded value, or the error row of its fetch or decode."""
-        payload = record.payload(modality.name)
-        content = modality.inline or isinstance(payload, bytes)
-        source = record.source if content else storage.resolve_reference(payload, record.manifest_dir)
+        source = record.source
         try:
+            payload = record.payload(modality.name)
+            content = modality.inline or isinstance(payload, bytes)
             if not content:
+                source = storage.resolve_reference(payload, record.manifest_dir)
                 self.policy.check(source)
                 data: Payload = storage.read_bytes(source, modality.limits.max_bytes)
             else:  # inline text, or media bytes carried by the manifest itself (a tar shard)
@@ -268,7 +272,9 @@ def _preprocess_each(modality: Modality, raws: list[Any]) -> list[list[Window] |
     value that failed fails."""
     if len(raws) > 1:
         try:
-            return list(modality.preprocess_batch(raws))
+            batched = list(modality.preprocess_batch(raws))
+            if len(batched) == len(raws):
+                return batched
         except Exception:  # noqa: BLE001 - found and reported per value below
             pass
     outcomes: list[list[Window] | Exception] = []
@@ -431,8 +437,8 @@ class FeatureSchema(beam.PTransform):
 
 
 def sum_counts(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
-    """The run's counts: rows read per manifest, each record's ``tally``, each error row's
-    ``error_tally``, summed key by key in one combine (their keys never overlap)."""
+    """The run's counts, summed key by key: rows read per manifest, records' ``tally`` and error
+    rows' ``error_tally`` go through one combine, as the three kinds never share a key."""
     total: dict[str, int] = {}
     for counts in tallies:
         for key, value in counts.items():

@@ -42,8 +42,11 @@ class TextModality(Modality):
         if self._tokenizer is not None:
             return
         directory = self.resolved.directory
-        self._tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-        self._window = _window_length(directory, self._tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+        if not tokenizer.is_fast:  # its windows of overflowing tokens, and batched calls, need one
+            raise ValueError(f"text model {self.model_reference!r} has no fast tokenizer (tokenizer.json)")
+        self._tokenizer = tokenizer
+        self._window = _window_length(directory, tokenizer)
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers rebuild the tokenizer in setup() rather than unpickling one.
