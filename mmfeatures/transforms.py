@@ -392,8 +392,8 @@ class _Fuse(beam.DoFn):
 
 
 class JoinAndFuse(beam.PTransform):
-    """Join each record with its embeddings and failures by id; emit feature rows and each record's
-    counts (``tally``)."""
+    """Join each record with its embeddings and failures by id; emit feature rows and the records'
+    counts (``tally``), summed per bundle."""
 
     def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
         super().__init__()
@@ -439,8 +439,7 @@ class FeatureSchema(beam.PTransform):
 def sum_counts(tallies: Iterable[Mapping[str, int]]) -> dict[str, int]:
     """The run's counts, summed key by key: rows read per manifest, records' ``tally`` and error
     rows' ``error_tally`` go through one combine, as the three kinds never share a key."""
-    total: dict[str, int] = {}
+    total: collections.Counter[str] = collections.Counter()
     for counts in tallies:
-        for key, value in counts.items():
-            total[key] = total.get(key, 0) + value
-    return total
+        total.update(counts)
+    return dict(total)

@@ -276,11 +276,9 @@ class ImageModality(Modality):
 
     def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
         """[rows, 3, H, W], channels-last in memory like the windows ``normalize`` gives: converting
-        channels-first stacks took longer than stacking (0.5 ms against 0.2 ms for 4 images), in the
-        model's turn. Windows in another layout (unpickled ones) are gathered into the same layout."""
-        first = windows[0]["pixel_values"]
-        stacked = np.empty((len(windows), *first.shape[1:], first.shape[0]), first.dtype)  # [rows, H, W, 3]
-        np.stack([w["pixel_values"].transpose(1, 2, 0) for w in windows], out=stacked)
+        channels-first stacks took longer than stacking (0.5 ms against 0.2 ms for 4 images).
+        Windows in another layout (unpickled ones) are gathered into the same layout."""
+        stacked = np.stack([w["pixel_values"].transpose(1, 2, 0) for w in windows])  # [rows, H, W, 3]
         return {"pixel_values": torch.from_numpy(stacked).permute(0, 3, 1, 2)}
 
     def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
