@@ -18,7 +18,10 @@ second of:
    the records (a loop's rate does not depend on how many records there are).
 
 The ceiling that 1 and 2 imply: on a CPU both stages share the cores, so 1/(1/r1 + 1/r2); on a
-GPU the slower of the two. Each measurement runs in a process of its own, forked from this one
+GPU the slower of the two. Steps 1 and 2 each run in two halves, over the first half of the records
+before the job and over the second half after it, and count as one: on a shared machine the speed
+drifts over the minutes a modality takes, and bracketing the job this way weighs a steady drift on
+the ceiling as on the job, rather than on one side of their ratio. Each measurement runs in a process of its own, forked from this one
 after the heavy imports, so its peak memory (ru_maxrss, plus its worker processes') is its own and
 one step's garbage never weighs on the next; its output goes to a log file beside the results.
 Then the scaling run: the job on N and 10 x N records of one modality, to show that wall time grows
@@ -61,6 +64,7 @@ from mmfeatures.modalities.base import Modality, Prepared, Window
 from mmfeatures.options import parse_options
 
 STEPS = ("prepare", "model", "job", "stock", "naive")
+CEILING_STEPS = ("prepare", "model")  # run in two halves, one each side of the job
 STEP_TITLES = {
     "prepare": "1 decode+preprocess",
     "model": "2 model forward",
@@ -123,10 +127,29 @@ class Measured:
     peak_gpu_mb: float | None = None
     load_average: float = 0.0  # the machine's, over the last minute of the step: other work skews it
     notes: dict[str, Any] = field(default_factory=dict)
+    parts: list[Measured] = field(default_factory=list)  # the halves of a bracketing step
 
     @property
     def records_per_second(self) -> float:
         return self.records / self.seconds
+
+    @classmethod
+    def combined(cls, parts: list[Measured]) -> Measured:
+        """One step measured in parts, as if in one go: their records over their seconds, and the
+        highest peaks. Each part, with its notes, stays in ``parts``."""
+        if len(parts) == 1:
+            return parts[0]
+        gpu = [part.peak_gpu_mb for part in parts if part.peak_gpu_mb is not None]
+        seconds = sum(part.seconds for part in parts)
+        return cls(
+            records=sum(part.records for part in parts),
+            seconds=seconds,
+            worker_processes=max(part.worker_processes for part in parts),
+            peak_rss_mb=max(part.peak_rss_mb for part in parts),
+            peak_gpu_mb=max(gpu) if gpu else None,
+            load_average=sum(part.load_average * part.seconds for part in parts) / seconds,
+            parts=parts,
+        )
 
 
 # -- the five measurements (each runs in a forked process) ---------------------------------------
@@ -136,10 +159,10 @@ def _modality(name: str) -> Modality:
     return modality
 
 
-def _payload_references(inputs: InputSet) -> list[str]:
-    """Inline texts, or the media files' paths: what each step starts from."""
+def _payload_references(inputs: InputSet, part: slice = slice(None)) -> list[str]:
+    """Inline texts, or the media files' paths, of the records in ``part``: what each step starts from."""
     return [row[inputs.modality] if inputs.modality == "text" else str(inputs.folder / row[inputs.modality])
-            for row in inputs.rows()]
+            for row in inputs.rows()[part]]
 
 
 def _read(modality: Modality, reference: str) -> bytes | str:
@@ -186,9 +209,9 @@ def _prepare_in_worker(references: list[str]) -> int:
     return sum(int(next(iter(w.values())).size) for windows in groups for w in windows)
 
 
-def measure_prepare(inputs: InputSet, settings: Settings) -> Measured:
-    """1: decode + preprocess alone, in one single-threaded process per core."""
-    references = _payload_references(inputs)
+def measure_prepare(inputs: InputSet, settings: Settings, part: slice = slice(None)) -> Measured:
+    """1: decode + preprocess alone, in one single-threaded process per core, over the records in ``part``."""
+    references = _payload_references(inputs, part)
     size = MODALITY_CLASSES[inputs.modality].preprocess_batch_size
     groups = [references[start : start + size] for start in range(0, len(references), size)]
     workers = available_cores()
@@ -202,15 +225,16 @@ def measure_prepare(inputs: InputSet, settings: Settings) -> Measured:
     return Measured(len(references), seconds, worker_processes=workers)
 
 
-def measure_model(inputs: InputSet, settings: Settings) -> Measured:
-    """2: the job's forward passes alone: its batches, micro-batches, precision and threads, with
-    every input already prepared, collated and on the device before the clock starts."""
+def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None)) -> Measured:
+    """2: the job's forward passes alone, over the records in ``part``: its batches, micro-batches,
+    precision and threads, with every input already prepared, collated and on the device before
+    the clock starts."""
     job = settings.job(inputs)
     modality = job.modalities[inputs.modality]
     handler = EmbeddingModelHandler(modality, **job.embedding_options(inputs.modality))
     embedder = handler.load_model()
     batcher = CostBatcher(modality, handler.max_batch_cost, handler.micro_batch_size)
-    windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs))
+    windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs, part))
     records = [(str(index), Prepared(windows)) for index, windows in enumerate(windows_per_record)]
     batches = [batch for item in records for batch in batcher.add(item)] + list(batcher.flush())
     batch_count = len(batches)
@@ -219,7 +243,7 @@ def measure_model(inputs: InputSet, settings: Settings) -> Measured:
         for batch in batches
         for _, tensors in embedder.micro_batches([window for _, prepared in batch for window in prepared.windows])
     ]
-    windows = sum(len(record_windows) for record_windows in windows_per_record)
+    record_count, windows = len(windows_per_record), sum(len(w) for w in windows_per_record)
     del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
     embedder.forward(passes[0])  # the first pass sets up the kernels; the job pays that once too
     _synchronize(settings.device)
@@ -232,7 +256,7 @@ def measure_model(inputs: InputSet, settings: Settings) -> Measured:
     notes = {"batches": batch_count, "forward_passes": len(passes), "padding_rows": rows - windows,
              "torch_threads": torch.get_num_threads(), "micro_batch_size": handler.micro_batch_size,
              "max_batch_cost": handler.max_batch_cost}
-    return Measured(inputs.count, seconds, notes=notes)
+    return Measured(record_count, seconds, notes=notes)
 
 
 def measure_job(inputs: InputSet, settings: Settings) -> Measured:
@@ -412,12 +436,28 @@ def _verdict(device: str, figure: str, value: float, modality: str | None = None
 def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
     inputs = _in_child(build_input_set, _log(settings, f"inputs-{modality}"), modality,
                        _inputs_folder(settings, modality, seed), count, seed)
-    steps = {}
-    for step in STEPS:
-        print(f"  {modality}: {STEP_TITLES[step]} ...", flush=True)
-        steps[step] = _in_child(MEASUREMENTS[step], _log(settings, f"{step}-{modality}"), inputs, settings)
+    parts: dict[str, list[Measured]] = {step: [] for step in STEPS}
+    for step, part in _run_order(count):
+        what = STEP_TITLES[step] if part is None else f"{STEP_TITLES[step]}, records {part.start} to {part.stop}"
+        print(f"  {modality}: {what} ...", flush=True)
+        name = f"{step}-{modality}" if part is None else f"{step}-{modality}-{part.start}"
+        args = (inputs, settings) if part is None else (inputs, settings, part)
+        parts[step].append(_in_child(MEASUREMENTS[step], _log(settings, name), *args))
+    steps = {step: Measured.combined(parts[step]) for step in STEPS}
     rule = "slower" if device_type(settings.device) == "cuda" else "combined"
     return ModalityReport(modality, count, inputs.source, steps, rule)
+
+
+def _run_order(count: int) -> list[tuple[str, slice | None]]:
+    """The steps of one modality in the order they run: the ceilings' first halves, the job, the
+    ceilings' second halves (see the module docstring), then the baselines."""
+    halves = [slice(0, count // 2), slice(count // 2, count)] if count > 1 else [slice(0, count)]
+    return [
+        *((step, halves[0]) for step in CEILING_STEPS),
+        ("job", None),
+        *((step, half) for half in halves[1:] for step in CEILING_STEPS),
+        *((step, None) for step in STEPS if step not in CEILING_STEPS and step != "job"),
+    ]
 
 
 def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dict[str, Any]:
@@ -463,8 +503,12 @@ def format_report(reports: list[ModalityReport], scaling: dict[str, Any] | None,
         ]
         for step, measured in report.steps.items():
             gpu = f"  (GPU {measured.peak_gpu_mb:.0f} MB)" if measured.peak_gpu_mb is not None else ""
+            halves = ""
+            if measured.parts:
+                rates = ", ".join(f"{part.records_per_second:.1f}" for part in measured.parts)
+                halves = f"  (halves before and after the job: {rates})"
             lines.append(f"  {STEP_TITLES[step]:<22} {measured.records_per_second:>10.1f} "
-                         f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}")
+                         f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}{halves}")
         rule = "slower of 1 and 2" if report.ceiling_rule == "slower" else "1/(1/r1 + 1/r2)"
         lines.append(f"  {'ceiling, ' + rule:<22} {report.ceiling:>10.1f}")
         for figure, value in report.ratios.items():

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.throughput import STEP_TITLES, STEPS
+from benchmarks.throughput import CEILING_STEPS, STEP_TITLES, STEPS, Measured, _run_order
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 MODALITIES = ("text", "image", "audio")
@@ -43,7 +43,31 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path
         assert all(rate > 0 for rate in figures["records_per_second"].values()), modality
         assert all(step["peak_rss_mb"] > 0 for step in figures["steps"].values()), modality
         assert figures["ceiling"]["records_per_second"] > 0
+        for step in CEILING_STEPS:  # measured in two halves, one each side of the job
+            parts = figures["steps"][step]["parts"]
+            assert len(parts) == 2 and sum(part["records"] for part in parts) == figures["records"], (modality, step)
         assert set(figures["ratios"]) == {"job / ceiling", "job / naive", "job / stock"}
     scaling = report["scaling"]
     assert scaling["records"][1] == 10 * scaling["records"][0]
     assert scaling["wall_time_ratio"] > 0 and scaling["peak_memory_ratio"] > 0
+
+
+def test_the_ceiling_steps_run_in_halves_either_side_of_the_job() -> None:
+    order = _run_order(11)
+    job = order.index(("job", None))
+    for step in CEILING_STEPS:
+        assert [part for name, part in order[:job] if name == step] == [slice(0, 5)]
+        assert [part for name, part in order[job:] if name == step] == [slice(5, 11)]
+    assert sorted(name for name, _ in order) == sorted([*STEPS, *CEILING_STEPS])
+    assert _run_order(1) == [("prepare", slice(0, 1)), ("model", slice(0, 1)), ("job", None), ("stock", None), ("naive", None)]
+
+
+def test_a_step_in_parts_counts_as_one_run_over_all_its_records() -> None:
+    first = Measured(10, 1.0, worker_processes=2, peak_rss_mb=100.0, load_average=1.0)
+    second = Measured(30, 3.0, worker_processes=2, peak_rss_mb=200.0, load_average=2.0, notes={"batches": 3})
+    both = Measured.combined([first, second])
+    assert (both.records, both.seconds, both.records_per_second) == (40, 4.0, 10.0)
+    assert (both.peak_rss_mb, both.worker_processes, both.peak_gpu_mb) == (200.0, 2, None)
+    assert both.load_average == (1.0 * 1.0 + 2.0 * 3.0) / 4.0
+    assert both.parts == [first, second]
+    assert Measured.combined([first]) is first
