@@ -1,6 +1,6 @@
 """Throughput of the feature job, per modality, against its ceilings and two baselines, in one run.
 
-    .venv/bin/python -m benchmarks.throughput            # about 11 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.throughput            # about 10 minutes on 2 CPU cores
     .venv/bin/python -m benchmarks.throughput --quick    # a smoke test of a minute
     benchmarks/gpu.sh                                    # the same on one NVIDIA GPU, in bf16
 
@@ -74,7 +74,7 @@ STEP_TITLES = {
 }
 # Records per device type: enough for the job's fixed costs (resolving the run, building the
 # pipeline, loading the model: about 3 s on 2 cores) to weigh little, and few enough for the whole
-# run to take about 11 minutes on 2 cores.
+# run to take about 10 minutes on 2 cores.
 RECORDS = {
     "cpu": {"text": 6000, "image": 4000, "audio": 1000},
     "cuda": {"text": 40000, "image": 10000, "audio": 4000},
