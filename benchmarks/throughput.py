@@ -56,7 +56,7 @@ from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedT
 import pipelines.extract_features  # noqa: F401 - imported before any step is forked, like the rest
 from benchmarks.inputs import MODALITIES, InputSet, build_input_set
 from mmfeatures import cli, storage
-from mmfeatures.encoders.handler import CostBatcher, EmbeddingModelHandler, device_type
+from mmfeatures.encoders.handler import EmbeddingModelHandler, device_type
 from mmfeatures.host import available_cores, settle_worker_process
 from mmfeatures.job import Job
 from mmfeatures.modalities import MODALITIES as MODALITY_CLASSES
@@ -233,7 +233,7 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     modality = job.modalities[inputs.modality]
     handler = EmbeddingModelHandler(modality, **job.embedding_options(inputs.modality))
     embedder = handler.load_model()
-    batcher = CostBatcher(modality, handler.max_batch_cost, handler.micro_batch_size)
+    batcher = handler.batcher()
     windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs, part))
     records = [(str(index), Prepared(windows)) for index, windows in enumerate(windows_per_record)]
     batches = [batch for item in records for batch in batcher.add(item)] + list(batcher.flush())

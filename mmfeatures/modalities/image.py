@@ -222,7 +222,7 @@ def _affine_map(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
 
 class ImageModality(Modality):
     name = "image"
-    default_batch_cost = 32 * 3 * 224 * 224  # input values: 32 images at 224x224
+    default_batch_cost = 64 * 3 * 224 * 224  # input values: 64 images at 224x224
 
     _settings: dict[str, Any] | None = None
 

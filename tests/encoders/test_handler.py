@@ -247,7 +247,7 @@ def _text_of_tokens(tokens: int) -> Prepared:
 def test_batches_hold_one_length_bucket_in_whole_micro_batches(tiny_text: TextModality) -> None:
     """Short and long records interleaved: each batch is one padded length, cut at whole
     micro-batches of 4 once it holds 100 tokens; the rest waits for the next batch or the flush."""
-    batcher = CostBatcher(tiny_text, max_batch_cost=100, micro_batch_size=4)
+    batcher = CostBatcher(tiny_text, max_batch_cost=100, micro_batch_size=4, micro_batches_per_batch=8)
     records = [(f"r{i}", _text_of_tokens(5 if i % 2 else 30)) for i in range(40)]
     batches = [batch for item in records for batch in batcher.add(item)]
     flushed = list(batcher.flush())
@@ -259,17 +259,27 @@ def test_batches_hold_one_length_bucket_in_whole_micro_batches(tiny_text: TextMo
 
 def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_text: TextModality) -> None:
     """One-token records under a cap that 10,000 of them would reach: a batch goes out at
-    MICRO_BATCHES_PER_BATCH full micro-batches instead, so the model does not wait for them."""
-    batcher = CostBatcher(tiny_text, max_batch_cost=10_000, micro_batch_size=4)
+    ``micro_batches_per_batch`` full micro-batches instead, so the model does not wait for them."""
+    batcher = CostBatcher(tiny_text, max_batch_cost=10_000, micro_batch_size=4, micro_batches_per_batch=3)
     batches = [batch for i in range(100) for batch in batcher.add((f"r{i}", _text_of_tokens(1)))]
-    rows = MICRO_BATCHES_PER_BATCH * 4
-    assert [len(batch) for batch in batches] == [rows] * (100 // rows)
+    assert [len(batch) for batch in batches] == [12] * (100 // 12)
+
+
+def test_a_cpu_batch_is_a_longer_turn_of_micro_batches_than_a_gpu_batch(tiny_text: TextModality) -> None:
+    """On a CPU each batch is one turn of the model at the cores, and turns cost something of their
+    own; a GPU gains nothing from more passes a batch."""
+    for device in ("cpu", "cuda"):
+        handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10_000, micro_batch_size=4, device=device)
+        batcher = handler.batcher()
+        assert (batcher.max_batch_cost, batcher.micro_batch_size) == (10_000, 4)
+        assert batcher.micro_batches_per_batch == MICRO_BATCHES_PER_BATCH[device]
+    assert MICRO_BATCHES_PER_BATCH["cpu"] > MICRO_BATCHES_PER_BATCH["cuda"]
 
 
 def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextModality) -> None:
     """Many length buckets that never fill alone: the fullest goes out early, so what is held never
     passes BUFFERED_BATCHES batches' worth, however long the input."""
-    batcher = CostBatcher(tiny_text, max_batch_cost=64, micro_batch_size=8)
+    batcher = CostBatcher(tiny_text, max_batch_cost=64, micro_batch_size=8, micro_batches_per_batch=8)
     held = 0
     for i in range(2000):
         record = _text_of_tokens(1 + i % 60)
