@@ -19,11 +19,12 @@ second of:
 
 The ceiling that 1 and 2 imply: on a CPU both stages share the cores, so 1/(1/r1 + 1/r2); on a
 GPU the slower of the two. Steps 1 and 2 each run in two halves, over the first half of the records
-before the job and over the second half after it, and count as one: on a shared machine the speed
-drifts over the minutes a modality takes, and bracketing the job this way weighs a steady drift on
-the ceiling as on the job, rather than on one side of their ratio. Each measurement runs in a process of its own, forked from this one
-after the heavy imports, so its peak memory (ru_maxrss, plus its worker processes') is its own and
-one step's garbage never weighs on the next; its output goes to a log file beside the results.
+before the job and over the second half after it (in mirror order: 1, 2, job, 2, 1), and count as
+one: on a shared machine the speed drifts over the minutes a modality takes, and bracketing the job
+this way weighs a steady drift on the ceiling as on the job, rather than on one side of their
+ratio. Each measurement runs in a process of its own, forked from this one after the heavy
+imports, so its peak memory (ru_maxrss, plus its worker processes') is its own and one step's
+garbage never weighs on the next; its output goes to a log file beside the results.
 Then the scaling run: the job on N and 10 x N records of one modality, to show that wall time grows
 with the input and memory does not. It prints the tables and writes JSON (``--json``).
 """
@@ -343,7 +344,7 @@ def measure_naive(inputs: InputSet, settings: Settings) -> Measured:
     return Measured(len(references), time.perf_counter() - start)
 
 
-MEASUREMENTS: dict[str, Callable[[InputSet, Settings], Measured]] = {
+MEASUREMENTS: dict[str, Callable[..., Measured]] = {  # (inputs, settings), and a part for the ceilings
     "prepare": measure_prepare,
     "model": measure_model,
     "job": measure_job,
@@ -450,12 +451,13 @@ def run_modality(modality: str, count: int, settings: Settings, seed: int) -> Mo
 
 def _run_order(count: int) -> list[tuple[str, slice | None]]:
     """The steps of one modality in the order they run: the ceilings' first halves, the job, the
-    ceilings' second halves (see the module docstring), then the baselines."""
+    ceilings' second halves in mirror order, so that each step's halves lie as far from the job
+    (see the module docstring), then the baselines."""
     halves = [slice(0, count // 2), slice(count // 2, count)] if count > 1 else [slice(0, count)]
     return [
         *((step, halves[0]) for step in CEILING_STEPS),
         ("job", None),
-        *((step, half) for half in halves[1:] for step in CEILING_STEPS),
+        *((step, half) for half in halves[1:] for step in reversed(CEILING_STEPS)),
         *((step, None) for step in STEPS if step not in CEILING_STEPS and step != "job"),
     ]
 

@@ -33,6 +33,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path
     for title in STEP_TITLES.values():
         assert run.stdout.count(title) >= len(MODALITIES)
     assert run.stdout.count("ceiling, 1/(1/r1 + 1/r2)") == len(MODALITIES)
+    assert run.stdout.count("(halves before and after the job: ") == len(CEILING_STEPS) * len(MODALITIES)
     assert "wall time ratio" in run.stdout and "peak memory ratio" in run.stdout
 
     report = json.loads(results.read_text())
@@ -58,6 +59,8 @@ def test_the_ceiling_steps_run_in_halves_either_side_of_the_job() -> None:
     for step in CEILING_STEPS:
         assert [part for name, part in order[:job] if name == step] == [slice(0, 5)]
         assert [part for name, part in order[job:] if name == step] == [slice(5, 11)]
+    ceilings = [name for name, _ in order if name in CEILING_STEPS]
+    assert ceilings == [*CEILING_STEPS, *reversed(CEILING_STEPS)]  # mirrored: each as far from the job
     assert sorted(name for name, _ in order) == sorted([*STEPS, *CEILING_STEPS])
     assert _run_order(1) == [("prepare", slice(0, 1)), ("model", slice(0, 1)), ("job", None), ("stock", None), ("naive", None)]
 
@@ -71,3 +74,5 @@ def test_a_step_in_parts_counts_as_one_run_over_all_its_records() -> None:
     assert both.load_average == (1.0 * 1.0 + 2.0 * 3.0) / 4.0
     assert both.parts == [first, second]
     assert Measured.combined([first]) is first
+    on_gpu = Measured(5, 1.0, peak_gpu_mb=300.0)
+    assert Measured.combined([first, on_gpu]).peak_gpu_mb == 300.0

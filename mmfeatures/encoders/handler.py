@@ -55,10 +55,14 @@ BUFFERED_BATCHES = 4
 # would otherwise wait for thousands of records while the model idles. On a CPU a batch is one turn
 # of the model at the cores (see CoreTurns), and each turn costs something of its own: its first
 # pass runs 3.5 ms slower as it refills the caches that preparing used, and the preparing threads
-# stop and start. With 16 micro-batches of 4 images a turn rather than 8, a 4,000-image job ran
-# about 1 s (3%) faster; 32 gained nothing more. A GPU gains nothing from more passes in one batch:
-# it already runs them without waiting for the host.
-MICRO_BATCHES_PER_BATCH = {"cpu": 16, "cuda": 8}
+# stop and start. That tells where preparing is heavy: with 16 micro-batches of 4 images a turn
+# rather than 8, a 4,000-image job ran about 1 s (3%) faster (32 gained nothing more), while
+# texts ran the same at 8 and 16. A GPU gains nothing from more passes in one batch: it already
+# runs them without waiting for the host.
+MICRO_BATCHES_PER_BATCH = {
+    "cpu": {"image": 16, "default": 8},
+    "cuda": {"default": 8},
+}
 
 
 def device_type(device: str) -> str:
@@ -66,9 +70,14 @@ def device_type(device: str) -> str:
     return torch.device(device).type
 
 
+def per_device_and_modality(table: dict[str, dict[str, int]], modality: Modality, device: str) -> int:
+    """``table``'s value for the device's type and the modality, or that device type's default."""
+    values = table[device_type(device)]
+    return values.get(modality.name, values["default"])
+
+
 def default_micro_batch_size(modality: Modality, device: str) -> int:
-    sizes = MICRO_BATCH_SIZES[device_type(device)]
-    return sizes.get(modality.name, sizes["default"])
+    return per_device_and_modality(MICRO_BATCH_SIZES, modality, device)
 
 
 def default_batch_cost(modality: Modality, device: str) -> int:
@@ -354,7 +363,7 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
     def batcher(self) -> CostBatcher:
         """A ``CostBatcher`` cutting the batches this handler embeds."""
         return CostBatcher(self.modality, self.max_batch_cost, self.micro_batch_size,
-                           MICRO_BATCHES_PER_BATCH[device_type(self.device)])
+                           per_device_and_modality(MICRO_BATCHES_PER_BATCH, self.modality, self.device))
 
     def should_skip_batching(self) -> bool:
         return True  # the input is already batched by BatchByCost, which Beam's BatchElements cannot do

@@ -19,7 +19,6 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from mmfeatures.encoders.handler import (
     BUFFERED_BATCHES,
-    MICRO_BATCHES_PER_BATCH,
     BatchByCost,
     CostBatcher,
     EmbeddingModelHandler,
@@ -265,15 +264,17 @@ def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_t
     assert [len(batch) for batch in batches] == [12] * (100 // 12)
 
 
-def test_a_cpu_batch_is_a_longer_turn_of_micro_batches_than_a_gpu_batch(tiny_text: TextModality) -> None:
-    """On a CPU each batch is one turn of the model at the cores, and turns cost something of their
-    own; a GPU gains nothing from more passes a batch."""
-    for device in ("cpu", "cuda"):
-        handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10_000, micro_batch_size=4, device=device)
-        batcher = handler.batcher()
-        assert (batcher.max_batch_cost, batcher.micro_batch_size) == (10_000, 4)
-        assert batcher.micro_batches_per_batch == MICRO_BATCHES_PER_BATCH[device]
-    assert MICRO_BATCHES_PER_BATCH["cpu"] > MICRO_BATCHES_PER_BATCH["cuda"]
+@pytest.mark.parametrize(("modality_name", "device", "micro_batches"), [
+    ("image", "cpu", 16), ("text", "cpu", 8), ("audio", "cpu", 8), ("image", "cuda", 8), ("text", "cuda:1", 8),
+])
+def test_the_handler_batches_by_its_device_and_modality(modality_name: str, device: str, micro_batches: int) -> None:
+    """On a CPU each batch is one turn of the model at the cores, and a turn costs something of its
+    own where preparing is heavy (images); a GPU gains nothing from more passes a batch."""
+    modality = {"image": ImageModality, "text": TextModality, "audio": AudioModality}[modality_name]()
+    handler = EmbeddingModelHandler(modality, max_batch_cost=10_000, micro_batch_size=4, device=device)
+    batcher = handler.batcher()
+    assert (batcher.modality, batcher.max_batch_cost, batcher.micro_batch_size) == (modality, 10_000, 4)
+    assert batcher.micro_batches_per_batch == micro_batches
 
 
 def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextModality) -> None:
