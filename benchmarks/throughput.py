@@ -207,7 +207,7 @@ def _prepare_in_worker(references: list[str]) -> int:
     modality = _worker_modality
     assert modality is not None
     groups = modality.preprocess_batch([modality.decode(_read(modality, reference)) for reference in references])
-    return sum(int(next(iter(w.values())).size) for windows in groups for w in windows)
+    return sum(Prepared(windows).cost for windows in groups)
 
 
 def measure_prepare(inputs: InputSet, settings: Settings, part: slice = slice(None)) -> Measured:
