@@ -41,13 +41,19 @@ _LAYOUT_VERSION = 2  # bump when what a set holds changes, so kept sets are made
 # -- text --------------------------------------------------------------------------------------
 _WORDS = {
     "det": "the a this that every one some another each our their".split(),
-    "adj": ("quiet old bright small heavy local early final public careful green narrow modern "
-            "cheap broken silent northern recent simple strange wooden").split(),
-    "noun": ("engineer river bridge market council station report garden teacher village train "
-             "window harbour museum storm library factory kitchen doctor journey budget camera "
-             "festival mountain question student machine picture evening").split(),
-    "verb": ("measured opened described crossed repaired painted followed carried announced "
-             "visited closed found moved watched explained replaced delayed").split(),
+    "adj": (
+        "quiet old bright small heavy local early final public careful green narrow modern "
+        "cheap broken silent northern recent simple strange wooden"
+    ).split(),
+    "noun": (
+        "engineer river bridge market council station report garden teacher village train "
+        "window harbour museum storm library factory kitchen doctor journey budget camera "
+        "festival mountain question student machine picture evening"
+    ).split(),
+    "verb": (
+        "measured opened described crossed repaired painted followed carried announced "
+        "visited closed found moved watched explained replaced delayed"
+    ).split(),
     "prep": "near behind across under beside after before during without toward".split(),
     "adverb": "slowly quickly again finally carefully yesterday today rarely".split(),
 }
@@ -71,8 +77,16 @@ def _text(rng: np.random.Generator) -> str:
 
 
 # -- images ------------------------------------------------------------------------------------
-_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-           "retina", "stereo_motorcycle")
+_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+)
 
 
 def _photo_sources() -> list[np.ndarray]:
@@ -115,8 +129,18 @@ def _spoken(rng: np.random.Generator, seconds: float, espeak: str, scratch: Path
     """About ``seconds`` of espeak-ng speech at 16 kHz, cut to ``seconds`` when it runs over."""
     speed = int(rng.integers(140, 201))  # words per minute
     words = max(2, round(seconds * speed / 60))
-    command = [espeak, "-v", _VOICES[rng.integers(len(_VOICES))], "-s", str(speed),
-               "-p", str(int(rng.integers(30, 71))), "-w", str(scratch), _sentence(rng, words)]
+    command = [
+        espeak,
+        "-v",
+        _VOICES[rng.integers(len(_VOICES))],
+        "-s",
+        str(speed),
+        "-p",
+        str(int(rng.integers(30, 71))),
+        "-w",
+        str(scratch),
+        _sentence(rng, words),
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
     samples, rate = soundfile.read(scratch, dtype="float32")
     return soxr.resample(samples, rate, SAMPLE_RATE)[: int(seconds * SAMPLE_RATE)]
@@ -132,13 +156,14 @@ def _speech_like(rng: np.random.Generator, seconds: float) -> np.ndarray:
     position = np.arange(total) - np.concatenate([[0], np.cumsum(lengths)[:-1]])[syllable]
     time = np.arange(total, dtype=np.float32) / SAMPLE_RATE
     pitch = rng.uniform(90, 220, len(lengths)).astype(np.float32)[syllable] * (
-        1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * time))
+        1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * time)
+    )
     phase = 2 * np.pi * np.cumsum(pitch, dtype=np.float64).astype(np.float32) / SAMPLE_RATE
     harmonics = np.arange(1, 17, dtype=np.float32)[:, None]
     formants = [  # two per syllable
         rng.uniform(low, high, len(lengths)).astype(np.float32)[syllable] for low, high in ((300, 900), (900, 2500))
     ]
-    loudness = sum(np.exp(-(((harmonics * pitch) - formant) / 200) ** 2) for formant in formants)
+    loudness = sum(np.exp(-((((harmonics * pitch) - formant) / 200) ** 2)) for formant in formants)
     voiced = (np.sin(harmonics * phase) * loudness).sum(axis=0)
     envelope = np.sin(np.pi * position / lengths[syllable])  # each syllable swells and fades
     envelope[(rng.random(len(lengths)) < 0.2)[syllable]] = 0.0  # one in five: a pause

@@ -69,8 +69,9 @@ def raw_feature_table(manifest: str) -> pa.Table:
     folder = os.path.dirname(manifest)
     with open(manifest, encoding="utf-8") as handle:
         records = [json.loads(line) for line in handle if line.strip()]
-    hashing = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 3), n_features=RAW_TEXT_FEATURES,
-                                alternate_sign=False)
+    hashing = HashingVectorizer(
+        analyzer="char_wb", ngram_range=(1, 3), n_features=RAW_TEXT_FEATURES, alternate_sign=False
+    )
     extractor = WhisperFeatureExtractor(feature_size=80, sampling_rate=RAW_AUDIO_RATE)
     texts = hashing.transform([record.get("text") or "" for record in records]).toarray().astype(np.float32)
     dims = {"text": RAW_TEXT_FEATURES, "image": RAW_IMAGE_SIDE**2, "audio": 160}
@@ -84,8 +85,13 @@ def raw_feature_table(manifest: str) -> pa.Table:
             embeddings["image"] = raw_image_features(os.path.join(folder, record["image"]))
         if record.get("audio"):
             embeddings["audio"] = raw_audio_features(os.path.join(folder, record["audio"]), extractor)
-        row: dict[str, Any] = {"id": record["id"], "label": record["label"], "split": record["split"],
-                               "fused": fusion.fuse(embeddings), "failed_modalities": []}
+        row: dict[str, Any] = {
+            "id": record["id"],
+            "label": record["label"],
+            "split": record["split"],
+            "fused": fusion.fuse(embeddings),
+            "failed_modalities": [],
+        }
         for modality, dim in dims.items():
             row[f"{modality}_embedding"] = embeddings.get(modality)
             row[f"has_{modality}"] = modality in embeddings
@@ -95,8 +101,11 @@ def raw_feature_table(manifest: str) -> pa.Table:
 
 def best(methods: Mapping[str, Any], fusion: bool) -> tuple[str, float]:
     """The best single-modality method (``fusion`` False) or the best fusion method, by accuracy."""
-    candidates = {name: result["test"]["accuracy"] for name, result in methods.items()
-                  if name.startswith(FUSION_PREFIXES) == fusion}
+    candidates = {
+        name: result["test"]["accuracy"]
+        for name, result in methods.items()
+        if name.startswith(FUSION_PREFIXES) == fusion
+    }
     name = max(candidates, key=lambda key: (candidates[key], key))
     return name, candidates[name]
 
@@ -106,9 +115,13 @@ def comparison(pretrained: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[st
     for kind, methods in (("pretrained", pretrained["methods"]), ("raw", raw["methods"])):
         single, single_accuracy = best(methods, fusion=False)
         fused, fused_accuracy = best(methods, fusion=True)
-        verdicts[kind] = {"best_single": single, "best_single_accuracy": single_accuracy,
-                          "best_fusion": fused, "best_fusion_accuracy": fused_accuracy,
-                          "gain": fused_accuracy - single_accuracy}
+        verdicts[kind] = {
+            "best_single": single,
+            "best_single_accuracy": single_accuracy,
+            "best_fusion": fused,
+            "best_fusion_accuracy": fused_accuracy,
+            "gain": fused_accuracy - single_accuracy,
+        }
     verdicts["target_gain"] = TARGET_GAIN
     verdicts["target_met"] = verdicts["pretrained"]["gain"] >= TARGET_GAIN
     return verdicts
@@ -124,8 +137,10 @@ def format_comparison(pretrained: Mapping[str, Any], raw: Mapping[str, Any], ver
         lines.append(f"{method:<22} {ours['accuracy']:>14.3f} {ours['macro_f1']:>8.3f}   {raw_cells}")
     for kind in ("pretrained", "raw"):
         v = verdicts[kind]
-        lines.append(f"{kind}: best fusion {v['best_fusion']} {v['best_fusion_accuracy']:.3f} vs best single "
-                     f"{v['best_single']} {v['best_single_accuracy']:.3f}: {100 * v['gain']:+.1f} points")
+        lines.append(
+            f"{kind}: best fusion {v['best_fusion']} {v['best_fusion_accuracy']:.3f} vs best single "
+            f"{v['best_single']} {v['best_single_accuracy']:.3f}: {100 * v['gain']:+.1f} points"
+        )
     met = "met" if verdicts["target_met"] else "NOT met"
     lines.append(f"target: best fusion >= best single + {100 * TARGET_GAIN:.0f} points (pretrained): {met}")
     return "\n".join(lines)
@@ -156,8 +171,14 @@ def main(argv: list[str] | None = None) -> int:
 
     verdicts = comparison(pretrained, raw)
     print(format_comparison(pretrained, raw, verdicts))
-    result = {"n": args.n, "seed": args.seed, "timings": timings, "verdicts": verdicts,
-              "pretrained": pretrained, "raw": raw}
+    result = {
+        "n": args.n,
+        "seed": args.seed,
+        "timings": timings,
+        "verdicts": verdicts,
+        "pretrained": pretrained,
+        "raw": raw,
+    }
     (work / "quality.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
     print(f"results: {work / 'quality.json'}")
     return 0

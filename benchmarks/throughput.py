@@ -108,8 +108,17 @@ class Settings:
     workdir: Path
 
     def job_argv(self, manifest: Path, output: Path) -> list[str]:
-        return ["--input", str(manifest), "--output", str(output), "--device", self.device,
-                "--precision", self.precision, *self.job_options]
+        return [
+            "--input",
+            str(manifest),
+            "--output",
+            str(output),
+            "--device",
+            self.device,
+            "--precision",
+            self.precision,
+            *self.job_options,
+        ]
 
     def job(self, inputs: InputSet) -> Job:
         """The job `mmfeatures extract` would run on these inputs, for its batch sizes and threads."""
@@ -162,8 +171,10 @@ def _modality(name: str) -> Modality:
 
 def _payload_references(inputs: InputSet, part: slice = slice(None)) -> list[str]:
     """Inline texts, or the media files' paths, of the records in ``part``: what each step starts from."""
-    return [row[inputs.modality] if inputs.modality == "text" else str(inputs.folder / row[inputs.modality])
-            for row in inputs.rows()[part]]
+    return [
+        row[inputs.modality] if inputs.modality == "text" else str(inputs.folder / row[inputs.modality])
+        for row in inputs.rows()[part]
+    ]
 
 
 def _read(modality: Modality, reference: str) -> bytes | str:
@@ -254,9 +265,14 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     _synchronize(settings.device)
     seconds = time.perf_counter() - start
     rows = len(passes) * handler.micro_batch_size
-    notes = {"batches": batch_count, "forward_passes": len(passes), "padding_rows": rows - windows,
-             "torch_threads": torch.get_num_threads(), "micro_batch_size": handler.micro_batch_size,
-             "max_batch_cost": handler.max_batch_cost}
+    notes = {
+        "batches": batch_count,
+        "forward_passes": len(passes),
+        "padding_rows": rows - windows,
+        "torch_threads": torch.get_num_threads(),
+        "micro_batch_size": handler.micro_batch_size,
+        "max_batch_cost": handler.max_batch_cost,
+    }
     return Measured(record_count, seconds, notes=notes)
 
 
@@ -419,8 +435,11 @@ class ModalityReport:
     @property
     def ratios(self) -> dict[str, float]:
         job = self.rates["job"]
-        return {"job / ceiling": job / self.ceiling, "job / naive": job / self.rates["naive"],
-                "job / stock": job / self.rates["stock"]}
+        return {
+            "job / ceiling": job / self.ceiling,
+            "job / naive": job / self.rates["naive"],
+            "job / stock": job / self.rates["stock"],
+        }
 
 
 def _verdict(device: str, figure: str, value: float, modality: str | None = None) -> str:
@@ -435,8 +454,14 @@ def _verdict(device: str, figure: str, value: float, modality: str | None = None
 
 
 def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
-    inputs = _in_child(build_input_set, _log(settings, f"inputs-{modality}"), modality,
-                       _inputs_folder(settings, modality, seed), count, seed)
+    inputs = _in_child(
+        build_input_set,
+        _log(settings, f"inputs-{modality}"),
+        modality,
+        _inputs_folder(settings, modality, seed),
+        count,
+        seed,
+    )
     parts: dict[str, list[Measured]] = {step: [] for step in STEPS}
     for step, part in _run_order(count):
         what = STEP_TITLES[step] if part is None else f"{STEP_TITLES[step]}, records {part.start} to {part.stop}"
@@ -471,8 +496,14 @@ def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dic
     runs = {}
     for records in (count, SCALING_FACTOR * count):
         print(f"  scaling: the job on {records} {modality} records ...", flush=True)
-        inputs = _in_child(build_input_set, _log(settings, f"inputs-scaling-{records}"), modality,
-                           _inputs_folder(settings, modality, seed), records, seed)
+        inputs = _in_child(
+            build_input_set,
+            _log(settings, f"inputs-scaling-{records}"),
+            modality,
+            _inputs_folder(settings, modality, seed),
+            records,
+            seed,
+        )
         runs[records] = _in_child(measure_job, _log(settings, f"scaling-{records}"), inputs, settings)
     small, large = runs[count], runs[SCALING_FACTOR * count]
     return {
@@ -509,8 +540,10 @@ def format_report(reports: list[ModalityReport], scaling: dict[str, Any] | None,
             if measured.parts:
                 rates = ", ".join(f"{part.records_per_second:.1f}" for part in measured.parts)
                 halves = f"  (halves before and after the job: {rates})"
-            lines.append(f"  {STEP_TITLES[step]:<22} {measured.records_per_second:>10.1f} "
-                         f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}{halves}")
+            lines.append(
+                f"  {STEP_TITLES[step]:<22} {measured.records_per_second:>10.1f} "
+                f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}{halves}"
+            )
         rule = "slower of 1 and 2" if report.ceiling_rule == "slower" else "1/(1/r1 + 1/r2)"
         lines.append(f"  {'ceiling, ' + rule:<22} {report.ceiling:>10.1f}")
         for figure, value in report.ratios.items():
@@ -536,13 +569,16 @@ def report_json(
             "steps": {step: asdict(measured) for step, measured in report.steps.items()},
             "ceiling": {"records_per_second": report.ceiling, "rule": report.ceiling_rule},
             "ratios": report.ratios,
-            "targets": {figure: _verdict(settings.device, figure, value, report.modality)
-                        for figure, value in report.ratios.items()},
+            "targets": {
+                figure: _verdict(settings.device, figure, value, report.modality)
+                for figure, value in report.ratios.items()
+            },
         }
     if scaling is not None:
-        scaling["targets"] = {figure: _verdict(settings.device, figure, scaling[key])
-                              for figure, key in (("wall time ratio", "wall_time_ratio"),
-                                                  ("peak memory ratio", "peak_memory_ratio"))}
+        scaling["targets"] = {
+            figure: _verdict(settings.device, figure, scaling[key])
+            for figure, key in (("wall time ratio", "wall_time_ratio"), ("peak memory ratio", "peak_memory_ratio"))
+        }
     return {
         "machine": {
             "cores": available_cores(),
@@ -552,8 +588,12 @@ def report_json(
             "beam": beam.__version__,
             "load_average_at_end": os.getloadavg(),
         },
-        "settings": {"device": settings.device, "precision": settings.precision,
-                     "job_options": list(settings.job_options), "quick": quick},
+        "settings": {
+            "device": settings.device,
+            "precision": settings.precision,
+            "job_options": list(settings.job_options),
+            "quick": quick,
+        },
         "wall_seconds": time.perf_counter() - started,
         "modalities": modalities,
         "scaling": scaling,
@@ -573,7 +613,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.throughput",
         description="Records per second of the feature job per modality, against its ceilings "
-                    "(decode+preprocess alone, the model alone), stock Beam RunInference and a naive loop.",
+        "(decode+preprocess alone, the model alone), stock Beam RunInference and a naive loop.",
         epilog="Any other option is passed to `mmfeatures extract` (e.g. --micro-batch-size 16).",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: a smoke test of the benchmark itself.")
@@ -581,18 +621,35 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu).")
     parser.add_argument("--modalities", default=",".join(MODALITIES), help="Comma-separated (default: all three).")
     for modality in MODALITIES:
-        parser.add_argument(f"--{modality}-records", type=int, default=None,
-                            help=f"{modality} records (default: {RECORDS['cpu'][modality]} on cpu, "
-                                 f"{RECORDS['cuda'][modality]} on cuda).")
-    parser.add_argument("--scaling-modality", default="image", choices=MODALITIES + ("none",),
-                        help="The modality of the N and 10 x N scaling run ('none' skips it).")
-    parser.add_argument("--scaling-records", type=int, default=None,
-                        help=f"N of the scaling run (default: {SCALING_RECORDS['cpu']} on cpu).")
+        parser.add_argument(
+            f"--{modality}-records",
+            type=int,
+            default=None,
+            help=f"{modality} records (default: {RECORDS['cpu'][modality]} on cpu, "
+            f"{RECORDS['cuda'][modality]} on cuda).",
+        )
+    parser.add_argument(
+        "--scaling-modality",
+        default="image",
+        choices=MODALITIES + ("none",),
+        help="The modality of the N and 10 x N scaling run ('none' skips it).",
+    )
+    parser.add_argument(
+        "--scaling-records",
+        type=int,
+        default=None,
+        help=f"N of the scaling run (default: {SCALING_RECORDS['cpu']} on cpu).",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("out/benchmarks"),
-                        help="Inputs (kept for the next run), job outputs and logs.")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="Where to write the results (default: WORKDIR/throughput.json).")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("out/benchmarks"),
+        help="Inputs (kept for the next run), job outputs and logs.",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="Where to write the results (default: WORKDIR/throughput.json)."
+    )
     return parser
 
 

@@ -32,14 +32,20 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
         f"{records['without_features']} without (all modalities failed), {records['rejected']} rejected"
     )
     for name, counts in summary["modalities"].items():
-        print(f"  {name:<6} present {counts['present']:>6}  embedded {counts['embedded']:>6}  "
-              f"failed {counts['failed']:>6}  absent {counts['absent']:>6}")
-    print(f"feature rows {summary['feature_rows']}, error rows {summary['error_rows']}, "
-          f"counts reconcile: {summary['reconciles']}, {summary['wall_seconds']:.1f} s")
+        print(
+            f"  {name:<6} present {counts['present']:>6}  embedded {counts['embedded']:>6}  "
+            f"failed {counts['failed']:>6}  absent {counts['absent']:>6}"
+        )
+    print(
+        f"feature rows {summary['feature_rows']}, error rows {summary['error_rows']}, "
+        f"counts reconcile: {summary['reconciles']}, {summary['wall_seconds']:.1f} s"
+    )
     for error_type, count in summary["errors_by_type"].items():
         print(f"  error {error_type}: {count}")
-    print(f"output: {storage.join(output, 'features')}, {storage.join(output, 'errors')}, "
-          f"{storage.join(output, '_run.json')}")
+    print(
+        f"output: {storage.join(output, 'features')}, {storage.join(output, 'errors')}, "
+        f"{storage.join(output, '_run.json')}"
+    )
 
 
 def extract(argv: list[str]) -> int:
@@ -67,9 +73,13 @@ SAMPLE_KINDS = {
 def sample(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmfeatures sample", description="Build an offline sample data set.")
     parser.add_argument("--out", required=True, help="Folder to write manifest.jsonl and media into.")
-    parser.add_argument("--kind", choices=SAMPLE_KINDS, default="basic",
-                        help="basic: a small set in every format, with some broken files; "
-                             "avmnist: the AV-MNIST-style classification benchmark.")
+    parser.add_argument(
+        "--kind",
+        choices=SAMPLE_KINDS,
+        default="basic",
+        help="basic: a small set in every format, with some broken files; "
+        "avmnist: the AV-MNIST-style classification benchmark.",
+    )
     parser.add_argument("--n", type=int, default=60, help="Number of records.")
     parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed gives the same set.")
     args = parser.parse_args(argv)

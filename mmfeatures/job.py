@@ -70,9 +70,7 @@ class Job:
             max_audio_seconds=extract.max_audio_seconds,
             max_text_chars=extract.max_text_chars,
         )
-        modalities = {
-            name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS
-        }
+        modalities = {name: MODALITIES[name](getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS}
         # Redacted once, here: a model folder may be a signed URL, and these go into every output.
         models = redact_all({name: modality.describe() for name, modality in modalities.items()})
         fusion = Fusion(
@@ -171,31 +169,31 @@ class Job:
             "every_row_accounted_for": records["read"] == records["rejected"] + accepted,
             "feature_rows_match": features["rows"] == with_features,
             "error_rows_match": errors["rows"] == counts.get("error_rows", 0),
-            "modalities_reconcile": all(
-                c["present"] == c["embedded"] + c["failed"] for c in modalities.values()
-            ),
+            "modalities_reconcile": all(c["present"] == c["embedded"] + c["failed"] for c in modalities.values()),
         }
-        return redact_all({
-            "records": records,
-            "feature_rows": features["rows"],
-            "feature_files": features["files"],
-            "error_rows": errors["rows"],
-            "errors_by_type": {
-                key.removeprefix(ERROR_TYPE_PREFIX): count
-                for key, count in sorted(counts.items()) if key.startswith(ERROR_TYPE_PREFIX)
-            },
-            "modalities": modalities,
-            "reconciles": all(checks.values()),
-            "checks": checks,
-            "models": self.models,
-            "fusion": self.fusion.describe(),
-            "options": self.options,
-            "inputs": self.inputs,
-            "outputs": {"features": self.path("features"), "errors": self.path("errors")},
-            "started": self.started.isoformat(),
-            "package_version": __version__,
-        })
-
+        return redact_all(
+            {
+                "records": records,
+                "feature_rows": features["rows"],
+                "feature_files": features["files"],
+                "error_rows": errors["rows"],
+                "errors_by_type": {
+                    key.removeprefix(ERROR_TYPE_PREFIX): count
+                    for key, count in sorted(counts.items())
+                    if key.startswith(ERROR_TYPE_PREFIX)
+                },
+                "modalities": modalities,
+                "reconciles": all(checks.values()),
+                "checks": checks,
+                "models": self.models,
+                "fusion": self.fusion.describe(),
+                "options": self.options,
+                "inputs": self.inputs,
+                "outputs": {"features": self.path("features"), "errors": self.path("errors")},
+                "started": self.started.isoformat(),
+                "package_version": __version__,
+            }
+        )
 
 
 INPUTS_ROOT = "inputs"

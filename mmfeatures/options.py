@@ -17,7 +17,6 @@ from mmfeatures.records import MODALITY_COLUMNS
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
 
 
-
 class ExtractOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
@@ -25,56 +24,143 @@ class ExtractOptions(PipelineOptions):
             dashed = [flag.replace("_", "-") for flag in flags if "_" in flag]
             parser.add_argument(*flags, *dashed, **kwargs)
 
-        add("--input", dest="input", action="append", default=None,
-            help="Manifest path or glob (JSONL, CSV or Parquet; local or fsspec URL). Repeatable.")
-        add("--output", dest="output", default=None,
-            help="Output folder (local path or fsspec URL): features/, errors/ and _run.json go here.")
-        add("--fusion", dest="fusion", default="concat", choices=FUSION_METHODS,
-            help="How modality embeddings become one vector.")
-        add("--fusion_weights", dest="fusion_weights", default=None,
-            help="Per-modality weights, e.g. text=0.2,image=0.3,audio=0.5 (default 1 each).")
-        add("--fusion_dim", dest="fusion_dim", type=int, default=512,
-            help="Common dimension of the mean and weighted fusions' projections.")
-        add("--fusion_seed", dest="fusion_seed", type=int, default=0,
-            help="Seed of the mean and weighted fusions' fixed projections.")
+        add(
+            "--input",
+            dest="input",
+            action="append",
+            default=None,
+            help="Manifest path or glob (JSONL, CSV or Parquet; local or fsspec URL). Repeatable.",
+        )
+        add(
+            "--output",
+            dest="output",
+            default=None,
+            help="Output folder (local path or fsspec URL): features/, errors/ and _run.json go here.",
+        )
+        add(
+            "--fusion",
+            dest="fusion",
+            default="concat",
+            choices=FUSION_METHODS,
+            help="How modality embeddings become one vector.",
+        )
+        add(
+            "--fusion_weights",
+            dest="fusion_weights",
+            default=None,
+            help="Per-modality weights, e.g. text=0.2,image=0.3,audio=0.5 (default 1 each).",
+        )
+        add(
+            "--fusion_dim",
+            dest="fusion_dim",
+            type=int,
+            default=512,
+            help="Common dimension of the mean and weighted fusions' projections.",
+        )
+        add(
+            "--fusion_seed",
+            dest="fusion_seed",
+            type=int,
+            default=0,
+            help="Seed of the mean and weighted fusions' fixed projections.",
+        )
         for modality in MODALITY_COLUMNS:
-            add(f"--{modality}_model", dest=f"{modality}_model", default="default",
+            add(
+                f"--{modality}_model",
+                dest=f"{modality}_model",
+                default="default",
                 help=f"{modality} encoder: 'default' (bundled), a Hugging Face model id, or a model folder "
-                     "(local or fsspec URL) in Hugging Face layout with safetensors weights.")
-            add(f"--{modality}_batch_cost", dest=f"{modality}_batch_cost", type=int, default=None,
+                "(local or fsspec URL) in Hugging Face layout with safetensors weights.",
+            )
+            add(
+                f"--{modality}_batch_cost",
+                dest=f"{modality}_batch_cost",
+                type=int,
+                default=None,
                 help=f"Most {modality} input values (tokens, pixels or mel values) in one RunInference "
-                     "batch (default: the modality's own, see README; 16 times that on a GPU).")
+                "batch (default: the modality's own, see README; 16 times that on a GPU).",
+            )
         add("--device", dest="device", default="cpu", help="Torch device for the encoders: cpu or cuda.")
-        add("--micro_batch_size", dest="micro_batch_size", type=int, default=None,
+        add(
+            "--micro_batch_size",
+            dest="micro_batch_size",
+            type=int,
+            default=None,
             help="Windows per forward pass, for every modality (default: on a CPU 8 texts, 4 images, "
-                 "1 audio clip; 64 on a GPU). Every pass has exactly this many rows, so a record's "
-                 "embedding does not depend on its batch.")
-        add("--precision", dest="precision", default="fp32", choices=sorted(PRECISIONS),
+            "1 audio clip; 64 on a GPU). Every pass has exactly this many rows, so a record's "
+            "embedding does not depend on its batch.",
+        )
+        add(
+            "--precision",
+            dest="precision",
+            default="fp32",
+            choices=sorted(PRECISIONS),
             help="fp32 runs the models as loaded; bf16 and fp16 run them under torch autocast (for "
-                 "GPUs' tensor cores; on a CPU only where it has bf16 instructions).")
-        add("--torch_threads", dest="torch_threads", type=int, default=None,
+            "GPUs' tensor cores; on a CPU only where it has bf16 instructions).",
+        )
+        add(
+            "--torch_threads",
+            dest="torch_threads",
+            type=int,
+            default=None,
             help="Torch threads per worker process (default: the cores the process may use). With "
-                 "several worker processes on one machine, give each its share of the cores.")
-        add("--model_copies", dest="model_copies", type=int, default=None,
+            "several worker processes on one machine, give each its share of the cores.",
+        )
+        add(
+            "--model_copies",
+            dest="model_copies",
+            type=int,
+            default=None,
             help="Load this many copies of each model per machine, shared by all of its worker "
-                 "processes (Beam's multi-process shared model), instead of one per process: "
-                 "e.g. 1 to fit the three models once on one GPU.")
+            "processes (Beam's multi-process shared model), instead of one per process: "
+            "e.g. 1 to fit the three models once on one GPU.",
+        )
         defaults = Limits()
-        add("--max_bytes", dest="max_bytes", type=int, default=defaults.max_bytes,
-            help="Largest media file read, in bytes; larger ones are error rows (file_too_large).")
-        add("--max_pixels", dest="max_pixels", type=int, default=defaults.max_pixels,
-            help="Largest image, width x height, checked from its header before decoding (image_too_large).")
-        add("--max_audio_seconds", dest="max_audio_seconds", type=float, default=defaults.max_audio_seconds,
-            help="Longest audio clip, checked before decoding; longer ones are error rows (audio_too_long).")
-        add("--max_text_chars", dest="max_text_chars", type=int, default=defaults.max_text_chars,
-            help="Longest text, in characters; longer ones are error rows (text_too_long).")
-        add("--allowed_roots", dest="allowed_roots", action="append", default=None,
+        add(
+            "--max_bytes",
+            dest="max_bytes",
+            type=int,
+            default=defaults.max_bytes,
+            help="Largest media file read, in bytes; larger ones are error rows (file_too_large).",
+        )
+        add(
+            "--max_pixels",
+            dest="max_pixels",
+            type=int,
+            default=defaults.max_pixels,
+            help="Largest image, width x height, checked from its header before decoding (image_too_large).",
+        )
+        add(
+            "--max_audio_seconds",
+            dest="max_audio_seconds",
+            type=float,
+            default=defaults.max_audio_seconds,
+            help="Longest audio clip, checked before decoding; longer ones are error rows (audio_too_long).",
+        )
+        add(
+            "--max_text_chars",
+            dest="max_text_chars",
+            type=int,
+            default=defaults.max_text_chars,
+            help="Longest text, in characters; longer ones are error rows (text_too_long).",
+        )
+        add(
+            "--allowed_roots",
+            dest="allowed_roots",
+            action="append",
+            default=None,
             help="Read media only under these roots (repeatable): local folders, URL prefixes "
-                 "(gs://bucket/images) or bare schemes (https://); 'inputs' stands for the folders of "
-                 "the --input manifests. Other references are error rows (location_not_allowed). "
-                 "Default: anywhere.")
-        add("--rows_per_file", dest="rows_per_file", type=int, default=2000,
-            help="Most rows in one output Parquet file.")
+            "(gs://bucket/images) or bare schemes (https://); 'inputs' stands for the folders of "
+            "the --input manifests. Other references are error rows (location_not_allowed). "
+            "Default: anywhere.",
+        )
+        add(
+            "--rows_per_file",
+            dest="rows_per_file",
+            type=int,
+            default=2000,
+            help="Most rows in one output Parquet file.",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -73,9 +73,7 @@ def _optional_string(row: Mapping[str, Any], column: str, *, allow_int: bool = F
         return value
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise ValidationError(
-        f"column {column!r} must be a string, got {type(value).__name__}", error_type="wrong_type"
-    )
+    raise ValidationError(f"column {column!r} must be a string, got {type(value).__name__}", error_type="wrong_type")
 
 
 def _require_unicode(column: str, value: Any) -> None:
@@ -156,6 +154,7 @@ def parse_record(
         carried={carried_column_name(key): value for key, value in row.items() if key not in reserved},
         rejected=tuple(
             ErrorRow.from_exception(failures[m], record_id=record_id, modality=m, source=source)
-            for m in MODALITY_COLUMNS if m in failures
+            for m in MODALITY_COLUMNS
+            if m in failures
         ),
     )

@@ -23,9 +23,7 @@ _SECRET_PARAMETER = (
     r"(?:x-(?:amz|goog|ms)-[\w-]*|sig|signature|token|[\w-]*_token|sv|se|sp|skoid|sktid|"
     r"api[_-]?key|key|password|passwd|pwd|secret|[\w-]*credential[\w-]*|auth[\w-]*)"
 )
-_BARE_QUERY = re.compile(
-    rf"\?(?=(?:[^\s'\"<>`#]*[&;])?{_SECRET_PARAMETER}=)[^\s'\"<>`]*", re.IGNORECASE
-)
+_BARE_QUERY = re.compile(rf"\?(?=(?:[^\s'\"<>`#]*[&;])?{_SECRET_PARAMETER}=)[^\s'\"<>`]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
@@ -59,7 +57,7 @@ def _redact_url(url: str) -> str:
         return f"{scheme}://{MASK}"
     if not rest.startswith(parts.netloc):  # urlsplit normalised something: play safe
         return f"{scheme}://{MASK}"
-    netloc, after = parts.netloc, rest[len(parts.netloc):]
+    netloc, after = parts.netloc, rest[len(parts.netloc) :]
     if "@" in netloc:
         netloc = f"{MASK}@{netloc.rpartition('@')[2]}"
     if parts.query or parts.fragment:

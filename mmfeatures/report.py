@@ -239,8 +239,11 @@ def read_train_metrics(train_dir: str) -> TrainMetrics:
     if content is None:
         raise ReportError(f"no {METRICS_FILE} in {redact(train_dir)}")
     candidates = content.get("methods", content) if isinstance(content, dict) else {}
-    entries = {str(name): entry for name, entry in (candidates.items() if isinstance(candidates, dict) else ())
-               if isinstance(entry, dict)}
+    entries = {
+        str(name): entry
+        for name, entry in (candidates.items() if isinstance(candidates, dict) else ())
+        if isinstance(entry, dict)
+    }
     methods = {name: scores for name, entry in entries.items() if (scores := _method_scores(entry)) is not None}
     return TrainMetrics(methods, [name for name in entries if name not in methods])
 
@@ -464,7 +467,8 @@ def records_section(summary: Mapping[str, Any]) -> Section:
     checks = [[key.replace("_", " "), value] for key, value in summary.get("checks", {}).items()]
     verdict = "the counts reconcile" if summary.get("reconciles") else "the counts do NOT reconcile"
     return section(
-        "records", "Records",
+        "records",
+        "Records",
         table(["", "records"], rows),
         Html(f'<p class="{"ok" if summary.get("reconciles") else "bad"}">{escape(verdict)}</p>'),
         table(["check", "holds"], checks) if checks else Html(""),
@@ -477,8 +481,15 @@ def modalities_section(summary: Mapping[str, Any], plots: Plots) -> Section:
         return section("modalities", "Modalities", note("No per-modality counts in _run.json."))
     accepted = summary.get("records", {}).get("accepted", 0)
     rows = [
-        [name, c.get("present"), c.get("embedded"), c.get("failed"), c.get("absent"),
-         percent(c.get("present", 0), accepted), percent(c.get("embedded", 0), c.get("present", 0))]
+        [
+            name,
+            c.get("present"),
+            c.get("embedded"),
+            c.get("failed"),
+            c.get("absent"),
+            percent(c.get("present", 0), accepted),
+            percent(c.get("embedded", 0), c.get("present", 0)),
+        ]
         for name, c in modalities.items()
     ]
     headers = ["modality", "present", "embedded", "failed", "absent", "present / accepted", "embedded / present"]
@@ -496,7 +507,8 @@ def coverage_section(features: FeatureDigest, plots: Plots) -> Section:
     subset_rows = [[name, n, percent(n, features.rows)] for name, n in named.items()]
     alt = "Feature rows by the set of modalities embedded together"
     return section(
-        "coverage", "Coverage",
+        "coverage",
+        "Coverage",
         note(f"Of the {features.rows} feature rows; the modality table above counts inputs over all accepted records."),
         table(["modality", "rows with an embedding", "fraction"], per_modality),
         Html("<h3>Modalities embedded together</h3>"),
@@ -590,7 +602,8 @@ def training_section(metrics: TrainMetrics, plots: Plots) -> Section:
     parts = [overview, plots.embed("train-metrics", metrics_figure(metrics.methods), alt), ignored]
     per_class = {
         name: {str(label): f1 for label, f1 in scores[PER_CLASS_F1].items()}
-        for name, scores in metrics.methods.items() if isinstance(scores.get(PER_CLASS_F1), dict)
+        for name, scores in metrics.methods.items()
+        if isinstance(scores.get(PER_CLASS_F1), dict)
     }
     if per_class:
         classes = sorted({label for f1s in per_class.values() for label in f1s}, key=_natural_key)

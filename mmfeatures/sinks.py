@@ -86,7 +86,6 @@ def add_value_types(types: dict[str, pa.DataType | None], row: Mapping[str, Any]
         types[name] = unify_types(types.get(name), value_type(value))
 
 
-
 def merge_column_types(per_source: Iterable[Mapping[str, pa.DataType | None]]) -> dict[str, pa.DataType]:
     """The carried columns of a run: every source's columns in first-seen order, one type each.
     A column that is null everywhere is still carried, as string."""
@@ -191,7 +190,9 @@ class _CommitFiles(_WriteStagedFile):
         yield {"files": len(names), "rows": sum(rows for _, rows in staged)}
 
 
-def _swap_in_locally(staging_root: str, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
+def _swap_in_locally(
+    staging_root: str, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]
+) -> None:
     assembled = os.path.join(staging_root, f"table-{uuid.uuid4().hex}")
     os.makedirs(assembled)
     for path, name in zip(staged, names):

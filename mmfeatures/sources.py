@@ -35,9 +35,17 @@ class ManifestRow:
 
 def manifest_format(path: str) -> str:
     lowered = path.lower()
-    for suffix, kind in ((".jsonl", "jsonl"), (".json", "jsonl"), (".ndjson", "jsonl"),
-                         (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet"),
-                         (".tar", "tar"), (".tar.gz", "tar"), (".tgz", "tar")):
+    for suffix, kind in (
+        (".jsonl", "jsonl"),
+        (".json", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".tar", "tar"),
+        (".tar.gz", "tar"),
+        (".tgz", "tar"),
+    ):
         if lowered.endswith(suffix):
             return kind
     raise ValueError(f"cannot tell the manifest format of {path!r}: use .jsonl, .csv, .parquet or .tar")
@@ -79,7 +87,9 @@ def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
             try:
                 line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                yield _row_error(ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8"), source)
+                yield _row_error(
+                    ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8"), source
+                )
                 continue
             if not line.strip():
                 continue
@@ -261,9 +271,7 @@ def _read_tar(path: str, max_member_bytes: int | None) -> Iterator[ManifestRow |
             # is lost with the rest, and this one error row says so.
             lost = f"; sample {sample.key!r} and any after it are lost" if sample is not None else ""
             error = ManifestError(f"the tar file cannot be read: {exc}{lost}", error_type="unreadable_manifest")
-            yield ErrorRow.from_exception(
-                error, record_id=sample.key if sample else None, modality=None, source=path
-            )
+            yield ErrorRow.from_exception(error, record_id=sample.key if sample else None, modality=None, source=path)
             return
     if sample is not None:
         yield sample.row()

@@ -172,7 +172,10 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(status, int) and status in _TRANSIENT_STATUS:
             return True
         if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
-            "ClientOSError", "ServerDisconnectedError", "ClientConnectorError", "ClientPayloadError",
+            "ClientOSError",
+            "ServerDisconnectedError",
+            "ClientConnectorError",
+            "ClientPayloadError",
         ):
             return True
         seen = seen.__cause__ or seen.__context__

@@ -52,8 +52,14 @@ MODALITIES: tuple[str, ...] = tuple(
     if field["type"] == "embedding" and field["modality"] != "fused"
 )
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
-                 "dev": "validation", "test": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
 SEEDED_SPLIT_SHARES = {"train": 0.70, "validation": 0.15}  # the test split takes the rest
 WEIGHT_GRID_STEPS = 10  # late-fusion weights in steps of 1/10
 STACKING_FOLDS = 5
@@ -84,12 +90,18 @@ class Features:
         """From a feature table, read by ``read_features`` or by any Parquet reader."""
         matrices = {m: _embedding_matrix(table, f"{m}_embedding") for m in MODALITIES}
         fused, _ = _embedding_matrix(table, "fused")
-        return cls({m: matrix for m, (matrix, _) in matrices.items()},
-                   {m: present for m, (_, present) in matrices.items()}, fused)
+        return cls(
+            {m: matrix for m, (matrix, _) in matrices.items()},
+            {m: present for m, (_, present) in matrices.items()},
+            fused,
+        )
 
     def rows(self, selection: np.ndarray) -> Features:
-        return Features({m: x[selection] for m, x in self.embeddings.items()},
-                        {m: p[selection] for m, p in self.present.items()}, self.fused[selection])
+        return Features(
+            {m: x[selection] for m, x in self.embeddings.items()},
+            {m: p[selection] for m, p in self.present.items()},
+            self.fused[selection],
+        )
 
     @property
     def has_every_modality(self) -> np.ndarray:
@@ -128,8 +140,7 @@ class Dataset:
 
     def select(self, split: str) -> Dataset:
         rows = self.splits == split
-        return Dataset(self.features.rows(rows), self.targets[rows], self.splits[rows], self.classes,
-                       self.split_source)
+        return Dataset(self.features.rows(rows), self.targets[rows], self.splits[rows], self.classes, self.split_source)
 
 
 def prepare_dataset(table: pa.Table, label_column: str, split_column: str, seed: int) -> tuple[Dataset, dict[str, int]]:
@@ -139,8 +150,10 @@ def prepare_dataset(table: pa.Table, label_column: str, split_column: str, seed:
     labelled = np.array([label is not None for label in labels], dtype=bool)
     classes = sorted({label for label in labels if label is not None})
     if len(classes) < 2:
-        raise TrainingError(f"label column {label_column!r} holds {len(classes)} class(es) over "
-                            f"{int(labelled.sum())} labelled records; a classifier needs at least 2")
+        raise TrainingError(
+            f"label column {label_column!r} holds {len(classes)} class(es) over "
+            f"{int(labelled.sum())} labelled records; a classifier needs at least 2"
+        )
     class_index = {name: index for index, name in enumerate(classes)}
     targets = np.array([class_index[label] for label in labels if label is not None], dtype=np.int64)
     given = _optional_strings(table, split_column) if split_column in table.column_names else []
@@ -153,15 +166,15 @@ def prepare_dataset(table: pa.Table, label_column: str, split_column: str, seed:
     features = Features.from_table(table.filter(pa.array(labelled))).rows(kept)
     dataset = Dataset(features, targets[kept], splits[kept], classes, split_source)
     _check_splits(dataset)
-    left_out = {"records": table.num_rows, "without_label": int((~labelled).sum()),
-                "without_split": int((~kept).sum())}
+    left_out = {"records": table.num_rows, "without_label": int((~labelled).sum()), "without_split": int((~kept).sum())}
     return dataset, left_out
 
 
 def _check_columns(table: pa.Table, label_column: str) -> None:
     if label_column not in table.column_names:
-        raise TrainingError(f"the feature table has no label column {label_column!r}; "
-                            f"its columns: {', '.join(table.column_names)}")
+        raise TrainingError(
+            f"the feature table has no label column {label_column!r}; its columns: {', '.join(table.column_names)}"
+        )
     missing = [c for c in (*(f"{m}_embedding" for m in MODALITIES), "fused") if c not in table.column_names]
     if missing:
         raise TrainingError(f"not a feature table: no column {', '.join(map(repr, missing))}")
@@ -171,8 +184,10 @@ def _splits_from_column(values: list[str | None], split_column: str) -> np.ndarr
     """Each record's split named in the column; "" where it is null, so the record is left out."""
     unknown = sorted({value for value in values if value is not None and value.lower() not in SPLIT_ALIASES})
     if unknown:
-        raise TrainingError(f"split column {split_column!r} holds {', '.join(map(repr, unknown))}; "
-                            f"expected one of {', '.join(SPLIT_ALIASES)}")
+        raise TrainingError(
+            f"split column {split_column!r} holds {', '.join(map(repr, unknown))}; "
+            f"expected one of {', '.join(SPLIT_ALIASES)}"
+        )
     return np.array([SPLIT_ALIASES[value.lower()] if value else "" for value in values], dtype="<U10")
 
 
@@ -186,7 +201,7 @@ def _seeded_stratified_split(targets: np.ndarray, seed: int) -> np.ndarray:
         n_train = round(SEEDED_SPLIT_SHARES["train"] * len(members))
         n_validation = round(SEEDED_SPLIT_SHARES["validation"] * len(members))
         splits[members[:n_train]] = "train"
-        splits[members[n_train:n_train + n_validation]] = "validation"
+        splits[members[n_train : n_train + n_validation]] = "validation"
     return splits
 
 
@@ -194,8 +209,10 @@ def _check_splits(dataset: Dataset) -> None:
     """Every split is needed: training fits, validation chooses late-fusion weights, test scores."""
     for split in SPLITS:
         if not np.any(dataset.splits == split):
-            raise TrainingError(f"the {split} split has no labelled records; training fits the classifiers, "
-                                "validation chooses the late-fusion weights, test scores them")
+            raise TrainingError(
+                f"the {split} split has no labelled records; training fits the classifiers, "
+                "validation chooses the late-fusion weights, test scores them"
+            )
     if len(np.unique(dataset.select("train").targets)) < 2:
         raise TrainingError("the training split holds fewer than 2 classes")
 
@@ -205,8 +222,9 @@ def _check_splits(dataset: Dataset) -> None:
 
 def new_classifier(seed: int) -> Pipeline:
     """The one classifier every method uses; standardising keeps lbfgs well conditioned."""
-    return Pipeline([("scaler", StandardScaler()),
-                     ("logistic", LogisticRegression(max_iter=MAX_ITER, random_state=seed))])
+    return Pipeline(
+        [("scaler", StandardScaler()), ("logistic", LogisticRegression(max_iter=MAX_ITER, random_state=seed))]
+    )
 
 
 def class_probabilities(model: Pipeline, inputs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -217,8 +235,12 @@ def class_probabilities(model: Pipeline, inputs: np.ndarray, n_classes: int) -> 
     return probabilities
 
 
-def late_fusion(per_modality: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray],
-                weights: Mapping[str, float], prior: np.ndarray) -> np.ndarray:
+def late_fusion(
+    per_modality: Mapping[str, np.ndarray],
+    present: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    prior: np.ndarray,
+) -> np.ndarray:
     """sum w_i P_i / sum w_i over the modalities each record has; the plain mean where all of those
     weigh 0 (a modality still speaks when it is all there is), and the prior where there is none."""
     weighted = sum(weights[m] * present[m][:, None] * per_modality[m] for m in per_modality)
@@ -266,7 +288,9 @@ class TrainedModels:
         return methods
 
 
-def modality_probabilities(unimodal: Mapping[str, Pipeline], features: Features, n_classes: int) -> dict[str, np.ndarray]:
+def modality_probabilities(
+    unimodal: Mapping[str, Pipeline], features: Features, n_classes: int
+) -> dict[str, np.ndarray]:
     """Each modality's class probabilities, zero rows where the record lacks it."""
     probabilities = {}
     for modality, model in unimodal.items():
@@ -326,19 +350,23 @@ def _out_of_fold_probabilities(train: Dataset, modality: str, seed: int) -> tupl
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     probabilities = np.zeros((len(rows), len(train.classes)))
     probabilities[np.ix_(rows, seen)] = cross_val_predict(
-        new_classifier(seed), train.features.embeddings[modality][rows], targets, cv=folds, method="predict_proba")
+        new_classifier(seed), train.features.embeddings[modality][rows], targets, cv=folds, method="predict_proba"
+    )
     return probabilities, n_folds
 
 
 def weight_grid(modalities: list[str]) -> list[dict[str, float]]:
     """Every weighting of ``modalities`` on the simplex in steps of 1/WEIGHT_GRID_STEPS."""
-    return [{m: units / WEIGHT_GRID_STEPS for m, units in zip(modalities, point)}
-            for point in itertools.product(range(WEIGHT_GRID_STEPS + 1), repeat=len(modalities))
-            if sum(point) == WEIGHT_GRID_STEPS]
+    return [
+        {m: units / WEIGHT_GRID_STEPS for m, units in zip(modalities, point)}
+        for point in itertools.product(range(WEIGHT_GRID_STEPS + 1), repeat=len(modalities))
+        if sum(point) == WEIGHT_GRID_STEPS
+    ]
 
 
-def choose_late_fusion_weights(unimodal: Mapping[str, Pipeline], prior: np.ndarray,
-                               validation: Dataset) -> dict[str, float]:
+def choose_late_fusion_weights(
+    unimodal: Mapping[str, Pipeline], prior: np.ndarray, validation: Dataset
+) -> dict[str, float]:
     """The grid point with the best validation macro F1; ties go to the lower log loss (a proper
     score, so the better calibrated choice), then to the earlier point."""
     labels = list(range(len(prior)))
@@ -348,8 +376,10 @@ def choose_late_fusion_weights(unimodal: Mapping[str, Pipeline], prior: np.ndarr
     def validation_score(weights: dict[str, float]) -> tuple[float, float]:
         probabilities = late_fusion(per_modality, present, weights, prior)
         predictions = probabilities.argmax(axis=1)
-        return (f1_score(validation.targets, predictions, average="macro", zero_division=0),
-                -log_loss(validation.targets, probabilities, labels=labels))
+        return (
+            f1_score(validation.targets, predictions, average="macro", zero_division=0),
+            -log_loss(validation.targets, probabilities, labels=labels),
+        )
 
     return max(weight_grid(list(unimodal)), key=validation_score)
 
@@ -365,9 +395,11 @@ def fit_models(dataset: Dataset, seed: int) -> tuple[TrainedModels, dict[str, An
     weights = choose_late_fusion_weights(unimodal, prior, dataset.select("validation"))
     stacking, folds = fit_stacking(train, list(unimodal), seed)
     models = TrainedModels(dataset.classes, prior, unimodal, early_fusion, weights, stacking)
-    decisions = {"late_fusion_weights": weights,
-                 "stacking": {"fitted_on": "out-of-fold predictions for the training split", "folds": folds},
-                 "skipped_modalities": skipped}
+    decisions = {
+        "late_fusion_weights": weights,
+        "stacking": {"fitted_on": "out-of-fold predictions for the training split", "folds": folds},
+        "skipped_modalities": skipped,
+    }
     return models, decisions
 
 
@@ -379,8 +411,13 @@ def score(targets: np.ndarray, probabilities: np.ndarray, classes: list[str]) ->
     run over the classes in the targets or the predictions (scikit-learn's default); per-class F1 is
     None for a class in neither."""
     if len(targets) == 0:
-        return {"n": 0, "accuracy": None, "macro_recall": None, "macro_f1": None,
-                "per_class_f1": {name: None for name in classes}}
+        return {
+            "n": 0,
+            "accuracy": None,
+            "macro_recall": None,
+            "macro_f1": None,
+            "per_class_f1": {name: None for name in classes},
+        }
     predictions = probabilities.argmax(axis=1)
     seen = np.union1d(targets, predictions)
     per_class = f1_score(targets, predictions, labels=seen, average=None, zero_division=0)
@@ -397,9 +434,13 @@ def score(targets: np.ndarray, probabilities: np.ndarray, classes: list[str]) ->
 def evaluate(models: TrainedModels, test: Dataset) -> dict[str, dict[str, Any]]:
     """Each method on the whole test split and on its records that have every modality."""
     complete = test.features.has_every_modality
-    return {method: {"test": score(test.targets, probabilities, test.classes),
-                     "test_all_modalities": score(test.targets[complete], probabilities[complete], test.classes)}
-            for method, probabilities in models.predict_proba(test.features).items()}
+    return {
+        method: {
+            "test": score(test.targets, probabilities, test.classes),
+            "test_all_modalities": score(test.targets[complete], probabilities[complete], test.classes),
+        }
+        for method, probabilities in models.predict_proba(test.features).items()
+    }
 
 
 def split_counts(dataset: Dataset) -> dict[str, dict[str, Any]]:
@@ -409,7 +450,10 @@ def split_counts(dataset: Dataset) -> dict[str, dict[str, Any]]:
         part = dataset.select(split)
         counts[split] = {
             "records": int(len(part.targets)),
-            "classes": {name: int(n) for name, n in zip(dataset.classes, np.bincount(part.targets, minlength=len(dataset.classes)))},
+            "classes": {
+                name: int(n)
+                for name, n in zip(dataset.classes, np.bincount(part.targets, minlength=len(dataset.classes)))
+            },
             **{m: int(part.features.present[m].sum()) for m in MODALITIES},
             "all_modalities": int(part.features.has_every_modality.sum()),
         }
@@ -422,8 +466,9 @@ class TrainingResult:
     metrics: dict[str, Any]
 
 
-def train(table: pa.Table, label_column: str = "label", split_column: str = "split", seed: int = 0,
-          source: str | None = None) -> TrainingResult:
+def train(
+    table: pa.Table, label_column: str = "label", split_column: str = "split", seed: int = 0, source: str | None = None
+) -> TrainingResult:
     """Fit and score every method on a feature table; ``source`` names the table in the metrics."""
     dataset, left_out = prepare_dataset(table, label_column, split_column, seed)
     models, decisions = fit_models(dataset, seed)
@@ -432,12 +477,18 @@ def train(table: pa.Table, label_column: str = "label", split_column: str = "spl
         "label_column": label_column,
         "split_column": split_column,
         "split_source": dataset.split_source,
-        "seeds": {"split": seed if dataset.split_source.startswith("seeded") else None,
-                  "classifiers": seed, "stacking_folds": seed},
+        "seeds": {
+            "split": seed if dataset.split_source.startswith("seeded") else None,
+            "classifiers": seed,
+            "stacking_folds": seed,
+        },
         "classes": dataset.classes,
         "counts": {**left_out, "splits": split_counts(dataset)},
-        "classifier": {"model": "StandardScaler + LogisticRegression", "max_iter": MAX_ITER,
-                       "scikit_learn": sklearn.__version__},
+        "classifier": {
+            "model": "StandardScaler + LogisticRegression",
+            "max_iter": MAX_ITER,
+            "scikit_learn": sklearn.__version__,
+        },
         **decisions,
         "methods": evaluate(models, dataset.select("test")),
         "feature_table_metadata": _table_metadata(table.schema),
@@ -458,8 +509,13 @@ def _table_metadata(schema: pa.Schema) -> dict[str, Any] | None:
 def _classifier_arrays(model: Pipeline) -> dict[str, np.ndarray]:
     """What ``predict_proba`` needs, as plain arrays."""
     scaler, logistic = model["scaler"], model["logistic"]
-    return {"scaler.mean": scaler.mean_, "scaler.scale": scaler.scale_, "logistic.coef": logistic.coef_,
-            "logistic.intercept": logistic.intercept_, "logistic.classes": logistic.classes_.astype(np.int64)}
+    return {
+        "scaler.mean": scaler.mean_,
+        "scaler.scale": scaler.scale_,
+        "logistic.coef": logistic.coef_,
+        "logistic.intercept": logistic.intercept_,
+        "logistic.classes": logistic.classes_.astype(np.int64),
+    }
 
 
 def _classifier_from_arrays(arrays: Mapping[str, np.ndarray]) -> Pipeline:
@@ -476,9 +532,11 @@ def _classifier_from_arrays(arrays: Mapping[str, np.ndarray]) -> Pipeline:
 def _model_files(models: TrainedModels) -> dict[str, tuple[Pipeline, str]]:
     """Each classifier's file name, and what it reads."""
     stacking_reads = "per modality in 'modalities' order: its class probabilities (0 where absent), its presence"
-    return {**{f"unimodal-{m}.safetensors": (model, f"{m}_embedding") for m, model in models.unimodal.items()},
-            "early_fusion.safetensors": (models.early_fusion, "fused"),
-            "stacking.safetensors": (models.stacking, stacking_reads)}
+    return {
+        **{f"unimodal-{m}.safetensors": (model, f"{m}_embedding") for m, model in models.unimodal.items()},
+        "early_fusion.safetensors": (models.early_fusion, "fused"),
+        "stacking.safetensors": (models.stacking, stacking_reads),
+    }
 
 
 def save_models(models: TrainedModels, out: str) -> None:
@@ -539,19 +597,25 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     for method, result in rows:
         test, complete = result["test"], result["test_all_modalities"]
         complete_accuracy = "-" if complete["accuracy"] is None else f"{complete['accuracy']:.3f}"
-        lines.append(f"{method:<22} {test['accuracy']:>8.3f} {test['macro_recall']:>12.3f} "
-                     f"{test['macro_f1']:>8.3f} {test['n']:>6}  {complete_accuracy} ({complete['n']})")
+        lines.append(
+            f"{method:<22} {test['accuracy']:>8.3f} {test['macro_recall']:>12.3f} "
+            f"{test['macro_f1']:>8.3f} {test['n']:>6}  {complete_accuracy} ({complete['n']})"
+        )
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmfeatures train",
-        description="Train and evaluate unimodal, early-, late-fusion and stacking classifiers on a feature table.")
+        description="Train and evaluate unimodal, early-, late-fusion and stacking classifiers on a feature table.",
+    )
     parser.add_argument("--features", required=True, help="Feature table folder (local or fsspec URL).")
     parser.add_argument("--label", default="label", help="Label column.")
-    parser.add_argument("--split-column", default="split",
-                        help="Split column (train/validation/test); absent or null: a seeded stratified 70/15/15 split.")
+    parser.add_argument(
+        "--split-column",
+        default="split",
+        help="Split column (train/validation/test); absent or null: a seeded stratified 70/15/15 split.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the classifiers and the folds.")
     parser.add_argument("--out", required=True, help="Folder for metrics.json and the models (local or fsspec URL).")
     return parser
@@ -573,8 +637,10 @@ def main(argv: list[str]) -> int:
         return 2
     write_outputs(result, args.out)
     counts = result.metrics["counts"]
-    print(f"records {counts['records']}: {counts['without_label']} without a label, "
-          f"{counts['without_split']} without a split; {result.metrics['split_source']}")
+    print(
+        f"records {counts['records']}: {counts['without_label']} without a label, "
+        f"{counts['without_split']} without a split; {result.metrics['split_source']}"
+    )
     print(format_table(result.metrics))
     print(f"metrics and models: {redact(args.out)}")
     return 0

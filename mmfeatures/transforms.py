@@ -67,13 +67,16 @@ class _ReadManifest(beam.DoFn):
                 yield _error_output(item)
                 continue
             try:
-                record = parse_record(
-                    item.data, source=item.source, manifest_dir=manifest_dir, rejected=item.rejected
-                )
+                record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir, rejected=item.rejected)
             except ValidationError as exc:
-                yield _error_output(ErrorRow.from_exception(
-                    exc, record_id=reported_id(item.data), modality=None, source=item.source,
-                ))
+                yield _error_output(
+                    ErrorRow.from_exception(
+                        exc,
+                        record_id=reported_id(item.data),
+                        modality=None,
+                        source=item.source,
+                    )
+                )
                 continue
             if declared is None:
                 add_value_types(inferred, record.carried)
@@ -96,10 +99,16 @@ def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> 
     for rejected in kept.rejected:
         yield _error_output(rejected)
     for _, duplicate in ordered[1:]:
-        yield _error_output(ErrorRow(
-            duplicate.id, None, Stage.VALIDATE, "duplicate_id",
-            f"id {duplicate.id!r} first appears at {ordered[0][1].source}", duplicate.source,
-        ))
+        yield _error_output(
+            ErrorRow(
+                duplicate.id,
+                None,
+                Stage.VALIDATE,
+                "duplicate_id",
+                f"id {duplicate.id!r} first appears at {ordered[0][1].source}",
+                duplicate.source,
+            )
+        )
 
 
 class ReadRecords(beam.PTransform):
@@ -116,7 +125,8 @@ class ReadRecords(beam.PTransform):
             pbegin
             | "Files" >> beam.Create(list(enumerate(self.files)))
             | "Spread" >> beam.Reshuffle()
-            | "Parse" >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
+            | "Parse"
+            >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
                 ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, main="records"
             )
         )
@@ -174,8 +184,10 @@ class _Prepare(beam.DoFn):
         # parallelism, and each thread's own OpenMP team would spin on the cores the model needs
         # (the Whisper encoder ran 30% slower beside them). The setting is per thread.
         self._pool = ThreadPoolExecutor(
-            default_prepare_threads(), f"prepare-{self.modality.name}",
-            initializer=torch.set_num_threads, initargs=(1,),
+            default_prepare_threads(),
+            f"prepare-{self.modality.name}",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
         )
         self._thread_state = threading.local()
 
@@ -242,7 +254,9 @@ class _Prepare(beam.DoFn):
             if isinstance(raw, ErrorRow):
                 results.append(raw)
             elif isinstance(outcome, Exception):
-                results.append(ErrorRow.from_exception(outcome, record_id=record.id, modality=modality.name, source=source))
+                results.append(
+                    ErrorRow.from_exception(outcome, record_id=record.id, modality=modality.name, source=source)
+                )
             else:
                 results.append((record.id, Prepared(outcome, source)))
         return results
@@ -288,9 +302,11 @@ def _preprocess_each(modality: Modality, raws: list[Any]) -> list[list[Window] |
 
 def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
     if outcome.error is not None:
-        yield _error_output(ErrorRow.from_exception(
-            outcome.error, record_id=outcome.record_id, modality=modality, source=outcome.source
-        ))
+        yield _error_output(
+            ErrorRow.from_exception(
+                outcome.error, record_id=outcome.record_id, modality=modality, source=outcome.source
+            )
+        )
         return
     Metrics.counter(NAMESPACE, f"{modality}_embedded").inc()
     yield outcome.record_id, (modality, outcome.vector)
@@ -320,7 +336,8 @@ class EmbedModality(beam.PTransform):
         prepared = (
             records
             | "Holding" >> beam.Filter(lambda record, m=name: record.payload(m) is not None)
-            | "Prepare" >> beam.ParDo(_Prepare(self.modality, self.location_policy, ahead)).with_outputs(
+            | "Prepare"
+            >> beam.ParDo(_Prepare(self.modality, self.location_policy, ahead)).with_outputs(
                 ERRORS_TAG, main="prepared"
             )
         )

@@ -33,16 +33,16 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.limits.max_bytes)
     records = read["records"]
     embedded = [
-        records | f"Embed[{name}]" >> EmbedModality(
+        records
+        | f"Embed[{name}]"
+        >> EmbedModality(
             modality,
             location_policy=job.location_policy,
             **job.embedding_options(name),
         )
         for name, modality in job.modalities.items()
     ]
-    errors = (
-        [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
-    )
+    errors = [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
     embeddings = [branch["embeddings"] for branch in embedded] | "AllEmbeddings" >> beam.Flatten()
     fused = {"records": records, "embeddings": embeddings, "errors": errors} | "JoinAndFuse" >> JoinAndFuse(
         job.fusion, job.started

@@ -10,8 +10,16 @@ import pytest
 import soundfile as sf
 
 from mmfeatures.avmnist import (
-    AUDIO_RATE, CLIP_SECONDS, HINTS, PCA_VARIANCE_KEPT, PEAK_LEVEL, SPLITS, all_speakers,
-    build_avmnist, fit_pca)
+    AUDIO_RATE,
+    CLIP_SECONDS,
+    HINTS,
+    PCA_VARIANCE_KEPT,
+    PEAK_LEVEL,
+    SPLITS,
+    all_speakers,
+    build_avmnist,
+    fit_pca,
+)
 from mmfeatures.sample import WORDS, fetch_mnist, load_digits, render_digit, require_binary
 
 N = 40
@@ -55,8 +63,9 @@ def test_manifest_rows(built):
         assert row["text"]
     assert {r["label"] for r in rows} == {str(d) for d in range(10)}
     assert {r["split"] for r in rows} == set(SPLITS)
-    assert {s: description["splits"][s]["records"] for s in SPLITS} == \
-        {s: sum(r["split"] == s for r in rows) for s in SPLITS}
+    assert {s: description["splits"][s]["records"] for s in SPLITS} == {
+        s: sum(r["split"] == s for r in rows) for s in SPLITS
+    }
 
 
 def test_files_decode(built):
@@ -75,7 +84,7 @@ def test_speakers_disjoint_between_splits(built):
     splits = description["splits"]
     sources = {s.name: s.source for s in all_speakers(require_binary("espeak-ng", "espeak-ng"))}
     for i, first in enumerate(SPLITS):
-        for second in SPLITS[i + 1:]:
+        for second in SPLITS[i + 1 :]:
             assert not set(splits[first]["speakers"]) & set(splits[second]["speakers"])
             assert not set(splits[first]["voice_sources"]) & set(splits[second]["voice_sources"])
     for row in rows:

@@ -53,12 +53,18 @@ def build_corpus(root: Path) -> tuple[list[str], set[str], dict[str, set[str]], 
     media = root / "media"
     media.mkdir()
     files = {
-        "good.png": _png(0), "good2.png": _png(1), "empty.png": b"",
-        "truncated.png": _png(2)[:300], "garbage.jpg": b"\xff\xd8\xff" + os.urandom(500),
+        "good.png": _png(0),
+        "good2.png": _png(1),
+        "empty.png": b"",
+        "truncated.png": _png(2)[:300],
+        "garbage.jpg": b"\xff\xd8\xff" + os.urandom(500),
         "vector.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
-        "bomb.png": png_claiming(60_000, 60_000), "huge.bmp": b"BM" + bytes(MAX_BYTES + 10),
-        "good.wav": _wav(_tone(1.0)), "corrupt.wav": b"RIFF" + os.urandom(400),
-        "truncated.wav": _wav(_tone(1.0))[:12_000], "long.wav": _wav(_tone(MAX_SECONDS + 1)),
+        "bomb.png": png_claiming(60_000, 60_000),
+        "huge.bmp": b"BM" + bytes(MAX_BYTES + 10),
+        "good.wav": _wav(_tone(1.0)),
+        "corrupt.wav": b"RIFF" + os.urandom(400),
+        "truncated.wav": _wav(_tone(1.0))[:12_000],
+        "long.wav": _wav(_tone(MAX_SECONDS + 1)),
         "silent.wav": _wav(np.zeros(RATE, np.float32)),
         "nan.wav": _wav(np.where(np.arange(RATE) == 7, np.nan, _tone(1.0)).astype(np.float32), "FLOAT"),
     }
@@ -68,8 +74,14 @@ def build_corpus(root: Path) -> tuple[list[str], set[str], dict[str, set[str]], 
     outside.write_bytes(_png(3))
 
     rows = [
-        {"id": "good-all", "text": "a red square", "image": "media/good.png", "audio": "media/good.wav",
-         "label": "1", "colour": "red"},  # "colour": an unknown column, carried
+        {
+            "id": "good-all",
+            "text": "a red square",
+            "image": "media/good.png",
+            "audio": "media/good.wav",
+            "label": "1",
+            "colour": "red",
+        },  # "colour": an unknown column, carried
         {"id": "good-text", "text": "only words"},
         {"id": "good-image", "image": "media/good2.png"},
         {"id": "good-text", "text": "the same id again"},
@@ -100,43 +112,84 @@ def build_corpus(root: Path) -> tuple[list[str], set[str], dict[str, set[str]], 
     empty = root / "empty.jsonl"
     empty.write_text("")
 
-    table = pa.table({"id": ["bytes-text", "bytes-image"], "text": [b"\xff\xfe not UTF-8", None],
-                      "image": [None, _png(4)]})
+    table = pa.table(
+        {"id": ["bytes-text", "bytes-image"], "text": [b"\xff\xfe not UTF-8", None], "image": [None, _png(4)]}
+    )
     parquet = root / "inline.parquet"
     pq.write_table(table, parquet)
 
     shard = root / "shard.tar"
-    shard.write_bytes(build_tar([
-        Member("s/0001.txt", b"a sample from a shard"), Member("s/0001.png", _png(5)),
-        Member("s/0001.wav", _wav(_tone(0.5))), Member("s/0001.cls", b"2"),
-        Member("../../etc/0002.txt", b"escape"), Member("/abs/0003.txt", b"absolute"),
-        Member("s/0004.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
-        Member("s/0005.txt", type=tarfile.CHRTYPE),
-        Member("s/0006.txt", b"words kept"), Member("s/0006.npy", b"\x93NUMPY"),
-        Member("s/0007.txt", b"words kept"), Member("s/0007.wav", bytes(MAX_BYTES + 1)),
-    ]))
+    shard.write_bytes(
+        build_tar(
+            [
+                Member("s/0001.txt", b"a sample from a shard"),
+                Member("s/0001.png", _png(5)),
+                Member("s/0001.wav", _wav(_tone(0.5))),
+                Member("s/0001.cls", b"2"),
+                Member("../../etc/0002.txt", b"escape"),
+                Member("/abs/0003.txt", b"absolute"),
+                Member("s/0004.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+                Member("s/0005.txt", type=tarfile.CHRTYPE),
+                Member("s/0006.txt", b"words kept"),
+                Member("s/0006.npy", b"\x93NUMPY"),
+                Member("s/0007.txt", b"words kept"),
+                Member("s/0007.wav", bytes(MAX_BYTES + 1)),
+            ]
+        )
+    )
 
-    features = {"good-all", "good-text", "good-image", "typed", "missing", "huge", "escape", "csv-good",
-                "bytes-image", "s/0001", "s/0006", "s/0007"}
+    features = {
+        "good-all",
+        "good-text",
+        "good-image",
+        "typed",
+        "missing",
+        "huge",
+        "escape",
+        "csv-good",
+        "bytes-image",
+        "s/0001",
+        "s/0006",
+        "s/0007",
+    }
     modalities = {
-        "good-all": {"text", "image", "audio"}, "good-text": {"text"}, "good-image": {"image"},
-        "typed": {"text"}, "missing": {"text"}, "huge": {"audio"}, "escape": {"text"},
-        "csv-good": {"text"}, "bytes-image": {"image"}, "s/0001": {"text", "image", "audio"},
-        "s/0006": {"text"}, "s/0007": {"text"},
+        "good-all": {"text", "image", "audio"},
+        "good-text": {"text"},
+        "good-image": {"image"},
+        "typed": {"text"},
+        "missing": {"text"},
+        "huge": {"audio"},
+        "escape": {"text"},
+        "csv-good": {"text"},
+        "bytes-image": {"image"},
+        "s/0001": {"text", "image", "audio"},
+        "s/0006": {"text"},
+        "s/0007": {"text"},
     }
     expected: Expected = {
-        ("good-text", None): "duplicate_id", ("4.5", None): "wrong_type",
-        ("no-modality", None): "no_modality", ("typed", "image"): "wrong_type",
-        ("missing", "image"): "missing_file", ("empty-image", "image"): "empty_file",
-        ("truncated-image", "image"): "corrupt_image", ("garbage-image", "image"): "corrupt_image",
-        ("svg", "image"): "corrupt_image", ("bomb", "image"): "image_too_large",
-        ("huge", "image"): "file_too_large", ("corrupt-audio", "audio"): "corrupt_audio",
-        ("truncated-audio", "audio"): "truncated_audio", ("long-audio", "audio"): "audio_too_long",
-        ("silent", "audio"): "silent_audio", ("nan-audio", "audio"): "non_finite_audio",
-        ("empty-text", "text"): "empty_text", ("long-text", "text"): "text_too_long",
-        ("escape", "image"): "location_not_allowed", ("absolute", "image"): "location_not_allowed",
+        ("good-text", None): "duplicate_id",
+        ("4.5", None): "wrong_type",
+        ("no-modality", None): "no_modality",
+        ("typed", "image"): "wrong_type",
+        ("missing", "image"): "missing_file",
+        ("empty-image", "image"): "empty_file",
+        ("truncated-image", "image"): "corrupt_image",
+        ("garbage-image", "image"): "corrupt_image",
+        ("svg", "image"): "corrupt_image",
+        ("bomb", "image"): "image_too_large",
+        ("huge", "image"): "file_too_large",
+        ("corrupt-audio", "audio"): "corrupt_audio",
+        ("truncated-audio", "audio"): "truncated_audio",
+        ("long-audio", "audio"): "audio_too_long",
+        ("silent", "audio"): "silent_audio",
+        ("nan-audio", "audio"): "non_finite_audio",
+        ("empty-text", "text"): "empty_text",
+        ("long-text", "text"): "text_too_long",
+        ("escape", "image"): "location_not_allowed",
+        ("absolute", "image"): "location_not_allowed",
         ("bytes-text", "text"): "invalid_utf8",
-        ("s/0006", None): "unsupported_member", ("s/0007", "audio"): "file_too_large",
+        ("s/0006", None): "unsupported_member",
+        ("s/0007", "audio"): "file_too_large",
     }
     # Rows with no id: the empty id and the missing "id" column, the malformed JSON line, the
     # malformed CSV row and the four hostile tar members. Keyed by their type, with a count.
@@ -166,8 +219,12 @@ def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     manifests, features, modalities, expected, rows_read = build_corpus(root)
     output = str(tmp_path_factory.mktemp("corpus-out"))
     argv = [f"--input={path}" for path in manifests] + [
-        f"--output={output}", "--allowed_roots=inputs", f"--max_bytes={MAX_BYTES}",
-        f"--max_audio_seconds={MAX_SECONDS}", f"--max_text_chars={MAX_CHARS}", "--max_pixels=4000000",
+        f"--output={output}",
+        "--allowed_roots=inputs",
+        f"--max_bytes={MAX_BYTES}",
+        f"--max_audio_seconds={MAX_SECONDS}",
+        f"--max_text_chars={MAX_CHARS}",
+        "--max_pixels=4000000",
     ]
     run(argv)
     with open(os.path.join(output, "_run.json")) as handle:

@@ -62,7 +62,13 @@ def test_the_ceiling_steps_run_in_halves_either_side_of_the_job() -> None:
     ceilings = [name for name, _ in order if name in CEILING_STEPS]
     assert ceilings == [*CEILING_STEPS, *reversed(CEILING_STEPS)]  # mirrored: each as far from the job
     assert sorted(name for name, _ in order) == sorted([*STEPS, *CEILING_STEPS])
-    assert _run_order(1) == [("prepare", slice(0, 1)), ("model", slice(0, 1)), ("job", None), ("stock", None), ("naive", None)]
+    assert _run_order(1) == [
+        ("prepare", slice(0, 1)),
+        ("model", slice(0, 1)),
+        ("job", None),
+        ("stock", None),
+        ("naive", None),
+    ]
 
 
 def test_a_step_in_parts_counts_as_one_run_over_all_its_records() -> None:

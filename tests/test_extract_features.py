@@ -110,7 +110,9 @@ def test_run_summary_reconciles(output: str, sample: dict) -> None:
         present = sum(r.get(modality) is not None for r in records)
         failed = sum(m == modality for m in sample["broken"].values())
         assert summary["modalities"][modality] == {
-            "present": present, "embedded": present - failed, "failed": failed,
+            "present": present,
+            "embedded": present - failed,
+            "failed": failed,
             "absent": len(sample["records"]) - present,
         }
     assert summary["models"]["audio"]["model_id"] == "openai/whisper-tiny.en"
@@ -170,16 +172,21 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     import pyarrow as pa
 
     created = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
-    pq.write_table(pa.table({
-        "id": ["p1", "p2", "p3"],
-        "text": ["a red apple", "a green pear", None],
-        "label": [1, 2, 3],
-        "score": [0.5, None, 1.5],
-        "tags": [["x"], [], ["y", "z"]],
-        "created": [created] * 3,
-        "count": pa.array([1, None, 3], pa.int32()),
-        "fused": ["collides", "with", "an output column"],
-    }), tmp_path / "part.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["p1", "p2", "p3"],
+                "text": ["a red apple", "a green pear", None],
+                "label": [1, 2, 3],
+                "score": [0.5, None, 1.5],
+                "tags": [["x"], [], ["y", "z"]],
+                "created": [created] * 3,
+                "count": pa.array([1, None, 3], pa.int32()),
+                "fused": ["collides", "with", "an output column"],
+            }
+        ),
+        tmp_path / "part.parquet",
+    )
     (tmp_path / "rows.csv").write_text("id,text,split,score\nc1,a yellow banana,test,7\n")
     out = tmp_path / "out"
     run(["--input", str(tmp_path / "part.parquet"), "--output", str(out)])
@@ -189,7 +196,7 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     assert table.schema.field("tags").type.equals(pa.list_(pa.string()))
     assert table.schema.field("created").type.tz is not None
     assert table.schema.field("count").type == pa.int32()  # a Parquet manifest's own types are kept
-    carried = table.schema.names[len(schema.field_names("features")):]
+    carried = table.schema.names[len(schema.field_names("features")) :]
     assert carried == ["score", "tags", "created", "count", "manifest_fused"]  # manifest order
     rows = {row["id"]: row for row in table.to_pylist()}
     assert rows["p1"]["tags"] == ["x"] and rows["p1"]["created"] == created and rows["p1"]["label"] == "1"

@@ -101,8 +101,9 @@ def test_weighted_renormalised_over_present_modalities():
     proj = {m: unit(v[m].astype(np.float64)) @ projection_matrix(3, m, DIMS[m], 8) for m in DIMS}
 
     all_three = fusion.fuse(v)
-    np.testing.assert_allclose(all_three, 0.1 * proj["text"] + 0.3 * proj["image"] + 0.6 * proj["audio"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        all_three, 0.1 * proj["text"] + 0.3 * proj["image"] + 0.6 * proj["audio"], rtol=1e-5, atol=1e-6
+    )
 
     # audio missing: shares become 1/4 and 3/4, not 0.1 and 0.3
     two = fusion.fuse({"text": v["text"], "image": v["image"]})

@@ -98,9 +98,7 @@ def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
 
 # -- manifests -------------------------------------------------------------------------------------
 RECORD_COLUMNS = field_names("record")
-json_scalars = (
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(exclude_categories=()))
-)
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(exclude_categories=()))
 json_values = st.recursive(
     json_scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
@@ -122,9 +120,9 @@ jsonl_lines = st.one_of(
 )
 jsonl_bytes = st.binary(max_size=2000) | st.lists(jsonl_lines, max_size=12).map(b"\n".join)
 csv_cells = st.text(st.sampled_from(',"\r\n\x00 ab\u00e9\ufeff'), max_size=12) | st.text(max_size=12)
-csv_bytes = st.binary(max_size=2000) | st.lists(
-    st.lists(csv_cells, max_size=6), max_size=10
-).map(lambda rows: "\n".join(",".join(cells) for cells in rows).encode("utf-8", "surrogatepass"))
+csv_bytes = st.binary(max_size=2000) | st.lists(st.lists(csv_cells, max_size=6), max_size=10).map(
+    lambda rows: "\n".join(",".join(cells) for cells in rows).encode("utf-8", "surrogatepass")
+)
 
 
 def _parquet_seeds() -> list[bytes]:
@@ -310,8 +308,13 @@ def test_generated_manifests_read_and_validate(workdir: Path, rows: list[dict], 
 
 # -- tar shards ------------------------------------------------------------------------------------
 TAR_ERROR_TYPES = {
-    "unsafe_tar_member", "unsupported_member", "conflicting_member", "malformed_json", "invalid_utf8",
-    "file_too_large", "unreadable_manifest",
+    "unsafe_tar_member",
+    "unsupported_member",
+    "conflicting_member",
+    "malformed_json",
+    "invalid_utf8",
+    "file_too_large",
+    "unreadable_manifest",
 }
 HOSTILE_NAMES = ["../x.txt", "/etc/x.txt", "a/../../x.txt", "..\\x.txt", "C:/x.txt", "..", "a/.."]
 member_names = st.one_of(
@@ -331,9 +334,17 @@ tar_members = st.lists(
         Member,
         name=member_names,
         data=member_data,
-        type=st.sampled_from([tarfile.REGTYPE] * 6 + [
-            tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE,
-        ]),
+        type=st.sampled_from(
+            [tarfile.REGTYPE] * 6
+            + [
+                tarfile.DIRTYPE,
+                tarfile.SYMTYPE,
+                tarfile.LNKTYPE,
+                tarfile.CHRTYPE,
+                tarfile.BLKTYPE,
+                tarfile.FIFOTYPE,
+            ]
+        ),
         linkname=st.sampled_from(["", "/etc/passwd", "../x"]),
     ),
     max_size=12,
@@ -360,8 +371,12 @@ def _check_tar(path: str, max_member_bytes: int | None) -> None:
 
 
 @fuzz()
-@given(members=tar_members, compression=st.sampled_from(["", "gz"]), cut=st.none() | st.integers(0, 4000),
-       max_member_bytes=st.none() | st.integers(0, 80))
+@given(
+    members=tar_members,
+    compression=st.sampled_from(["", "gz"]),
+    cut=st.none() | st.integers(0, 4000),
+    max_member_bytes=st.none() | st.integers(0, 80),
+)
 @example(members=[Member(name, b"x") for name in HOSTILE_NAMES], compression="", cut=None, max_member_bytes=None)
 def test_tar_shard_of_generated_members(
     workdir: Path, members: list[Member], compression: str, cut: int | None, max_member_bytes: int | None
@@ -384,16 +399,27 @@ def _image_seeds() -> list[bytes]:
     bgr = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     grey = bgr[:, :, 0].copy()
     bgra = np.dstack([bgr, rng.integers(0, 256, (5, 7), dtype=np.uint8)])
-    grey16 = (grey.astype(np.uint16) * 257)
+    grey16 = grey.astype(np.uint16) * 257
     bgra16 = bgra.astype(np.uint16) * 257
     exif = b"II*\x00" + struct.pack("<IHHHIHHI", 8, 1, 0x0112, 3, 1, 6, 0, 0)
     encodings = [
-        (".png", grey, []), (".png", bgr, []), (".png", bgra, []), (".png", grey16, []), (".png", bgra16, []),
-        (".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]), (".jpg", grey, []),
+        (".png", grey, []),
+        (".png", bgr, []),
+        (".png", bgra, []),
+        (".png", grey16, []),
+        (".png", bgra16, []),
+        (".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90]),
+        (".jpg", grey, []),
         (".jpg", bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
-        (".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 80]), (".webp", bgra, [cv2.IMWRITE_WEBP_QUALITY, 101]),
-        (".bmp", bgr, []), (".bmp", grey, []), (".bmp", bgra, []),
-        (".tiff", bgr, []), (".tiff", bgra, []), (".tiff", grey16, []), (".tiff", bgr.astype(np.float32) / 255, []),
+        (".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        (".webp", bgra, [cv2.IMWRITE_WEBP_QUALITY, 101]),
+        (".bmp", bgr, []),
+        (".bmp", grey, []),
+        (".bmp", bgra, []),
+        (".tiff", bgr, []),
+        (".tiff", bgra, []),
+        (".tiff", grey16, []),
+        (".tiff", bgr.astype(np.float32) / 255, []),
     ]
     seeds = []
     for ext, image, params in encodings:
@@ -493,10 +519,17 @@ def _audio_seeds() -> list[bytes]:
     stereo = np.stack([mono, 0.5 * mono], axis=1)  # not anti-phase: that down-mixes to silence
     seeds = []
     for samples, rate, fmt, subtype in (
-        (mono, 8000, "WAV", "PCM_16"), (stereo, 8000, "WAV", "FLOAT"), (mono, 8000, "WAV", "PCM_U8"),
-        (mono, 8000, "WAV", "ULAW"), (stereo, 16000, "WAV", "PCM_24"), (mono, 8000, "WAV", "DOUBLE"),
-        (mono, 8000, "FLAC", "PCM_16"), (stereo, 8000, "FLAC", "PCM_24"),
-        (mono, 8000, "OGG", "VORBIS"), (mono, 8000, "OGG", "OPUS"), (mono, 8000, "MP3", "MPEG_LAYER_III"),
+        (mono, 8000, "WAV", "PCM_16"),
+        (stereo, 8000, "WAV", "FLOAT"),
+        (mono, 8000, "WAV", "PCM_U8"),
+        (mono, 8000, "WAV", "ULAW"),
+        (stereo, 16000, "WAV", "PCM_24"),
+        (mono, 8000, "WAV", "DOUBLE"),
+        (mono, 8000, "FLAC", "PCM_16"),
+        (stereo, 8000, "FLAC", "PCM_24"),
+        (mono, 8000, "OGG", "VORBIS"),
+        (mono, 8000, "OGG", "OPUS"),
+        (mono, 8000, "MP3", "MPEG_LAYER_III"),
     ):
         buffer = io.BytesIO()
         soundfile.write(buffer, samples, rate, format=fmt, subtype=subtype)
@@ -612,4 +645,3 @@ def test_text_preprocess(text_modality: TextModality, payload: str | bytes) -> N
         assert ids.dtype == np.int64 and ids.ndim == 1 and 0 < len(ids) <= text_modality._window
 
     _check_windows(text_modality, payload, check)
-

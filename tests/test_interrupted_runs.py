@@ -22,10 +22,23 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _start(manifest: str, output: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pipelines.extract_features", "--input", manifest, "--output", output,
-               "--rows_per_file", "3"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.extract_features",
+        "--input",
+        manifest,
+        "--output",
+        output,
+        "--rows_per_file",
+        "3",
+    ]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def _feature_ids(output: str) -> list[str] | None:

@@ -23,7 +23,9 @@ def test_each_record_is_fused_once_and_counted_once_per_bundle_not_per_record() 
     ]
     embeddings = [(f"r{i}", ("text", np.full(3, i + 1, np.float32))) for i in range(20)]
     embeddings += [(f"r{i}", ("image", np.ones(2, np.float32))) for i in range(0, 20, 2)]
-    errors = [ErrorRow(f"r{i}", "image", Stage.DECODE, "corrupt_image", "bad", f"{i}.png").to_dict() for i in range(1, 20, 2)]
+    errors = [
+        ErrorRow(f"r{i}", "image", Stage.DECODE, "corrupt_image", "bad", f"{i}.png").to_dict() for i in range(1, 20, 2)
+    ]
     fusion = Fusion(method="concat", dims=DIMS, weights={}, projection_dim=8, seed=0)
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
         fused = {
@@ -34,14 +36,31 @@ def test_each_record_is_fused_once_and_counted_once_per_bundle_not_per_record() 
         rows = fused["features"] | "Summary" >> beam.Map(
             lambda row: (row["id"], row["has_image"], row["failed_modalities"], len(row["fused"]))
         )
-        assert_that(rows, equal_to([
-            (f"r{i}", i % 2 == 0, [] if i % 2 == 0 else ["image"], sum(DIMS.values())) for i in range(20)
-        ]), label="Rows")
+        assert_that(
+            rows,
+            equal_to([(f"r{i}", i % 2 == 0, [] if i % 2 == 0 else ["image"], sum(DIMS.values())) for i in range(20)]),
+            label="Rows",
+        )
         counts = fused[COUNTS_TAG] | "Gather" >> beam.combiners.ToList()
-        assert_that(counts | "Total" >> beam.Map(sum_counts), equal_to([{
-            "records_accepted": 20, "records_with_features": 20,
-            "text.present": 20, "text.embedded": 20, "text.failed": 0,
-            "image.present": 20, "image.embedded": 10, "image.failed": 10,
-            "audio.present": 0, "audio.embedded": 0, "audio.failed": 0,
-        }]), label="Counts")
+        assert_that(
+            counts | "Total" >> beam.Map(sum_counts),
+            equal_to(
+                [
+                    {
+                        "records_accepted": 20,
+                        "records_with_features": 20,
+                        "text.present": 20,
+                        "text.embedded": 20,
+                        "text.failed": 0,
+                        "image.present": 20,
+                        "image.embedded": 10,
+                        "image.failed": 10,
+                        "audio.present": 0,
+                        "audio.embedded": 0,
+                        "audio.failed": 0,
+                    }
+                ]
+            ),
+            label="Counts",
+        )
         assert_that(counts | "Dicts" >> beam.Map(len), equal_to([1]), label="OneDictPerBundle")

@@ -51,11 +51,14 @@ def test_progress_logs_each_time_the_count_passes_a_multiple(caplog: pytest.LogC
     assert [r.getMessage().split(" by")[0] for r in caplog.records] == ["records: 12", "records: 21"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--output", "o"], "--input is required"),
-    (["--input", "/nonexistent/*.jsonl", "--output", "o"], "matches no file"),
-    (["--input", "m.jsonl", "--output", "o", "--device", "gpu"], "--device must be cpu or cuda"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--output", "o"], "--input is required"),
+        (["--input", "/nonexistent/*.jsonl", "--output", "o"], "matches no file"),
+        (["--input", "m.jsonl", "--output", "o", "--device", "gpu"], "--device must be cpu or cuda"),
+    ],
+)
 def test_bad_options_are_usage_errors_before_any_work(argv, message, capsys) -> None:
     assert main(["extract", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -75,9 +78,14 @@ def test_limits_are_options_with_safe_defaults(tmp_path) -> None:
         assert modality.limits.max_bytes == Limits().max_bytes
 
 
-@pytest.mark.parametrize("command, says", [
-    ("train", "mmfeatures train"), ("report", "mmfeatures report"), ("sample", "avmnist"),
-])
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("train", "mmfeatures train"),
+        ("report", "mmfeatures report"),
+        ("sample", "avmnist"),
+    ],
+)
 def test_every_command_has_its_help(command: str, says: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])

@@ -11,25 +11,25 @@ from mmfeatures.transforms import COUNTS_TAG, ReadRecords, sum_counts
 def write_manifests(tmp_path):
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(
-        '{"id": "j1", "image": "img/1.png", "label": 3}\n'     # 1
-        '{"id": "dup", "text": "from jsonl", "score": 1}\n'   # 2: first "dup" (file order wins
-                                                                #    over its later row) -> kept
-        "\n"                                                    # 3: blank, not a row
-        "{not json\n"                                           # 4: malformed_json
-        '{"id": "j2"}\n'                                        # 5: no_modality
-        '{"id": "j3", "text": "x"}\n'                           # 6: "j3" twice in the same file
-        '{"id": "j3", "text": "y"}\n'                           # 7: duplicate of line 6
-        '{"id": 4.5, "text": "z"}\n'                            # 8: wrong_type
-        '{"id": "j4", "text": "ok", "image": 7}\n'              # 9: image wrong_type, text kept
-        '{"id": "j4", "text": "again", "audio": 7}\n'           # 10: duplicate: its audio never counts
+        '{"id": "j1", "image": "img/1.png", "label": 3}\n'  # 1
+        '{"id": "dup", "text": "from jsonl", "score": 1}\n'  # 2: first "dup" (file order wins
+        #    over its later row) -> kept
+        "\n"  # 3: blank, not a row
+        "{not json\n"  # 4: malformed_json
+        '{"id": "j2"}\n'  # 5: no_modality
+        '{"id": "j3", "text": "x"}\n'  # 6: "j3" twice in the same file
+        '{"id": "j3", "text": "y"}\n'  # 7: duplicate of line 6
+        '{"id": 4.5, "text": "z"}\n'  # 8: wrong_type
+        '{"id": "j4", "text": "ok", "image": 7}\n'  # 9: image wrong_type, text kept
+        '{"id": "j4", "text": "again", "audio": 7}\n'  # 10: duplicate: its audio never counts
     )
     csv = tmp_path / "b.csv"
     csv.write_text(
-        "id,text,audio,split\n"        # 1: header
-        "dup,from csv,,test\n"         # 2: duplicate of a.jsonl:2
-        "c1,,sound/1.wav,train\n"      # 3
-        "c2,a,b,c,d\n"                 # 4: malformed_csv
-        ",orphan text,,\n"             # 5: missing_id
+        "id,text,audio,split\n"  # 1: header
+        "dup,from csv,,test\n"  # 2: duplicate of a.jsonl:2
+        "c1,,sound/1.wav,train\n"  # 3
+        "c2,a,b,c,d\n"  # 4: malformed_csv
+        ",orphan text,,\n"  # 5: missing_id
     )
     return str(jsonl), str(csv)
 
@@ -39,38 +39,62 @@ def test_read_records(tmp_path):
     with beam.Pipeline(runner="FnApiRunner") as p:
         out = p | ReadRecords([jsonl, csv])
         summaries = out["records"] | "Summarise" >> beam.Map(
-            lambda r: (r.id, r.source, r.payload("text"), r.payload("image"), r.payload("audio"), r.label, r.split,
-                       dict(r.carried), r.manifest_dir)
+            lambda r: (
+                r.id,
+                r.source,
+                r.payload("text"),
+                r.payload("image"),
+                r.payload("audio"),
+                r.label,
+                r.split,
+                dict(r.carried),
+                r.manifest_dir,
+            )
         )
-        assert_that(summaries, equal_to([
-            ("dup", f"{jsonl}:2", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
-            ("j1", f"{jsonl}:1", None, "img/1.png", None, "3", None, {}, str(tmp_path)),
-            ("j3", f"{jsonl}:6", "x", None, None, None, None, {}, str(tmp_path)),
-            ("j4", f"{jsonl}:9", "ok", None, None, None, None, {}, str(tmp_path)),
-            ("c1", f"{csv}:3", None, None, "sound/1.wav", None, "train", {}, str(tmp_path)),
-        ]), label="Records")
+        assert_that(
+            summaries,
+            equal_to(
+                [
+                    ("dup", f"{jsonl}:2", "from jsonl", None, None, None, None, {"score": 1}, str(tmp_path)),
+                    ("j1", f"{jsonl}:1", None, "img/1.png", None, "3", None, {}, str(tmp_path)),
+                    ("j3", f"{jsonl}:6", "x", None, None, None, None, {}, str(tmp_path)),
+                    ("j4", f"{jsonl}:9", "ok", None, None, None, None, {}, str(tmp_path)),
+                    ("c1", f"{csv}:3", None, None, "sound/1.wav", None, "train", {}, str(tmp_path)),
+                ]
+            ),
+            label="Records",
+        )
         errors = out[ERRORS_TAG] | "ErrorKeys" >> beam.Map(
             lambda e: (e["id"], e["modality"], e["stage"], e["error_type"], e["source"])
         )
-        assert_that(errors, equal_to([
-            (None, None, Stage.READ, "malformed_json", f"{jsonl}:4"),
-            ("j2", None, Stage.VALIDATE, "no_modality", f"{jsonl}:5"),
-            ("4.5", None, Stage.VALIDATE, "wrong_type", f"{jsonl}:8"),
-            ("j3", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:7"),
-            ("j4", "image", Stage.VALIDATE, "wrong_type", f"{jsonl}:9"),
-            ("j4", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:10"),
-            ("dup", None, Stage.VALIDATE, "duplicate_id", f"{csv}:2"),
-            (None, None, Stage.READ, "malformed_csv", f"{csv}:4"),
-            (None, None, Stage.VALIDATE, "missing_id", f"{csv}:5"),
-        ]), label="Errors")
         assert_that(
-            out[ERRORS_TAG] | "Messages" >> beam.Filter(lambda e: e["error_type"] == "duplicate_id")
+            errors,
+            equal_to(
+                [
+                    (None, None, Stage.READ, "malformed_json", f"{jsonl}:4"),
+                    ("j2", None, Stage.VALIDATE, "no_modality", f"{jsonl}:5"),
+                    ("4.5", None, Stage.VALIDATE, "wrong_type", f"{jsonl}:8"),
+                    ("j3", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:7"),
+                    ("j4", "image", Stage.VALIDATE, "wrong_type", f"{jsonl}:9"),
+                    ("j4", None, Stage.VALIDATE, "duplicate_id", f"{jsonl}:10"),
+                    ("dup", None, Stage.VALIDATE, "duplicate_id", f"{csv}:2"),
+                    (None, None, Stage.READ, "malformed_csv", f"{csv}:4"),
+                    (None, None, Stage.VALIDATE, "missing_id", f"{csv}:5"),
+                ]
+            ),
+            label="Errors",
+        )
+        assert_that(
+            out[ERRORS_TAG]
+            | "Messages" >> beam.Filter(lambda e: e["error_type"] == "duplicate_id")
             | "Message" >> beam.Map(lambda e: e["message"]),
-            equal_to([
-                f"id 'j3' first appears at {jsonl}:6",
-                f"id 'j4' first appears at {jsonl}:9",
-                f"id 'dup' first appears at {jsonl}:2",
-            ]),
+            equal_to(
+                [
+                    f"id 'j3' first appears at {jsonl}:6",
+                    f"id 'j4' first appears at {jsonl}:9",
+                    f"id 'dup' first appears at {jsonl}:2",
+                ]
+            ),
             label="DuplicateMessages",
         )
         # 9 non-blank lines in a.jsonl, 4 data rows in b.csv
@@ -82,11 +106,17 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
     jsonl, csv = write_manifests(tmp_path)
     with beam.Pipeline(runner="FnApiRunner") as p:
         out = p | ReadRecords([csv, jsonl])
-        kept = (out["records"] | "Dup" >> beam.Filter(lambda r: r.id == "dup")
-                | "Source" >> beam.Map(lambda r: (r.source, r.payload("text"))))
+        kept = (
+            out["records"]
+            | "Dup" >> beam.Filter(lambda r: r.id == "dup")
+            | "Source" >> beam.Map(lambda r: (r.source, r.payload("text")))
+        )
         assert_that(kept, equal_to([(f"{csv}:2", "from csv")]), label="Kept")
-        dropped = (out[ERRORS_TAG] | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
-                   | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"])))
+        dropped = (
+            out[ERRORS_TAG]
+            | "DupErrors" >> beam.Filter(lambda e: e["id"] == "dup")
+            | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"]))
+        )
         assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:2")]), label="Dropped")
         assert_that(out[COUNTS_TAG], equal_to([{"rows_read": 9}, {"rows_read": 4}]), label="RowsRead")
 
@@ -97,7 +127,14 @@ def test_sum_counts():
 
 
 def test_error_tally():
-    read = {"id": None, "modality": None, "stage": "read", "error_type": "malformed_json", "message": "m", "source": "s"}
+    read = {
+        "id": None,
+        "modality": None,
+        "stage": "read",
+        "error_type": "malformed_json",
+        "message": "m",
+        "source": "s",
+    }
     validate = dict(read, stage="validate", error_type="missing_id")
     fetch = dict(read, id="x", modality="image", stage="fetch", error_type="missing_file")
     one_modality = dict(read, id="x", modality="image", stage="validate", error_type="wrong_type")

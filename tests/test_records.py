@@ -23,26 +23,39 @@ def error_type(row):
 
 
 def test_full_record():
-    record = parse({
-        "id": "r1", "text": "hello", "image": "img/a.png", "audio": "gs://b/a.wav",
-        "label": "cat", "split": "train",
-    })
+    record = parse(
+        {
+            "id": "r1",
+            "text": "hello",
+            "image": "img/a.png",
+            "audio": "gs://b/a.wav",
+            "label": "cat",
+            "split": "train",
+        }
+    )
     assert record == Record(
-        id="r1", source=SOURCE, manifest_dir=DIR,
+        id="r1",
+        source=SOURCE,
+        manifest_dir=DIR,
         payloads={"text": "hello", "image": "img/a.png", "audio": "gs://b/a.wav"},
-        label="cat", split="train", carried={},
+        label="cat",
+        split="train",
+        carried={},
     )
     assert record.modalities() == ["text", "image", "audio"]
     assert record.payload("image") == "img/a.png"
 
 
-@pytest.mark.parametrize("row", [
-    {"text": "t"},
-    {"id": None, "text": "t"},
-    {"id": "", "text": "t"},
-    {"id": "   ", "text": "t"},
-    {"id": float("nan"), "text": "t"},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"text": "t"},
+        {"id": None, "text": "t"},
+        {"id": "", "text": "t"},
+        {"id": "   ", "text": "t"},
+        {"id": float("nan"), "text": "t"},
+    ],
+)
 def test_missing_or_empty_id(row):
     assert error_type(row) == "missing_id"
 
@@ -70,7 +83,10 @@ def test_a_wrong_typed_modality_fails_alone(column, value):
     assert record.payloads == {"text": "keep"}
     (rejected,) = record.rejected
     assert (rejected.id, rejected.modality, rejected.stage, rejected.error_type) == (
-        "a", column, Stage.VALIDATE, "wrong_type"
+        "a",
+        column,
+        Stage.VALIDATE,
+        "wrong_type",
     )
     assert rejected.source == SOURCE and "must be a string" in rejected.message
 
@@ -79,7 +95,8 @@ def test_a_record_whose_every_modality_is_wrong_typed_is_kept_to_count_its_failu
     record = parse({"id": "a", "text": 5, "image": ["x"]})
     assert record.payloads == {}
     assert [(row.modality, row.error_type) for row in record.rejected] == [
-        ("text", "wrong_type"), ("image", "wrong_type")
+        ("text", "wrong_type"),
+        ("image", "wrong_type"),
     ]
 
 
@@ -143,12 +160,15 @@ def test_modalities_keep_a_fixed_order():
     assert parse({"audio": "a.wav", "id": "x", "text": "t"}).modalities() == ["text", "audio"]
 
 
-@pytest.mark.parametrize("row", [
-    {"id": "a\ud800", "text": "t"},
-    {"id": "a", "text": "t", "label": "\udcff"},
-    {"id": "a", "text": "t", "note": {"k": ["ok", "\ud800"]}},
-    {"id": "a", "text": "t", "\ud800": 1},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"id": "a\ud800", "text": "t"},
+        {"id": "a", "text": "t", "label": "\udcff"},
+        {"id": "a", "text": "t", "note": {"k": ["ok", "\ud800"]}},
+        {"id": "a", "text": "t", "\ud800": 1},
+    ],
+)
 def test_text_that_is_not_valid_unicode_is_refused_before_the_writers_see_it(row):
     assert error_type(row) == "invalid_utf8"
 

@@ -34,8 +34,7 @@ def assert_no_secret(text: str) -> None:
             "https://bucket.s3.amazonaws.com/a.png?***",
         ),
         (
-            "https://storage.googleapis.com/b/a.png?X-Goog-Algorithm=GOOG4-RSA-SHA256"
-            "&X-Goog-Signature=SIGNATURE",
+            "https://storage.googleapis.com/b/a.png?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature=SIGNATURE",
             "https://storage.googleapis.com/b/a.png?***",
         ),
         (
@@ -139,7 +138,9 @@ def test_error_row_from_exception_is_redacted():
     assert row.error_type == "unexpected_OSError"
     record_error = ErrorRow.from_exception(
         FetchError("no such file: gs://b/a.png?X-Goog-Signature=SIGNATURE", error_type="missing_file"),
-        record_id="r1", modality="image", source="gs://b/a.png?X-Goog-Signature=SIGNATURE",
+        record_id="r1",
+        modality="image",
+        source="gs://b/a.png?X-Goog-Signature=SIGNATURE",
     )
     assert_no_secret(json.dumps(record_error.to_dict()))
     assert record_error.error_type == "missing_file"
@@ -147,8 +148,12 @@ def test_error_row_from_exception_is_redacted():
 
 def test_error_row_built_directly_is_redacted():
     row = ErrorRow(
-        "r1", None, Stage.VALIDATE, "duplicate_id",
-        "id 'r1' first appears at https://h/m.jsonl?sig=abc123:3", "s3://k:hunter2@b/m.jsonl:9",
+        "r1",
+        None,
+        Stage.VALIDATE,
+        "duplicate_id",
+        "id 'r1' first appears at https://h/m.jsonl?sig=abc123:3",
+        "s3://k:hunter2@b/m.jsonl:9",
     )
     assert_no_secret(json.dumps(row.to_dict()))
     assert row.message == "id 'r1' first appears at https://h/m.jsonl?***:3"
@@ -175,7 +180,9 @@ def test_read_bytes_refused_https_url_has_no_secret():
     assert info.value.error_type in ("fetch_failed", "missing_file", "storage_unavailable")
     assert_no_secret(str(info.value))
     assert "127.0.0.1" in str(info.value)
-    row = ErrorRow.from_exception(info.value, record_id="r", modality="image", source="https://user:hunter2@127.0.0.1:1/x?sig=abc123")
+    row = ErrorRow.from_exception(
+        info.value, record_id="r", modality="image", source="https://user:hunter2@127.0.0.1:1/x?sig=abc123"
+    )
     assert_no_secret(json.dumps(row.to_dict()))
 
 
@@ -192,16 +199,20 @@ def test_expand_inputs_error_has_no_secret():
 def test_job_summary_has_no_secret(tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text('{"id": "a", "text": "hello"}\n')
-    job = Job.from_options(parse_options([
-        "--input", str(manifest),
-        "--output", "s3://AKIA:hunter2@bucket/out?X-Amz-Signature=SIGNATURE",
-    ]))
+    job = Job.from_options(
+        parse_options(
+            [
+                "--input",
+                str(manifest),
+                "--output",
+                "s3://AKIA:hunter2@bucket/out?X-Amz-Signature=SIGNATURE",
+            ]
+        )
+    )
     # a signed input URL as expand_inputs would return it for a URL manifest
     job.inputs.append("https://u:hunter2@h/manifest.jsonl?X-Amz-Signature=SIGNATURE&token=tok3n")
     job.options["input"] = [*job.options["input"], job.inputs[-1]]
-    summary = job.summary(
-        counts={}, features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0}
-    )
+    summary = job.summary(counts={}, features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0})
     text = json.dumps(summary, default=str)
     assert_no_secret(text)
     assert summary["outputs"]["features"] == "s3://***@bucket/out?***"  # the join went into the query

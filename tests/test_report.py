@@ -35,12 +35,24 @@ METRICS = {
     "classes": ["0", "1"],
     "methods": {
         "early_fusion": {
-            "test": {"n": 8, "accuracy": 0.9, "macro_recall": 0.88, "macro_f1": 0.87,
-                     "per_class_f1": {"0": 1.0, "1": 0.75}},
+            "test": {
+                "n": 8,
+                "accuracy": 0.9,
+                "macro_recall": 0.88,
+                "macro_f1": 0.87,
+                "per_class_f1": {"0": 1.0, "1": 0.75},
+            },
             "test_all_modalities": {"n": 6, "accuracy": 1.0},
         },
-        "unimodal:text": {"test": {"n": 8, "accuracy": 0.7, "macro_recall": 0.69, "macro_f1": 0.68,
-                                   "per_class_f1": {"0": 0.8, "1": None}}},
+        "unimodal:text": {
+            "test": {
+                "n": 8,
+                "accuracy": 0.7,
+                "macro_recall": 0.69,
+                "macro_f1": 0.68,
+                "per_class_f1": {"0": 0.8, "1": None},
+            }
+        },
         "unimodal:image": {"test": {"n": 8, "accuracy": 0.6, "macro_recall": 0.58, "macro_f1": 0.55}},
         "unimodal:audio": {"test": {"n": 0, "accuracy": None, "macro_f1": None}},  # nothing to score: ignored
     },
@@ -252,7 +264,10 @@ def feature_row(
 ) -> dict[str, Any]:
     """Row ``index``: each of its embeddings is (index + 1, 0, ...), so its norm is index + 1."""
     row: dict[str, Any] = {
-        "id": f"r{index}", "label": label, "split": "train", "failed_modalities": [],
+        "id": f"r{index}",
+        "label": label,
+        "split": "train",
+        "failed_modalities": [],
         "event_timestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
         "fused": _vector(DIMS["fused"], index + 1),
     }
@@ -263,8 +278,15 @@ def feature_row(
 
 
 def error_row(**values: Any) -> dict[str, Any]:
-    return {"id": "r0", "modality": "image", "stage": "decode", "error_type": "corrupt_image",
-            "message": "not an image", "source": "images/r0.png", **values}
+    return {
+        "id": "r0",
+        "modality": "image",
+        "stage": "decode",
+        "error_type": "corrupt_image",
+        "message": "not an image",
+        "source": "images/r0.png",
+        **values,
+    }
 
 
 def write_table(directory: Path, parts: list[list[dict[str, Any]]], arrow_schema: Any) -> None:
@@ -328,7 +350,9 @@ def test_a_modality_without_vectors_and_records_without_labels(tmp_path: Path) -
     assert "Fewer than 2 audio vectors: nothing to project." in parsed.sections["projections"].text
     assert "the records have no labels" in parsed.sections["projections"].text
     assert {image["alt"] for image in parsed.sections["projections"].images} == {
-        "2-D projection of 5 text vectors", "2-D projection of 5 image vectors", "2-D projection of 5 fused vectors"
+        "2-D projection of 5 text vectors",
+        "2-D projection of 5 image vectors",
+        "2-D projection of 5 fused vectors",
     }
 
 
@@ -439,4 +463,3 @@ def test_the_browser_check_sees_broken_pages(devtools: DevTools, tmp_path: Path)
     assert seen.console_errors == ["boom"]
     assert any("bang" in text for text in seen.exceptions)
     assert [(i["alt"], i["naturalWidth"]) for i in seen.images] == [("bad", 0)]
-

@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mmfeatures.sample import (
-    WORDS, build_sample_dataset)
+from mmfeatures.sample import WORDS, build_sample_dataset
 
 MODALITIES = ("image", "audio", "text")
-
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -118,8 +116,7 @@ def test_same_seed_gives_the_same_files(built, tmp_path):
                 np.testing.assert_array_equal(sf.read(first)[0], sf.read(second)[0])
             else:
                 assert first.read_bytes() == second.read_bytes(), name
-    assert (tmp_path / "expected_errors.json").read_text() == \
-        (out / "expected_errors.json").read_text()
+    assert (tmp_path / "expected_errors.json").read_text() == (out / "expected_errors.json").read_text()
 
 
 def test_other_seed_differs(built, tmp_path):

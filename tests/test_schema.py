@@ -53,8 +53,12 @@ def test_features_schema_fields_and_order():
 
 def test_embedding_fields_carry_their_dimension():
     result = schema.features_schema(DIMS)
-    for name, modality in [("text_embedding", "text"), ("image_embedding", "image"),
-                           ("audio_embedding", "audio"), ("fused", "fused")]:
+    for name, modality in [
+        ("text_embedding", "text"),
+        ("image_embedding", "image"),
+        ("audio_embedding", "audio"),
+        ("fused", "fused"),
+    ]:
         field = result.field(name)
         assert field.type == pa.list_(pa.float32())
         assert field.metadata[schema.DIMENSION_KEY] == str(DIMS[modality]).encode()
@@ -71,8 +75,11 @@ def test_features_schema_needs_every_dimension():
 
 
 def test_metadata_round_trips_through_parquet(tmp_path):
-    metadata = {"models": {"text": {"name": "m", "dim": 384}}, "fusion": {"method": "concat"},
-                "list": [1, 2.5, None, "x"]}
+    metadata = {
+        "models": {"text": {"name": "m", "dim": 384}},
+        "fusion": {"method": "concat"},
+        "list": [1, 2.5, None, "x"],
+    }
     result = schema.features_schema(DIMS, metadata=metadata)
     assert json.loads(result.metadata[schema.METADATA_KEY]) == metadata
     assert schema.read_run_metadata(result) == metadata

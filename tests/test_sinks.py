@@ -62,56 +62,65 @@ STRUCT_A = pa.struct([("a", pa.int64())])
 STRUCT_B = pa.struct([("b", pa.string())])
 
 
-@pytest.mark.parametrize("left, right, result", [
-    (None, None, None),
-    (None, pa.int64(), pa.int64()),
-    (pa.null(), pa.string(), pa.string()),
-    (pa.float64(), None, pa.float64()),
-    (pa.bool_(), pa.null(), pa.bool_()),
-    (pa.int64(), pa.int64(), pa.int64()),
-    (pa.int64(), pa.float64(), pa.float64()),
-    (pa.float64(), pa.int64(), pa.float64()),
-    (pa.int32(), pa.float32(), pa.float64()),
-    (pa.int64(), pa.string(), pa.string()),
-    (pa.string(), pa.float64(), pa.string()),
-    (pa.bool_(), pa.int64(), pa.string()),
-    (STRUCT_A, STRUCT_A, STRUCT_A),
-    (STRUCT_A, STRUCT_B, pa.string()),
-    (STRUCT_A, pa.int64(), pa.string()),
-    (pa.list_(pa.int64()), pa.list_(pa.string()), pa.string()),
-])
+@pytest.mark.parametrize(
+    "left, right, result",
+    [
+        (None, None, None),
+        (None, pa.int64(), pa.int64()),
+        (pa.null(), pa.string(), pa.string()),
+        (pa.float64(), None, pa.float64()),
+        (pa.bool_(), pa.null(), pa.bool_()),
+        (pa.int64(), pa.int64(), pa.int64()),
+        (pa.int64(), pa.float64(), pa.float64()),
+        (pa.float64(), pa.int64(), pa.float64()),
+        (pa.int32(), pa.float32(), pa.float64()),
+        (pa.int64(), pa.string(), pa.string()),
+        (pa.string(), pa.float64(), pa.string()),
+        (pa.bool_(), pa.int64(), pa.string()),
+        (STRUCT_A, STRUCT_A, STRUCT_A),
+        (STRUCT_A, STRUCT_B, pa.string()),
+        (STRUCT_A, pa.int64(), pa.string()),
+        (pa.list_(pa.int64()), pa.list_(pa.string()), pa.string()),
+    ],
+)
 def test_unify_types(left, right, result):
     assert sinks.unify_types(left, right) == result
     assert sinks.unify_types(right, left) == result
 
 
-@pytest.mark.parametrize("value, arrow_type", [
-    (None, None),
-    (1, pa.int64()),
-    (1.5, pa.float64()),
-    ("x", pa.string()),
-    (True, pa.bool_()),
-    ({"a": 1}, STRUCT_A),
-    ([1, 2], pa.list_(pa.int64())),
-    (2 ** 70, pa.string()),          # does not fit an int64
-    (object(), pa.string()),         # not convertible at all
-])
+@pytest.mark.parametrize(
+    "value, arrow_type",
+    [
+        (None, None),
+        (1, pa.int64()),
+        (1.5, pa.float64()),
+        ("x", pa.string()),
+        (True, pa.bool_()),
+        ({"a": 1}, STRUCT_A),
+        ([1, 2], pa.list_(pa.int64())),
+        (2**70, pa.string()),  # does not fit an int64
+        (object(), pa.string()),  # not convertible at all
+    ],
+)
 def test_value_type(value, arrow_type):
     assert sinks.value_type(value) == arrow_type
 
 
-@pytest.mark.parametrize("value, arrow_type, result", [
-    (None, pa.string(), None),
-    ("x", pa.string(), "x"),
-    (5, pa.string(), "5"),
-    (1.5, pa.string(), "1.5"),
-    (True, pa.string(), "true"),
-    ({"b": [1, 2], "a": None}, pa.string(), '{"a": null, "b": [1, 2]}'),
-    ([1, "x"], pa.string(), '[1, "x"]'),
-    (3, pa.float64(), 3.0),
-    (2.5, pa.float64(), 2.5),
-    (7, pa.int64(), 7),
-])
+@pytest.mark.parametrize(
+    "value, arrow_type, result",
+    [
+        (None, pa.string(), None),
+        ("x", pa.string(), "x"),
+        (5, pa.string(), "5"),
+        (1.5, pa.string(), "1.5"),
+        (True, pa.string(), "true"),
+        ({"b": [1, 2], "a": None}, pa.string(), '{"a": null, "b": [1, 2]}'),
+        ([1, "x"], pa.string(), '[1, "x"]'),
+        (3, pa.float64(), 3.0),
+        (2.5, pa.float64(), 2.5),
+        (7, pa.int64(), 7),
+    ],
+)
 def test_conform_value(value, arrow_type, result):
     conformed = sinks.conform_value(value, arrow_type)
     assert conformed == result
@@ -131,7 +140,10 @@ def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
     result = sinks.merge_column_types([first, second])
     assert list(result) == ["n", "s", "empty", "mixed", "z"]
     assert result == {
-        "empty": pa.string(), "mixed": pa.string(), "n": pa.float64(), "s": pa.string(),
+        "empty": pa.string(),
+        "mixed": pa.string(),
+        "n": pa.float64(),
+        "s": pa.string(),
         "z": pa.struct([("k", pa.int64())]),
     }
     assert sinks.merge_column_types([{"i": pa.int32()}, {"i": pa.int64()}]) == {"i": pa.int64()}
@@ -187,8 +199,12 @@ def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
     assert pa.types.is_list(stored.field("text_embedding").type)
 
     read = schema.read_features(str(path))
-    for name, modality in [("text_embedding", "text"), ("image_embedding", "image"),
-                           ("audio_embedding", "audio"), ("fused", "fused")]:
+    for name, modality in [
+        ("text_embedding", "text"),
+        ("image_embedding", "image"),
+        ("audio_embedding", "audio"),
+        ("fused", "fused"),
+    ]:
         assert read.schema.field(name).type == pa.list_(pa.float32(), DIMS[modality])
     assert read.column("text_embedding").null_count == 2
     assert read.column("image_embedding").null_count == 2
@@ -246,12 +262,14 @@ def write_tables(targets):
 def output_is(rows, min_files):
     """A matcher for the single {"files", "rows"} output of a write whose file count depends on
     how Beam batches: at least ``min_files`` (the rows over ``rows_per_file``)."""
+
     def match(outputs):
         assert len(outputs) == 1, outputs
         (output,) = outputs
         assert set(output) == {"files", "rows"}, output
         assert output["rows"] == rows, output
         assert output["files"] >= min_files, output
+
     return match
 
 
@@ -309,11 +327,13 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
         pq.write_table(stale, local / f"part-{i:05d}-of-00004.parquet")
 
     rows = rows_for(range(7))
-    write_tables([
-        (str(local), rows, 3, output_is(rows=7, min_files=3)),
-        (str(empty), [], 3, equal_to([{"files": 1, "rows": 0}])),
-        (memory, rows, 100, equal_to([{"files": 1, "rows": 7}])),
-    ])
+    write_tables(
+        [
+            (str(local), rows, 3, output_is(rows=7, min_files=3)),
+            (str(empty), [], 3, equal_to([{"files": 1, "rows": 0}])),
+            (memory, rows, 100, equal_to([{"files": 1, "rows": 7}])),
+        ]
+    )
 
     local_fs = fsspec.filesystem("file")
     count = check_written(local_fs, str(local), rows, 3)
@@ -337,10 +357,12 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
 
     # a rerun replaces the table: no stale part files, no duplicate rows
     rerun = rows_for(range(10, 13))
-    write_tables([
-        (str(local), rerun, 2, output_is(rows=3, min_files=2)),
-        (memory, rerun, 2, output_is(rows=3, min_files=2)),
-    ])
+    write_tables(
+        [
+            (str(local), rerun, 2, output_is(rows=3, min_files=2)),
+            (memory, rerun, 2, output_is(rows=3, min_files=2)),
+        ]
+    )
     check_written(local_fs, str(local), rerun, 2)
     check_written(memory_fs, memory_root, rerun, 2)
     assert read_rows(str(local)) == read_rows(memory) == [expected(r, CARRIED) for r in rerun]
@@ -356,10 +378,13 @@ def commit_directly(directory, batches):
     return list(sinks._CommitFiles(staging, directory).process(staged, FEATURES))
 
 
-@pytest.mark.parametrize("method, calls, survivor", [
-    ("cp_file", 1, "old"),   # killed after one new part is copied in, before the manifest
-    ("rm_file", 1, "new"),   # killed after the manifest, while deleting the old parts
-])
+@pytest.mark.parametrize(
+    "method, calls, survivor",
+    [
+        ("cp_file", 1, "old"),  # killed after one new part is copied in, before the manifest
+        ("rm_file", 1, "new"),  # killed after the manifest, while deleting the old parts
+    ],
+)
 def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivor):
     memory = f"memory://sinks-{uuid.uuid4().hex}/features"
     fs, root = fsspec.core.url_to_fs(memory)

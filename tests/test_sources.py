@@ -27,14 +27,14 @@ def split(items):
 def test_jsonl_good_lines_blank_lines_and_bad_lines(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text(
-        '{"id": "a", "text": "hello"}\n'       # 1
-        "\n"                                    # 2 blank
-        "   \t\n"                               # 3 whitespace only
-        '{"id": "b", "text": \n'                # 4 malformed JSON
-        '[1, 2, 3]\n'                           # 5 not an object
-        '"just a string"\n'                     # 6 not an object
+        '{"id": "a", "text": "hello"}\n'  # 1
+        "\n"  # 2 blank
+        "   \t\n"  # 3 whitespace only
+        '{"id": "b", "text": \n'  # 4 malformed JSON
+        "[1, 2, 3]\n"  # 5 not an object
+        '"just a string"\n'  # 6 not an object
         '{"id": "c", "image": "x.png", "extra": 7}\n'  # 7
-        '{"id": "d"}'                           # 8, no trailing newline
+        '{"id": "d"}'  # 8, no trailing newline
     )
     rows, errors = split(list(read_manifest(str(path))))
 
@@ -81,12 +81,12 @@ def test_jsonl_from_memory_url():
 def test_csv_empty_cells_are_none_and_bad_rows_are_errors(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text(
-        "id,text,image,label\n"      # line 1: header
-        "a,hello,,3\n"               # 2
-        "b,,img.png,\n"              # 3
-        "c,too,many,fields,here\n"   # 4
-        "d,too few\n"                # 5
-        '"e","quoted, comma",,x\n'   # 6
+        "id,text,image,label\n"  # line 1: header
+        "a,hello,,3\n"  # 2
+        "b,,img.png,\n"  # 3
+        "c,too,many,fields,here\n"  # 4
+        "d,too few\n"  # 5
+        '"e","quoted, comma",,x\n'  # 6
     )
     rows, errors = split(list(read_manifest(str(path))))
     assert [(r.data, r.source) for r in rows] == [
@@ -121,7 +121,8 @@ def test_utf8_byte_order_mark_is_not_part_of_the_data(tmp_path):
     assert [r.data for r in read_manifest(str(csv_path))] == [{"id": "a", "text": "h\u00e9llo"}]
     # only a leading BOM is dropped; the same character inside the data stays
     assert [r.data for r in read_manifest(str(jsonl_path))] == [
-        {"id": "a", "text": "t"}, {"id": "b", "text": "\ufeff"},
+        {"id": "a", "text": "t"},
+        {"id": "b", "text": "\ufeff"},
     ]
 
 
@@ -130,11 +131,13 @@ def test_utf8_byte_order_mark_is_not_part_of_the_data(tmp_path):
 
 def test_parquet_rows_and_sources(tmp_path):
     path = tmp_path / "m.parquet"
-    table = pa.table({
-        "id": ["a", "b", None],
-        "text": ["t1", None, "t3"],
-        "score": [1.5, 2.5, float("nan")],
-    })
+    table = pa.table(
+        {
+            "id": ["a", "b", None],
+            "text": ["t1", None, "t3"],
+            "score": [1.5, 2.5, float("nan")],
+        }
+    )
     pq.write_table(table, path, row_group_size=2)  # rows span two row groups
     rows, errors = split(list(read_manifest(str(path))))
     assert errors == []
@@ -160,11 +163,20 @@ def test_parquet_from_memory_url():
 # -- format ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, kind", [
-    ("a.jsonl", "jsonl"), ("a.JSON", "jsonl"), ("a.ndjson", "jsonl"),
-    ("dir/a.csv", "csv"), ("gs://b/a.parquet", "parquet"), ("a.PQ", "parquet"),
-    ("s.tar", "tar"), ("gs://b/s-0001.tar.gz", "tar"), ("s.TGZ", "tar"),
-])
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("a.jsonl", "jsonl"),
+        ("a.JSON", "jsonl"),
+        ("a.ndjson", "jsonl"),
+        ("dir/a.csv", "csv"),
+        ("gs://b/a.parquet", "parquet"),
+        ("a.PQ", "parquet"),
+        ("s.tar", "tar"),
+        ("gs://b/s-0001.tar.gz", "tar"),
+        ("s.TGZ", "tar"),
+    ],
+)
 def test_manifest_format(path, kind):
     assert manifest_format(path) == kind
 
@@ -206,54 +218,79 @@ def read_tar(tmp_path, members, *, name="shard.tar", compression="", max_member_
 
 @pytest.mark.parametrize("name, compression", [("shard.tar", ""), ("shard.tar.gz", "gz"), ("shard.tgz", "gz")])
 def test_tar_members_sharing_a_key_are_one_sample(tmp_path, name, compression):
-    path, (rows, errors) = read_tar(tmp_path, [
-        Member("part/0001.txt", b"a cat"),
-        Member("part/0001.JPG", b"jpeg bytes"),
-        Member("part/0001.cls", b" 3\n"),
-        Member("part/0001.json", b'{"split": "train", "score": 0.5}'),
-        Member("v1.2/", type=tarfile.DIRTYPE),  # a folder entry: no data, not a sample
-        Member("v1.2/0002.wav", b"wave bytes"),  # the key ends at the first dot of the file name
-    ], name=name, compression=compression)
+    path, (rows, errors) = read_tar(
+        tmp_path,
+        [
+            Member("part/0001.txt", b"a cat"),
+            Member("part/0001.JPG", b"jpeg bytes"),
+            Member("part/0001.cls", b" 3\n"),
+            Member("part/0001.json", b'{"split": "train", "score": 0.5}'),
+            Member("v1.2/", type=tarfile.DIRTYPE),  # a folder entry: no data, not a sample
+            Member("v1.2/0002.wav", b"wave bytes"),  # the key ends at the first dot of the file name
+        ],
+        name=name,
+        compression=compression,
+    )
     assert errors == []
     assert [(r.data, r.source, dict(r.rejected)) for r in rows] == [
-        ({"id": "part/0001", "text": b"a cat", "image": b"jpeg bytes", "label": "3", "split": "train", "score": 0.5},
-         f"{path}:part/0001", {}),
+        (
+            {"id": "part/0001", "text": b"a cat", "image": b"jpeg bytes", "label": "3", "split": "train", "score": 0.5},
+            f"{path}:part/0001",
+            {},
+        ),
         ({"id": "v1.2/0002", "audio": b"wave bytes"}, f"{path}:v1.2/0002", {}),
     ]
 
 
-@pytest.mark.parametrize("member, reason", [
-    (Member("/etc/cron.d/0001.txt", b"x"), "absolute paths"),
-    (Member("../../0001.txt", b"x"), "'..'"),
-    (Member("a/../../0001.txt", b"x"), "'..'"),
-    (Member("..\\0001.txt", b"x"), "'..'"),
-    (Member("C:/0001.txt", b"x"), "absolute paths"),
-    (Member("0001.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "links"),
-    (Member("0001.txt", type=tarfile.LNKTYPE, linkname="other.txt"), "links"),
-    (Member("0001.txt", type=tarfile.CHRTYPE), "devices"),
-    (Member("0001.txt", type=tarfile.BLKTYPE), "devices"),
-    (Member("0001.txt", type=tarfile.FIFOTYPE), "FIFOs"),
-    (Member("../outside/", type=tarfile.DIRTYPE), "'..'"),
-])
+@pytest.mark.parametrize(
+    "member, reason",
+    [
+        (Member("/etc/cron.d/0001.txt", b"x"), "absolute paths"),
+        (Member("../../0001.txt", b"x"), "'..'"),
+        (Member("a/../../0001.txt", b"x"), "'..'"),
+        (Member("..\\0001.txt", b"x"), "'..'"),
+        (Member("C:/0001.txt", b"x"), "absolute paths"),
+        (Member("0001.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd"), "links"),
+        (Member("0001.txt", type=tarfile.LNKTYPE, linkname="other.txt"), "links"),
+        (Member("0001.txt", type=tarfile.CHRTYPE), "devices"),
+        (Member("0001.txt", type=tarfile.BLKTYPE), "devices"),
+        (Member("0001.txt", type=tarfile.FIFOTYPE), "FIFOs"),
+        (Member("../outside/", type=tarfile.DIRTYPE), "'..'"),
+    ],
+)
 def test_hostile_tar_members_are_refused_and_the_rest_is_read(tmp_path, member, reason):
     path, (rows, errors) = read_tar(tmp_path, [Member("0000.txt", b"before"), member, Member("0002.txt", b"after")])
     assert [r.data["id"] for r in rows] == ["0000", "0002"]
     (error,) = errors
     assert (error.id, error.modality, error.stage, error.error_type) == (None, None, Stage.READ, "unsafe_tar_member")
-    assert reason in error.message and error.source == f"{path}:{member.name.rstrip('/')}"  # tarfile drops a folder's slash
+    assert (
+        reason in error.message and error.source == f"{path}:{member.name.rstrip('/')}"
+    )  # tarfile drops a folder's slash
 
 
 def test_tar_member_problems_are_error_rows(tmp_path):
-    path, (rows, errors) = read_tar(tmp_path, [
-        Member("a.txt", b"kept"), Member("a.npy", b"\x93NUMPY"),  # skipped member, its sample goes on
-        Member("b.txt", b"one"), Member("b.text", b"two"),  # two texts
-        Member("c.txt", b"x"), Member("c.json", b'{"text": "clash"}'),  # JSON gives text again
-        Member("d.txt", b"x"), Member("d.json", b"{broken"),
-        Member("e.txt", b"x"), Member("e.json", b"[1, 2]"),
-        Member("f.txt", b"x"), Member("f.cls", b"\xff\xfe"),
-        Member("g.jpg", b"x" * 100), Member("g.txt", b"small"),  # over the cap: the image fails alone
-        Member("h.txt", b"x"), Member("h.json", b'{"pad": "' + b"y" * 100 + b'"}'),  # over the cap: all of h
-    ], max_member_bytes=64)
+    path, (rows, errors) = read_tar(
+        tmp_path,
+        [
+            Member("a.txt", b"kept"),
+            Member("a.npy", b"\x93NUMPY"),  # skipped member, its sample goes on
+            Member("b.txt", b"one"),
+            Member("b.text", b"two"),  # two texts
+            Member("c.txt", b"x"),
+            Member("c.json", b'{"text": "clash"}'),  # JSON gives text again
+            Member("d.txt", b"x"),
+            Member("d.json", b"{broken"),
+            Member("e.txt", b"x"),
+            Member("e.json", b"[1, 2]"),
+            Member("f.txt", b"x"),
+            Member("f.cls", b"\xff\xfe"),
+            Member("g.jpg", b"x" * 100),
+            Member("g.txt", b"small"),  # over the cap: the image fails alone
+            Member("h.txt", b"x"),
+            Member("h.json", b'{"pad": "' + b"y" * 100 + b'"}'),  # over the cap: all of h
+        ],
+        max_member_bytes=64,
+    )
     assert [(r.data, dict(r.rejected).keys()) for r in rows] == [
         ({"id": "a", "text": b"kept"}, set()),
         ({"id": "g", "text": b"small"}, {"image"}),

@@ -40,13 +40,23 @@ DIMS = {"text": 6, "image": 8, "audio": 5}
 CLASSES = ["0", "1", "2", "3", "4"]
 METADATA = {"package": "mmfeatures", "models": {"text": {"model": "tiny-text"}}, "fusion": {"method": "concat"}}
 METHODS = {f"unimodal:{m}" for m in MODALITIES} | {
-    "early_fusion", "late_fusion_mean", "late_fusion_weighted", "stacking"}
+    "early_fusion",
+    "late_fusion_mean",
+    "late_fusion_weighted",
+    "stacking",
+}
 SIGNAL = 0.8  # class centres against unit noise: each modality alone is right 50-70% of the time
 
 
-def feature_table(n: int = 600, seed: int = 0, split: str = "column", missing_rate: float = 0.2,
-                  unlabelled_rate: float = 0.05, labels: list[str] = CLASSES,
-                  absent_modality: str | None = None) -> pa.Table:
+def feature_table(
+    n: int = 600,
+    seed: int = 0,
+    split: str = "column",
+    missing_rate: float = 0.2,
+    unlabelled_rate: float = 0.05,
+    labels: list[str] = CLASSES,
+    absent_modality: str | None = None,
+) -> pa.Table:
     """A feature table in the job's schema. ``split``: "column" (train/val/test values), "null"
     (the column with no values) or "absent" (no column)."""
     rng = np.random.default_rng(seed)
@@ -82,7 +92,10 @@ def write_table(table: pa.Table, folder: Path) -> str:
     ``_manifest.json``, beside a part of an older commit that readers must skip."""
     folder.mkdir(parents=True)
     half = table.num_rows // 2
-    parts = {"part-c2-00000-of-00002.parquet": table.slice(0, half), "part-c2-00001-of-00002.parquet": table.slice(half)}
+    parts = {
+        "part-c2-00000-of-00002.parquet": table.slice(0, half),
+        "part-c2-00001-of-00002.parquet": table.slice(half),
+    }
     for name, part in parts.items():
         pq.write_table(part, folder / name)
     pq.write_table(table.slice(0, 10), folder / "part-c1-00000-of-00001.parquet")
@@ -212,8 +225,9 @@ def test_rerun_gives_identical_metrics_and_models(run: Run, tmp_path: Path) -> N
         assert (run.out / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
-def test_reloaded_models_reproduce_the_probabilities(trained: TrainingResult, table_with_splits: str,
-                                                     tmp_path: Path) -> None:
+def test_reloaded_models_reproduce_the_probabilities(
+    trained: TrainingResult, table_with_splits: str, tmp_path: Path
+) -> None:
     save_models(trained.models, str(tmp_path))
     assert not list(tmp_path.glob("*.pkl"))
     reloaded = load_models(str(tmp_path))
@@ -253,8 +267,12 @@ def test_a_modality_missing_everywhere_is_skipped(tmp_path: Path, capsys: pytest
     assert metrics["counts"]["splits"]["test"]["audio"] == 0
     for result in metrics["methods"].values():
         assert result["test_all_modalities"] == {
-            "n": 0, "accuracy": None, "macro_recall": None, "macro_f1": None,
-            "per_class_f1": {label: None for label in CLASSES}}
+            "n": 0,
+            "accuracy": None,
+            "macro_recall": None,
+            "macro_f1": None,
+            "per_class_f1": {label: None for label in CLASSES},
+        }
         assert math.isfinite(result["test"]["macro_f1"])
     assert "- (0)" in capsys.readouterr().out
     assert set(load_models(str(tmp_path / "out")).unimodal) == {"text", "image"}
@@ -264,7 +282,7 @@ def test_main_prints_the_table_sorted_by_macro_f1(run: Run) -> None:
     lines = run.printed.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
     assert "macro F1" in lines[header] and "all-modalities accuracy" in lines[header]
-    rows = [line.split() for line in lines[header + 1:header + 1 + len(METHODS)]]
+    rows = [line.split() for line in lines[header + 1 : header + 1 + len(METHODS)]]
     assert {row[0] for row in rows} == METHODS
     printed_f1 = [float(row[3]) for row in rows]
     assert printed_f1 == sorted(printed_f1, reverse=True)

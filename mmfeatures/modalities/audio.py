@@ -141,9 +141,9 @@ class AudioModality(Modality):
         return windows
 
     def _mel_window(self, piece: np.ndarray) -> Window:
-        features = self._extractor(
-            piece, sampling_rate=self.sample_rate, padding="longest", return_tensors="np"
-        )["input_features"][0]
+        features = self._extractor(piece, sampling_rate=self.sample_rate, padding="longest", return_tensors="np")[
+            "input_features"
+        ][0]
         return {"input_features": features.astype(np.float32)}
 
     def _waveform_window(self, piece: np.ndarray) -> Window:

@@ -264,9 +264,16 @@ def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_t
     assert [len(batch) for batch in batches] == [12] * (100 // 12)
 
 
-@pytest.mark.parametrize(("modality_name", "device", "micro_batches"), [
-    ("image", "cpu", 16), ("text", "cpu", 8), ("audio", "cpu", 8), ("image", "cuda", 8), ("text", "cuda:1", 8),
-])
+@pytest.mark.parametrize(
+    ("modality_name", "device", "micro_batches"),
+    [
+        ("image", "cpu", 16),
+        ("text", "cpu", 8),
+        ("audio", "cpu", 8),
+        ("image", "cuda", 8),
+        ("text", "cuda:1", 8),
+    ],
+)
 def test_the_handler_batches_by_its_device_and_modality(modality_name: str, device: str, micro_batches: int) -> None:
     """On a CPU each batch is one turn of the model at the cores, and a turn costs something of its
     own where preparing is heavy (images); a GPU gains nothing from more passes a batch."""
@@ -308,8 +315,10 @@ def test_a_model_shared_across_processes_gives_the_same_embeddings(tiny_vit_dir:
     shared = EmbeddingModelHandler(modality, max_batch_cost=10**9, model_copies=1)
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
         outcomes = pipeline | beam.Create(items) | BatchByCost(shared) | RunInference(shared)
-        assert_that(outcomes | beam.Map(lambda o: (o.record_id, o.vector.round(5).tolist())),
-                    equal_to([(key, vector.round(5).tolist()) for key, vector in expected.items()]))
+        assert_that(
+            outcomes | beam.Map(lambda o: (o.record_id, o.vector.round(5).tolist())),
+            equal_to([(key, vector.round(5).tolist()) for key, vector in expected.items()]),
+        )
 
 
 def test_on_a_cpu_batches_are_stacked_before_the_models_turn(
@@ -319,7 +328,9 @@ def test_on_a_cpu_batches_are_stacked_before_the_models_turn(
     threads off the other core."""
     turns: list[bool] = []
     collate = tiny_text.collate
-    monkeypatch.setattr(tiny_text, "collate", lambda *args: turns.append(CPU_TURNS._models_running > 0) or collate(*args))
+    monkeypatch.setattr(
+        tiny_text, "collate", lambda *args: turns.append(CPU_TURNS._models_running > 0) or collate(*args)
+    )
     handler = EmbeddingModelHandler(tiny_text, max_batch_cost=10**9, micro_batch_size=2)
     items = [(text, prepared(tiny_text, text)) for text in TEXTS.values()]
     outcomes = handler.run_inference(items, tiny_text_model)

@@ -165,9 +165,7 @@ def test_clip_encoder_is_batch_invariant_on_real_model(
     assert (alone[0] - together[0]).abs().max() < BATCH_TOLERANCE
 
 
-def _ct2_file(
-    variables: list[tuple[str, int, np.ndarray]], aliases: list[tuple[str, str]], version: int = 6
-) -> bytes:
+def _ct2_file(variables: list[tuple[str, int, np.ndarray]], aliases: list[tuple[str, str]], version: int = 6) -> bytes:
     """Serialise (name, CTranslate2 dtype id, array) triples the way the converter does."""
 
     def string(text: str) -> bytes:

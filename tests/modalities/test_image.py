@@ -559,9 +559,7 @@ def test_tiny_vit_folder_runs_end_to_end(tiny_vit_dir: Path, embed) -> None:
     assert not np.allclose(first, second)
 
 
-def test_hugging_face_settings_accept_one_mean_and_std_for_all_channels(
-    tiny_vit_dir: Path, tmp_path: Path
-) -> None:
+def test_hugging_face_settings_accept_one_mean_and_std_for_all_channels(tiny_vit_dir: Path, tmp_path: Path) -> None:
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((tiny_vit_dir / name).read_bytes())
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": [0.25]}))

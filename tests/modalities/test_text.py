@@ -133,17 +133,13 @@ def test_default_model_gives_384_d_finite_semantic_embeddings(text_default, text
     assert cos(cat, kitten) > 0.5
 
 
-def test_embedding_alone_equals_embedding_beside_a_longer_text(
-    text_default, text_default_model, embed
-) -> None:
+def test_embedding_alone_equals_embedding_beside_a_longer_text(text_default, text_default_model, embed) -> None:
     (alone,) = embed(text_default, text_default_model, ["a photo of a cat"])
     batched = embed(text_default, text_default_model, [LONG_TEXT, "a photo of a cat", "tax"])
     np.testing.assert_allclose(batched[1], alone, atol=1e-5)
 
 
-def test_long_text_embedding_is_the_mean_of_its_window_embeddings(
-    text_default, text_default_model, embed
-) -> None:
+def test_long_text_embedding_is_the_mean_of_its_window_embeddings(text_default, text_default_model, embed) -> None:
     windows = text_default.preprocess(LONG_TEXT)
     batch = text_default.collate(windows)
     per_window = text_default.encode(text_default_model, batch).numpy()
