@@ -7,9 +7,11 @@ that the written files cannot drift from the documented contract.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 import pyarrow as pa
 
@@ -26,7 +28,7 @@ _SCALAR_TYPES: dict[str, pa.DataType] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_contract(name: str) -> dict[str, Any]:
     """The parsed JSON contract ``schemas/v1/<name>.json`` (record, features or errors)."""
     text = resources.files(f"schemas.{SCHEMA_VERSION}").joinpath(f"{name}.json").read_text("utf-8")
@@ -63,6 +65,30 @@ def embedding_dimension(field: pa.Field) -> int | None:
 MANIFEST = "_manifest.json"  # a table's committed parts; Parquet readers skip names starting with "_"
 
 
+@dataclass(frozen=True)
+class CommittedTable:
+    """A table folder as its ``_manifest.json`` lists it: the parts (in ``fs``'s terms) and rows."""
+
+    fs: Any  # an fsspec file system
+    parts: list[str]
+    rows: int
+
+
+def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
+    """The committed table under ``path`` (a folder or URL; in ``filesystem``'s terms when one is
+    given), or None where there is no ``_manifest.json``: a single file, or a folder never committed."""
+    from fsspec.core import url_to_fs
+
+    fs, root = (filesystem, path) if filesystem else url_to_fs(path)
+    root = root.rstrip("/")
+    try:
+        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    files = manifest["files"]
+    return CommittedTable(fs, [f"{root}/{part['path']}" for part in files], sum(part["rows"] for part in files))
+
+
 def read_features(path: str, **kwargs: Any) -> pa.Table:
     """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``.
 
@@ -71,17 +97,12 @@ def read_features(path: str, **kwargs: Any) -> pa.Table:
     ``filesystem`` passed in must be an fsspec one, with ``path`` in its terms.
     """
     import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
 
-    fs, root = (kwargs["filesystem"], path) if kwargs.get("filesystem") else url_to_fs(path)
-    root = root.rstrip("/")
-    try:
-        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-    except (FileNotFoundError, NotADirectoryError):  # a single file, or a folder written otherwise
+    committed = committed_table(path, kwargs.get("filesystem"))
+    if committed is None:
         table = pq.read_table(path, **kwargs)
     else:
-        parts = [f"{root}/{part['path']}" for part in manifest["files"]]
-        table = pq.read_table(parts, **{**kwargs, "filesystem": fs})
+        table = pq.read_table(committed.parts, **{**kwargs, "filesystem": committed.fs})
     for index, field in enumerate(table.schema):
         dim = embedding_dimension(field)
         if dim is not None:

@@ -28,8 +28,9 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,14 +44,11 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.redaction import redact, redact_all
-from mmfeatures.schema import METADATA_KEY, embedding_dimension, load_contract, read_features, read_run_metadata
+from mmfeatures.schema import METADATA_KEY, embedding_dimension, read_features, read_run_metadata
 
-MODALITIES: tuple[str, ...] = tuple(
-    field["modality"]
-    for field in load_contract("features")["fields"]
-    if field["type"] == "embedding" and field["modality"] != "fused"
-)
+MODALITIES = MODALITY_COLUMNS  # the record contract's modality columns name the modalities
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {
     "train": "train",
@@ -113,6 +111,8 @@ def _embedding_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndar
     validity. ``flatten`` skips null slots, whose child values are undefined."""
     array = table.column(column).combine_chunks()
     dimension = embedding_dimension(table.schema.field(column))
+    if dimension is None:
+        raise TrainingError(f"column {column!r} has no embedding dimension in its metadata: not a feature table")
     present = array.is_valid().to_numpy(zero_copy_only=False)
     matrix = np.zeros((len(array), dimension))
     matrix[present] = array.flatten().to_numpy(zero_copy_only=False).reshape(-1, dimension)
@@ -156,8 +156,9 @@ def prepare_dataset(table: pa.Table, label_column: str, split_column: str, seed:
         )
     class_index = {name: index for index, name in enumerate(classes)}
     targets = np.array([class_index[label] for label in labels if label is not None], dtype=np.int64)
-    given = _optional_strings(table, split_column) if split_column in table.column_names else []
-    given = [value for value, keep in zip(given, labelled) if keep]
+    given: list[str | None] = []
+    if split_column in table.column_names:
+        given = [value for value, keep in zip(_optional_strings(table, split_column), labelled, strict=True) if keep]
     if any(given):
         splits, split_source = _splits_from_column(given, split_column), f"column {split_column!r}"
     else:
@@ -243,10 +244,14 @@ def late_fusion(
 ) -> np.ndarray:
     """sum w_i P_i / sum w_i over the modalities each record has; the plain mean where all of those
     weigh 0 (a modality still speaks when it is all there is), and the prior where there is none."""
-    weighted = sum(weights[m] * present[m][:, None] * per_modality[m] for m in per_modality)
-    weight_total = sum(weights[m] * present[m] for m in per_modality)
-    summed = sum(present[m][:, None] * per_modality[m] for m in per_modality)
-    count = sum(present[m].astype(np.int64) for m in per_modality)
+    modalities = list(per_modality)
+    presence = np.stack([present[m] for m in modalities])  # [modality, record]
+    probabilities = np.stack([per_modality[m] for m in modalities])  # [modality, record, class]
+    record_weights = np.array([weights[m] for m in modalities])[:, None] * presence  # w_i where the record has i
+    weighted = (record_weights[:, :, None] * probabilities).sum(axis=0)
+    weight_total = record_weights.sum(axis=0)
+    summed = (presence[:, :, None] * probabilities).sum(axis=0)
+    count = presence.sum(axis=0)
     fused = np.tile(prior, (len(count), 1))
     weighed = weight_total > 0
     unweighed = ~weighed & (count > 0)
@@ -358,7 +363,7 @@ def _out_of_fold_probabilities(train: Dataset, modality: str, seed: int) -> tupl
 def weight_grid(modalities: list[str]) -> list[dict[str, float]]:
     """Every weighting of ``modalities`` on the simplex in steps of 1/WEIGHT_GRID_STEPS."""
     return [
-        {m: units / WEIGHT_GRID_STEPS for m, units in zip(modalities, point)}
+        {m: units / WEIGHT_GRID_STEPS for m, units in zip(modalities, point, strict=True)}
         for point in itertools.product(range(WEIGHT_GRID_STEPS + 1), repeat=len(modalities))
         if sum(point) == WEIGHT_GRID_STEPS
     ]
@@ -421,7 +426,8 @@ def score(targets: np.ndarray, probabilities: np.ndarray, classes: list[str]) ->
     predictions = probabilities.argmax(axis=1)
     seen = np.union1d(targets, predictions)
     per_class = f1_score(targets, predictions, labels=seen, average=None, zero_division=0)
-    per_class_f1 = {name: None for name in classes} | {classes[c]: float(f1) for c, f1 in zip(seen, per_class)}
+    scored = {classes[c]: float(f1) for c, f1 in zip(seen, per_class, strict=True)}
+    per_class_f1 = {name: None for name in classes} | scored
     return {
         "n": int(len(targets)),
         "accuracy": float(accuracy_score(targets, predictions)),
@@ -448,12 +454,10 @@ def split_counts(dataset: Dataset) -> dict[str, dict[str, Any]]:
     counts = {}
     for split in SPLITS:
         part = dataset.select(split)
+        per_class = np.bincount(part.targets, minlength=len(dataset.classes))
         counts[split] = {
             "records": int(len(part.targets)),
-            "classes": {
-                name: int(n)
-                for name, n in zip(dataset.classes, np.bincount(part.targets, minlength=len(dataset.classes)))
-            },
+            "classes": {name: int(n) for name, n in zip(dataset.classes, per_class, strict=True)},
             **{m: int(part.features.present[m].sum()) for m in MODALITIES},
             "all_modalities": int(part.features.has_every_modality.sum()),
         }
@@ -591,7 +595,10 @@ def write_outputs(result: TrainingResult, out: str) -> None:
 
 def format_table(metrics: Mapping[str, Any]) -> str:
     """The methods sorted by test macro F1, best first."""
-    header = f"{'method':<22} {'accuracy':>8} {'macro recall':>12} {'macro F1':>8} {'n test':>6}  all-modalities accuracy (n)"
+    header = (
+        f"{'method':<22} {'accuracy':>8} {'macro recall':>12} {'macro F1':>8} {'n test':>6}  "
+        "all-modalities accuracy (n)"
+    )
     rows = sorted(metrics["methods"].items(), key=lambda item: (-item[1]["test"]["macro_f1"], item[0]))
     lines = [header]
     for method, result in rows:
