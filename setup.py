@@ -10,7 +10,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mmfeatures" / "__init__.py").read_text()).group(1)
+_DECLARED_VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "mmfeatures" / "__init__.py").read_text())
+if _DECLARED_VERSION is None:
+    raise RuntimeError("mmfeatures/__init__.py declares no __version__")
+VERSION = _DECLARED_VERSION.group(1)
 REQUIREMENTS = [
     line.strip()
     for line in (HERE / "requirements.txt").read_text().splitlines()

@@ -23,17 +23,18 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import cv2
 import numpy as np
 import soundfile
 import soxr
 
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio")  # the modalities this module makes inputs for; indexes seed them
 SAMPLE_RATE = 16_000
 SHORTEST_CLIP_SECONDS, LONGEST_CLIP_SECONDS = 1.0, 15.0
 _LAYOUT_VERSION = 2  # bump when what a set holds changes, so kept sets are made again
@@ -61,7 +62,10 @@ _WORDS = {
 
 def _sentence(rng: np.random.Generator, words: int) -> str:
     """About ``words`` words of subject-verb-object English with prepositional phrases."""
-    pick = lambda kind: _WORDS[kind][rng.integers(len(_WORDS[kind]))]  # noqa: E731
+
+    def pick(kind: str) -> str:
+        return _WORDS[kind][rng.integers(len(_WORDS[kind]))]
+
     parts = [pick("det"), pick("adj"), pick("noun"), pick("verb"), pick("det"), pick("noun")]
     while len(parts) < words:
         parts += [pick("prep"), pick("det"), pick("adj"), pick("noun")] if rng.random() < 0.8 else [pick("adverb")]
@@ -203,7 +207,8 @@ def build_input_set(modality: str, folder: Path, count: int, seed: int) -> Input
     run, or one asking for more records, makes only those missing (a folder made with other
     settings, or by another source, is made again).
     """
-    source, make, extension = _maker(modality)
+    media = None if modality == "text" else _media_maker(modality)  # text: the manifest holds it
+    source = "generated text" if media is None else media[0]
     settings = {"modality": modality, "seed": seed, "version": _LAYOUT_VERSION, "source": source}
     stamp = folder / "inputs.json"
     recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
@@ -213,26 +218,25 @@ def build_input_set(modality: str, folder: Path, count: int, seed: int) -> Input
     folder.mkdir(parents=True, exist_ok=True)
     rngs = [np.random.default_rng([seed, MODALITIES.index(modality), index]) for index in range(count)]
     ids = [f"{modality}-{index:06d}" for index in range(count)]
-    if extension is None:  # text: the manifest holds it
-        rows = [{"id": record_id, modality: make(rng)} for record_id, rng in zip(ids, rngs)]
+    if media is None:
+        rows = [{"id": record_id, modality: _text(rng)} for record_id, rng in zip(ids, rngs, strict=True)]
     else:
+        _, make, extension = media
         names = [f"{modality}/{record_id}.{extension}" for record_id in ids]
         made = recorded.get("records", 0)
         (folder / modality).mkdir(exist_ok=True)
         with ThreadPoolExecutor(os.cpu_count()) as pool:  # espeak-ng, JPEG encoding, numpy: no GIL held
-            for name, data in zip(names[made:], pool.map(make, rngs[made:])):
+            for name, data in zip(names[made:], pool.map(make, rngs[made:]), strict=True):
                 (folder / name).write_bytes(data)
-        rows = [{"id": record_id, modality: name} for record_id, name in zip(ids, names)]
+        rows = [{"id": record_id, modality: name} for record_id, name in zip(ids, names, strict=True)]
     with open(folder / f"manifest-{count}.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     stamp.write_text(json.dumps({**settings, "records": max(count, recorded.get("records", 0))}))
     return InputSet(modality, folder, count, source)
 
 
-def _maker(modality: str) -> tuple[str, Callable[[np.random.Generator], bytes | str], str | None]:
-    """(source, one record's content from its generator, file extension, None for inline text)."""
-    if modality == "text":
-        return "generated text", _text, None
+def _media_maker(modality: str) -> tuple[str, Callable[[np.random.Generator], bytes], str]:
+    """(source, one record's file content from its generator, file extension) for image or audio."""
     if modality == "image":
         photos = _photo_sources()
         return "skimage photos", lambda rng: _jpeg(rng, photos[rng.integers(len(photos))]), "jpg"

@@ -20,8 +20,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import cv2
 import numpy as np
@@ -77,7 +78,7 @@ def raw_feature_table(manifest: str) -> pa.Table:
     dims = {"text": RAW_TEXT_FEATURES, "image": RAW_IMAGE_SIDE**2, "audio": 160}
     fusion = Fusion(method="concat", dims=dims)
     rows = []
-    for record, text in zip(records, texts):
+    for record, text in zip(records, texts, strict=True):
         embeddings: dict[str, np.ndarray] = {}
         if record.get("text"):
             embeddings["text"] = text
@@ -92,7 +93,7 @@ def raw_feature_table(manifest: str) -> pa.Table:
             "fused": fusion.fuse(embeddings),
             "failed_modalities": [],
         }
-        for modality, dim in dims.items():
+        for modality in dims:
             row[f"{modality}_embedding"] = embeddings.get(modality)
             row[f"has_{modality}"] = modality in embeddings
         rows.append(row)
@@ -111,7 +112,7 @@ def best(methods: Mapping[str, Any], fusion: bool) -> tuple[str, float]:
 
 
 def comparison(pretrained: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
-    verdicts = {}
+    verdicts: dict[str, Any] = {}
     for kind, methods in (("pretrained", pretrained["methods"]), ("raw", raw["methods"])):
         single, single_accuracy = best(methods, fusion=False)
         fused, fused_accuracy = best(methods, fusion=True)
@@ -147,7 +148,7 @@ def format_comparison(pretrained: Mapping[str, Any], raw: Mapping[str, Any], ver
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1500, help="Records in the data set.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the data set and of the classifiers.")
     parser.add_argument("--work", default="benchmarks_out/quality", help="Folder for the data, features and results.")

@@ -35,7 +35,7 @@ from mmfeatures.sample import (
     IMAGE_SIDE,
     MNIST_SIDE,
     WORDS,
-    assign_splits,
+    deal_labels,
     encode_image,
     encode_samples,
     fetch_mnist,
@@ -303,24 +303,18 @@ def plan_records(
 ) -> list[Plan]:
     """Make every random choice up front, in one order, so the output does not depend on
     the order files are written in. Each MNIST digit is used at most once."""
-    labels = rng.permutation(np.arange(n) % 10)
-    splits = assign_splits(labels, rng)
-    picks = {
-        label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
-        for label, count in counts.items()
-    }
     return [
         Plan(
             rec_id=f"avm-{i:05d}",
             label=label,
-            split=splits[i],
-            mnist_index=int(next(picks[label])),
+            split=split,
+            mnist_index=mnist_index,
             occluder=draw_occluder(rng),
-            utterance=draw_utterance(pools[splits[i]], rng),
+            utterance=draw_utterance(pools[split], rng),
             caption=caption(label, rng),
             noise_seed=int(rng.integers(2**63)),
         )
-        for i, label in enumerate(labels.tolist())
+        for i, (label, split, mnist_index) in enumerate(deal_labels(n, counts, rng))
     ]
 
 
@@ -546,7 +540,7 @@ def build_avmnist(out_dir: str, n: int, seed: int = 0) -> str:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     rows = [manifest_row(p) for p in plans]
-    for plan, row in zip(plans, rows):
+    for plan, row in zip(plans, rows, strict=True):
         noisy = degrade_digit(
             digits[plan.label][plan.mnist_index], pca, plan.occluder, np.random.default_rng([plan.noise_seed, 0])
         )
@@ -555,7 +549,7 @@ def build_avmnist(out_dir: str, n: int, seed: int = 0) -> str:
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(max_workers=4) as pool:
         jobs = [
             pool.submit(write_audio, out / row["audio"], binaries, plan, Path(workdir))
-            for plan, row in zip(plans, rows)
+            for plan, row in zip(plans, rows, strict=True)
         ]
         for job in jobs:
             job.result()

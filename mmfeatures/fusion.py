@@ -13,8 +13,9 @@ the output metadata, so any reader can rebuild them with ``projection_matrix``.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -91,14 +92,14 @@ class Fusion:
             ]
             return np.concatenate(parts).astype(np.float32)
         present = [m for m in self.dims if m in embeddings]
-        if self.method == "mean":
-            shares = {m: 1.0 / len(present) for m in present}
+        # "mean" weighs the modalities present equally, and so does "weighted" when their weights
+        # sum to zero: there is nothing to renormalise by.
+        weights = {m: self.weight(m) for m in present} if self.method == "weighted" else {}
+        total = sum(weights.values())
+        if total > 0:
+            shares = {m: weights[m] / total for m in present}
         else:
-            total = sum(self.weight(m) for m in present)
-            if total <= 0:
-                shares = {m: 1.0 / len(present) for m in present}
-            else:
-                shares = {m: self.weight(m) / total for m in present}
+            shares = {m: 1.0 / len(present) for m in present}
         fused = sum(shares[m] * (l2_normalize(embeddings[m]) @ self._projection(m)) for m in present)
         return np.asarray(fused, dtype=np.float32)
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from mmfeatures.errors import ErrorRow, RecordError, ValidationError
 from mmfeatures.schema import field_names, load_contract, reserved_record_columns
 
 _FIELDS = load_contract("record")["fields"]
-MODALITY_COLUMNS = tuple(f["name"] for f in _FIELDS if f.get("modality"))
-REFERENCE_COLUMNS = frozenset(f["name"] for f in _FIELDS if f.get("reference"))
+MODALITY_COLUMNS: tuple[str, ...] = tuple(f["name"] for f in _FIELDS if f.get("modality"))
+REFERENCE_COLUMNS: frozenset[str] = frozenset(f["name"] for f in _FIELDS if f.get("reference"))
 # A tar shard's member extension -> the column its bytes fill ("sample.jpg" fills image).
-TAR_COLUMNS = {extension: f["name"] for f in _FIELDS for extension in f.get("tar_extensions", ())}
+TAR_COLUMNS: dict[str, str] = {extension: f["name"] for f in _FIELDS for extension in f.get("tar_extensions", ())}
 
 
 Payload = str | bytes  # a media reference or inline text; bytes are the content itself (tar shards)
@@ -39,7 +40,7 @@ class Record:
         """The inline text, media reference or media content of one modality, None when absent."""
         return self.payloads.get(modality)
 
-    def without_content(self) -> "Record":
+    def without_content(self) -> Record:
         """This record with inline media bytes emptied: what the join needs, without shuffling
         images and audio a second time."""
         payloads = {m: (b"" if isinstance(v, bytes) else v) for m, v in self.payloads.items()}

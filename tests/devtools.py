@@ -47,7 +47,7 @@ class DevToolsError(RuntimeError):
 class Chromium:
     """A headless Chromium with its own throwaway profile, reachable over CDP on loopback only."""
 
-    def __init__(self, binary: str, profile: Path):
+    def __init__(self, binary: str, profile: Path) -> None:
         self.profile = profile
         self.log_path = profile / "chromium.log"
         arguments = [
@@ -107,7 +107,7 @@ class Chromium:
 class DevTools:
     """A CDP connection: numbered commands, with every event kept for the checks afterwards."""
 
-    def __init__(self, websocket_url: str):
+    def __init__(self, websocket_url: str) -> None:
         # proxy=None: the browser is on loopback; a proxy from the environment must not be asked.
         self.socket: ClientConnection = connect(websocket_url, max_size=None, open_timeout=CALL_TIMEOUT_S, proxy=None)
         self.events: list[dict[str, Any]] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -16,10 +17,10 @@ class Member:
     linkname: str = ""
 
 
-def build_tar(members: list[Member], compression: str = "") -> bytes:
-    """A tar archive of ``members`` in order; ``compression`` is "" or "gz"."""
+def build_tar(members: list[Member], compression: Literal["", "gz"] = "") -> bytes:
+    """A tar archive of ``members`` in order, gzip-compressed for ``compression`` "gz"."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=f"w:{compression}" if compression else "w") as archive:
+    with tarfile.open(fileobj=buffer, mode="w:gz" if compression == "gz" else "w") as archive:
         for member in members:
             info = tarfile.TarInfo(member.name)
             info.type = member.type

@@ -16,6 +16,7 @@ from mmfeatures.avmnist import (
     PCA_VARIANCE_KEPT,
     PEAK_LEVEL,
     SPLITS,
+    DigitPCA,
     all_speakers,
     build_avmnist,
     fit_pca,
@@ -35,19 +36,19 @@ def named_digits(text: str) -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict], dict]:
     out = tmp_path_factory.mktemp("avmnist")
     manifest = Path(build_avmnist(str(out), n=N, seed=0))
     return out, manifest, read_manifest(manifest), json.loads((out / "dataset.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> dict[int, np.ndarray]:
     return load_digits(fetch_mnist())
 
 
 @pytest.fixture(scope="module")
-def pca(digits):
+def pca(digits: dict[int, np.ndarray]) -> DigitPCA:
     return fit_pca(digits)
 
 
@@ -120,7 +121,9 @@ def test_images_lose_most_of_the_digit(built, digits, pca):
         pixels = digits[int(row["label"])][row["mnist_index"]]
         centred, projected = pixels.ravel() - pca.mean, pca.project(pixels).ravel() - pca.mean
         kept.append(projected @ projected / (centred @ centred))
-        written = cv2.imread(str(out / row["image"]), cv2.IMREAD_UNCHANGED).astype(float)
+        image = cv2.imread(str(out / row["image"]), cv2.IMREAD_UNCHANGED)
+        assert image is not None, row["image"]
+        written = image.astype(float)
         correlations.append(np.corrcoef(written.ravel(), render_digit(pixels).ravel())[0, 1])
     assert np.mean(kept) < 0.5
     assert max(correlations) < 0.95

@@ -127,7 +127,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_embeddings_mean_something(output: str, modality: str) -> None:
     """Same-label records are on average closer than different-label ones, for every modality."""
     rows = [r for r in _features(output).values() if r[f"{modality}_embedding"] is not None]
-    same, different = [], []
+    same: list[float] = []
+    different: list[float] = []
     for a, b in combinations(rows, 2):
         similarity = _cosine(np.asarray(a[f"{modality}_embedding"]), np.asarray(b[f"{modality}_embedding"]))
         (same if a["label"] == b["label"] else different).append(similarity)

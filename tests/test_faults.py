@@ -1,5 +1,6 @@
 """Transient storage faults (5xx answers, resets, stalled reads) are retried with backoff and
-nothing is lost; permanent ones become error rows. Media are served over HTTP by a fault-injecting server on 127.0.0.1."""
+nothing is lost; permanent ones become error rows. Media are served over HTTP by a fault-injecting
+server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -83,7 +86,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyServer]:
     monkeypatch.setattr(storage, "FETCH_TIMEOUT_SECONDS", FETCH_TIMEOUT)
     root = tmp_path / "media"
     build_sample_dataset(str(root), n=12, seed=2)

@@ -8,12 +8,12 @@ from mmfeatures.fusion import Fusion, parse_weights, projection_matrix
 DIMS = {"text": 4, "image": 3, "audio": 5}
 
 
-def vectors(seed=0):
+def vectors(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {m: (rng.standard_normal(d) * 7).astype(np.float32) for m, d in DIMS.items()}
 
 
-def unit(v):
+def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 

@@ -52,7 +52,9 @@ def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
     output = str(tmp_path / "out")
     # A complete earlier run: the table a killed rerun must not damage.
     assert _start(manifest, output).wait(timeout=300) == 0
-    before = sorted(_feature_ids(output))
+    complete = _feature_ids(output)
+    assert complete is not None
+    before = sorted(complete)
     assert len(before) == N
 
     process = _start(manifest, output)
@@ -69,5 +71,6 @@ def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
 
     assert _start(manifest, output).wait(timeout=300) == 0
     rerun = _feature_ids(output)
+    assert rerun is not None
     assert sorted(rerun) == before and len(set(rerun)) == len(rerun)
     assert not os.path.exists(os.path.join(output, "_staging"))

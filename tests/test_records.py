@@ -1,6 +1,7 @@
 """Tests for mmfeatures.records.parse_record: every validation rule and its stable error code."""
 
 import math
+from typing import Any
 
 import pytest
 
@@ -11,11 +12,11 @@ SOURCE = "/data/m.jsonl:7"
 DIR = "/data"
 
 
-def parse(row):
+def parse(row: dict[str, Any]) -> Record:
     return parse_record(row, source=SOURCE, manifest_dir=DIR)
 
 
-def error_type(row):
+def error_type(row: dict[str, Any]) -> str:
     with pytest.raises(ValidationError) as info:
         parse(row)
     assert info.value.stage == Stage.VALIDATE

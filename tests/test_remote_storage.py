@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
 
 import fsspec
 import pytest
@@ -65,7 +66,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def gcs(monkeypatch: pytest.MonkeyPatch):
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[fsspec.AbstractFileSystem]:
     """A GCS API server on loopback, and gcsfs pointed at it with anonymous credentials."""
     from gcp_storage_emulator.server import create_server
 

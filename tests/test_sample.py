@@ -18,18 +18,18 @@ def read_manifest(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[dict], dict[str, str]]:
     out = tmp_path_factory.mktemp("sample")
     manifest = Path(build_sample_dataset(str(out), n=30, seed=0))
     errors = json.loads((out / "expected_errors.json").read_text())
     return out, manifest, read_manifest(manifest), errors
 
 
-def decode_image(path: Path):
+def decode_image(path: Path) -> np.ndarray | None:
     return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
 
 
-def decode_audio(path: Path):
+def decode_audio(path: Path) -> tuple[np.ndarray, int]:
     samples, rate = sf.read(str(path), dtype="float32")
     return samples, rate
 

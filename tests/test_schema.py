@@ -2,6 +2,7 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ CONTRACT_DIR = Path(__file__).resolve().parents[1] / "schemas" / "v1"
 DIMS = {"text": 384, "image": 1280, "audio": 512, "fused": 2176}
 
 
-def contract_file(name):
+def contract_file(name: str) -> dict[str, Any]:
     return json.loads((CONTRACT_DIR / f"{name}.json").read_text())
 
 

@@ -3,6 +3,8 @@
 import datetime
 import json
 import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import apache_beam as beam
 import fsspec
@@ -11,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
+from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mmfeatures import schema, sinks
@@ -20,7 +23,9 @@ WHEN = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
 METADATA = {"fusion": {"method": "concat"}, "models": {"text": "tiny"}}
 
 
-def feature_row(i, *, text=True, image=False, audio=False, **carried):
+def feature_row(
+    i: int, *, text: bool = True, image: bool = False, audio: bool = False, **carried: Any
+) -> dict[str, Any]:
     """A feature row whose floats are exact in float32, so read-back values compare with ==."""
     row = {
         "id": f"r{i}",
@@ -40,7 +45,7 @@ def feature_row(i, *, text=True, image=False, audio=False, **carried):
     return row
 
 
-def expected(row, carried_types):
+def expected(row: Mapping[str, Any], carried_types: Mapping[str, pa.DataType]) -> dict[str, Any]:
     """What reading ``row`` back should give: lists of floats, conformed carried values."""
     out = {}
     for name, value in row.items():
@@ -127,8 +132,8 @@ def test_conform_value(value, arrow_type, result):
     assert type(conformed) is type(result)
 
 
-def _value_types(rows):
-    types = {}
+def _value_types(rows: list[dict[str, Any]]) -> dict[str, pa.DataType | None]:
+    types: dict[str, pa.DataType | None] = {}
     for row in rows:
         sinks.add_value_types(types, row)
     return types
@@ -150,7 +155,7 @@ def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
 
 
 def test_carried_values_fit_unified_types():
-    carried = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
+    carried: list[dict[str, Any]] = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
     types = sinks.merge_column_types([_value_types(carried)])
     column_v = pa.array([sinks.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
     column_w = pa.array([sinks.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
@@ -241,11 +246,11 @@ CARRIED = {"score": pa.float64()}
 FEATURES = schema.features_schema(DIMS, carried=CARRIED, metadata=METADATA)
 
 
-def rows_for(ids):
+def rows_for(ids: Iterable[int]) -> list[dict[str, Any]]:
     return [feature_row(i, text=i % 2 == 0, image=i % 2 == 1, audio=i % 3 == 0, score=i) for i in ids]
 
 
-def write_tables(targets):
+def write_tables(targets: list[tuple[str, list[dict[str, Any]], int, Callable[..., None]]]) -> None:
     """One pipeline writing each ``directory -> rows`` in ``targets``; returns nothing, asserts
     the {"files", "rows"} output of each write inside the pipeline."""
     with beam.Pipeline(runner="FnApiRunner") as p:
@@ -259,11 +264,11 @@ def write_tables(targets):
             assert_that(written, expected_output, label=f"Check{n}")
 
 
-def output_is(rows, min_files):
+def output_is(rows: int, min_files: int) -> Callable[[list[dict[str, int]]], None]:
     """A matcher for the single {"files", "rows"} output of a write whose file count depends on
     how Beam batches: at least ``min_files`` (the rows over ``rows_per_file``)."""
 
-    def match(outputs):
+    def match(outputs: list[dict[str, int]]) -> None:
         assert len(outputs) == 1, outputs
         (output,) = outputs
         assert set(output) == {"files", "rows"}, output
@@ -273,11 +278,11 @@ def output_is(rows, min_files):
     return match
 
 
-def part_files(fs, root):
+def part_files(fs: AbstractFileSystem, root: str) -> list[str]:
     return sorted(fs.glob(f"{root.rstrip('/')}/part-*.parquet"))
 
 
-def read_table_files(fs, paths):
+def read_table_files(fs: AbstractFileSystem, paths: list[str]) -> list[pa.Table]:
     tables = []
     for path in paths:
         with fs.open(path, "rb") as handle:
@@ -285,11 +290,11 @@ def read_table_files(fs, paths):
     return tables
 
 
-def read_manifest(fs, root):
+def read_manifest(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
     return json.loads(fs.cat_file(f"{root.rstrip('/')}/{schema.MANIFEST}"))
 
 
-def check_written(fs, root, rows, rows_per_file):
+def check_written(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]], rows_per_file: int) -> int:
     """The folder holds one commit's parts and the manifest listing exactly them, nothing else."""
     files = part_files(fs, root)
     assert files, "no part files"
@@ -310,7 +315,7 @@ def check_written(fs, root, rows, rows_per_file):
     return count
 
 
-def read_rows(path, **kwargs):
+def read_rows(path: str, **kwargs: Any) -> list[dict[str, Any]]:
     return sorted(schema.read_features(path, **kwargs).to_pylist(), key=lambda r: r["id"])
 
 
@@ -370,7 +375,7 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
     memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
 
 
-def commit_directly(directory, batches):
+def commit_directly(directory: str, batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Stage ``batches`` of rows and run the commit step on them, outside a pipeline."""
     staging = sinks.staging_directory(directory)
     writer = sinks._WriteStagedFile(staging)
@@ -393,7 +398,7 @@ def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivo
         write_tables([(memory, old, 2, output_is(rows=5, min_files=3))])
 
         original = getattr(MemoryFileSystem, method)
-        done = []
+        done: list[tuple[Any, ...]] = []
 
         def dies_part_way(self, *args, **kwargs):
             if len(done) == calls:
@@ -419,8 +424,14 @@ def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivo
         fs.rm(root.rsplit("/", 1)[0], recursive=True)
 
 
+def unified(left: pa.DataType | None, right: pa.DataType | None) -> pa.DataType:
+    result = sinks.unify_types(left, right)
+    assert result is not None
+    return result
+
+
 def test_empty_lists_give_way_to_typed_lists() -> None:
     empty, strings = sinks.value_type([]), sinks.value_type(["x"])
-    assert sinks.unify_types(empty, strings).equals(pa.list_(pa.string()))
-    assert sinks.unify_types(strings, empty).equals(pa.list_(pa.string()))
-    assert sinks.unify_types(sinks.value_type([1]), sinks.value_type([2.5])).equals(pa.list_(pa.float64()))
+    assert unified(empty, strings).equals(pa.list_(pa.string()))
+    assert unified(strings, empty).equals(pa.list_(pa.string()))
+    assert unified(sinks.value_type([1]), sinks.value_type([2.5])).equals(pa.list_(pa.float64()))

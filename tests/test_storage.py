@@ -3,6 +3,9 @@
 import os
 import pickle
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import fsspec
 import pytest
@@ -12,7 +15,7 @@ from mmfeatures.errors import ConfigurationError, FetchError, Stage
 
 
 @pytest.fixture
-def memory_dir():
+def memory_dir() -> Iterator[str]:
     name = f"storage-{uuid.uuid4().hex}"
     yield f"memory://{name}"
     fs = fsspec.filesystem("memory")
@@ -98,7 +101,7 @@ def test_read_bytes_local_and_memory(tmp_path, memory_dir):
     assert storage.read_bytes(f"{memory_dir}/m.bin", max_bytes=5) == b"hello"
 
 
-def fetch_error(location, **kwargs):
+def fetch_error(location: str, **kwargs: Any) -> FetchError:
     with pytest.raises(FetchError) as info:
         storage.read_bytes(location, **kwargs)
     assert info.value.stage == Stage.FETCH
@@ -152,7 +155,7 @@ def test_read_bytes_permission_denied(tmp_path):
 # -- LocationPolicy ----------------------------------------------------------------------------
 
 
-def location_error(policy, location):
+def location_error(policy: storage.LocationPolicy, location: str) -> FetchError:
     with pytest.raises(FetchError) as info:
         policy.check(location)
     assert info.value.error_type == "location_not_allowed"
@@ -161,7 +164,7 @@ def location_error(policy, location):
 
 
 @pytest.fixture
-def media_root(tmp_path):
+def media_root(tmp_path: Path) -> Path:
     """A root folder with a file, a sibling folder sharing its name as prefix, and a secret outside."""
     root = tmp_path / "media"
     (root / "img").mkdir(parents=True)

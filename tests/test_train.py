@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import fsspec
 import numpy as np
@@ -192,7 +192,7 @@ def test_counts_exclude_unlabelled_records(metrics: dict) -> None:
     assert counts["without_label"] == labels.count(None) > 0
     assert counts["without_split"] == 0
     assert sum(part["records"] for part in counts["splits"].values()) == len(labels) - labels.count(None)
-    test_labelled = sum(1 for label, split in zip(labels, splits) if label is not None and split == "test")
+    test_labelled = sum(1 for label, split in zip(labels, splits, strict=True) if label is not None and split == "test")
     assert counts["splits"]["test"]["records"] == test_labelled
     assert sum(counts["splits"]["test"]["classes"].values()) == test_labelled
     for result in metrics["methods"].values():
