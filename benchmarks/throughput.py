@@ -40,13 +40,13 @@ import platform
 import resource
 import shutil
 import sys
-import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import apache_beam as beam
 import cv2
@@ -57,12 +57,14 @@ from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedT
 import pipelines.extract_features  # noqa: F401 - imported before any step is forked, like the rest
 from benchmarks.inputs import MODALITIES, InputSet, build_input_set
 from mmfeatures import cli, storage
-from mmfeatures.encoders.handler import EmbeddingModelHandler, device_type
 from mmfeatures.host import available_cores, settle_worker_process
+from mmfeatures.inference.batching import CostBatcher
+from mmfeatures.inference.handler import EmbeddingModelHandler
 from mmfeatures.job import Job
-from mmfeatures.modalities import MODALITIES as MODALITY_CLASSES
-from mmfeatures.modalities.base import Modality, Prepared, Window
+from mmfeatures.modalities import MODALITIES as REGISTRY
+from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window
 from mmfeatures.options import parse_options
+from mmfeatures.settings import device_type
 
 STEPS = ("prepare", "model", "job", "stock", "naive")
 CEILING_STEPS = ("prepare", "model")  # run in two halves, one each side of the job
@@ -86,7 +88,9 @@ NAIVE_SHARE = 8  # the naive loop runs over the first 1/NAIVE_SHARE of the recor
 QUICK_SCALING_RECORDS = 4
 SCALING_FACTOR = 10
 SCALING_ROWS_PER_FILE = 100
-TARGETS = {  # (figure, at least or at most, bound): the issue's targets for each device type
+TARGETS: dict[
+    str, dict[str, tuple[str, float | dict[str, float]]]
+] = {  # (figure, at least or at most, bound): the issue's targets for each device type
     "cpu": {
         "job / ceiling": (">=", 0.85),
         "job / naive": (">=", 3.0),
@@ -163,10 +167,8 @@ class Measured:
 
 
 # -- the five measurements (each runs in a forked process) ---------------------------------------
-def _modality(name: str) -> Modality:
-    modality = MODALITY_CLASSES[name]()
-    modality.setup()
-    return modality
+def _preprocessor(name: str) -> Preprocessor:
+    return REGISTRY[name].preprocessor()
 
 
 def _payload_references(inputs: InputSet, part: slice = slice(None)) -> list[str]:
@@ -177,54 +179,47 @@ def _payload_references(inputs: InputSet, part: slice = slice(None)) -> list[str
     ]
 
 
-def _read(modality: Modality, reference: str) -> bytes | str:
-    return reference if modality.inline else storage.read_bytes(reference, modality.limits.max_bytes)
+def _read(preprocessor: Preprocessor, reference: str) -> bytes | str:
+    return reference if preprocessor.inline else storage.read_bytes(reference, preprocessor.limits.max_bytes)
 
 
-def _prepare(modality: Modality, reference: str) -> list[Window]:
-    return modality.preprocess(modality.decode(_read(modality, reference)))
+def _prepare(preprocessor: Preprocessor, reference: str) -> list[Window]:
+    return preprocessor.preprocess(preprocessor.decode(_read(preprocessor, reference)))
 
 
 def _prepare_all(name: str, references: list[str]) -> list[list[Window]]:
-    """Every record's windows, prepared in a thread per core, each with its own copy of the
-    modality (tokenizers are not safe to share): set-up that the clock does not see."""
-    copies = threading.local()
-
-    def prepare(reference: str) -> list[Window]:
-        if not hasattr(copies, "modality"):
-            copies.modality = _modality(name)
-        return _prepare(copies.modality, reference)
-
+    """Every record's windows, prepared in a thread per core: set-up that the clock does not see."""
+    preprocessor = _preprocessor(name)
     with ThreadPoolExecutor(available_cores(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return list(pool.map(prepare, references))
+        return list(pool.map(lambda reference: _prepare(preprocessor, reference), references))
 
 
-_worker_modality: Modality | None = None
+_worker_preprocessor: Preprocessor | None = None
 
 
 def _prepare_worker_start(name: str, ready: Any) -> None:
     """A prepare-ceiling worker: single-threaded, set up, then waiting for the others."""
-    global _worker_modality
+    global _worker_preprocessor
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     settle_worker_process()  # as the job's workers do
-    _worker_modality = _modality(name)
+    _worker_preprocessor = _preprocessor(name)
     ready.wait()
 
 
 def _prepare_in_worker(references: list[str]) -> int:
     """A group of records prepared as the job prepares them: each read and decoded, then all
-    preprocessed in one call (``Modality.preprocess_batch``)."""
-    modality = _worker_modality
-    assert modality is not None
-    groups = modality.preprocess_batch([modality.decode(_read(modality, reference)) for reference in references])
-    return sum(Prepared(windows).cost for windows in groups)
+    preprocessed in one call (``Preprocessor.preprocess_batch``)."""
+    preprocessor = _worker_preprocessor
+    assert preprocessor is not None
+    raws = [preprocessor.decode(_read(preprocessor, reference)) for reference in references]
+    return sum(Prepared(windows).cost for windows in preprocessor.preprocess_batch(raws))
 
 
 def measure_prepare(inputs: InputSet, settings: Settings, part: slice = slice(None)) -> Measured:
     """1: decode + preprocess alone, in one single-threaded process per core, over the records in ``part``."""
     references = _payload_references(inputs, part)
-    size = MODALITY_CLASSES[inputs.modality].preprocess_batch_size
+    size = REGISTRY[inputs.modality].preprocessor.preprocess_batch_size
     groups = [references[start : start + size] for start in range(0, len(references), size)]
     workers = available_cores()
     context = multiprocessing.get_context("fork")
@@ -242,10 +237,10 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     precision and threads, with every input already prepared, collated and on the device before
     the clock starts."""
     job = settings.job(inputs)
-    modality = job.modalities[inputs.modality]
-    handler = EmbeddingModelHandler(modality, **job.embedding_options(inputs.modality))
+    preprocessor, inference = job.preprocessors[inputs.modality], job.settings[inputs.modality]
+    handler = EmbeddingModelHandler(REGISTRY[inputs.modality], preprocessor, inference)
     embedder = handler.load_model()
-    batcher = handler.batcher()
+    batcher = CostBatcher(preprocessor, inference)
     windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs, part))
     records = [(str(index), Prepared(windows)) for index, windows in enumerate(windows_per_record)]
     batches = [batch for item in records for batch in batcher.add(item)] + list(batcher.flush())
@@ -257,21 +252,22 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     ]
     record_count, windows = len(windows_per_record), sum(len(w) for w in windows_per_record)
     del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
-    embedder.forward(passes[0])  # the first pass sets up the kernels; the job pays that once too
+    encoder, runtime = embedder.encoder, embedder.runtime
+    runtime.forward(encoder, passes[0])  # the first pass sets up the kernels; the job pays that once too
     _synchronize(settings.device)
     start = time.perf_counter()
     for tensors in passes:
-        embedder.forward(tensors)
+        runtime.forward(encoder, tensors)
     _synchronize(settings.device)
     seconds = time.perf_counter() - start
-    rows = len(passes) * handler.micro_batch_size
+    rows = len(passes) * inference.micro_batch_size
     notes = {
         "batches": batch_count,
         "forward_passes": len(passes),
         "padding_rows": rows - windows,
         "torch_threads": torch.get_num_threads(),
-        "micro_batch_size": handler.micro_batch_size,
-        "max_batch_cost": handler.max_batch_cost,
+        "micro_batch_size": inference.micro_batch_size,
+        "max_batch_cost": inference.max_batch_cost,
     }
     return Measured(record_count, seconds, notes=notes)
 
@@ -290,32 +286,47 @@ def measure_job(inputs: InputSet, settings: Settings) -> Measured:
     return Measured(inputs.count, seconds)
 
 
+def _load_encoder(name: str) -> Encoder[torch.Tensor]:
+    return REGISTRY[name].load_encoder(_preprocessor(name), "cpu")
+
+
 class StockEncoder(torch.nn.Module):
-    """The modality's model behind the plain ``forward(**tensors)`` that Beam's handler calls."""
+    """The modality's encoder behind the plain ``forward(**tensors)`` that Beam's handler calls."""
 
     def __init__(self, modality_name: str):
         super().__init__()
-        self.modality = _modality(modality_name)
-        self.encoder = self.modality.load_model("cpu")
+        self.encoder = _load_encoder(modality_name)
+        self.model = self.encoder.model  # type: ignore[attr-defined]  # a torch encoder's module: its state dict
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
-        return self.modality.encode(self.encoder, tensors)
+        return self.encoder.forward(tensors)
 
 
-def _stock_example(reference: str, modality: Modality, pad_to: int) -> dict[str, torch.Tensor]:
-    (window,) = _prepare(modality, reference)  # every benchmark input fits one window
-    return {name: tensor[0] for name, tensor in modality.collate([window], pad_to).items()}
+class _StockExample(beam.DoFn):
+    """A reference to the keyed tensors of one example: prepared and collated as the job does."""
+
+    def __init__(self, modality_name: str, pad_to: int):
+        self.modality_name = modality_name
+        self.pad_to = pad_to
+
+    def setup(self) -> None:
+        self.preprocessor = _preprocessor(self.modality_name)
+        self.encoder = _load_encoder(self.modality_name)  # for its collate
+
+    def process(self, reference: str) -> Iterator[dict[str, torch.Tensor]]:
+        (window,) = _prepare(self.preprocessor, reference)  # every benchmark input fits one window
+        yield {name: torch.from_numpy(array)[0] for name, array in self.encoder.collate([window], self.pad_to).items()}
 
 
 def measure_stock(inputs: InputSet, settings: Settings) -> Measured:
     """4: Beam's RunInference with its PyTorch keyed-tensor handler and its default batching."""
-    modality = _modality(inputs.modality)
+    preprocessor = _preprocessor(inputs.modality)
     references = _payload_references(inputs)
     # Fixed shapes are what stacking needs: pad to the longest input of the set, the least any
     # fixed-shape batching must pad (images all have one size already).
-    (first,) = _prepare(modality, references[0])
+    (first,) = _prepare(preprocessor, references[0])
     pad_to = 0
-    if modality.padded_length(first):
+    if preprocessor.padded_length(first):
         prepared = _prepare_all(inputs.modality, references)
         pad_to = max(value.shape[-1] for windows in prepared for window in windows for value in window.values())
     weights = settings.workdir / f"stock-{inputs.modality}.pt"
@@ -331,7 +342,7 @@ def measure_stock(inputs: InputSet, settings: Settings) -> Measured:
         counted = (
             pipeline
             | beam.Create(references)
-            | beam.Map(_stock_example, modality, pad_to)
+            | beam.ParDo(_StockExample(inputs.modality, pad_to))
             | RunInference(handler)
             | beam.combiners.Count.Globally()
         )
@@ -346,15 +357,17 @@ def _expect_count(count: int, expected: int) -> None:
 
 def measure_naive(inputs: InputSet, settings: Settings) -> Measured:
     """5: one record at a time: read, prepare, embed each window, pool."""
-    modality = _modality(inputs.modality)
-    model = modality.load_model(settings.device)
+    preprocessor = _preprocessor(inputs.modality)
+    encoder = REGISTRY[inputs.modality].load_encoder(preprocessor, settings.device)
     references = _payload_references(inputs)[: -(-inputs.count // NAIVE_SHARE)]
     start = time.perf_counter()
     with torch.inference_mode():
         for reference in references:
             vectors = [
-                modality.encode(model, {k: t.to(settings.device) for k, t in modality.collate([window]).items()})
-                for window in _prepare(modality, reference)
+                encoder.forward(
+                    {name: torch.from_numpy(array).to(settings.device) for name, array in encoder.collate([w]).items()}
+                )
+                for w in _prepare(preprocessor, reference)
             ]
             torch.cat(vectors).mean(dim=0).cpu()
     return Measured(len(references), time.perf_counter() - start)
@@ -447,8 +460,12 @@ def _verdict(device: str, figure: str, value: float, modality: str | None = None
     target = TARGETS[device_type(device)].get(figure)
     if target is None:
         return ""
-    direction, bound = target
-    bound = bound[modality] if isinstance(bound, dict) else bound
+    direction, bounds = target
+    if isinstance(bounds, dict):
+        assert modality is not None, f"{figure}'s target is per modality"
+        bound = bounds[modality]
+    else:
+        bound = bounds
     met = value >= bound if direction == ">=" else value <= bound
     return f"{'pass' if met else 'FAIL'} ({direction} {bound:g})"
 

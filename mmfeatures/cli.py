@@ -12,7 +12,8 @@ import importlib
 import json
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mmfeatures import storage
 from mmfeatures.errors import ConfigurationError
@@ -51,10 +52,13 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
 def extract(argv: list[str]) -> int:
     from fsspec.core import url_to_fs
 
-    from pipelines.extract_features import run
+    from mmfeatures.options import parse_options
+
+    options = parse_options(argv)  # ``--help`` ends here, before the models' libraries are imported
+    from pipelines.extract_features import run_job
 
     try:
-        job = run(argv)
+        job = run_job(options)
     except ConfigurationError as exc:
         print(f"mmfeatures extract: error: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ else) and emit an ``ErrorRow`` on their ``errors`` tagged output, so one bad fil
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from mmfeatures.redaction import redact
 
@@ -101,7 +101,7 @@ class ErrorRow:
         modality: str | None,
         source: str | None,
         stage: str | None = None,
-    ) -> "ErrorRow":
+    ) -> ErrorRow:
         """An error row for ``exc``; unexpected exceptions keep their class name as the type."""
         if isinstance(exc, RecordError):
             return cls(record_id, modality, exc.stage, exc.error_type, str(exc), source)
@@ -116,15 +116,3 @@ class ErrorRow:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-ERROR_TYPE_PREFIX = "by_type:"
-
-
-def error_tally(row: Mapping[str, Any]) -> dict[str, int]:
-    """One error row's contribution to the run's counts (summed over the run)."""
-    return {
-        "error_rows": 1,
-        "rejected_rows": int(row["modality"] is None),  # a whole row; else one modality of a kept record
-        f"{ERROR_TYPE_PREFIX}{row['stage']}/{row['error_type']}": 1,
-    }

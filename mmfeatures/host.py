@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 _LOG = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class CoreTurns:
     """Lets a CPU model and the threads preparing records take turns at the cores.
 
     Both want every core. Interleaved by the scheduler, each of torch's OpenMP parallel regions
-    waits at its barrier for whichever of its threads was descheduled: on 2 cores MobileNetV2 ran
-    30% slower beside decoding JPEGs than alone. Taking turns gives each stage all the cores,
+    waits at its barrier for whichever of its threads was descheduled, so the model runs much
+    slower beside the preparing threads than alone. Taking turns gives each stage all the cores,
     which is what the benchmark's combined ceiling 1/(1/r1 + 1/r2) assumes. A model on a GPU takes
     no turn: there the stages overlap.
     """
@@ -75,9 +75,9 @@ def settle_worker_process() -> None:
         return
     _keep_large_buffers()
     # The objects alive now (the modules of torch, transformers, Beam, with their classes and
-    # functions: about 500,000) live as long as the process. Frozen, they are no longer scanned by
-    # every full collection: one such scan took 0.24 s of a 4,000-image job on 2 cores, and long
-    # jobs make more. Objects created later are collected as usual.
+    # functions: hundreds of thousands) live as long as the process. Frozen, they are left out of
+    # every full collection, each of which would scan them all. Objects created later are
+    # collected as usual.
     gc.freeze()
     _settled = True
 
@@ -86,11 +86,11 @@ def _keep_large_buffers() -> None:
     """Have glibc's malloc reuse freed buffers of up to 32 MB instead of returning them to the system.
 
     By default malloc hands buffers over 128 KB to the kernel on free, and adapts that bound only
-    for its main arena: the model's activations (MobileNetV2 at 4 images a pass: 6 to 19 MB each)
-    and decoded images, allocated in the worker's other threads, were then page-faulted in afresh
-    on every pass. In the job MobileNetV2's forward passes took 30 to 40% longer than alone; with
-    these settings they take the same. Freed memory up to 256 MB is kept for reuse, so the process's
-    footprint stays bounded by its batches. Nothing on other C libraries.
+    for its main arena: the model's activations (megabytes each) and decoded images, allocated in
+    the worker's other threads, would be page-faulted in afresh on every pass, and the model's
+    passes would take markedly longer in the job than alone (docs/throughput.md). Freed memory up
+    to 256 MB is kept for reuse, so the process's footprint stays bounded by its batches. Nothing
+    on other C libraries.
     """
     if platform.libc_ver()[0] != "glibc":
         return

@@ -9,10 +9,10 @@ from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from mmfeatures.encoders.handler import PRECISIONS
 from mmfeatures.fusion import FUSION_METHODS
 from mmfeatures.limits import Limits
 from mmfeatures.records import MODALITY_COLUMNS
+from mmfeatures.settings import PRECISIONS
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
 

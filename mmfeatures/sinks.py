@@ -13,7 +13,8 @@ import os
 import posixpath
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import apache_beam as beam
 import numpy as np
@@ -26,16 +27,15 @@ from fsspec.implementations.local import LocalFileSystem
 from mmfeatures import storage
 from mmfeatures.schema import MANIFEST, embedding_dimension
 
-
 PART_PREFIX = "part-"
 STAGING_DIR = "_staging"
 
 
-def _filesystem(path: str):
+def _filesystem(path: str) -> tuple[AbstractFileSystem, str]:
     return url_to_fs(path)
 
 
-def _open_for_write(fs, fs_path: str):
+def _open_for_write(fs: AbstractFileSystem, fs_path: str) -> BinaryIO:
     fs.makedirs(posixpath.dirname(fs_path), exist_ok=True)
     return fs.open(fs_path, "wb")
 
@@ -96,7 +96,7 @@ def merge_column_types(per_source: Iterable[Mapping[str, pa.DataType | None]]) -
     return {name: arrow_type or pa.string() for name, arrow_type in merged.items()}
 
 
-def embedding_array(vectors: list[np.ndarray | None], dim: int) -> pa.ListArray:
+def embedding_array(vectors: Sequence[np.ndarray | Sequence[float] | None], dim: int) -> pa.ListArray:
     """Vectors (or None) as a float32 list column, checking each holds exactly ``dim`` values."""
     present = [v for v in vectors if v is not None]
     if any(len(v) != dim for v in present):
@@ -108,7 +108,7 @@ def embedding_array(vectors: list[np.ndarray | None], dim: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
 
 
-def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     columns = []
     for f in schema:
         values = [row.get(f.name) for row in rows]
@@ -122,8 +122,8 @@ def rows_to_table(rows: list[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
 
 def dictionary_columns(table_schema: pa.Schema) -> list[str]:
     """The Parquet columns worth dictionary encoding: all but the embeddings, whose float values
-    hardly ever repeat. Tried on them, it left a 2,000-row feature file 6% larger and 30% slower to
-    write. List columns are named by their leaf, as the Parquet schema does."""
+    hardly ever repeat, so a dictionary of them only adds its own size and the time to build it.
+    List columns are named by their leaf, as the Parquet schema does."""
     return [
         f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
         for field in table_schema
@@ -138,23 +138,28 @@ def staging_directory(table: str) -> str:
     return storage.join(storage.parent(table), STAGING_DIR, posixpath.basename(table))
 
 
+def _write_staged(staging: str, table: pa.Table) -> str:
+    """Write ``table`` as one Parquet file under a new name in ``staging``; returns its path."""
+    fs, fs_path = _filesystem(storage.join(staging, f"{uuid.uuid4().hex}.parquet"))
+    with _open_for_write(fs, fs_path) as handle:
+        pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary_columns(table.schema))
+    return fs_path
+
+
 class _WriteStagedFile(beam.DoFn):
-    def __init__(self, staging: str):
+    def __init__(self, staging: str) -> None:
         self.staging = staging
 
-    def process(self, rows: list[Mapping[str, Any]], schema: pa.Schema) -> Iterable[tuple[str, int]]:
+    def process(self, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> Iterable[tuple[str, int]]:
         if not rows:
             return
         yield self.write(rows_to_table(rows, schema)), len(rows)
 
     def write(self, table: pa.Table) -> str:
-        fs, fs_path = _filesystem(storage.join(self.staging, f"{uuid.uuid4().hex}.parquet"))
-        with _open_for_write(fs, fs_path) as handle:
-            pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary_columns(table.schema))
-        return fs_path
+        return _write_staged(self.staging, table)
 
 
-class _CommitFiles(_WriteStagedFile):
+class _CommitFiles(beam.DoFn):
     """Publish the staged files as the table, once, after every row is written.
 
     Each commit names its parts after itself (``part-<commit>-00000-of-00003.parquet``), so it never
@@ -167,17 +172,18 @@ class _CommitFiles(_WriteStagedFile):
     one, each naming whole files, and the next commit deletes the leftovers.
     """
 
-    def __init__(self, staging: str, directory: str):
-        super().__init__(staging)
+    def __init__(self, staging: str, directory: str) -> None:
+        self.staging = staging
         self.directory = directory
 
     def process(self, staged: list[tuple[str, int]], schema: pa.Schema) -> Iterable[dict[str, Any]]:
         fs, root = _filesystem(self.directory)
         _, staging_root = _filesystem(self.staging)
-        staged = sorted(staged) or [(self.write(schema.empty_table()), 0)]  # empty: still readable
+        staged = sorted(staged) or [(_write_staged(self.staging, schema.empty_table()), 0)]  # empty: still readable
         commit = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"  # sorts by time
         names = [f"{PART_PREFIX}{commit}-{i:05d}-of-{len(staged):05d}.parquet" for i in range(len(staged))]
-        manifest = {"commit": commit, "files": [{"path": name, "rows": rows} for name, (_, rows) in zip(names, staged)]}
+        files = [{"path": name, "rows": rows} for name, (_, rows) in zip(names, staged, strict=True)]
+        manifest = {"commit": commit, "files": files}
         if isinstance(fs, LocalFileSystem):
             _swap_in_locally(staging_root, root, [path for path, _ in staged], names, manifest)
         else:
@@ -195,7 +201,7 @@ def _swap_in_locally(
 ) -> None:
     assembled = os.path.join(staging_root, f"table-{uuid.uuid4().hex}")
     os.makedirs(assembled)
-    for path, name in zip(staged, names):
+    for path, name in zip(staged, names, strict=True):
         os.rename(path, os.path.join(assembled, name))
     with open(os.path.join(assembled, MANIFEST), "w") as handle:  # not visible until the swap
         json.dump(manifest, handle, indent=1)
@@ -208,18 +214,34 @@ def _swap_in_locally(
 
 def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
     final = [f"{root}/{name}" for name in names]
-    for path, target in zip(staged, final):
+    for path, target in zip(staged, final, strict=True):
         fs.copy(path, target)
     fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     for old in set(fs.glob(f"{root}/{PART_PREFIX}*.parquet")) - set(final):
         fs.rm(old)
 
 
+class FeatureSchema(beam.PTransform):
+    """Per-manifest column types to the feature table's schema (a singleton): the declared
+    columns, then the carried ones in input order, each with one type over the whole run."""
+
+    def __init__(self, build: Callable[[Mapping[str, pa.DataType]], pa.Schema]):
+        super().__init__()
+        self.build = build
+
+    def expand(self, column_types: beam.PCollection) -> beam.PCollection:
+        return (
+            column_types
+            | "Gather" >> beam.combiners.ToList()
+            | "Schema" >> beam.Map(lambda per_file: self.build(merge_column_types(t for _, t in sorted(per_file))))
+        )
+
+
 class WriteParquetTable(beam.PTransform):
     """Write dict rows as a Parquet table under ``directory``; outputs ``{"files", "rows"}`` once
     the table is committed. ``schema`` is a singleton PCollection, so it may depend on the data."""
 
-    def __init__(self, directory: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000):
+    def __init__(self, directory: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000) -> None:
         super().__init__()
         self.directory = directory.rstrip("/")
         self.schema = schema
@@ -240,7 +262,9 @@ class WriteParquetTable(beam.PTransform):
 class WriteRunSummary(beam.PTransform):
     """Write ``_run.json`` once the tables are committed, from counts the data itself produced."""
 
-    def __init__(self, path: str, build: Callable[..., dict[str, Any]], started: float, **inputs: beam.PCollection):
+    def __init__(
+        self, path: str, build: Callable[..., dict[str, Any]], started: float, **inputs: beam.PCollection
+    ) -> None:
         super().__init__()
         self.path = path
         self.build = build

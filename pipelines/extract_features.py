@@ -11,12 +11,14 @@ import logging
 import sys
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from mmfeatures import schema
-from mmfeatures.errors import ERRORS_TAG, error_tally
+from mmfeatures.counts import RunCounts
+from mmfeatures.errors import ERRORS_TAG
 from mmfeatures.job import Job
+from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
-from mmfeatures.sinks import WriteParquetTable, WriteRunSummary
 from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
@@ -24,6 +26,8 @@ from mmfeatures.transforms import (
     FeatureSchema,
     JoinAndFuse,
     ReadRecords,
+    WriteParquetTable,
+    WriteRunSummary,
     sum_counts,
 )
 
@@ -34,13 +38,8 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
     records = read["records"]
     embedded = [
         records
-        | f"Embed[{name}]"
-        >> EmbedModality(
-            modality,
-            location_policy=job.location_policy,
-            **job.embedding_options(name),
-        )
-        for name, modality in job.modalities.items()
+        | f"Embed[{name}]" >> EmbedModality(MODALITIES[name], preprocessor, job.settings[name], job.location_policy)
+        for name, preprocessor in job.preprocessors.items()
     ]
     errors = [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
     embeddings = [branch["embeddings"] for branch in embedded] | "AllEmbeddings" >> beam.Flatten()
@@ -60,7 +59,7 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         job.path("_run.json"),
         job.summary,
         job.started.timestamp(),
-        counts=[read[COUNTS_TAG], fused[COUNTS_TAG], errors | "TallyErrors" >> beam.Map(error_tally)]
+        counts=[read[COUNTS_TAG], fused[COUNTS_TAG], errors | "TallyErrors" >> beam.Map(RunCounts.of_error)]
         | "AllCounts" >> beam.Flatten()
         | "SumCounts" >> beam.CombineGlobally(sum_counts),
         features=features_written,
@@ -69,7 +68,11 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
 
 
 def run(argv: list[str] | None = None) -> Job:
-    options = parse_options(argv)
+    return run_job(parse_options(argv))
+
+
+def run_job(options: PipelineOptions) -> Job:
+    """Resolve the job from ``options`` (a ``ConfigurationError`` before any work), then run it."""
     job = Job.from_options(options)
     with beam.Pipeline(options=options) as pipeline:
         build(pipeline, job)

@@ -4,19 +4,23 @@ Hugging Face models saved with ``save_pretrained`` into session folders, so that
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from mmfeatures.encoders.handler import EmbeddingModelHandler, Outcome
-from mmfeatures.encoders.models import resolve_model
-from mmfeatures.modalities.audio import AudioModality
-from mmfeatures.modalities.base import Modality, Prepared
-from mmfeatures.modalities.image import ImageModality
-from mmfeatures.modalities.text import TextModality
+from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
+from mmfeatures.inference.runtime import TorchRuntime
+from mmfeatures.modalities import MODALITIES
+from mmfeatures.modalities.audio import AUDIO, AudioEncoder, AudioPreprocessor
+from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window
+from mmfeatures.modalities.image import IMAGE, ImageEncoder, ImagePreprocessor
+from mmfeatures.modalities.text import MINILM, TEXT, TextEncoder, TextPreprocessor
+from mmfeatures.settings import InferenceSettings
 
 TINY_BERT_POSITIONS = 64
 TINY_WHISPER_MELS = 16
@@ -24,39 +28,39 @@ TINY_WHISPER_MELS = 16
 
 # -- real default models (loaded once) -------------------------------------------------------
 @pytest.fixture(scope="session")
-def text_default() -> TextModality:
-    modality = TextModality()
-    modality.setup()
-    return modality
+def text_default() -> TextPreprocessor:
+    return TextPreprocessor()
 
 
 @pytest.fixture(scope="session")
-def text_default_model(text_default: TextModality) -> torch.nn.Module:
-    return text_default.load_model("cpu")
+def text_default_encoder(text_default: TextPreprocessor) -> TextEncoder:
+    encoder = TEXT.load_encoder(text_default, "cpu")
+    assert isinstance(encoder, TextEncoder)
+    return encoder
 
 
 @pytest.fixture(scope="session")
-def image_default() -> ImageModality:
-    modality = ImageModality()
-    modality.setup()
-    return modality
+def image_default() -> ImagePreprocessor:
+    return ImagePreprocessor()
 
 
 @pytest.fixture(scope="session")
-def image_default_model(image_default: ImageModality) -> torch.nn.Module:
-    return image_default.load_model("cpu")
+def image_default_encoder(image_default: ImagePreprocessor) -> ImageEncoder:
+    encoder = IMAGE.load_encoder(image_default, "cpu")
+    assert isinstance(encoder, ImageEncoder)
+    return encoder
 
 
 @pytest.fixture(scope="session")
-def audio_default() -> AudioModality:
-    modality = AudioModality()
-    modality.setup()
-    return modality
+def audio_default() -> AudioPreprocessor:
+    return AudioPreprocessor()
 
 
 @pytest.fixture(scope="session")
-def audio_default_model(audio_default: AudioModality) -> torch.nn.Module:
-    return audio_default.load_model("cpu")
+def audio_default_encoder(audio_default: AudioPreprocessor) -> AudioEncoder:
+    encoder = AUDIO.load_encoder(audio_default, "cpu")
+    assert isinstance(encoder, AudioEncoder)
+    return encoder
 
 
 # -- tiny random Hugging Face folders --------------------------------------------------------
@@ -66,7 +70,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("text", "default").directory)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default", MINILM).directory)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
@@ -172,45 +176,58 @@ def tiny_wav2vec2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_text(tiny_bert_dir: Path) -> TextModality:
-    modality = TextModality(model=str(tiny_bert_dir))
-    modality.setup()
-    return modality
+def tiny_text(tiny_bert_dir: Path) -> TextPreprocessor:
+    return TextPreprocessor(model=str(tiny_bert_dir))
 
 
 @pytest.fixture(scope="session")
-def tiny_text_model(tiny_text: TextModality) -> torch.nn.Module:
-    return tiny_text.load_model("cpu")
+def tiny_text_encoder(tiny_text: TextPreprocessor) -> TextEncoder:
+    encoder = TEXT.load_encoder(tiny_text, "cpu")
+    assert isinstance(encoder, TextEncoder)
+    return encoder
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def prepare(modality: Modality, payload: bytes | str, source: str | None = None) -> Prepared:
-    """A payload through the modality's own decode and preprocess."""
-    return Prepared(modality.preprocess(modality.decode(payload)), source=source)
+def prepare(preprocessor: Preprocessor, payload: bytes | str, source: str | None = None) -> Prepared:
+    """A payload through the preprocessor's own decode and preprocess."""
+    return Prepared(preprocessor.preprocess(preprocessor.decode(payload)), source=source)
 
 
-def embed_all(modality: Modality, model: torch.nn.Module, payloads: list[bytes | str]) -> list[Outcome]:
+def handler_for(preprocessor: Preprocessor, **settings: Any) -> EmbeddingModelHandler:
+    """The real model handler for ``preprocessor``'s modality, with settings for it (on a CPU)."""
+    defaults = InferenceSettings.for_modality(preprocessor.name, preprocessor.batch_cost, **settings)
+    return EmbeddingModelHandler(MODALITIES[preprocessor.name], preprocessor, defaults)
+
+
+def embed_all(preprocessor: Preprocessor, encoder: Encoder[Any], payloads: list[bytes | str]) -> list[Outcome]:
     """Every payload embedded in one batch through the real model handler."""
-    handler = EmbeddingModelHandler(modality, max_batch_cost=10**9)
-    batch = [(f"r{i}", prepare(modality, payload)) for i, payload in enumerate(payloads)]
-    return list(handler.run_inference(batch, model))
+    handler = handler_for(preprocessor, max_batch_cost=10**9)
+    batch = [(f"r{i}", prepare(preprocessor, payload)) for i, payload in enumerate(payloads)]
+    return list(handler.run_inference(batch, handler.embedder(encoder)))
+
+
+def forward(encoder: Encoder[Any], windows: list[Window], length: int = 0) -> np.ndarray:
+    """One forward pass of ``encoder`` over ``windows`` collated to at least ``length``, on the CPU:
+    one embedding per window, unpooled across windows."""
+    runtime = TorchRuntime("cpu", "fp32")
+    return runtime.to_host([runtime.forward(encoder, runtime.to_device(encoder.collate(windows, length)))])
 
 
 @pytest.fixture(scope="session")
-def embed() -> Callable[[Modality, torch.nn.Module, list[bytes | str]], list[np.ndarray]]:
-    """``embed(modality, model, payloads)``: one float32 vector per payload, in one batch."""
+def embed() -> Callable[[Preprocessor, Encoder[Any], list[bytes | str]], list[np.ndarray]]:
+    """``embed(preprocessor, encoder, payloads)``: one float32 vector per payload, in one batch."""
 
-    def run(modality: Modality, model: torch.nn.Module, payloads: list[bytes | str]) -> list[np.ndarray]:
-        outcomes = embed_all(modality, model, payloads)
+    def run(preprocessor: Preprocessor, encoder: Encoder[Any], payloads: list[bytes | str]) -> list[np.ndarray]:
+        outcomes = embed_all(preprocessor, encoder, payloads)
         assert [o.error for o in outcomes] == [None] * len(payloads)
-        return [o.vector for o in outcomes]  # type: ignore[misc]
+        return [o.vector for o in outcomes if o.vector is not None]
 
     return run
 
 
 @pytest.fixture(scope="session")
-def prepared() -> Callable[[Modality, bytes | str], Prepared]:
-    """``prepared(modality, payload)``: the payload through decode and preprocess."""
+def prepared() -> Callable[[Preprocessor, bytes | str], Prepared]:
+    """``prepared(preprocessor, payload)``: the payload through decode and preprocess."""
     return prepare
 
 

@@ -8,10 +8,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.testing.util import assert_that, equal_to
 
+from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ErrorRow, Stage
 from mmfeatures.fusion import Fusion
+from mmfeatures.join import JoinAndFuse
 from mmfeatures.records import parse_record
-from mmfeatures.transforms import COUNTS_TAG, JoinAndFuse, sum_counts
 
 DIMS = {"text": 3, "image": 2, "audio": 4}
 
@@ -46,21 +47,17 @@ def test_each_record_is_fused_once_and_counted_once_per_bundle_not_per_record() 
             counts | "Total" >> beam.Map(sum_counts),
             equal_to(
                 [
-                    {
-                        "records_accepted": 20,
-                        "records_with_features": 20,
-                        "text.present": 20,
-                        "text.embedded": 20,
-                        "text.failed": 0,
-                        "image.present": 20,
-                        "image.embedded": 10,
-                        "image.failed": 10,
-                        "audio.present": 0,
-                        "audio.embedded": 0,
-                        "audio.failed": 0,
-                    }
+                    RunCounts(
+                        records_accepted=20,
+                        records_with_features=20,
+                        modalities={
+                            "text": ModalityCounts(present=20, embedded=20, failed=0),
+                            "image": ModalityCounts(present=20, embedded=10, failed=10),
+                            "audio": ModalityCounts(present=0, embedded=0, failed=0),
+                        },
+                    )
                 ]
             ),
             label="Counts",
         )
-        assert_that(counts | "Dicts" >> beam.Map(len), equal_to([1]), label="OneDictPerBundle")
+        assert_that(counts | "Parts" >> beam.Map(len), equal_to([1]), label="OnePartPerBundle")

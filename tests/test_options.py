@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 
@@ -34,6 +37,22 @@ def test_help_lists_the_jobs_options(capsys: pytest.CaptureFixture[str]) -> None
     printed = capsys.readouterr().out
     for option in ("--input", "--output", "--fusion", "--fusion_weights", "--device", "--image_model"):
         assert option in printed
+
+
+def test_help_does_not_import_the_models_libraries() -> None:
+    """``--help`` answers at once: neither torch nor transformers is imported for it."""
+    code = (
+        "import sys\n"
+        "from mmfeatures.cli import main\n"
+        "try:\n"
+        "    main(['extract', '--help'])\n"
+        "except SystemExit as exited:\n"
+        "    assert exited.code == 0\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--fusion_weights" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -71,11 +90,11 @@ def test_limits_are_options_with_safe_defaults(tmp_path) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": "a", "text": "t"}\n')
     base = ["--input", str(manifest), "--output", str(tmp_path / "out")]
-    assert Job.from_options(parse_options(base)).modalities["image"].limits == Limits()
+    assert Job.from_options(parse_options(base)).preprocessors["image"].limits == Limits()
     job = Job.from_options(parse_options(base + ["--max-pixels", "100", "--max_audio_seconds", "2.5"]))
-    for modality in job.modalities.values():
-        assert modality.limits.max_pixels == 100 and modality.limits.max_audio_seconds == 2.5
-        assert modality.limits.max_bytes == Limits().max_bytes
+    for preprocessor in job.preprocessors.values():
+        assert preprocessor.limits.max_pixels == 100 and preprocessor.limits.max_audio_seconds == 2.5
+        assert preprocessor.limits.max_bytes == Limits().max_bytes
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@
 import apache_beam as beam
 from apache_beam.testing.util import assert_that, equal_to
 
+from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.errors import error_tally
-from mmfeatures.transforms import COUNTS_TAG, ReadRecords, sum_counts
+from mmfeatures.reading import ReadRecords
 
 
 def write_manifests(tmp_path):
@@ -98,7 +98,7 @@ def test_read_records(tmp_path):
             label="DuplicateMessages",
         )
         # 9 non-blank lines in a.jsonl, 4 data rows in b.csv
-        assert_that(out[COUNTS_TAG], equal_to([{"rows_read": 9}, {"rows_read": 4}]), label="RowsRead")
+        assert_that(out[COUNTS_TAG], equal_to([RunCounts(rows_read=9), RunCounts(rows_read=4)]), label="RowsRead")
 
 
 def test_read_records_file_order_decides_duplicates(tmp_path):
@@ -118,16 +118,26 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
             | "ErrorSource" >> beam.Map(lambda e: (e["error_type"], e["source"]))
         )
         assert_that(dropped, equal_to([("duplicate_id", f"{jsonl}:2")]), label="Dropped")
-        assert_that(out[COUNTS_TAG], equal_to([{"rows_read": 9}, {"rows_read": 4}]), label="RowsRead")
+        assert_that(out[COUNTS_TAG], equal_to([RunCounts(rows_read=9), RunCounts(rows_read=4)]), label="RowsRead")
 
 
 def test_sum_counts():
-    assert sum_counts([]) == {}
-    assert sum_counts([{"a": 1, "b": 2}, {"a": 3}, {"c": 0, "b": 1}]) == {"a": 4, "b": 3, "c": 0}
+    assert sum_counts([]) == RunCounts()
+    parts = [
+        RunCounts(rows_read=1, modalities={"text": ModalityCounts(present=1, embedded=1)}),
+        RunCounts(rows_read=3, errors_by_type={"read/x": 1}),
+        RunCounts(modalities={"text": ModalityCounts(present=1, failed=1)}, errors_by_type={"read/x": 2}),
+    ]
+    assert sum_counts(parts) == RunCounts(
+        rows_read=4,
+        modalities={"text": ModalityCounts(present=2, embedded=1, failed=1)},
+        errors_by_type={"read/x": 3},
+    )
+    assert parts[0] == RunCounts(rows_read=1, modalities={"text": ModalityCounts(present=1, embedded=1)})
 
 
-def test_error_tally():
-    read = {
+def test_error_counts():
+    read: dict[str, object] = {
         "id": None,
         "modality": None,
         "stage": "read",
@@ -138,14 +148,13 @@ def test_error_tally():
     validate = dict(read, stage="validate", error_type="missing_id")
     fetch = dict(read, id="x", modality="image", stage="fetch", error_type="missing_file")
     one_modality = dict(read, id="x", modality="image", stage="validate", error_type="wrong_type")
-    assert error_tally(read) == {"error_rows": 1, "rejected_rows": 1, "by_type:read/malformed_json": 1}
-    assert error_tally(validate) == {"error_rows": 1, "rejected_rows": 1, "by_type:validate/missing_id": 1}
-    assert error_tally(one_modality) == {"error_rows": 1, "rejected_rows": 0, "by_type:validate/wrong_type": 1}
-    assert error_tally(fetch) == {"error_rows": 1, "rejected_rows": 0, "by_type:fetch/missing_file": 1}
-    assert sum_counts(map(error_tally, [read, fetch, fetch, validate])) == {
-        "error_rows": 4,
-        "rejected_rows": 2,
-        "by_type:read/malformed_json": 1,
-        "by_type:fetch/missing_file": 2,
-        "by_type:validate/missing_id": 1,
-    }
+    of_error = RunCounts.of_error
+    assert of_error(read) == RunCounts(error_rows=1, rejected_rows=1, errors_by_type={"read/malformed_json": 1})
+    assert of_error(validate) == RunCounts(error_rows=1, rejected_rows=1, errors_by_type={"validate/missing_id": 1})
+    assert of_error(one_modality) == RunCounts(error_rows=1, rejected_rows=0, errors_by_type={"validate/wrong_type": 1})
+    assert of_error(fetch) == RunCounts(error_rows=1, rejected_rows=0, errors_by_type={"fetch/missing_file": 1})
+    assert sum_counts(map(of_error, [read, fetch, fetch, validate])) == RunCounts(
+        error_rows=4,
+        rejected_rows=2,
+        errors_by_type={"read/malformed_json": 1, "fetch/missing_file": 2, "validate/missing_id": 1},
+    )

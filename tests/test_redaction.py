@@ -6,10 +6,11 @@ import uuid
 import pytest
 
 from mmfeatures import storage
+from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ErrorRow, FetchError, Stage
 from mmfeatures.job import Job
 from mmfeatures.options import parse_options
-from mmfeatures.redaction import redact, redact_all, install_log_redaction
+from mmfeatures.redaction import install_log_redaction, redact, redact_all
 
 SECRETS = ("hunter2", "SIGNATURE", "abc123", "tok3n", "s1gn4ture")
 
@@ -212,7 +213,7 @@ def test_job_summary_has_no_secret(tmp_path):
     # a signed input URL as expand_inputs would return it for a URL manifest
     job.inputs.append("https://u:hunter2@h/manifest.jsonl?X-Amz-Signature=SIGNATURE&token=tok3n")
     job.options["input"] = [*job.options["input"], job.inputs[-1]]
-    summary = job.summary(counts={}, features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0})
+    summary = job.summary(counts=RunCounts(), features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0})
     text = json.dumps(summary, default=str)
     assert_no_secret(text)
     assert summary["outputs"]["features"] == "s3://***@bucket/out?***"  # the join went into the query

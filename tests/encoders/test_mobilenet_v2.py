@@ -13,18 +13,18 @@ import torch
 from skimage import data as skimage_data
 
 from mmfeatures.encoders.mobilenet_v2 import MobileNetV2, load_mobilenet_v2
-from mmfeatures.encoders.models import resolve_model
-from mmfeatures.modalities.image import ImageModality
+from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.modalities.image import MOBILENET_V2, ImagePreprocessor
 
 
 @pytest.fixture(scope="module")
 def model() -> MobileNetV2:
-    return load_mobilenet_v2(resolve_model("image", "default").weight_files[0])
+    return load_mobilenet_v2(resolve_model("default", MOBILENET_V2).weight_files[0])
 
 
 def preprocess(rgb: np.ndarray) -> torch.Tensor:
     """The job's own image preprocessing, so the photo test covers it too."""
-    (window,) = ImageModality().preprocess(rgb)
+    (window,) = ImagePreprocessor().preprocess(rgb)
     return torch.from_numpy(window["pixel_values"])
 
 

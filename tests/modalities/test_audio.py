@@ -11,12 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-import torch
 
-from mmfeatures.encoders.whisper_ctranslate2 import WhisperClipEncoder
+from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
 from mmfeatures.errors import DecodeError, PreprocessError, Stage
-from mmfeatures.modalities.audio import AudioModality, decode_audio, split_windows
-from mmfeatures.modalities.base import Limits
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.audio import (
+    AUDIO,
+    AudioPreprocessor,
+    WaveformAudioEncoder,
+    WhisperAudioEncoder,
+    decode_audio,
+    split_windows,
+)
+from tests.conftest import forward
 
 RATE = 16000
 
@@ -87,7 +94,7 @@ def test_mono_files_stay_as_they_are() -> None:
 )
 def test_bad_audio_is_a_decode_error(data: bytes, error_type: str) -> None:
     with pytest.raises(DecodeError) as caught:
-        AudioModality().decode(data)
+        AudioPreprocessor().decode(data)
     assert caught.value.error_type == error_type
     assert caught.value.stage == Stage.DECODE
     assert "BytesIO at 0x" not in str(caught.value)
@@ -99,11 +106,11 @@ def test_a_wav_streamed_without_its_length_is_read_whole() -> None:
     data[4:8] = b"\xff\xff\xff\xff"
     at = data.index(b"data") + 4
     data[at : at + 4] = b"\xff\xff\xff\xff"
-    assert len(AudioModality().decode(bytes(data))[0]) == RATE // 2
+    assert len(AudioPreprocessor().decode(bytes(data))[0]) == RATE // 2
 
 
 def test_audio_over_the_duration_limit_is_refused() -> None:
-    short_limit = AudioModality(limits=Limits(max_audio_seconds=1.0))
+    short_limit = AudioPreprocessor(limits=Limits(max_audio_seconds=1.0))
     assert len(short_limit.decode(audio_bytes(tone(1.0)))[0]) == RATE
     with pytest.raises(DecodeError) as caught:
         short_limit.decode(audio_bytes(tone(1.5)))
@@ -111,16 +118,16 @@ def test_audio_over_the_duration_limit_is_refused() -> None:
 
     # The default limit (600 s), with a 601 s clip at 1 kHz to keep the file small.
     with pytest.raises(DecodeError) as caught:
-        AudioModality().decode(audio_bytes(np.zeros(601 * 1000, np.float32), 1000, "WAV", "PCM_16"))
+        AudioPreprocessor().decode(audio_bytes(np.zeros(601 * 1000, np.float32), 1000, "WAV", "PCM_16"))
     assert caught.value.error_type == "audio_too_long"
 
 
 # -- resampling and windows ----------------------------------------------------------------------
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_resampling_to_16_khz_keeps_duration_and_pitch(tiny_wav2vec2_dir: Path, rate: int) -> None:
-    modality = AudioModality(model=str(tiny_wav2vec2_dir))
-    assert modality.sample_rate == RATE
-    (window,) = modality.preprocess((tone(1.0, rate, frequency=1000.0), rate))
+    preprocessor = AudioPreprocessor(model=str(tiny_wav2vec2_dir))
+    assert preprocessor.sample_rate == RATE
+    (window,) = preprocessor.preprocess((tone(1.0, rate, frequency=1000.0), rate))
     values = window["input_values"]
     assert abs(len(values) - RATE) <= 2
     spectrum = np.abs(np.fft.rfft(values[:RATE]))
@@ -128,20 +135,20 @@ def test_resampling_to_16_khz_keeps_duration_and_pitch(tiny_wav2vec2_dir: Path, 
 
 
 @pytest.mark.parametrize("rate", [8000, 44100])
-def test_whisper_features_follow_the_16_khz_duration(audio_default: AudioModality, rate: int) -> None:
+def test_whisper_features_follow_the_16_khz_duration(audio_default: AudioPreprocessor, rate: int) -> None:
     (window,) = audio_default.preprocess((tone(2.0, rate), rate))
     assert window["input_features"].shape == (80, 200)  # 10 ms mel frames at 16 kHz
     assert window["input_features"].dtype == np.float32
 
 
-def test_a_70_s_clip_gives_windows_of_30_30_and_10_s(audio_default: AudioModality, tiny_wav2vec2_dir: Path) -> None:
+def test_a_70_s_clip_gives_windows_of_30_30_and_10_s(audio_default: AudioPreprocessor, tiny_wav2vec2_dir: Path) -> None:
     clip = (noise(70.0), RATE)
     assert [w["input_features"].shape for w in audio_default.preprocess(clip)] == [(80, 3000), (80, 3000), (80, 1000)]
-    wav2vec2 = AudioModality(model=str(tiny_wav2vec2_dir))
+    wav2vec2 = AudioPreprocessor(model=str(tiny_wav2vec2_dir))
     assert [w["input_values"].shape for w in wav2vec2.preprocess(clip)] == [(480000,), (480000,), (160000,)]
 
 
-def test_a_short_tail_is_dropped_but_a_short_clip_is_kept(audio_default: AudioModality) -> None:
+def test_a_short_tail_is_dropped_but_a_short_clip_is_kept(audio_default: AudioPreprocessor) -> None:
     assert len(audio_default.preprocess((noise(60.05), RATE))) == 2
     assert len(audio_default.preprocess((noise(60.2), RATE))) == 3
     (only,) = audio_default.preprocess((noise(0.05), RATE))
@@ -161,13 +168,14 @@ def test_split_windows_covers_the_waveform_in_order() -> None:
 
 
 # -- default model -------------------------------------------------------------------------------
-def test_default_model_gives_384_d_finite_embeddings(audio_default, audio_default_model, embed, cos) -> None:
-    assert audio_default.dimension() == 384
+def test_default_model_gives_384_d_finite_embeddings(audio_default, audio_default_encoder, embed, cos) -> None:
+    assert AUDIO.dimension(audio_default) == audio_default_encoder.dimension == 384
     assert audio_default.settings()["window_seconds"] == 30.0
-    assert isinstance(audio_default_model, WhisperClipEncoder)
+    assert isinstance(audio_default_encoder, WhisperAudioEncoder)
+    assert isinstance(audio_default_encoder.model, WhisperClipEncoder)
     speechy, low, hum = embed(
         audio_default,
-        audio_default_model,
+        audio_default_encoder,
         [audio_bytes(noise(1.0)), audio_bytes(tone(1.5, 8000, 200.0), 8000), audio_bytes(tone(1.0, 44100), 44100)],
     )
     for vector in (speechy, low, hum):
@@ -178,75 +186,92 @@ def test_default_model_gives_384_d_finite_embeddings(audio_default, audio_defaul
 
 
 def test_default_embedding_alone_equals_embedding_beside_a_longer_clip(
-    audio_default, audio_default_model, embed
+    audio_default, audio_default_encoder, embed
 ) -> None:
     clip = audio_bytes(tone(1.0))
-    (alone,) = embed(audio_default, audio_default_model, [clip])
-    batched = embed(audio_default, audio_default_model, [audio_bytes(noise(4.0)), clip])
+    (alone,) = embed(audio_default, audio_default_encoder, [clip])
+    batched = embed(audio_default, audio_default_encoder, [audio_bytes(noise(4.0)), clip])
     np.testing.assert_allclose(batched[1], alone, atol=1e-4)
 
     # The encoder itself masks padding, so the same holds for one padded forward pass.
     windows = audio_default.preprocess((tone(1.0), RATE)) + audio_default.preprocess((noise(4.0), RATE))
-    with torch.inference_mode():
-        together = audio_default.encode(audio_default_model, audio_default.collate(windows))
-        single = audio_default.encode(audio_default_model, audio_default.collate(windows[:1]))
-    np.testing.assert_allclose(together[0].numpy(), single[0].numpy(), atol=1e-4)
+    together = forward(audio_default_encoder, windows)
+    single = forward(audio_default_encoder, windows[:1])
+    np.testing.assert_allclose(together[0], single[0], atol=1e-4)
 
 
 # -- tiny random Hugging Face models -------------------------------------------------------------
 def test_tiny_whisper_folder_runs_end_to_end(tiny_whisper_dir: Path, embed) -> None:
-    modality = AudioModality(model=str(tiny_whisper_dir))
-    modality.setup()
-    assert modality.resolved.bundled is False
-    assert modality.dimension() == 32
-    assert "16 bins" in modality.settings()["features"]
-    (window,) = modality.preprocess(modality.decode(audio_bytes(tone(1.0, 22050), 22050)))
+    preprocessor = AudioPreprocessor(model=str(tiny_whisper_dir))
+    assert preprocessor.resolved.bundled is False
+    assert preprocessor.is_whisper and preprocessor.mel_bins == 16
+    assert AUDIO.dimension(preprocessor) == 32
+    assert "16 bins" in preprocessor.settings()["features"]
+    (window,) = preprocessor.preprocess(preprocessor.decode(audio_bytes(tone(1.0, 22050), 22050)))
     assert window["input_features"].shape == (16, 100)
 
-    model = modality.load_model("cpu")
-    assert isinstance(model, WhisperClipEncoder)
-    assert not any(p.requires_grad for p in model.parameters())
-    short, long = embed(modality, model, [audio_bytes(tone(1.0)), audio_bytes(noise(3.0))])
+    encoder = AUDIO.load_encoder(preprocessor, "cpu")
+    assert isinstance(encoder, WhisperAudioEncoder)
+    assert isinstance(encoder.model, WhisperClipEncoder)
+    assert encoder.dimension == 32
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    short, long = embed(preprocessor, encoder, [audio_bytes(tone(1.0)), audio_bytes(noise(3.0))])
     assert short.shape == long.shape == (32,)
     assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
-    (alone,) = embed(modality, model, [audio_bytes(tone(1.0))])
+    (alone,) = embed(preprocessor, encoder, [audio_bytes(tone(1.0))])
     np.testing.assert_allclose(short, alone, atol=1e-5)
 
 
 def test_tiny_whisper_without_preprocessor_config_uses_its_mel_bins(tiny_whisper_without_extractor_dir: Path) -> None:
-    modality = AudioModality(model=str(tiny_whisper_without_extractor_dir))
-    (window,) = modality.preprocess((tone(0.5), RATE))
+    preprocessor = AudioPreprocessor(model=str(tiny_whisper_without_extractor_dir))
+    assert preprocessor.mel_bins == 16
+    (window,) = preprocessor.preprocess((tone(0.5), RATE))
     assert window["input_features"].shape == (16, 50)
 
 
 def test_tiny_wav2vec2_folder_runs_end_to_end(tiny_wav2vec2_dir: Path, embed) -> None:
-    modality = AudioModality(model=str(tiny_wav2vec2_dir))
-    modality.setup()
-    assert modality.dimension() == 32
-    assert "features" not in modality.settings()  # no mel features: the model reads the waveform
-    (window,) = modality.preprocess(modality.decode(audio_bytes(tone(1.0))))
+    preprocessor = AudioPreprocessor(model=str(tiny_wav2vec2_dir))
+    assert not preprocessor.is_whisper
+    assert AUDIO.dimension(preprocessor) == 32
+    assert "features" not in preprocessor.settings()  # no mel features: the model reads the waveform
+    (window,) = preprocessor.preprocess(preprocessor.decode(audio_bytes(tone(1.0))))
     values = window["input_values"]
     assert values.shape == (RATE,)
     assert abs(values.mean()) < 1e-3 and values.std() == pytest.approx(1.0, abs=1e-2)  # do_normalize
 
-    model = modality.load_model("cpu")
-    assert not isinstance(model, WhisperClipEncoder)
-    assert not model.training
-    short, long = embed(modality, model, [audio_bytes(tone(1.0)), audio_bytes(noise(2.5))])
+    encoder = AUDIO.load_encoder(preprocessor, "cpu")
+    assert isinstance(encoder, WaveformAudioEncoder)
+    assert not isinstance(encoder.model, WhisperClipEncoder)
+    assert encoder.dimension == 32
+    assert not encoder.model.training
+    short, long = embed(preprocessor, encoder, [audio_bytes(tone(1.0)), audio_bytes(noise(2.5))])
     assert short.shape == long.shape == (32,)
     assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
     assert not np.allclose(short, long)
 
 
-def test_a_fresh_or_unpickled_modality_loads_the_right_architecture(tiny_wav2vec2_dir: Path) -> None:
-    """``load_model`` must not depend on ``setup`` having run in the same process."""
-    fresh = AudioModality(model=str(tiny_wav2vec2_dir))
-    assert type(fresh.load_model("cpu")).__name__ == "Wav2Vec2Model"
+def test_a_fresh_or_unpickled_preprocessor_loads_the_right_encoder(
+    tiny_wav2vec2_dir: Path, tiny_whisper_dir: Path
+) -> None:
+    """The encoder is chosen from what the preprocessor read when it was built, which travels in
+    its pickle. The pickle stays small, without the feature extractor: a preprocessor pickles to
+    about 300 bytes, where the tiny Whisper's extractor alone (its mel filters) takes about 26 KB."""
+    fresh = AudioPreprocessor(model=str(tiny_wav2vec2_dir))
+    encoder = AUDIO.load_encoder(fresh, "cpu")
+    assert isinstance(encoder, WaveformAudioEncoder)
+    assert type(encoder.model).__name__ == "Wav2Vec2Model"
 
-    configured = AudioModality(model=str(tiny_wav2vec2_dir))
-    configured.setup()
-    clone = pickle.loads(pickle.dumps(configured))
-    assert type(clone.load_model("cpu")).__name__ == "Wav2Vec2Model"
+    data = pickle.dumps(AudioPreprocessor(model=str(tiny_wav2vec2_dir)))
+    assert len(data) < 10 * 1024
+    encoder = AUDIO.load_encoder(pickle.loads(data), "cpu")
+    assert isinstance(encoder, WaveformAudioEncoder)
+    assert type(encoder.model).__name__ == "Wav2Vec2Model"
+
+    data = pickle.dumps(AudioPreprocessor(model=str(tiny_whisper_dir)))
+    assert len(data) < 10 * 1024
+    encoder = AUDIO.load_encoder(pickle.loads(data), "cpu")
+    assert isinstance(encoder, WhisperAudioEncoder)
+    assert isinstance(encoder.model, WhisperClipEncoder)
 
 
 def test_wav2vec2_batching(tiny_wav2vec2_dir: Path, embed, cos) -> None:
@@ -254,18 +279,16 @@ def test_wav2vec2_batching(tiny_wav2vec2_dir: Path, embed, cos) -> None:
     pass is only approximately invariant: the pooling counts real frames as the clip's share of
     the output frames, which over-counts by the conv receptive field (measured on this tiny model:
     cosine about 0.9996, relative difference about 3% for 1 s beside 3 s)."""
-    modality = AudioModality(model=str(tiny_wav2vec2_dir))
-    modality.setup()
-    model = modality.load_model("cpu")
+    preprocessor = AudioPreprocessor(model=str(tiny_wav2vec2_dir))
+    encoder = AUDIO.load_encoder(preprocessor, "cpu")
     clip = tone(1.0)
-    (alone,) = embed(modality, model, [audio_bytes(clip)])
-    batched = embed(modality, model, [audio_bytes(noise(3.0)), audio_bytes(clip)])
+    (alone,) = embed(preprocessor, encoder, [audio_bytes(clip)])
+    batched = embed(preprocessor, encoder, [audio_bytes(noise(3.0)), audio_bytes(clip)])
     np.testing.assert_allclose(batched[1], alone, atol=1e-5)
 
-    windows = modality.preprocess((clip, RATE)) + modality.preprocess((noise(3.0), RATE))
-    with torch.inference_mode():
-        single = modality.encode(model, modality.collate(windows[:1]))[0].numpy()
-        padded = modality.encode(model, modality.collate(windows))[0].numpy()
+    windows = preprocessor.preprocess((clip, RATE)) + preprocessor.preprocess((noise(3.0), RATE))
+    single = forward(encoder, windows[:1])[0]
+    padded = forward(encoder, windows)[0]
     assert cos(single, padded) > 0.99
     assert np.linalg.norm(single - padded) / np.linalg.norm(single) < 0.1
 

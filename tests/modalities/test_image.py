@@ -9,8 +9,8 @@ import json
 import struct
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -19,9 +19,18 @@ import torch
 from PIL import Image
 
 from mmfeatures.errors import DecodeError, Stage
-from mmfeatures.modalities.base import Limits
+from mmfeatures.limits import Limits
 from mmfeatures.modalities import image as image_module
-from mmfeatures.modalities.image import ImageModality, decode_image, normalize, resize_and_crop
+from mmfeatures.modalities.image import (
+    IMAGE,
+    ImageEncoder,
+    ImagePreprocessor,
+    MobileNetV2Encoder,
+    decode_image,
+    normalize,
+    resize_and_crop,
+)
+from tests.conftest import forward
 
 RED_RGB = (255, 0, 0)
 BLUE_RGB = (0, 0, 255)
@@ -220,6 +229,7 @@ def test_alpha_images_are_composited_and_oriented(ext: str, params: list[int] | 
     bgra[0, 1] = (0, 0, 255, 0)  # transparent red
     opaque = with_exif_orientation(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), orientation, ".png")
     expected = cv2.imdecode(np.frombuffer(opaque, np.uint8), cv2.IMREAD_COLOR_RGB)
+    assert expected is not None
     assert expected.shape == ((5, 7, 3) if orientation < 5 else (7, 5, 3))
     np.testing.assert_array_equal(decode_image(with_exif_orientation(bgra, orientation, ext, params)), expected)
 
@@ -291,10 +301,10 @@ def test_truncated_files_are_corrupt(ext: str) -> None:
 
 
 def test_images_over_the_pixel_limit_are_refused() -> None:
-    modality = ImageModality(limits=Limits(max_pixels=100))
-    assert modality.decode(encode(np.zeros((10, 10, 3), np.uint8), ".png")).shape == (10, 10, 3)
+    preprocessor = ImagePreprocessor(limits=Limits(max_pixels=100))
+    assert preprocessor.decode(encode(np.zeros((10, 10, 3), np.uint8), ".png")).shape == (10, 10, 3)
     with pytest.raises(DecodeError) as caught:
-        modality.decode(encode(np.zeros((10, 11, 3), np.uint8), ".png"))
+        preprocessor.decode(encode(np.zeros((10, 11, 3), np.uint8), ".png"))
     assert caught.value.error_type == "image_too_large"
 
 
@@ -365,7 +375,7 @@ def test_header_bombs_are_refused_before_decoding(
     300 MB). Pillow's bomb warning (over 89478485 pixels) stays quiet."""
     data = make(width, height)
     assert len(data) < 64 * 1024
-    modality = ImageModality()  # the default limit: 64000000 pixels
+    preprocessor = ImagePreprocessor()  # the default limit: 64000000 pixels
     Image.init()  # Pillow imports its format plugins once: that is not the probe's cost
 
     def must_not_decode(data: bytes) -> np.ndarray:
@@ -375,7 +385,7 @@ def test_header_bombs_are_refused_before_decoding(
     tracemalloc.start()
     try:
         with pytest.raises(DecodeError) as caught:
-            modality.decode(data)
+            preprocessor.decode(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -403,9 +413,9 @@ def test_header_bombs_are_refused_before_decoding(
 )
 def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> None:
     data = encode(np.zeros((8, 12, 3), np.uint8), ext, params)
-    assert ImageModality(limits=Limits(max_pixels=96)).decode(data).shape == (8, 12, 3)
+    assert ImagePreprocessor(limits=Limits(max_pixels=96)).decode(data).shape == (8, 12, 3)
     with pytest.raises(DecodeError) as caught:
-        ImageModality(limits=Limits(max_pixels=95)).decode(data)
+        ImagePreprocessor(limits=Limits(max_pixels=95)).decode(data)
     assert caught.value.error_type == "image_too_large"
     assert str(caught.value) == "12x8 pixels is over the 95 limit"
 
@@ -424,7 +434,7 @@ def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> 
 def test_headers_pillow_cannot_read_are_left_to_opencv(data: bytes, error_type: str) -> None:
     """Pillow's failure to identify or parse a header is no verdict: OpenCV's is, as before."""
     with pytest.raises(DecodeError) as caught:
-        ImageModality().decode(data)
+        ImagePreprocessor().decode(data)
     assert caught.value.error_type == error_type
 
 
@@ -432,7 +442,7 @@ def test_a_limit_over_pillows_own_guard_is_the_authority() -> None:
     """With a limit above twice Pillow's MAX_IMAGE_PIXELS, Pillow's DecompressionBombError is no
     verdict either: OpenCV judges the bytes (here it cannot fill 3.6 G pixels from a tiny IDAT)."""
     with pytest.raises(DecodeError) as caught:
-        ImageModality(limits=Limits(max_pixels=10**10)).decode(png_claiming(60000, 60000))
+        ImagePreprocessor(limits=Limits(max_pixels=10**10)).decode(png_claiming(60000, 60000))
     assert caught.value.error_type == "corrupt_image"
 
 
@@ -453,7 +463,7 @@ def test_resize_matches_the_pillow_bilinear_reference(shape: tuple[int, int]) ->
     image = cv2.GaussianBlur(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8), (5, 5), 1.5)
     scale = 256 / min(height, width)
     size = (round(width * scale), round(height * scale))
-    reference = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), dtype=np.float64)
+    reference = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
     top, left = (size[1] - 224) // 2, (size[0] - 224) // 2
     crop = resize_and_crop(image, 256, 224).astype(np.float64)
     assert np.abs(crop - reference[top : top + 224, left : left + 224]).mean() < 0.05
@@ -501,8 +511,9 @@ def test_normalize_gives_standardised_pixels_channels_last_in_memory() -> None:
         np.testing.assert_allclose(pixels[channel], expected, atol=1e-5)
 
 
-def test_default_model_gives_1280_d_finite_embeddings(image_default, image_default_model, embed, cos) -> None:
-    assert image_default.dimension() == 1280
+def test_default_model_gives_1280_d_finite_embeddings(image_default, image_default_encoder, embed, cos) -> None:
+    assert IMAGE.dimension(image_default) == image_default_encoder.dimension == 1280
+    assert isinstance(image_default_encoder, MobileNetV2Encoder)
     settings = image_default.settings()
     assert (settings["resize_shorter_side"], settings["crop"]) == (256, 224)
 
@@ -514,7 +525,7 @@ def test_default_model_gives_1280_d_finite_embeddings(image_default, image_defau
     assert windows[0]["pixel_values"].dtype == np.float32
 
     first, second, grey = embed(
-        image_default, image_default_model, [encode(photo, ".png"), encode(photo, ".bmp"), encode(flat, ".png")]
+        image_default, image_default_encoder, [encode(photo, ".png"), encode(photo, ".bmp"), encode(flat, ".png")]
     )
     assert first.shape == (1280,)
     assert np.all(np.isfinite(first)) and np.all(np.isfinite(grey))
@@ -522,38 +533,40 @@ def test_default_model_gives_1280_d_finite_embeddings(image_default, image_defau
     assert cos(first, grey) < 0.999
 
 
-def test_default_embedding_alone_equals_embedding_in_a_batch(image_default, image_default_model, embed) -> None:
+def test_default_embedding_alone_equals_embedding_in_a_batch(image_default, image_default_encoder, embed) -> None:
     image = encode(red_left_blue_right(), ".png")
     other = encode(np.full((50, 60, 3), 200, np.uint8), ".png")
-    (alone,) = embed(image_default, image_default_model, [image])
-    batched = embed(image_default, image_default_model, [other, image])
+    (alone,) = embed(image_default, image_default_encoder, [image])
+    batched = embed(image_default, image_default_encoder, [other, image])
     np.testing.assert_allclose(batched[1], alone, atol=1e-4)
 
 
 def test_tiny_vit_folder_runs_end_to_end(tiny_vit_dir: Path, embed) -> None:
-    modality = ImageModality(model=str(tiny_vit_dir))
-    modality.setup()
-    assert modality.resolved.bundled is False
-    assert modality.dimension() == 32
-    settings = modality.settings()
+    preprocessor = ImagePreprocessor(model=str(tiny_vit_dir))
+    assert preprocessor.resolved.bundled is False
+    assert IMAGE.dimension(preprocessor) == 32
+    settings = preprocessor.settings()
     assert (settings["resize_shorter_side"], settings["crop"]) == (32, 32)
     assert (settings["mean"], settings["std"]) == ([0.5] * 3, [0.25] * 3)
 
-    windows = modality.preprocess(modality.decode(encode(red_left_blue_right(48, 80), ".png")))
+    windows = preprocessor.preprocess(preprocessor.decode(encode(red_left_blue_right(48, 80), ".png")))
     pixels = windows[0]["pixel_values"]
     assert pixels.shape == (3, 32, 32)
     assert pixels[0, 0, 0] == pytest.approx((1.0 - 0.5) / 0.25)  # red channel of a red pixel
 
-    model = modality.load_model("cpu")
-    assert not model.training
-    batch = modality.collate(windows * 2)
+    encoder = IMAGE.load_encoder(preprocessor, "cpu")
+    assert type(encoder) is ImageEncoder  # a Hugging Face model, not the bundled MobileNetV2
+    assert encoder.dimension == 32
+    assert not encoder.model.training
+    batch = encoder.collate(windows * 2)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
-    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(batch["pixel_values"][1], torch.from_numpy(pixels))
-    assert modality.encode(model, batch).shape == (2, 32)
+    # Channels-last in memory, as the tensor the runtime makes of it (torch.from_numpy) shows.
+    assert torch.from_numpy(batch["pixel_values"]).is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_array_equal(batch["pixel_values"][1], pixels)
+    assert forward(encoder, windows * 2).shape == (2, 32)
 
     first, second = embed(
-        modality, model, [encode(red_left_blue_right(), ".png"), encode(np.zeros((40, 40), np.uint8), ".png")]
+        preprocessor, encoder, [encode(red_left_blue_right(), ".png"), encode(np.zeros((40, 40), np.uint8), ".png")]
     )
     assert first.shape == (32,) and np.all(np.isfinite(first))
     assert not np.allclose(first, second)
@@ -563,9 +576,10 @@ def test_hugging_face_settings_accept_one_mean_and_std_for_all_channels(tiny_vit
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((tiny_vit_dir / name).read_bytes())
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, "image_std": [0.25]}))
-    modality = ImageModality(model=str(tmp_path))
-    assert (modality.settings()["mean"], modality.settings()["std"]) == ([0.5] * 3, [0.25] * 3)
-    pixels = modality.preprocess(np.full((40, 40, 3), 255, np.uint8))[0]["pixel_values"]
+    preprocessor = ImagePreprocessor(model=str(tmp_path))
+    assert (preprocessor.settings()["mean"], preprocessor.settings()["std"]) == ([0.5] * 3, [0.25] * 3)
+    assert (preprocessor.mean, preprocessor.std) == ([0.5] * 3, [0.25] * 3)
+    pixels = preprocessor.preprocess(np.full((40, 40, 3), 255, np.uint8))[0]["pixel_values"]
     np.testing.assert_allclose(pixels, (1.0 - 0.5) / 0.25, rtol=1e-6)
 
 
@@ -582,7 +596,8 @@ def test_hugging_face_settings_accept_integer_sizes(tiny_vit_dir: Path, tmp_path
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"size": 40, "crop_size": 32, "image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2]})
     )
-    modality = ImageModality(model=str(tmp_path))
-    settings = modality.settings()
+    preprocessor = ImagePreprocessor(model=str(tmp_path))
+    settings = preprocessor.settings()
     assert (settings["resize_shorter_side"], settings["crop"]) == (40, 32)
-    assert modality.preprocess(np.zeros((50, 70, 3), np.uint8))[0]["pixel_values"].shape == (3, 32, 32)
+    assert (preprocessor.resize_shorter_side, preprocessor.crop) == (40, 32)
+    assert preprocessor.preprocess(np.zeros((50, 70, 3), np.uint8))[0]["pixel_values"].shape == (3, 32, 32)

@@ -4,6 +4,7 @@ MiniLM and of a tiny random BERT loaded from a ``save_pretrained`` folder."""
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmfeatures.errors import DecodeError, Stage
-from mmfeatures.modalities.base import Limits, Prepared
-from mmfeatures.modalities.text import TextModality, normalize_text
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.base import Prepared, Window
+from mmfeatures.modalities.text import TEXT, TextEncoder, TextPreprocessor, normalize_text, tokenizer_for
+from tests.conftest import forward
 
 LONG_TEXT = " ".join(f"word{i % 97} example{i % 13}" for i in range(500))  # 1000 words
 
@@ -44,15 +47,15 @@ def test_normalize_text_is_idempotent_and_trimmed(raw: str) -> None:
 
 
 def test_decode_accepts_utf8_bytes_and_str() -> None:
-    modality = TextModality()
-    assert modality.decode("Caf\u00e9  au   lait".encode()) == "Caf\u00e9 au lait"
-    assert modality.decode(" Caf\u00e9 ") == "Caf\u00e9"
+    preprocessor = TextPreprocessor()
+    assert preprocessor.decode("Caf\u00e9  au   lait".encode()) == "Caf\u00e9 au lait"
+    assert preprocessor.decode(" Caf\u00e9 ") == "Caf\u00e9"
 
 
 @pytest.mark.parametrize("payload", ["", "   \n\t ", b"", "\u3000\u00a0".encode()])
 def test_empty_text_is_a_decode_error(payload: bytes | str) -> None:
     with pytest.raises(DecodeError) as caught:
-        TextModality().decode(payload)
+        TextPreprocessor().decode(payload)
     assert caught.value.error_type == "empty_text"
     assert caught.value.stage == Stage.DECODE
 
@@ -60,30 +63,31 @@ def test_empty_text_is_a_decode_error(payload: bytes | str) -> None:
 @pytest.mark.parametrize("payload", [b"\xff\xfe bad", b"ok then \xc3\x28", b"\xed\xa0\x80"])
 def test_invalid_utf8_is_a_decode_error(payload: bytes) -> None:
     with pytest.raises(DecodeError) as caught:
-        TextModality().decode(payload)
+        TextPreprocessor().decode(payload)
     assert caught.value.error_type == "invalid_utf8"
 
 
 def test_text_over_the_character_limit_is_refused() -> None:
-    modality = TextModality(limits=Limits(max_text_chars=10))
-    assert modality.decode("x" * 10) == "x" * 10
+    preprocessor = TextPreprocessor(limits=Limits(max_text_chars=10))
+    assert preprocessor.decode("x" * 10) == "x" * 10
     with pytest.raises(DecodeError) as caught:
-        modality.decode("x" * 11)
+        preprocessor.decode("x" * 11)
     assert caught.value.error_type == "text_too_long"
 
 
 # -- windows -------------------------------------------------------------------------------------
-def test_short_text_is_one_window_with_special_tokens(text_default: TextModality) -> None:
+def test_short_text_is_one_window_with_special_tokens(text_default: TextPreprocessor) -> None:
     windows = text_default.preprocess("a photo of a cat")
     assert len(windows) == 1
     ids = windows[0]["input_ids"]
     assert ids.dtype == np.int64
-    assert ids[0] == text_default._tokenizer.cls_token_id
-    assert ids[-1] == text_default._tokenizer.sep_token_id
+    tokenizer = tokenizer_for(text_default.model)
+    assert ids[0] == tokenizer.cls_token_id
+    assert ids[-1] == tokenizer.sep_token_id
 
 
-def test_long_text_is_split_into_windows_of_at_most_256_tokens(text_default: TextModality) -> None:
-    assert text_default.settings()["max_tokens_per_window"] == 256
+def test_long_text_is_split_into_windows_of_at_most_256_tokens(text_default: TextPreprocessor) -> None:
+    assert text_default.settings()["max_tokens_per_window"] == text_default.window == 256
     windows = text_default.preprocess(text_default.decode(LONG_TEXT))
     lengths = [len(w["input_ids"]) for w in windows]
     assert len(windows) > 1
@@ -91,39 +95,58 @@ def test_long_text_is_split_into_windows_of_at_most_256_tokens(text_default: Tex
     assert all(length == 256 for length in lengths[:-1])
     # No token is lost or repeated: the windows' contents are the whole text's tokens.
     content = [int(t) for w in windows for t in w["input_ids"][1:-1]]
-    assert content == text_default._tokenizer(LONG_TEXT, add_special_tokens=False)["input_ids"]
+    assert content == tokenizer_for(text_default.model)(LONG_TEXT, add_special_tokens=False)["input_ids"]
 
 
-def test_texts_tokenized_together_get_the_windows_each_gets_alone(text_default: TextModality) -> None:
+def test_texts_tokenized_together_get_the_windows_each_gets_alone(text_default: TextPreprocessor) -> None:
     texts = [LONG_TEXT, "a photo of a cat", "ｆｕｌｌ width and café " * 40, "one", LONG_TEXT[:900]]
     together = text_default.preprocess_batch([text_default.decode(text) for text in texts])
     assert len(together) == len(texts)
-    for text, windows in zip(texts, together):
-        alone = text_default._tokenizer(
+    for text, windows in zip(texts, together, strict=True):
+        alone = tokenizer_for(text_default.model)(
             text_default.decode(text), truncation=True, max_length=256, return_overflowing_tokens=True
         )["input_ids"]
         assert [window["input_ids"].tolist() for window in windows] == alone
     assert len(together[0]) > 1  # the long text overflowed into several windows
 
 
-def test_prepared_cost_counts_tokens(text_default: TextModality) -> None:
+def test_prepared_cost_counts_tokens(text_default: TextPreprocessor) -> None:
     windows = text_default.preprocess(LONG_TEXT)
     assert Prepared(windows).cost == sum(len(w["input_ids"]) for w in windows)
 
 
-def test_modality_pickles_without_tokenizer_and_rebuilds_it(text_default: TextModality) -> None:
-    clone = pickle.loads(pickle.dumps(text_default))
-    assert clone._tokenizer is None
-    assert [w["input_ids"].tolist() for w in clone.preprocess("a photo of a cat")] == [
+def test_preprocessor_pickles_without_tokenizer_and_a_new_thread_loads_its_own(
+    text_default: TextPreprocessor,
+) -> None:
+    """The tokenizer stays out of the pickle (it alone pickles to about 850 KB; the preprocessor
+    to about 250 bytes), and a clone tokenizes identically in a thread that never held one, which
+    loads its own."""
+    data = pickle.dumps(text_default)
+    assert len(data) < 10 * 1024
+    clone = pickle.loads(data)
+    assert (clone.model, clone.limits, clone.window, clone.pad_token_id) == (
+        text_default.model,
+        text_default.limits,
+        text_default.window,
+        text_default.pad_token_id,
+    )
+
+    def in_a_fresh_thread() -> tuple[list[Window], object]:
+        return clone.preprocess("a photo of a cat"), tokenizer_for(clone.model)
+
+    with ThreadPoolExecutor(max_workers=1) as fresh_thread:
+        windows, its_tokenizer = fresh_thread.submit(in_a_fresh_thread).result()
+    assert its_tokenizer is not tokenizer_for(text_default.model)  # loaded anew, not shared
+    assert [w["input_ids"].tolist() for w in windows] == [
         w["input_ids"].tolist() for w in text_default.preprocess("a photo of a cat")
     ]
 
 
 # -- default model -------------------------------------------------------------------------------
-def test_default_model_gives_384_d_finite_semantic_embeddings(text_default, text_default_model, embed, cos) -> None:
-    assert text_default.dimension() == 384
+def test_default_model_gives_384_d_finite_semantic_embeddings(text_default, text_default_encoder, embed, cos) -> None:
+    assert TEXT.dimension(text_default) == text_default_encoder.dimension == 384
     cat, kitten, tax = embed(
-        text_default, text_default_model, ["a photo of a cat", "a picture of a kitten", "quarterly tax report"]
+        text_default, text_default_encoder, ["a photo of a cat", "a picture of a kitten", "quarterly tax report"]
     )
     for vector in (cat, kitten, tax):
         assert vector.shape == (384,)
@@ -133,22 +156,22 @@ def test_default_model_gives_384_d_finite_semantic_embeddings(text_default, text
     assert cos(cat, kitten) > 0.5
 
 
-def test_embedding_alone_equals_embedding_beside_a_longer_text(text_default, text_default_model, embed) -> None:
-    (alone,) = embed(text_default, text_default_model, ["a photo of a cat"])
-    batched = embed(text_default, text_default_model, [LONG_TEXT, "a photo of a cat", "tax"])
+def test_embedding_alone_equals_embedding_beside_a_longer_text(text_default, text_default_encoder, embed) -> None:
+    (alone,) = embed(text_default, text_default_encoder, ["a photo of a cat"])
+    batched = embed(text_default, text_default_encoder, [LONG_TEXT, "a photo of a cat", "tax"])
     np.testing.assert_allclose(batched[1], alone, atol=1e-5)
 
 
-def test_long_text_embedding_is_the_mean_of_its_window_embeddings(text_default, text_default_model, embed) -> None:
+def test_long_text_embedding_is_the_mean_of_its_window_embeddings(text_default, text_default_encoder, embed) -> None:
     windows = text_default.preprocess(LONG_TEXT)
-    batch = text_default.collate(windows)
-    per_window = text_default.encode(text_default_model, batch).numpy()
-    (pooled,) = embed(text_default, text_default_model, [LONG_TEXT])
+    per_window = forward(text_default_encoder, windows)
+    assert per_window.shape == (len(windows), 384)
+    (pooled,) = embed(text_default, text_default_encoder, [LONG_TEXT])
     np.testing.assert_allclose(pooled, per_window.mean(axis=0), atol=1e-5)
 
 
-def test_describe_records_model_and_preprocessing(text_default: TextModality) -> None:
-    description = text_default.describe()
+def test_describe_records_model_and_preprocessing(text_default: TextPreprocessor) -> None:
+    description = TEXT.describe(text_default)
     assert description["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert description["dimension"] == 384
     assert len(description["weights_sha256"]) == 64
@@ -157,32 +180,33 @@ def test_describe_records_model_and_preprocessing(text_default: TextModality) ->
 
 # -- a tiny random BERT from a save_pretrained folder -------------------------------------------
 def test_tiny_bert_folder_runs_end_to_end(tiny_bert_dir: Path, embed) -> None:
-    modality = TextModality(model=str(tiny_bert_dir))
-    modality.setup()
-    assert modality.resolved.bundled is False
-    assert modality.dimension() == 32
-    assert modality.settings()["max_tokens_per_window"] == 64  # the model's position table
+    preprocessor = TextPreprocessor(model=str(tiny_bert_dir))
+    assert preprocessor.resolved.bundled is False
+    assert TEXT.dimension(preprocessor) == 32
+    assert preprocessor.settings()["max_tokens_per_window"] == 64  # the model's position table
 
-    windows = modality.preprocess(modality.decode(LONG_TEXT))
+    windows = preprocessor.preprocess(preprocessor.decode(LONG_TEXT))
     assert len(windows) > 1
     assert max(len(w["input_ids"]) for w in windows) <= 64
 
-    model = modality.load_model("cpu")
-    assert not model.training
-    assert not any(p.requires_grad for p in model.parameters())
-    batch = modality.collate(windows[:3])
+    encoder = TEXT.load_encoder(preprocessor, "cpu")
+    assert isinstance(encoder, TextEncoder)
+    assert encoder.dimension == 32
+    assert not encoder.model.training
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    batch = encoder.collate(windows[:3])
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 64)
-    assert modality.encode(model, batch).shape == (3, 32)
+    assert forward(encoder, windows[:3]).shape == (3, 32)
 
-    short, long = embed(modality, model, ["hello world", LONG_TEXT])
+    short, long = embed(preprocessor, encoder, ["hello world", LONG_TEXT])
     assert short.shape == long.shape == (32,)
     assert np.all(np.isfinite(short)) and np.all(np.isfinite(long))
     assert not np.allclose(short, long)
 
 
-def test_collate_pads_with_the_pad_id_and_masks_padding(tiny_text: TextModality) -> None:
+def test_collate_pads_with_the_pad_id_and_masks_padding(tiny_text: TextPreprocessor, tiny_text_encoder) -> None:
     windows = [{"input_ids": np.array([101, 7, 102])}, {"input_ids": np.array([101, 102])}]
-    batch = tiny_text.collate(windows)
-    pad = tiny_text._tokenizer.pad_token_id
+    batch = tiny_text_encoder.collate(windows)
+    pad = tokenizer_for(tiny_text.model).pad_token_id
     assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -1,0 +1,117 @@
+"""``ReadRecords``: manifest files to unique, validated records, their error rows, the rows read,
+and the types of their carried columns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+
+from mmfeatures import storage
+from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
+from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
+from mmfeatures.records import Record, carried_column_name, parse_record, reported_id
+from mmfeatures.schema import reserved_record_columns
+from mmfeatures.sinks import add_value_types
+from mmfeatures.sources import declared_column_types, read_manifest
+
+COLUMN_TYPES_TAG = "column_types"
+
+
+class _ReadManifest(beam.DoFn):
+    """One manifest file to validated records (keyed by id, with their position for dedup), its
+    counts (``rows_read``), and the types of its carried columns (its own schema for Parquet)."""
+
+    def __init__(self, max_member_bytes: int | None):
+        self.max_member_bytes = max_member_bytes
+
+    def process(self, indexed_path: tuple[int, str]) -> Iterator[Any]:
+        file_index, path = indexed_path
+        manifest_dir = storage.parent(path)
+        declared = declared_column_types(path)
+        inferred: dict[str, pa.DataType | None] = {}
+        rows = 0
+        for row_number, item in enumerate(read_manifest(path, self.max_member_bytes)):
+            rows += 1
+            if isinstance(item, ErrorRow):
+                yield error_output(item)
+                continue
+            try:
+                record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir, rejected=item.rejected)
+            except ValidationError as exc:
+                yield error_output(
+                    ErrorRow.from_exception(
+                        exc,
+                        record_id=reported_id(item.data),
+                        modality=None,
+                        source=item.source,
+                    )
+                )
+                continue
+            if declared is None:
+                add_value_types(inferred, record.carried)
+            yield record.id, ((file_index, row_number), record)
+        Metrics.counter(NAMESPACE, "rows_read").inc(rows)
+        yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
+        if declared is not None:
+            reserved = reserved_record_columns()
+            inferred = {carried_column_name(n): t for n, t in declared.items() if n not in reserved}
+        yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
+
+
+def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:
+    """Duplicate ids: the first occurrence (by input order) is kept, the others are error rows. The
+    kept record's rejected modalities become error rows here, so a duplicate's never count."""
+    _, occurrences = keyed
+    ordered = sorted(occurrences, key=lambda item: item[0])
+    kept = ordered[0][1]
+    yield kept
+    for rejected in kept.rejected:
+        yield error_output(rejected)
+    for _, duplicate in ordered[1:]:
+        yield error_output(
+            ErrorRow(
+                duplicate.id,
+                None,
+                Stage.VALIDATE,
+                "duplicate_id",
+                f"id {duplicate.id!r} first appears at {ordered[0][1].source}",
+                duplicate.source,
+            )
+        )
+
+
+class ReadRecords(beam.PTransform):
+    """Manifest files (already expanded from globs) to unique, validated ``Record``s; a tar shard's
+    members over ``max_member_bytes`` are refused unread."""
+
+    def __init__(self, files: list[str], max_member_bytes: int | None = None):
+        super().__init__()
+        self.files = files
+        self.max_member_bytes = max_member_bytes
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
+        read = (
+            pbegin
+            | "Files" >> beam.Create(list(enumerate(self.files)))
+            | "Spread" >> beam.Reshuffle()
+            | "Parse"
+            >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
+                ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, main="records"
+            )
+        )
+        deduplicated = (
+            read.records
+            | "GroupById" >> beam.GroupByKey()
+            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="records")
+        )
+        errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        return {
+            "records": deduplicated.records,
+            ERRORS_TAG: errors,
+            COUNTS_TAG: read[COUNTS_TAG],
+            COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],
+        }
