@@ -1,7 +1,7 @@
 """Throughput of the feature job, per modality, against its ceilings and two baselines, in one run.
 
-    .venv/bin/python -m benchmarks.throughput            # about 10 minutes on 2 CPU cores
-    .venv/bin/python -m benchmarks.throughput --quick    # a smoke test of a minute
+    .venv/bin/python -m benchmarks.throughput            # the full run (docs/throughput.md: its duration)
+    .venv/bin/python -m benchmarks.throughput --quick    # a smoke test
     benchmarks/gpu.sh                                    # the same on one NVIDIA GPU, in bf16
 
 For each modality it builds realistic inputs (``benchmarks/inputs.py``) and measures records per
@@ -76,8 +76,8 @@ STEP_TITLES = {
     "naive": "5 naive loop",
 }
 # Records per device type: enough for the job's fixed costs (resolving the run, building the
-# pipeline, loading the model: about 3 s on 2 cores) to weigh little, and few enough for the whole
-# run to take about 10 minutes on 2 cores.
+# pipeline, loading the model) to weigh little, and few enough for a whole run to fit a working
+# session on a small machine.
 RECORDS = {
     "cpu": {"text": 6000, "image": 4000, "audio": 1000},
     "cuda": {"text": 40000, "image": 10000, "audio": 4000},
@@ -296,7 +296,9 @@ class StockEncoder(torch.nn.Module):
     def __init__(self, modality_name: str):
         super().__init__()
         self.encoder = _load_encoder(modality_name)
-        self.model = self.encoder.model  # type: ignore[attr-defined]  # a torch encoder's module: its state dict
+        model = getattr(self.encoder, "model", None)  # the torch module a torch encoder runs
+        assert isinstance(model, torch.nn.Module), f"{modality_name}'s encoder holds no torch module"
+        self.model = model  # registered, so that the state dict holds its weights
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward(tensors)

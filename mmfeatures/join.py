@@ -62,7 +62,7 @@ class _Fuse(beam.DoFn):
 
 class JoinAndFuse(beam.PTransform):
     """Join each record with its embeddings and failures by id; emit feature rows and the records'
-    counts (``tally``), summed per bundle."""
+    counts (``RunCounts``), summed per bundle."""
 
     def __init__(self, fusion: Fusion, event_timestamp: datetime.datetime):
         super().__init__()

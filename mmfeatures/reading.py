@@ -11,11 +11,11 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from mmfeatures import storage
+from mmfeatures.column_types import add_value_types
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
 from mmfeatures.records import Record, carried_column_name, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
-from mmfeatures.sinks import add_value_types
 from mmfeatures.sources import declared_column_types, read_manifest
 
 COLUMN_TYPES_TAG = "column_types"

@@ -48,7 +48,6 @@ from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.schema import METADATA_KEY, embedding_dimension, read_features, read_run_metadata
 
-MODALITIES = MODALITY_COLUMNS  # the record contract's modality columns name the modalities
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {
     "train": "train",
@@ -86,7 +85,7 @@ class Features:
     @classmethod
     def from_table(cls, table: pa.Table) -> Features:
         """From a feature table, read by ``read_features`` or by any Parquet reader."""
-        matrices = {m: _embedding_matrix(table, f"{m}_embedding") for m in MODALITIES}
+        matrices = {m: _embedding_matrix(table, f"{m}_embedding") for m in MODALITY_COLUMNS}
         fused, _ = _embedding_matrix(table, "fused")
         return cls(
             {m: matrix for m, (matrix, _) in matrices.items()},
@@ -103,7 +102,7 @@ class Features:
 
     @property
     def has_every_modality(self) -> np.ndarray:
-        return np.logical_and.reduce([self.present[m] for m in MODALITIES])
+        return np.logical_and.reduce([self.present[m] for m in MODALITY_COLUMNS])
 
 
 def _embedding_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -176,7 +175,7 @@ def _check_columns(table: pa.Table, label_column: str) -> None:
         raise TrainingError(
             f"the feature table has no label column {label_column!r}; its columns: {', '.join(table.column_names)}"
         )
-    missing = [c for c in (*(f"{m}_embedding" for m in MODALITIES), "fused") if c not in table.column_names]
+    missing = [c for c in (*(f"{m}_embedding" for m in MODALITY_COLUMNS), "fused") if c not in table.column_names]
     if missing:
         raise TrainingError(f"not a feature table: no column {', '.join(map(repr, missing))}")
 
@@ -273,7 +272,7 @@ class TrainedModels:
 
     classes: list[str]
     prior: np.ndarray
-    unimodal: dict[str, Pipeline]  # in MODALITIES order: the stacking inputs follow it
+    unimodal: dict[str, Pipeline]  # in MODALITY_COLUMNS order: the stacking inputs follow it
     early_fusion: Pipeline
     late_fusion_weights: dict[str, float]
     stacking: Pipeline
@@ -313,7 +312,7 @@ def fit_unimodal(train: Dataset, seed: int) -> tuple[dict[str, Pipeline], dict[s
     hold fewer than 2 classes cannot be learned and is skipped, with the reason."""
     models: dict[str, Pipeline] = {}
     skipped: dict[str, str] = {}
-    for modality in MODALITIES:
+    for modality in MODALITY_COLUMNS:
         rows = train.features.present[modality]
         n_classes = len(np.unique(train.targets[rows]))
         if n_classes < 2:
@@ -458,7 +457,7 @@ def split_counts(dataset: Dataset) -> dict[str, dict[str, Any]]:
         counts[split] = {
             "records": int(len(part.targets)),
             "classes": {name: int(n) for name, n in zip(dataset.classes, per_class, strict=True)},
-            **{m: int(part.features.present[m].sum()) for m in MODALITIES},
+            **{m: int(part.features.present[m].sum()) for m in MODALITY_COLUMNS},
             "all_modalities": int(part.features.has_every_modality.sum()),
         }
     return counts
@@ -624,7 +623,7 @@ def _parser() -> argparse.ArgumentParser:
         help="Split column (train/validation/test); absent or null: a seeded stratified 70/15/15 split.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the split, the classifiers and the folds.")
-    parser.add_argument("--out", required=True, help="Folder for metrics.json and the models (local or fsspec URL).")
+    parser.add_argument("--out", required=True, help=f"Folder for {METRICS_FILE} and the models (local or fsspec URL).")
     return parser
 
 

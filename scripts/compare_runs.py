@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -22,16 +23,21 @@ TIME_COLUMNS = ("event_timestamp",)
 
 
 def _rows(table: pa.Table) -> dict[str, dict[str, Any]]:
-    """Rows by id (error rows by id, modality, stage and type, since a record may have several)."""
+    """Rows by id (error rows by id, modality, stage, type and source, since a record may have
+    several, and rejected rows have no id); a key seen twice gets a running number."""
     keyed: dict[str, dict[str, Any]] = {}
+    seen: Counter[str] = Counter()
     for row in table.drop_columns([c for c in TIME_COLUMNS if c in table.column_names]).to_pylist():
-        key = "|".join(str(row.get(c)) for c in ("id", "modality", "stage", "error_type") if c in row)
-        keyed[key] = row
+        key = "|".join(str(row.get(c)) for c in ("id", "modality", "stage", "error_type", "source") if c in row)
+        keyed[f"{key}#{seen[key]}"] = row
+        seen[key] += 1
     return keyed
 
 
 def compare(a: pa.Table, b: pa.Table, tolerance: float) -> list[str]:
     problems: list[str] = []
+    if a.num_rows != b.num_rows:
+        problems.append(f"{a.num_rows} rows against {b.num_rows}")
     if a.schema.names != b.schema.names:
         problems.append(f"columns differ: {a.schema.names} != {b.schema.names}")
     vectors = {field.name for field in a.schema if embedding_dimension(field) is not None}

@@ -14,7 +14,7 @@ import torch
 
 from mmfeatures.encoders.weights import resolve_model
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
-from mmfeatures.inference.runtime import TorchRuntime
+from mmfeatures.inference.torch_runtime import TorchRuntime
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.modalities.audio import AUDIO, AudioEncoder, AudioPreprocessor
 from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window

@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from mmfeatures import schema, sinks
+from mmfeatures import column_types, schema, sinks
 
 DIMS = {"text": 3, "image": 2, "audio": 4, "fused": 5}
 WHEN = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
@@ -52,7 +52,7 @@ def expected(row: Mapping[str, Any], carried_types: Mapping[str, pa.DataType]) -
         if name.endswith("_embedding") or name == "fused":
             out[name] = None if value is None else [float(x) for x in value]
         elif name in carried_types:
-            out[name] = sinks.conform_value(value, carried_types[name])
+            out[name] = column_types.conform_value(value, carried_types[name])
         else:
             out[name] = value
     for name in carried_types:
@@ -89,8 +89,8 @@ STRUCT_B = pa.struct([("b", pa.string())])
     ],
 )
 def test_unify_types(left, right, result):
-    assert sinks.unify_types(left, right) == result
-    assert sinks.unify_types(right, left) == result
+    assert column_types.unify_types(left, right) == result
+    assert column_types.unify_types(right, left) == result
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_unify_types(left, right, result):
     ],
 )
 def test_value_type(value, arrow_type):
-    assert sinks.value_type(value) == arrow_type
+    assert column_types.value_type(value) == arrow_type
 
 
 @pytest.mark.parametrize(
@@ -127,7 +127,7 @@ def test_value_type(value, arrow_type):
     ],
 )
 def test_conform_value(value, arrow_type, result):
-    conformed = sinks.conform_value(value, arrow_type)
+    conformed = column_types.conform_value(value, arrow_type)
     assert conformed == result
     assert type(conformed) is type(result)
 
@@ -135,14 +135,14 @@ def test_conform_value(value, arrow_type, result):
 def _value_types(rows: list[dict[str, Any]]) -> dict[str, pa.DataType | None]:
     types: dict[str, pa.DataType | None] = {}
     for row in rows:
-        sinks.add_value_types(types, row)
+        column_types.add_value_types(types, row)
     return types
 
 
 def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
     first = _value_types([{"n": 1, "s": "a", "empty": None}, {"n": 2.5, "mixed": 1}])
     second = _value_types([{"mixed": "x", "z": {"k": 1}}])
-    result = sinks.merge_column_types([first, second])
+    result = column_types.merge_column_types([first, second])
     assert list(result) == ["n", "s", "empty", "mixed", "z"]
     assert result == {
         "empty": pa.string(),
@@ -151,14 +151,14 @@ def test_column_types_are_inferred_per_source_and_merged_in_first_seen_order():
         "s": pa.string(),
         "z": pa.struct([("k", pa.int64())]),
     }
-    assert sinks.merge_column_types([{"i": pa.int32()}, {"i": pa.int64()}]) == {"i": pa.int64()}
+    assert column_types.merge_column_types([{"i": pa.int32()}, {"i": pa.int64()}]) == {"i": pa.int64()}
 
 
 def test_carried_values_fit_unified_types():
     carried: list[dict[str, Any]] = [{"v": 1}, {"v": "x"}, {"v": {"a": 1}}, {"v": None}, {"w": 2}, {"w": 0.5}]
-    types = sinks.merge_column_types([_value_types(carried)])
-    column_v = pa.array([sinks.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
-    column_w = pa.array([sinks.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
+    types = column_types.merge_column_types([_value_types(carried)])
+    column_v = pa.array([column_types.conform_value(c.get("v"), types["v"]) for c in carried], type=types["v"])
+    column_w = pa.array([column_types.conform_value(c.get("w"), types["w"]) for c in carried], type=types["w"])
     assert column_v.to_pylist() == ["1", "x", '{"a": 1}', None, None, None]
     assert column_w.to_pylist() == [None, None, None, None, 2.0, 0.5]
 
@@ -425,13 +425,13 @@ def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivo
 
 
 def unified(left: pa.DataType | None, right: pa.DataType | None) -> pa.DataType:
-    result = sinks.unify_types(left, right)
+    result = column_types.unify_types(left, right)
     assert result is not None
     return result
 
 
 def test_empty_lists_give_way_to_typed_lists() -> None:
-    empty, strings = sinks.value_type([]), sinks.value_type(["x"])
+    empty, strings = column_types.value_type([]), column_types.value_type(["x"])
     assert unified(empty, strings).equals(pa.list_(pa.string()))
     assert unified(strings, empty).equals(pa.list_(pa.string()))
-    assert unified(sinks.value_type([1]), sinks.value_type([2.5])).equals(pa.list_(pa.float64()))
+    assert unified(column_types.value_type([1]), column_types.value_type([2.5])).equals(pa.list_(pa.float64()))

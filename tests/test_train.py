@@ -24,9 +24,9 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 from mmfeatures.fusion import Fusion
+from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.schema import features_schema, read_features
 from mmfeatures.train import (
-    MODALITIES,
     Features,
     TrainingResult,
     load_models,
@@ -39,7 +39,7 @@ from mmfeatures.train import (
 DIMS = {"text": 6, "image": 8, "audio": 5}
 CLASSES = ["0", "1", "2", "3", "4"]
 METADATA = {"package": "mmfeatures", "models": {"text": {"model": "tiny-text"}}, "fusion": {"method": "concat"}}
-METHODS = {f"unimodal:{m}" for m in MODALITIES} | {
+METHODS = {f"unimodal:{m}" for m in MODALITY_COLUMNS} | {
     "early_fusion",
     "late_fusion_mean",
     "late_fusion_weighted",
@@ -170,7 +170,7 @@ def test_metrics_describe_the_run(metrics: dict, table_with_splits: str) -> None
     assert metrics["feature_table_metadata"] == METADATA
     assert metrics["skipped_modalities"] == {}
     weights = metrics["late_fusion_weights"]
-    assert set(weights) == set(MODALITIES) and math.isclose(sum(weights.values()), 1.0)
+    assert set(weights) == set(MODALITY_COLUMNS) and math.isclose(sum(weights.values()), 1.0)
     assert all(round(w * 10, 9) == round(w * 10) for w in weights.values())  # on the 0.1 grid
     assert metrics["stacking"]["fitted_on"] == "out-of-fold predictions for the training split"
 
@@ -178,7 +178,7 @@ def test_metrics_describe_the_run(metrics: dict, table_with_splits: str) -> None
 def test_late_fusion_beats_every_unimodal_baseline(metrics: dict) -> None:
     methods = metrics["methods"]
     for subset in ("test", "test_all_modalities"):
-        best_unimodal = max(methods[f"unimodal:{m}"][subset]["macro_f1"] for m in MODALITIES)
+        best_unimodal = max(methods[f"unimodal:{m}"][subset]["macro_f1"] for m in MODALITY_COLUMNS)
         for method in ("late_fusion_mean", "late_fusion_weighted", "stacking"):
             assert methods[method][subset]["macro_f1"] > best_unimodal + 0.05, (method, subset)
 
@@ -253,7 +253,7 @@ def test_reloaded_models_rescore_the_test_split(run: Run) -> None:
 
 def test_a_record_without_usable_modality_gets_the_prior(trained: TrainingResult, table_with_splits: str) -> None:
     features = Features.from_table(read_features(table_with_splits)).rows(np.arange(3))
-    nothing = Features(features.embeddings, {m: np.zeros(3, dtype=bool) for m in MODALITIES}, features.fused)
+    nothing = Features(features.embeddings, {m: np.zeros(3, dtype=bool) for m in MODALITY_COLUMNS}, features.fused)
     probabilities = trained.models.predict_proba(nothing)
     for method in METHODS - {"early_fusion"}:  # the fused vector is always there
         np.testing.assert_array_equal(probabilities[method], np.tile(trained.models.prior, (3, 1)), err_msg=method)
@@ -324,7 +324,7 @@ def test_tables_and_models_at_fsspec_urls(tmp_path: Path) -> None:
         metrics = json.loads(fs.cat_file("/train-test/out/metrics.json"))
         assert metrics["counts"]["records"] == 300
         assert set(metrics["methods"]) == METHODS
-        assert set(load_models("memory://train-test/out").unimodal) == set(MODALITIES)
+        assert set(load_models("memory://train-test/out").unimodal) == set(MODALITY_COLUMNS)
     finally:
         fs.rm("/train-test", recursive=True)
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-_Model = TypeVar("_Model", bound=torch.nn.Module)
+from mmfeatures.encoders.frozen import Model
 
 
-def optimize_convolutions(model: _Model) -> _Model:
+def optimize_convolutions(model: Model) -> Model:
     """A frozen convolutional network made ready for inference: each batch norm that follows a
     convolution in an ``nn.Sequential`` folded into that convolution's weights, and the weights
     laid out channels-last, oneDNN's and cuDNN's fastest layout.

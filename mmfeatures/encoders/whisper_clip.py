@@ -38,7 +38,6 @@ class WhisperClipEncoder(torch.nn.Module):
         if attention not in ("eager", "sdpa"):
             raise ValueError(f"attention implementation {attention!r} does not take an additive mask")
         self.encoder = encoder
-        self.embedding_dim = encoder.config.d_model
 
     def forward(self, input_features: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
         encoder = self.encoder

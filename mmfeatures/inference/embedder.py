@@ -67,7 +67,12 @@ class Embedder:
                 outputs.append(self.runtime.forward(self.encoder, inputs)[: len(indices)])
                 order += indices
             on_host = self.runtime.to_host(outputs)
-            per_window = np.empty((len(windows), on_host.shape[1]), dtype=np.float32)
+            if on_host.shape[1] != self.encoder.dimension:  # the tables' columns are sized by it
+                raise ValueError(
+                    f"the model gives {on_host.shape[1]}-d embeddings, not the {self.encoder.dimension} "
+                    "its configuration declares"
+                )
+            per_window = np.empty((len(windows), self.encoder.dimension), dtype=np.float32)
             per_window[order] = on_host
             pooled, start = [], 0
             for record in records:

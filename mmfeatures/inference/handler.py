@@ -9,24 +9,22 @@ embedding with NaN or Inf becomes an error, never a feature.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from apache_beam.ml.inference.base import ModelHandler
-from transformers.utils import logging as transformers_logging
 
 from mmfeatures.errors import EncodeError, RecordError
-from mmfeatures.host import available_cores, settle_worker_process
+from mmfeatures.host import settle_worker_process
 from mmfeatures.inference.batching import Keyed
 from mmfeatures.inference.embedder import Embedder
-from mmfeatures.inference.runtime import TorchRuntime
+from mmfeatures.inference.torch_runtime import TorchRuntime
 from mmfeatures.modalities.base import Encoder, Modality, Preprocessor
 from mmfeatures.progress import Progress
 from mmfeatures.redaction import redact
-from mmfeatures.settings import InferenceSettings, device_type
+from mmfeatures.settings import InferenceSettings
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,6 +44,8 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
     ``preprocessor``'s model and run as ``settings`` say."""
 
     def __init__(self, modality: Modality, preprocessor: Preprocessor, settings: InferenceSettings):
+        if not isinstance(preprocessor, modality.preprocessor):
+            raise TypeError(f"a {type(preprocessor).__name__} cannot feed the {modality.name} encoder")
         super().__init__(model_copies=settings.model_copies)
         self.modality = modality
         self.preprocessor = preprocessor
@@ -56,31 +56,27 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         return True  # the input is already batched by BatchByCost, which Beam's BatchElements cannot do
 
     def load_model(self) -> Embedder:
-        """Check the device and set torch's threads and the allocator for this process now; the
-        weights are loaded with the first batch (see ``Embedder``)."""
-        device = self.settings.device
-        if device_type(device) == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-        threads = self.settings.threads or available_cores()
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+        """Set up this process for the runtime and find the model's files now, so that a model that
+        cannot be found fails the worker; the weights are loaded with the first batch (see
+        ``Embedder``), so a worker that sees no record of this modality never loads them."""
+        embedder = self.embedder(self._load_encoder)
+        embedder.runtime.prepare_process(self.settings.threads)
         settle_worker_process()
-        transformers_logging.disable_progress_bar()  # one bar per worker and model is noise in job logs
-        return self.embedder(self._load_encoder)
+        _ = self.preprocessor.resolved
+        return embedder
 
     def _load_encoder(self) -> Encoder[Any]:
         encoder = self.modality.load_encoder(self.preprocessor, self.settings.device)
         _LOG.info(
-            "loaded %s model %s on %s (%s, %d torch threads)",
+            "loaded %s model %s on %s (%s)",
             self.modality.name,
             redact(self.preprocessor.resolved.model_id),
             self.settings.device,
             self.settings.precision,
-            torch.get_num_threads(),
         )
         return encoder
 
-    def embedder(self, encoder: Encoder[Any] | Any) -> Embedder:
+    def embedder(self, encoder: Encoder[Any] | Callable[[], Encoder[Any]]) -> Embedder:
         """An embedder of ``encoder`` (or of what a function ``encoder`` loads) on this handler's runtime."""
         runtime = TorchRuntime(self.settings.device, self.settings.precision)
         return Embedder(self.preprocessor, encoder, runtime, self.settings.micro_batch_size)

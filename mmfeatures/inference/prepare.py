@@ -46,15 +46,17 @@ class Prepare(beam.DoFn):
 
     def setup(self) -> None:
         settle_worker_process()
-        # Torch runs single-threaded in the pool (feature extractors call it): the pool is the
-        # parallelism, and each thread's own OpenMP team would spin on the cores the model needs.
-        # The setting is per thread.
+        _ = self.preprocessor.resolved  # once, before the threads start: a remote model is copied once
         self._pool = ThreadPoolExecutor(
-            default_prepare_threads(),
-            f"prepare-{self.preprocessor.name}",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
+            default_prepare_threads(), f"prepare-{self.preprocessor.name}", initializer=self._start_thread
         )
+
+    def _start_thread(self) -> None:
+        """Each pool thread's set-up: its own tools, and torch single-threaded (feature extractors
+        call it): the pool is the parallelism, and each thread's own OpenMP team would spin on the
+        cores the model needs. A failure here breaks the pool, and so fails the bundle."""
+        torch.set_num_threads(1)
+        self.preprocessor.load_tools()
 
     def start_bundle(self) -> None:
         # Each group in flight: its future and, per record, the window and timestamp it leaves in.
@@ -146,9 +148,9 @@ def preprocess_each(preprocessor: Preprocessor, raws: list[Any]) -> list[list[Wi
     the value that failed fails."""
     if len(raws) > 1:
         try:
-            batched = list(preprocessor.preprocess_batch(raws))
+            batched: list[list[Window] | Exception] = list(preprocessor.preprocess_batch(raws))
             if len(batched) == len(raws):
-                return list(batched)
+                return batched
         except Exception:  # noqa: BLE001 - found and reported per value below
             pass
     outcomes: list[list[Window] | Exception] = []

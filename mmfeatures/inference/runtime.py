@@ -6,16 +6,13 @@ pooling drive any runtime chosen when the model loads.
 
 from __future__ import annotations
 
-import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
-import torch
 
 from mmfeatures.modalities.base import Batch, Encoder
-from mmfeatures.settings import device_type
 
 _Array = TypeVar("_Array")
 
@@ -28,6 +25,11 @@ class Runtime(ABC, Generic[_Array]):
     asynchronous: bool = False
 
     @abstractmethod
+    def prepare_process(self, threads: int | None) -> None:
+        """Set up this worker process for the runtime: its device checked, ``threads`` compute
+        threads (None: one per core the process may use)."""
+
+    @abstractmethod
     def to_device(self, batch: Batch) -> dict[str, _Array]:
         """A collated batch moved onto the device."""
 
@@ -38,35 +40,3 @@ class Runtime(ABC, Generic[_Array]):
     @abstractmethod
     def to_host(self, outputs: Sequence[_Array]) -> np.ndarray:
         """Outputs of several passes, in order, as one float32 array on the host."""
-
-
-class TorchRuntime(Runtime[torch.Tensor]):
-    """PyTorch on a CPU or a CUDA device; fp32, or bf16 and fp16 under autocast."""
-
-    AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-    def __init__(self, device: str, precision: str):
-        self.device = device
-        self.precision = precision
-        self.asynchronous = device_type(device) == "cuda"
-
-    def to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """On CUDA the host tensors are pinned and copied without blocking, overlapping the copy
-        with compute."""
-        tensors = {name: torch.from_numpy(array) for name, array in batch.items()}
-        if self.asynchronous:
-            return {name: t.pin_memory().to(self.device, non_blocking=True) for name, t in tensors.items()}
-        return tensors
-
-    def forward(self, encoder: Encoder[torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast():
-            return encoder.forward(inputs).float()
-
-    def to_host(self, outputs: Sequence[torch.Tensor]) -> np.ndarray:
-        return torch.cat(list(outputs)).cpu().numpy()
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        dtype = self.AUTOCAST[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device_type(self.device), dtype=dtype)

@@ -9,7 +9,7 @@ from mmfeatures.modalities.base import Encoder, Modality, Prepared, Preprocessor
 from mmfeatures.modalities.image import IMAGE
 from mmfeatures.modalities.text import TEXT
 from mmfeatures.records import MODALITY_COLUMNS
-from mmfeatures.schema import field_names
+from mmfeatures.schema import field_names, load_contract
 
 MODALITIES: dict[str, Modality] = {modality.name: modality for modality in (TEXT, IMAGE, AUDIO)}
 
@@ -21,12 +21,16 @@ def _check_contracts() -> None:
             f"the modality registry {sorted(MODALITIES)} and the record contract's modality columns "
             f"{sorted(MODALITY_COLUMNS)} (schemas/v1/record.json) must name the same modalities"
         )
+    embeddings = {f["name"]: f.get("modality") for f in load_contract("features")["fields"] if f["type"] == "embedding"}
     features = set(field_names("features"))
-    missing = [
-        column for name in MODALITIES for column in (f"{name}_embedding", f"has_{name}") if column not in features
+    missing = [f"has_{name}" for name in MODALITIES if f"has_{name}" not in features]
+    missing += [
+        f"{name}_embedding (an embedding of modality {name!r})"
+        for name in MODALITIES
+        if embeddings.get(f"{name}_embedding") != name
     ]
     if missing:
-        raise ImportError(f"the feature contract (schemas/v1/features.json) lacks the columns {', '.join(missing)}")
+        raise ImportError(f"the feature contract (schemas/v1/features.json) lacks {', '.join(missing)}")
 
 
 _check_contracts()

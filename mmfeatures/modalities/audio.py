@@ -17,6 +17,7 @@ import soxr
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
 
+from mmfeatures.encoders.frozen import frozen
 from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
 from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
 from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
@@ -114,16 +115,22 @@ class AudioPreprocessor(Preprocessor):
 
     def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
         super().__init__(model, limits)
+        resolved = self.resolved
         extractor = feature_extractor_for(model)
-        self.is_whisper = isinstance(extractor, WhisperFeatureExtractor)
+        self.is_whisper = resolved.bundled or AutoConfig.from_pretrained(resolved.directory).model_type == "whisper"
         self.sample_rate = int(extractor.sampling_rate)
         # Whisper reads at most its position table's worth (30 s); other models take 30 s too.
         self.window_samples = int(extractor.n_samples) if self.is_whisper else 30 * self.sample_rate
         self.mel_bins: int | None = int(extractor.feature_size) if self.is_whisper else None
         self.hop_length: int | None = int(extractor.hop_length) if self.is_whisper else None
 
+    def load_tools(self) -> None:
+        feature_extractor_for(self.model)
+
     def decode(self, payload: bytes | str) -> tuple[np.ndarray, int]:
-        return decode_audio(payload, self.limits.max_audio_seconds)  # type: ignore[arg-type]  # media is bytes
+        if not isinstance(payload, bytes):
+            raise DecodeError("audio must be the file's bytes, not text", error_type="wrong_type")
+        return decode_audio(payload, self.limits.max_audio_seconds)
 
     def preprocess(self, raw: tuple[np.ndarray, int]) -> list[Window]:
         waveform, rate = raw
@@ -214,16 +221,12 @@ def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEnc
     dimension = audio_dimension(preprocessor)
     if resolved.bundled:
         whisper = load_whisper_from_ctranslate2(resolved.directory).model.encoder
-        return WhisperAudioEncoder(_ready(WhisperClipEncoder(whisper), device), dimension)
+        return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
     if preprocessor.is_whisper:
         whisper = WhisperModel.from_pretrained(resolved.directory, **pretrained_kwargs()).encoder
-        return WhisperAudioEncoder(_ready(WhisperClipEncoder(whisper), device), dimension)
+        return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
     model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
-    return WaveformAudioEncoder(_ready(model, device), dimension)
-
-
-def _ready(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    return model.eval().requires_grad_(False).to(device)
+    return WaveformAudioEncoder(frozen(model, device), dimension)
 
 
 def audio_dimension(preprocessor: AudioPreprocessor) -> int:

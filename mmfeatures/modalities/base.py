@@ -90,10 +90,16 @@ class Preprocessor(ABC):
 
     @property
     def resolved(self) -> ResolvedModel:
-        """The model's local files, resolved once per process (workers resolve their own)."""
+        """The model's local files, resolved on first use in each process (workers resolve their own)."""
         if self.model == DEFAULT and self.default_model is None:
             raise ValueError(f"there is no bundled {self.name} model: name one with --{self.name}_model")
         return resolve_model(self.model, self.default_model)
+
+    def load_tools(self) -> None:
+        """Load what preprocessing needs in the calling thread (a tokenizer), where it is loaded
+        per thread: the preparing step calls it as each of its threads starts, so that a model that
+        cannot be loaded fails the worker rather than every record. The default loads nothing."""
+        return
 
     @abstractmethod
     def decode(self, payload: bytes | str) -> Any:

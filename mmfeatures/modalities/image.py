@@ -18,7 +18,7 @@ import os
 import struct
 import warnings
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModel
 
 from mmfeatures.encoders import mobilenet_v2
 from mmfeatures.encoders.convolutions import optimize_convolutions
+from mmfeatures.encoders.frozen import Model, frozen
 from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
@@ -254,9 +255,10 @@ class ImagePreprocessor(Preprocessor):
     def decode(self, payload: bytes | str) -> np.ndarray:
         """Check the pixel cap on the header before decoding (see the module docstring), then decode
         and check it again on the decoded image, for formats whose header Pillow could not read."""
-        data: bytes = payload  # type: ignore[assignment]  # media payloads are bytes; only text is inline
-        check_header_pixels(data, self.limits.max_pixels)
-        image = decode_image(data)
+        if not isinstance(payload, bytes):
+            raise DecodeError("an image must be the file's bytes, not text", error_type="wrong_type")
+        check_header_pixels(payload, self.limits.max_pixels)
+        image = decode_image(payload)
         _check_pixels(image.shape[1], image.shape[0], self.limits.max_pixels)
         return image
 
@@ -317,13 +319,10 @@ def load_image_encoder(preprocessor: ImagePreprocessor, device: str) -> ImageEnc
     return ImageEncoder(_ready(model, device), dimension)
 
 
-_Model = TypeVar("_Model", bound=torch.nn.Module)
-
-
-def _ready(model: _Model, device: str) -> _Model:
-    """In eval mode on ``device``, gradients off; a convolutional network also folded and
-    channels-last, oneDNN's and cuDNN's fastest layout."""
-    model = model.eval().requires_grad_(False).to(device)
+def _ready(model: Model, device: str) -> Model:
+    """Frozen on ``device``; a convolutional network also folded and channels-last, oneDNN's and
+    cuDNN's fastest layout."""
+    model = frozen(model, device)
     if any(isinstance(module, torch.nn.Conv2d) for module in model.modules()):
         model = optimize_convolutions(model)
     return model

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from mmfeatures.encoders.frozen import frozen
 from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
@@ -58,6 +59,9 @@ class TextPreprocessor(Preprocessor):
         tokenizer = tokenizer_for(model)
         self.window = _window_length(self.resolved.directory, tokenizer)
         self.pad_token_id: int = tokenizer.pad_token_id
+
+    def load_tools(self) -> None:
+        tokenizer_for(self.model)
 
     def decode(self, payload: bytes | str) -> str:
         if isinstance(payload, bytes):
@@ -135,8 +139,7 @@ class TextEncoder(Encoder[torch.Tensor]):
 
 def load_text_encoder(preprocessor: TextPreprocessor, device: str) -> TextEncoder:
     model = AutoModel.from_pretrained(preprocessor.resolved.directory, **pretrained_kwargs())
-    model = model.eval().requires_grad_(False).to(device)
-    return TextEncoder(model, preprocessor.pad_token_id, text_dimension(preprocessor))
+    return TextEncoder(frozen(model, device), preprocessor.pad_token_id, text_dimension(preprocessor))
 
 
 def text_dimension(preprocessor: TextPreprocessor) -> int:

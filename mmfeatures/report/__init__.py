@@ -6,8 +6,8 @@ the page too, for slides and tickets), no JavaScript and no external resource; i
 Policy forbids both, so it shows the same thing offline, attached to a ticket, years later.
 
 Everything comes from what the run wrote: ``_run.json`` (counts, models, settings), the feature
-table read part by part (so memory is bounded by one part however large the table), the error
-table read whole (its rows are a few short strings), and optionally a training run's
+and error tables read part by part (so memory is bounded by one part however large the table),
+and optionally a training run's
 ``metrics.json``. Every string from those files is HTML-escaped; paths are redacted like everything
 else the job prints.
 

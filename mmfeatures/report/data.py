@@ -28,7 +28,6 @@ PER_CLASS_F1 = "per_class_f1"
 TEST_RECORDS = "n"
 ALL_MODALITIES_ACCURACY = "accuracy_all_modalities"  # our name for test_all_modalities.accuracy
 
-MODALITIES = MODALITY_COLUMNS  # the record contract's modality columns name the modalities
 # {"text": "text_embedding", "image": ..., "audio": ..., "fused": "fused"}, from the contract, so a
 # new modality's column is reported without a change here.
 EMBEDDING_COLUMNS: dict[str, str] = {
@@ -106,12 +105,12 @@ class FeatureDigest:
 
     def _add_subsets(self, part: pa.Table) -> None:
         codes = np.zeros(part.num_rows, np.int64)
-        for bit, modality in enumerate(MODALITIES):
+        for bit, modality in enumerate(MODALITY_COLUMNS):
             if f"has_{modality}" in part.column_names:
                 codes |= np.asarray(part.column(f"has_{modality}"), dtype=np.int64) << bit
-        for code, count in enumerate(np.bincount(codes, minlength=1 << len(MODALITIES))):
+        for code, count in enumerate(np.bincount(codes, minlength=1 << len(MODALITY_COLUMNS))):
             if count:
-                self.subsets[tuple(m for bit, m in enumerate(MODALITIES) if code >> bit & 1)] += int(count)
+                self.subsets[tuple(m for bit, m in enumerate(MODALITY_COLUMNS) if code >> bit & 1)] += int(count)
 
 
 def digest_features(

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.report.data import (
     ALL_MODALITIES_ACCURACY,
     METRICS_FILE,
-    MODALITIES,
     OPTIONAL_METRICS,
     PER_CLASS_F1,
     SAMPLE_SIZE,
@@ -80,8 +80,8 @@ def modalities_section(summary: Mapping[str, Any], plots: Plots) -> Section:
 def coverage_section(features: FeatureDigest, plots: Plots) -> Section:
     if not features.rows:
         return section("coverage", "Coverage", note("The feature table has no rows."))
-    embedded = {m: sum(n for subset, n in features.subsets.items() if m in subset) for m in MODALITIES}
-    per_modality = [[m, embedded[m], percent(embedded[m], features.rows)] for m in MODALITIES]
+    embedded = {m: sum(n for subset, n in features.subsets.items() if m in subset) for m in MODALITY_COLUMNS}
+    per_modality = [[m, embedded[m], percent(embedded[m], features.rows)] for m in MODALITY_COLUMNS]
     named = {" + ".join(subset) or "(none)": n for subset, n in features.subsets.most_common()}
     subset_rows = [[name, n, percent(n, features.rows)] for name, n in named.items()]
     alt = "Feature rows by the set of modalities embedded together"

@@ -388,3 +388,8 @@ def test_on_a_cpu_batches_are_stacked_before_the_models_turn(
     outcomes = handler.run_inference(items, handler.embedder(tiny_text_encoder))
     assert [o.error for o in outcomes] == [None] * len(items)
     assert turns and not any(turns)
+
+
+def test_a_preprocessor_of_another_modality_is_refused(text_default: TextPreprocessor) -> None:
+    with pytest.raises(TypeError, match="a TextPreprocessor cannot feed the image encoder"):
+        EmbeddingModelHandler(IMAGE, text_default, InferenceSettings())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,10 @@ AHEAD = 4
 
 
 def _grouped(preprocessor: TextPreprocessor, size: int) -> TextPreprocessor:
-    """A copy of ``preprocessor`` that takes ``size`` texts to a ``preprocess_batch`` call (the
-    class attribute is shadowed on the copy, so the shared fixture keeps its own)."""
+    """A copy of ``preprocessor`` that takes ``size`` texts to a ``preprocess_batch`` call, as a
+    subclass would declare it (the shared fixture keeps its own)."""
     grouped = copy.copy(preprocessor)
-    grouped.preprocess_batch_size = size  # type: ignore[misc]  # a ClassVar, set on this instance alone
+    grouped.__class__ = type("GroupedTextPreprocessor", (TextPreprocessor,), {"preprocess_batch_size": size})
     return grouped
 
 
@@ -178,3 +179,17 @@ def test_a_settled_worker_leaves_its_loaded_modules_out_of_garbage_collection() 
         "assert frozen > 100000 and gc.get_freeze_count() == frozen, frozen\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_model_whose_tools_cannot_load_fails_the_step_not_each_record(
+    tiny_text: TextPreprocessor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tokenizer that cannot be loaded on the worker is the worker's failure (Beam retries the
+    bundle, then fails the job), never one error row per record that would let the run pass."""
+
+    def unloadable(self: TextPreprocessor) -> None:
+        raise OSError("tokenizer.json is missing")
+
+    monkeypatch.setattr(TextPreprocessor, "load_tools", unloadable)
+    with pytest.raises(BrokenThreadPool):
+        _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["a text", "another"])

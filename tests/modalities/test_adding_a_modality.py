@@ -4,6 +4,7 @@ toy modality (sensor readings embedded by a linear layer), and the job run end t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from safetensors.numpy import save_file
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -170,3 +173,26 @@ def test_a_toy_fourth_modality_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["modalities"]["sensor"] == {"present": 3, "embedded": 2, "failed": 1, "absent": 1}
     assert summary["models"]["sensor"]["dimension"] == DIMENSION
     assert summary["models"]["sensor"]["preprocessing"] == {"readings": READINGS, "padding": "zeros"}
+
+
+def test_the_registry_refuses_a_modality_the_contracts_lack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registered modality without its contract columns would have its values dropped by the
+    sink: the registry refuses to load instead."""
+    import mmfeatures.modalities as registry
+    from mmfeatures.schema import load_contract
+
+    registry._check_contracts()  # the real contracts and registry agree
+    features = copy.deepcopy(load_contract("features"))
+    features["fields"] = [field for field in features["fields"] if field["name"] != "has_audio"]
+    for field in features["fields"]:
+        if field["name"] == "image_embedding":
+            del field["modality"]
+    monkeypatch.setattr(registry, "load_contract", lambda name: features)
+    monkeypatch.setattr(registry, "field_names", lambda name: [field["name"] for field in features["fields"]])
+    with pytest.raises(ImportError, match=r"lacks has_audio, image_embedding \(an embedding of modality 'image'\)"):
+        registry._check_contracts()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(registry, "MODALITIES", {**registry.MODALITIES, "smell": registry.MODALITIES["text"]})
+    with pytest.raises(ImportError, match="record contract's modality columns"):
+        registry._check_contracts()

@@ -432,7 +432,7 @@ def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> 
     ],
 )
 def test_headers_pillow_cannot_read_are_left_to_opencv(data: bytes, error_type: str) -> None:
-    """Pillow's failure to identify or parse a header is no verdict: OpenCV's is, as before."""
+    """Pillow's failure to identify or parse a header is no verdict: OpenCV's is."""
     with pytest.raises(DecodeError) as caught:
         ImagePreprocessor().decode(data)
     assert caught.value.error_type == error_type
