@@ -68,7 +68,7 @@ class Prepared:
 
 
 class Preprocessor(ABC):
-    """Fetch, decode and preprocess for one modality and model.
+    """Decode and preprocess one modality's payloads for one model (the preparing step fetches them).
 
     Built where the job is launched, from a model reference (``default``, a folder, a URL or a
     Hugging Face id) and the input limits; it reads the model's preprocessing settings then, and
