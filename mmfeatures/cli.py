@@ -54,10 +54,10 @@ def extract(argv: list[str]) -> int:
 
     from mmfeatures.options import parse_options
 
-    options = parse_options(argv)  # ``--help`` ends here, before the models' libraries are imported
-    from pipelines.extract_features import run_job
-
     try:
+        options = parse_options(argv)  # ``--help`` ends here, before the models' libraries are imported
+        from pipelines.extract_features import run_job
+
         job = run_job(options)
     except ConfigurationError as exc:
         print(f"mmfeatures extract: error: {exc}", file=sys.stderr)

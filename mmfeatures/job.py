@@ -21,6 +21,7 @@ from mmfeatures.options import ExtractOptions, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.settings import InferenceSettings
+from mmfeatures.sources import manifest_format
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Job:
             )
             for name in MODALITY_COLUMNS
         }
+        inputs = storage.expand_inputs(extract.input)
+        for path in inputs:
+            manifest_format(path)  # a format no reader takes is refused here, not by a failing worker
         preprocessors = {
             name: MODALITIES[name].preprocessor(getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS
         }
@@ -96,7 +100,6 @@ class Job:
         recorded["runner"] = str(options.view_as(StandardOptions).runner)
         recorded["micro_batch_size"] = ",".join(f"{name}={s.micro_batch_size}" for name, s in settings.items())
         recorded.update({f"{name}_batch_cost": s.max_batch_cost for name, s in settings.items()})
-        inputs = storage.expand_inputs(extract.input)
         return cls(
             inputs=inputs,
             output=extract.output,

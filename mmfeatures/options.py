@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from typing import Any
 
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import FUSION_METHODS
 from mmfeatures.limits import Limits
 from mmfeatures.records import MODALITY_COLUMNS
@@ -27,9 +29,11 @@ class ExtractOptions(PipelineOptions):
         add(
             "--input",
             dest="input",
-            action="append",
+            action="extend",
+            nargs="+",
             default=None,
-            help="Manifest path or glob (JSONL, CSV or Parquet; local or fsspec URL). Repeatable.",
+            help="Manifest paths or globs (JSONL, CSV, Parquet or tar shards; local or fsspec URLs): "
+            "every value up to the next option, so a glob the shell expanded works. Repeatable.",
         )
         add(
             "--output",
@@ -168,24 +172,53 @@ def _parser() -> argparse.ArgumentParser:
         prog="mmfeatures extract",
         description="Embed the records of manifests and write Parquet feature tables.",
         epilog="Any Apache Beam pipeline option is accepted too (e.g. --runner=DataflowRunner). "
-        f"Without --runner the job runs on Beam's in-process {LOCAL_RUNNER}.",
+        f"Without --runner the job runs on Beam's in-process {LOCAL_RUNNER}. Arguments after a bare "
+        "'--' go to Beam unchecked, for the options it forwards to a runner; any other argument that "
+        "is not an option is refused.",
     )
     ExtractOptions._add_argparse_args(parser)
     return parser
 
 
 def parse_options(argv: list[str] | None = None) -> PipelineOptions:
-    """The job's options from a command line; ``--help`` prints them and exits. The local
-    in-process runner is the default, since Beam's DirectRunner would first try to download Prism."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
+    """The job's options from a command line; ``--help`` prints them and exits.
+
+    Every argument is an option of the job or of Beam, or a ``ConfigurationError`` (a misspelt
+    option would otherwise run with settings nobody chose); arguments after a bare ``--`` go to
+    Beam as they are, for the options it forwards unparsed to a runner. The local in-process
+    runner is the default, since Beam's DirectRunner would first try to download Prism."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    checked, forwarded = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    if "-h" in checked or "--help" in checked:
         _parser().print_help()
         raise SystemExit(0)
-    options = PipelineOptions(argv)
+    _refuse_unknown_arguments(checked)
+    options = PipelineOptions(checked + forwarded)
     standard = options.view_as(StandardOptions)
     if not standard.runner:
         standard.runner = LOCAL_RUNNER
     return options
+
+
+def _refuse_unknown_arguments(argv: list[str]) -> None:
+    """Parse ``argv`` with every option Beam knows, the job's included; refuse what is left."""
+    parsers: list[argparse.ArgumentParser] = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=parsers.append)  # Beam's own parser, all options
+    (parser,) = parsers
+    parser.exit_on_error = False  # errors as exceptions, to be told in one line
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if unknown:
+        argument = unknown[0]
+        known = [flag for action in parser._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(argument.split("=", 1)[0], known, n=1) if argument.startswith("-") else []
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigurationError(
+            f"unrecognized argument {argument!r}{hint}: neither an option of the job nor a Beam option; "
+            "options for the runner alone go after a bare '--'"
+        )
 
 
 def extract_option_values(options: PipelineOptions) -> dict[str, Any]:

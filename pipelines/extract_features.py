@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from mmfeatures import schema
 from mmfeatures.counts import RunCounts
-from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.errors import ERRORS_TAG, ConfigurationError
 from mmfeatures.job import Job
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
@@ -79,6 +79,16 @@ def run_job(options: PipelineOptions) -> Job:
     return job
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """Run the job; a configuration it cannot run is one line on stderr and exit status 2."""
     logging.getLogger().setLevel(logging.INFO)
-    run(sys.argv[1:])
+    try:
+        run(argv)
+    except ConfigurationError as exc:
+        print(f"extract_features: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

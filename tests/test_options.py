@@ -7,6 +7,7 @@ import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 
 from mmfeatures.cli import main
+from mmfeatures.errors import ConfigurationError
 from mmfeatures.options import LOCAL_RUNNER, ExtractOptions, extract_option_values, parse_options
 
 
@@ -109,3 +110,101 @@ def test_every_command_has_its_help(command: str, says: str, capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0 and says in capsys.readouterr().out
+
+
+# -- every argument is used or refused ----------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, names, suggestion",
+    [
+        (["--bogus-flag", "3"], "'--bogus-flag'", None),
+        (["--fusion-weight", "text=2"], "'--fusion-weight'", "did you mean --fusion-weights?"),
+        (["--fusion_weight=text=2"], "'--fusion_weight=text=2'", "did you mean --fusion_weights?"),
+        (["--inp", "m.jsonl"], "'--inp'", None),  # no abbreviations: they change meaning as options come
+        (["stray.jsonl"], "'stray.jsonl'", None),
+    ],
+)
+def test_an_argument_that_is_no_option_stops_the_command_in_one_line(
+    extra: list[str], names: str, suggestion: str | None, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    output = tmp_path / "out"
+    assert main(["extract", "--input", str(manifest), "--output", str(output), *extra]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mmfeatures extract: error: unrecognized argument " + names)
+    assert suggestion is None or suggestion in line
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [(["--fusion-dim", "wide"], "invalid int value: 'wide'"), (["--input"], "expected at least one argument")],
+)
+def test_a_malformed_option_stops_the_command_in_one_line(
+    extra: list[str], says: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    assert main(["extract", "--output", str(tmp_path / "out"), "--input", str(manifest), *extra]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mmfeatures extract: error: ") and says in line
+
+
+def test_every_value_after_input_is_an_input_as_a_shell_expanded_glob_gives_them(tmp_path) -> None:
+    from mmfeatures.job import Job
+
+    manifests = [tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "c.jsonl"]
+    for manifest in manifests:
+        manifest.write_text("id,text\nx,t\n" if manifest.suffix == ".csv" else '{"id": "x", "text": "t"}\n')
+    argv = [
+        "--input",
+        str(manifests[0]),
+        str(manifests[1]),
+        "--output",
+        str(tmp_path / "o"),
+        "--input",
+        str(manifests[2]),
+    ]
+    assert Job.from_options(parse_options(argv)).inputs == [str(manifest) for manifest in manifests]
+
+
+def test_beams_own_options_pass_and_arguments_after_a_bare_separator_go_to_beam_unchecked(tmp_path) -> None:
+    beam_options = [
+        "--runner=FnApiRunner",
+        "--project",
+        "p",
+        "--region=europe-west4",
+        "--temp_location",
+        "gs://bucket/tmp",
+        "--sdk_container_image=image:1",
+        "--experiments=use_runner_v2",
+        "--setup_file=./setup.py",
+        "--environment_type=LOOPBACK",
+    ]
+    argv = ["--input", "m.jsonl", "--output", "o", *beam_options, "--", "--flink_conf_dir=/etc/flink", "--whatever"]
+    options = parse_options(argv)
+    forwarded = options.get_all_options(retain_unknown_options=True)
+    assert forwarded["project"] == "p" and forwarded["sdk_container_image"] == "image:1"
+    assert forwarded["flink_conf_dir"] == "/etc/flink" and forwarded["whatever"] is True
+    with pytest.raises(ConfigurationError, match="'--whatever'"):
+        parse_options(["--input", "m.jsonl", "--output", "o", "--whatever"])
+
+
+def test_an_input_no_reader_takes_is_refused_before_any_work(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    arrow = tmp_path / "data.arrow"
+    arrow.write_bytes(b"ARROW1")
+    output = tmp_path / "out"
+    assert main(["extract", "--input", str(arrow), "--output", str(output)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot tell the manifest format" in line and "data.arrow" in line
+    assert not output.exists()
+
+
+def test_the_pipeline_module_refuses_unknown_arguments_in_one_line_too(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.extract_features", "--input", "m.jsonl", "--output", "o", "--bogus"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("extract_features: error: unrecognized argument '--bogus'")
