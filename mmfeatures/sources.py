@@ -1,10 +1,11 @@
-"""Manifest readers: JSONL, CSV and Parquet files, and tar shards, become plain rows, each tagged
-with where it came from; a row that cannot be parsed becomes an error row instead of stopping the
-read."""
+"""Manifest readers: JSONL, CSV (either may be gzipped) and Parquet files, and tar shards, become
+plain rows, each tagged with where it came from; a row that cannot be parsed becomes an error row
+instead of stopping the read."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import posixpath
@@ -14,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -26,6 +28,28 @@ from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS
 # errors, OSError, and UnicodeDecodeError (a ValueError) for a column name that is not UTF-8.
 _UNREADABLE_PARQUET = (pa.ArrowException, OSError, ValueError)
 
+# What gzip raises for a damaged stream: BadGzipFile for bytes that are not gzip or fail the
+# checksum or length check at its end, EOFError for a stream cut short, zlib.error for corrupt
+# compressed data. Reading a plain file raises none of them: its I/O errors still escape as before.
+_UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+
+# Each accepted extension and the format it names; a manifest matches the first suffix it ends with.
+_FORMATS = (
+    (".jsonl", "jsonl"),
+    (".json", "jsonl"),
+    (".ndjson", "jsonl"),
+    (".jsonl.gz", "jsonl"),
+    (".json.gz", "jsonl"),
+    (".ndjson.gz", "jsonl"),
+    (".csv", "csv"),
+    (".csv.gz", "csv"),
+    (".parquet", "parquet"),
+    (".pq", "parquet"),
+    (".tar", "tar"),
+    (".tar.gz", "tar"),
+    (".tgz", "tar"),
+)
+
 
 @dataclass(frozen=True)
 class ManifestRow:
@@ -36,20 +60,11 @@ class ManifestRow:
 
 def manifest_format(path: str) -> str:
     lowered = path.lower()
-    for suffix, kind in (
-        (".jsonl", "jsonl"),
-        (".json", "jsonl"),
-        (".ndjson", "jsonl"),
-        (".csv", "csv"),
-        (".parquet", "parquet"),
-        (".pq", "parquet"),
-        (".tar", "tar"),
-        (".tar.gz", "tar"),
-        (".tgz", "tar"),
-    ):
+    for suffix, kind in _FORMATS:
         if lowered.endswith(suffix):
             return kind
-    raise ValueError(f"cannot tell the manifest format of {path!r}: use .jsonl, .csv, .parquet or .tar")
+    accepted = ", ".join(suffix for suffix, _ in _FORMATS)
+    raise ValueError(f"cannot tell the manifest format of {path!r}: use one of {accepted}")
 
 
 def declared_column_types(path: str) -> dict[str, pa.DataType] | None:
@@ -80,64 +95,91 @@ def _row_error(exc: ManifestError, source: str) -> ErrorRow:
     return ErrorRow.from_exception(exc, record_id=None, modality=None, source=source)
 
 
+def _unreadable(path: str, what: str, exc: Exception, lost: str = "", record_id: str | None = None) -> ErrorRow:
+    """The one error row of a file that cannot be read past some damage (corrupt, truncated, not
+    in its format): the rows read before it stay, and this row stands for all the rest."""
+    error = ManifestError(f"the {what} cannot be read: {exc}{lost}", error_type="unreadable_manifest")
+    return ErrorRow.from_exception(error, record_id=record_id, modality=None, source=path)
+
+
+def _unreadable_gzip(path: str, exc: Exception, lines_read: int) -> ErrorRow:
+    lost = f"; the lines after line {lines_read} are lost" if lines_read else ""
+    return _unreadable(path, "gzip stream", exc, lost)
+
+
+def _open_text_manifest(path: str) -> Any:
+    """A JSONL or CSV manifest's bytes, gunzipped when its name ends in ".gz". fsspec.open, not
+    ``fs.open``: only its context closes the file under the gzip reader too."""
+    return fsspec.open(path, "rb", compression="infer")
+
+
 def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
-    fs, fs_path = url_to_fs(path)
-    with fs.open(fs_path, "rb") as raw:
-        for number, raw_line in enumerate(raw, 1):
-            source = f"{path}:{number}"
-            try:
-                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield _row_error(
-                    ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8"), source
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except (ValueError, RecursionError) as exc:
-                # ValueError: JSONDecodeError, and integers over Python's 4300-digit limit;
-                # RecursionError: nesting deeper than the interpreter's stack.
-                yield _row_error(ManifestError(f"malformed JSON: {exc}", error_type="malformed_json"), source)
-                continue
-            if not isinstance(data, dict):
-                yield _row_error(ManifestError("a JSONL line must hold an object", error_type="malformed_json"), source)
-                continue
-            yield ManifestRow(data, source)
+    number = 0
+    with _open_text_manifest(path) as raw:
+        try:
+            for number, raw_line in enumerate(raw, 1):
+                source = f"{path}:{number}"
+                try:
+                    line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    error = ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8")
+                    yield _row_error(error, source)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    # ValueError: JSONDecodeError, and integers over Python's 4300-digit limit;
+                    # RecursionError: nesting deeper than the interpreter's stack.
+                    yield _row_error(ManifestError(f"malformed JSON: {exc}", error_type="malformed_json"), source)
+                    continue
+                if not isinstance(data, dict):
+                    error = ManifestError("a JSONL line must hold an object", error_type="malformed_json")
+                    yield _row_error(error, source)
+                    continue
+                yield ManifestRow(data, source)
+        except _UNREADABLE_GZIP as exc:
+            yield _unreadable_gzip(path, exc, number)
 
 
 def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
-    fs, fs_path = url_to_fs(path)
-    with fs.open(fs_path, "rb") as raw:
+    with _open_text_manifest(path) as raw:
         reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline=""))
-        # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
-        # the read goes on with the next line; a header that cannot be parsed ends the file.
         try:
-            if reader.fieldnames is None:  # an empty file
-                return
-        except csv.Error as exc:
-            error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
-            yield _row_error(error, f"{path}:{reader.reader.line_num}")
+            yield from _csv_rows(reader, path)
+        except _UNREADABLE_GZIP as exc:
+            yield _unreadable_gzip(path, exc, reader.reader.line_num)  # DictReader's lags on errors
+
+
+def _csv_rows(reader: csv.DictReader[str], path: str) -> Iterator[ManifestRow | ErrorRow]:
+    # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
+    # the read goes on with the next line; a header that cannot be parsed ends the file.
+    try:
+        if reader.fieldnames is None:  # an empty file
             return
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-                yield _row_error(error, f"{path}:{reader.reader.line_num}")  # DictReader's lags on errors
-                continue
-            source = f"{path}:{reader.line_num}"
-            if None in row or any(value is None for value in row.values()):
-                yield _row_error(
-                    ManifestError("the row's field count does not match the header", error_type="malformed_csv"),
-                    source,
-                )
-                continue
-            # CSV has no nulls: an empty cell means the value is absent.
-            yield ManifestRow({key: (value if value != "" else None) for key, value in row.items()}, source)
+    except csv.Error as exc:
+        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
+        yield _row_error(error, f"{path}:{reader.reader.line_num}")
+        return
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
+            yield _row_error(error, f"{path}:{reader.reader.line_num}")  # DictReader's lags on errors
+            continue
+        source = f"{path}:{reader.line_num}"
+        if None in row or any(value is None for value in row.values()):
+            yield _row_error(
+                ManifestError("the row's field count does not match the header", error_type="malformed_csv"),
+                source,
+            )
+            continue
+        # CSV has no nulls: an empty cell means the value is absent.
+        yield ManifestRow({key: (value if value != "" else None) for key, value in row.items()}, source)
 
 
 def _read_parquet(path: str) -> Iterator[ManifestRow | ErrorRow]:
@@ -152,8 +194,7 @@ def _read_parquet(path: str) -> Iterator[ManifestRow | ErrorRow]:
                     yield _row_error(data, source) if isinstance(data, ManifestError) else ManifestRow(data, source)
         except _UNREADABLE_PARQUET as exc:
             # A corrupt or truncated file cannot be read row by row: the rest of it is one error row.
-            error = ManifestError(f"the Parquet file cannot be read: {exc}", error_type="unreadable_manifest")
-            yield _row_error(error, path)
+            yield _unreadable(path, "Parquet file", exc)
 
 
 def _batch_rows(batch: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
@@ -271,8 +312,7 @@ def _read_tar(path: str, max_member_bytes: int | None) -> Iterator[ManifestRow |
             # A corrupt or truncated shard cannot be read past the damage; the sample being read
             # is lost with the rest, and this one error row says so.
             lost = f"; sample {sample.key!r} and any after it are lost" if sample is not None else ""
-            error = ManifestError(f"the tar file cannot be read: {exc}{lost}", error_type="unreadable_manifest")
-            yield ErrorRow.from_exception(error, record_id=sample.key if sample else None, modality=None, source=path)
+            yield _unreadable(path, "tar file", exc, lost, sample.key if sample else None)
             return
     if sample is not None:
         yield sample.row()

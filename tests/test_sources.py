@@ -1,6 +1,10 @@
-"""Tests for mmfeatures.sources: JSONL, CSV and Parquet manifests and tar shards, from real files
-and memory://."""
+"""Tests for mmfeatures.sources: JSONL, CSV (plain and gzipped) and Parquet manifests and tar
+shards, from real files and memory://."""
 
+import gzip
+import json
+import random
+import string
 import tarfile
 import uuid
 from collections.abc import Iterable
@@ -73,10 +77,12 @@ def test_jsonl_order_is_file_order(tmp_path):
     assert [r.source for r in rows] == [f"{path}:{i + 1}" for i in range(50)]
 
 
-def test_jsonl_from_memory_url():
-    url = f"memory://sources-{uuid.uuid4().hex}/m.jsonl"
+@pytest.mark.parametrize("name", ["m.jsonl", "m.jsonl.gz"])
+def test_jsonl_from_memory_url(name):
+    url = f"memory://sources-{uuid.uuid4().hex}/{name}"
+    data = b'{"id": "a", "text": "t"}\n\nnot json\n{"id": 2}\n'
     with fsspec.open(url, "wb") as handle:
-        handle.write(b'{"id": "a", "text": "t"}\n\nnot json\n{"id": 2}\n')
+        handle.write(gzip.compress(data) if name.endswith(".gz") else data)
     rows, errors = split(list(read_manifest(url)))
     assert [(r.data, r.source) for r in rows] == [
         ({"id": "a", "text": "t"}, f"{url}:1"),
@@ -110,10 +116,12 @@ def test_csv_empty_cells_are_none_and_bad_rows_are_errors(tmp_path):
     ]
 
 
-def test_csv_from_memory_url():
-    url = f"memory://sources-{uuid.uuid4().hex}/m.CSV"
+@pytest.mark.parametrize("name", ["m.CSV", "m.csv.gz"])
+def test_csv_from_memory_url(name):
+    url = f"memory://sources-{uuid.uuid4().hex}/{name}"
+    data = b"id,text\nx,one\ny,\n"
     with fsspec.open(url, "wb") as handle:
-        handle.write(b"id,text\nx,one\ny,\n")
+        handle.write(gzip.compress(data) if name.endswith(".gz") else data)
     rows, errors = split(list(read_manifest(url)))
     assert errors == []
     assert [(r.data, r.source) for r in rows] == [
@@ -134,6 +142,85 @@ def test_utf8_byte_order_mark_is_not_part_of_the_data(tmp_path):
         {"id": "a", "text": "t"},
         {"id": "b", "text": "\ufeff"},
     ]
+
+
+# -- gzipped JSONL and CSV ---------------------------------------------------------------------
+
+# Manifests holding every case their readers tell apart: a leading BOM, blank lines, bad rows.
+JSONL_CASES = (
+    '\ufeff{"id": "a", "text": "t"}\n\n   \nnot json\n{"id": "b", "text": "\ufeff"}\n'.encode()
+    + b'{"id": "c", "text": "\xff"}\n[1]\n{"id": "d"}'
+)
+CSV_CASES = "\ufeffid,text\na,h\u00e9llo\nb,too,many\nc,\n".encode()
+
+
+def long_manifest(name: str) -> bytes:
+    """400 good rows of random text, which gzip cannot shrink much: half of the compressed stream
+    still holds many of them."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choices(string.ascii_lowercase, k=60)) for _ in range(400)]
+    if ".csv" in name:
+        return ("id,text\n" + "".join(f"r{i},{text}\n" for i, text in enumerate(texts))).encode()
+    return "".join(json.dumps({"id": f"r{i}", "text": text}) + "\n" for i, text in enumerate(texts)).encode()
+
+
+def relative(items: Iterable[ManifestRow | ErrorRow], path: Path) -> list[tuple[object, ...]]:
+    """What a read gave, each source without the file's path: reads of two files compare equal."""
+    return [
+        (item.data, item.source.removeprefix(str(path)))
+        if isinstance(item, ManifestRow)
+        else (item.error_type, item.message, (item.source or "").removeprefix(str(path)))
+        for item in items
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("m.jsonl", JSONL_CASES), ("m.ndjson", JSONL_CASES), ("m.json", JSONL_CASES), ("m.csv", CSV_CASES)],
+)
+def test_a_gzipped_manifest_reads_as_the_same_manifest_uncompressed(tmp_path, name, content):
+    plain, gzipped = tmp_path / name, tmp_path / f"{name}.gz"
+    plain.write_bytes(content)
+    gzipped.write_bytes(gzip.compress(content))
+    expected = list(read_manifest(str(plain)))
+    rows, errors = split(expected)
+    assert rows and errors  # the cases above give both
+    assert relative(list(read_manifest(str(gzipped))), gzipped) == relative(expected, plain)
+
+
+@pytest.mark.parametrize("name", ["m.jsonl.gz", "m.csv.gz"])
+@pytest.mark.parametrize("damage", ["truncated", "bad checksum"])
+def test_a_damaged_gzip_stream_keeps_the_rows_before_and_ends_in_one_error_row(tmp_path, name, damage):
+    content = long_manifest(name)
+    whole = gzip.compress(content)
+    if damage == "truncated":
+        data = whole[: len(whole) // 2]
+    else:  # the trailer's CRC-32: every row inflates, the check at the end fails
+        data = whole[:-8] + bytes(byte ^ 0xFF for byte in whole[-8:-4]) + whole[-4:]
+    path = tmp_path / name
+    path.write_bytes(data)
+    plain = tmp_path / name.removesuffix(".gz")
+    plain.write_bytes(content)
+    everything = relative(rows_only(read_manifest(str(plain))), plain)
+
+    *items, error = read_manifest(str(path))
+    rows = rows_only(items)
+    assert relative(rows, path) == everything[: len(rows)]
+    assert 0 < len(rows) < len(everything) if damage == "truncated" else len(rows) == len(everything)
+    assert isinstance(error, ErrorRow)
+    assert (error.id, error.modality, error.stage, error.error_type) == (None, None, Stage.READ, "unreadable_manifest")
+    last_line = rows[-1].source.rsplit(":", 1)[1]
+    assert error.source == str(path) and error.message.endswith(f"; the lines after line {last_line} are lost")
+
+
+@pytest.mark.parametrize("name, content", [("m.jsonl.gz", b'{"id": "a"}\n'), ("m.csv.gz", b"id\na\n")])
+def test_a_file_named_gz_that_is_not_gzip_is_one_error_row(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    (error,) = read_manifest(str(path))
+    assert isinstance(error, ErrorRow)
+    assert (error.id, error.error_type, error.source) == (None, "unreadable_manifest", str(path))
+    assert error.message.startswith("the gzip stream cannot be read: ")
 
 
 # -- Parquet -----------------------------------------------------------------------------------
@@ -185,18 +272,23 @@ def test_parquet_from_memory_url():
         ("s.tar", "tar"),
         ("gs://b/s-0001.tar.gz", "tar"),
         ("s.TGZ", "tar"),
+        ("a.jsonl.gz", "jsonl"),
+        ("gs://b/a.NDJSON.GZ", "jsonl"),
+        ("a.json.gz", "jsonl"),
+        ("memory://b/a.csv.gz", "csv"),
     ],
 )
 def test_manifest_format(path, kind):
     assert manifest_format(path) == kind
 
 
-@pytest.mark.parametrize("name", ["m.txt", "m.tsv", "m", "m.jsonl.gz"])
+@pytest.mark.parametrize("name", ["m.txt", "m.tsv", "m", "m.gz", "m.jsonl.bz2", "m.parquet.gz"])
 def test_unknown_extension_is_value_error(tmp_path, name):
     path = tmp_path / name
     path.write_text('{"id": "a"}\n')
-    with pytest.raises(ValueError, match="manifest format"):
+    with pytest.raises(ValueError, match="manifest format") as raised:
         list(read_manifest(str(path)))
+    assert ".jsonl.gz" in str(raised.value) and ".csv.gz" in str(raised.value)  # it lists what would do
 
 
 def test_jsonl_line_that_is_not_utf8_is_an_error_row_and_the_rest_is_read(tmp_path):
