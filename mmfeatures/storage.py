@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import aiohttp
 import fsspec
 from apache_beam.utils import retry
+from braceexpand import braceexpand
 from fsspec.core import url_to_fs
 
 from mmfeatures.errors import ConfigurationError, FetchError
@@ -132,10 +133,12 @@ class LocationPolicy:
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
-    """Expand paths and globs into a sorted list of files; fail before any work if one matches
-    nothing, since a scheduled job silently reading zero files is worse than a clear failure."""
+    """Expand paths, globs and brace patterns (WebDataset's ``shards/part-{000000..000099}.tar``,
+    or ``{train,val}/*.jsonl``) into files, each pattern's sorted; fail before any work if one
+    matches nothing (a brace pattern: if any of its names does), since a scheduled job silently
+    reading fewer files than it was given is worse than a clear failure."""
     files: list[str] = []
-    for pattern in patterns:
+    for pattern in (expanded for given in patterns for expanded in braceexpand(given)):
         try:
             fs, _ = url_to_fs(pattern)
             matches = sorted(fs.glob(pattern)) if fsspec.core.has_magic(pattern) else [pattern]

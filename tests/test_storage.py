@@ -89,6 +89,35 @@ def test_expand_nothing_matched_in_memory(memory_dir):
         storage.expand_inputs([f"{memory_dir}/*.jsonl"])
 
 
+def test_expand_webdataset_brace_patterns_locally_and_remotely(tmp_path, memory_dir):
+    """``part-{000000..000002}.tar`` names each shard, as WebDataset and img2dataset write them."""
+    for index in range(4):
+        (tmp_path / f"part-{index:06d}.tar").write_bytes(b"")
+        with fsspec.open(f"{memory_dir}/part-{index:06d}.tar", "wb") as handle:
+            handle.write(b"")
+    local = storage.expand_inputs([str(tmp_path / "part-{000000..000002}.tar")])
+    assert local == [str(tmp_path / f"part-{index:06d}.tar") for index in range(3)]
+    remote = storage.expand_inputs([f"{memory_dir}/part-{{000001..000003}}.tar"])
+    assert [path.rsplit("/", 1)[1] for path in remote] == [f"part-{index:06d}.tar" for index in (1, 2, 3)]
+    assert all(path.startswith("memory://") for path in remote)
+
+
+def test_expand_braces_with_globs_in_the_order_written(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        for name in ("b.jsonl", "a.jsonl"):
+            (tmp_path / split / name).write_text("{}\n")
+    result = storage.expand_inputs([str(tmp_path / "{val,train}" / "*.jsonl")])
+    assert result == [str(tmp_path / split / name) for split in ("val", "train") for name in ("a.jsonl", "b.jsonl")]
+
+
+def test_a_brace_pattern_with_a_missing_shard_fails_before_any_work(tmp_path):
+    for index in (0, 1, 3):
+        (tmp_path / f"part-{index:06d}.tar").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="part-000002.tar' matches no file"):
+        storage.expand_inputs([str(tmp_path / "part-{000000..000003}.tar")])
+
+
 # -- read_bytes --------------------------------------------------------------------------------
 
 
