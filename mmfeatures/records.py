@@ -94,7 +94,9 @@ def _require_unicode(column: str, value: Any) -> None:
             _require_unicode(column, item)
 
 
-def _label(row: Mapping[str, Any]) -> str | None:
+def row_label(row: Mapping[str, Any]) -> str | None:
+    """A row's label as the job stores it: a string, integers (and the floats pandas makes of them)
+    as their decimal string; raises ``ValidationError`` for a value no label can be."""
     value = row.get("label")
     if isinstance(value, float) and not _is_missing(value):  # pandas stores int labels with gaps as float
         return str(int(value)) if value.is_integer() else str(value)
@@ -150,7 +152,7 @@ def parse_record(
         source=source,
         manifest_dir=manifest_dir,
         payloads=payloads,
-        label=_label(row),
+        label=row_label(row),
         split=_optional_string(row, "split"),
         carried={carried_column_name(key): value for key, value in row.items() if key not in reserved},
         rejected=tuple(

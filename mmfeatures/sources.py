@@ -4,9 +4,11 @@ instead of stopping the read."""
 
 from __future__ import annotations
 
+import _csv
 import csv
 import gzip
 import io
+import itertools
 import json
 import posixpath
 import tarfile
@@ -20,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from mmfeatures.errors import ErrorRow, ManifestError, RecordError
+from mmfeatures.errors import ErrorRow, ManifestError, RecordError, ValidationError
 from mmfeatures.limits import check_size
-from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS
+from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS, row_label
 
 # What pyarrow raises for a corrupt or truncated Parquet file: ArrowInvalid and the other Arrow
 # errors, OSError, and UnicodeDecodeError (a ValueError) for a column name that is not UTF-8.
@@ -32,6 +34,10 @@ _UNREADABLE_PARQUET = (pa.ArrowException, OSError, ValueError)
 # checksum or length check at its end, EOFError for a stream cut short, zlib.error for corrupt
 # compressed data. Reading a plain file raises none of them: its I/O errors still escape as before.
 _UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+
+# The delimiters a CSV's header line is sniffed for, and how much of the line the sniffer reads.
+_CSV_DELIMITERS = ",;\t|"
+_SNIFF_CHARS = 4096
 
 # Each accepted extension and the format it names; a manifest matches the first suffix it ends with.
 _FORMATS = (
@@ -145,41 +151,78 @@ def _read_jsonl(path: str) -> Iterator[ManifestRow | ErrorRow]:
 
 def _read_csv(path: str) -> Iterator[ManifestRow | ErrorRow]:
     with _open_text_manifest(path) as raw:
-        reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline=""))
+        # surrogateescape, not replace: a byte that is not UTF-8 (a spreadsheet saved as cp1252)
+        # stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        reader: _csv.Reader | None = None
         try:
+            header_line = text.readline()
+            reader = csv.reader(itertools.chain([header_line], text), delimiter=_sniff_delimiter(header_line))
             yield from _csv_rows(reader, path)
         except _UNREADABLE_GZIP as exc:
-            yield _unreadable_gzip(path, exc, reader.reader.line_num)  # DictReader's lags on errors
+            yield _unreadable_gzip(path, exc, reader.line_num if reader is not None else 0)
 
 
-def _csv_rows(reader: csv.DictReader[str], path: str) -> Iterator[ManifestRow | ErrorRow]:
-    # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
-    # the read goes on with the next line; a header that cannot be parsed ends the file.
+def _sniff_delimiter(header_line: str) -> str:
+    """The delimiter of a CSV's header line: spreadsheets in many European locales write ";". The
+    sniffer prefers "," when the line holds several, and only reads the line's start: its regular
+    expressions take time quadratic in their sample."""
     try:
-        if reader.fieldnames is None:  # an empty file
-            return
+        return csv.Sniffer().sniff(header_line[:_SNIFF_CHARS], delimiters=_CSV_DELIMITERS).delimiter
+    except csv.Error:  # no delimiter at all: a single column, or an empty file
+        return ","
+
+
+def _not_utf8(cells: list[str]) -> str | None:
+    """Why cells read with surrogateescape were not UTF-8 in the file, None when they were: the
+    escaped bytes, put back, meet the strict decoder, which names the first bad one."""
+    for number, cell in enumerate(cells, 1):
+        try:
+            cell.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"column {number}: {exc}"
+    return None
+
+
+def _csv_rows(reader: _csv.Reader, path: str) -> Iterator[ManifestRow | ErrorRow]:
+    # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
+    # the read goes on with the next line; a header that cannot be parsed or decoded ends the file.
+    try:
+        header = next(reader, [])  # an empty file has no columns, and no rows
     except csv.Error as exc:
         error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
-        yield _row_error(error, f"{path}:{reader.reader.line_num}")
+        yield _row_error(error, f"{path}:{reader.line_num}")
+        return
+    reason = _not_utf8(header)
+    if reason is not None:
+        error = ManifestError(
+            f"the CSV header is not valid UTF-8, so no row of the file is read (save it as UTF-8): {reason}",
+            error_type="invalid_utf8",
+        )
+        yield _row_error(error, f"{path}:{reader.line_num}")
         return
     while True:
         try:
-            row = next(reader)
+            cells = next(reader)
         except StopIteration:
             break
         except csv.Error as exc:
             error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-            yield _row_error(error, f"{path}:{reader.reader.line_num}")  # DictReader's lags on errors
+            yield _row_error(error, f"{path}:{reader.line_num}")
             continue
         source = f"{path}:{reader.line_num}"
-        if None in row or any(value is None for value in row.values()):
-            yield _row_error(
-                ManifestError("the row's field count does not match the header", error_type="malformed_csv"),
-                source,
-            )
+        if not any(cells):  # an empty line, or one of the blank rows ",,," spreadsheets append
+            continue
+        if len(cells) != len(header):
+            error = ManifestError("the row's field count does not match the header", error_type="malformed_csv")
+            yield _row_error(error, source)
+            continue
+        reason = _not_utf8(cells)
+        if reason is not None:
+            yield _row_error(ManifestError(f"the row is not valid UTF-8: {reason}", error_type="invalid_utf8"), source)
             continue
         # CSV has no nulls: an empty cell means the value is absent.
-        yield ManifestRow({key: (value if value != "" else None) for key, value in row.items()}, source)
+        yield ManifestRow({key: value or None for key, value in zip(header, cells, strict=True)}, source)
 
 
 def _read_parquet(path: str) -> Iterator[ManifestRow | ErrorRow]:
@@ -257,6 +300,8 @@ class _Sample:
         self.error: ManifestError | None = None
 
     def fill(self, column: str, value: Any) -> None:
+        if column == "label" and column in self.data and _same_label(self.data[column], value):
+            return  # the ".cls" member and the ".json" member's "label" agree: one label, no conflict
         if self._claim(column):
             self.data[column] = value
 
@@ -279,6 +324,14 @@ class _Sample:
         if self.error is not None:
             return ErrorRow.from_exception(self.error, record_id=self.key, modality=None, source=self.source)
         return ManifestRow(self.data, self.source, self.rejected)
+
+
+def _same_label(first: Any, second: Any) -> bool:
+    """Whether two label values are the one string the job stores: a JSON 3 is the ".cls" "3"."""
+    try:
+        return row_label({"label": first}) == row_label({"label": second})
+    except ValidationError:  # a value no label can be (a list, an object): not the same label
+        return False
 
 
 def _read_tar(path: str, max_member_bytes: int | None) -> Iterator[ManifestRow | ErrorRow]:

@@ -1,6 +1,7 @@
 """Tests for mmfeatures.sources: JSONL, CSV (plain and gzipped) and Parquet manifests and tar
 shards, from real files and memory://."""
 
+import csv
 import gzip
 import json
 import random
@@ -9,7 +10,7 @@ import tarfile
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmfeatures.errors import ErrorRow, Stage
+from mmfeatures.records import parse_record
 from mmfeatures.sources import ManifestRow, manifest_format, read_manifest
 from tests.tar_shards import Member, build_tar
 
@@ -144,14 +146,113 @@ def test_utf8_byte_order_mark_is_not_part_of_the_data(tmp_path):
     ]
 
 
+def write_csv(path: Path, rows: list[list[str]], *, encoding: str = "utf-8", mode: str = "w", **fmt: Any) -> None:
+    """Rows as Python's csv module writes them (a spreadsheet's "\\r\\n", quotes where needed)."""
+    with open(path, mode, encoding=encoding, newline="") as handle:
+        csv.writer(handle, **fmt).writerows(rows)
+
+
+def test_csv_saved_as_cp1252_refuses_each_row_that_is_not_utf8(tmp_path):
+    """Excel's "CSV" on Windows is cp1252: each row holding such bytes is an error row, no row is
+    read with replacement characters, and the UTF-8 rows around it are read."""
+    path = tmp_path / "excel.csv"
+    write_csv(
+        path, [["id", "text"], ["a", "plain"], ["b", "caf\u00e9"], ["c", "na\u00efve"], ["d", "ok"]], encoding="cp1252"
+    )
+    rows, errors = split(list(read_manifest(str(path))))
+    assert [(r.data, r.source) for r in rows] == [
+        ({"id": "a", "text": "plain"}, f"{path}:2"),
+        ({"id": "d", "text": "ok"}, f"{path}:5"),
+    ]
+    assert [(e.source, e.error_type, e.stage, e.id) for e in errors] == [
+        (f"{path}:3", "invalid_utf8", Stage.READ, None),
+        (f"{path}:4", "invalid_utf8", Stage.READ, None),
+    ]
+    assert "column 2" in errors[0].message and "0xe9" in errors[0].message
+    assert "0xef" in errors[1].message
+
+
+def test_csv_not_utf8_keeps_the_bom_and_multi_line_fields_working(tmp_path):
+    path = tmp_path / "mixed.csv"
+    write_csv(path, [["id", "text"], ["a", "line one\nline two"], ["b", "h\u00e9llo"]], encoding="utf-8-sig")
+    write_csv(path, [["c", "caf\u00e9\nsecond line"], ["d", "after"]], encoding="cp1252", mode="a")
+    rows, errors = split(list(read_manifest(str(path))))
+    assert [(r.data, r.source) for r in rows] == [
+        ({"id": "a", "text": "line one\nline two"}, f"{path}:3"),  # a multi-line row's source is its last line
+        ({"id": "b", "text": "h\u00e9llo"}, f"{path}:4"),
+        ({"id": "d", "text": "after"}, f"{path}:7"),
+    ]
+    assert [(e.source, e.error_type) for e in errors] == [(f"{path}:6", "invalid_utf8")]
+
+
+def test_csv_header_not_utf8_is_one_error_row_for_the_file(tmp_path):
+    path = tmp_path / "header.csv"
+    write_csv(path, [["id", "cat\u00e9gorie"], ["a", "x"], ["b", "y"]], encoding="cp1252")
+    (error,) = read_manifest(str(path))
+    assert isinstance(error, ErrorRow)
+    assert (error.id, error.stage, error.error_type, error.source) == (None, Stage.READ, "invalid_utf8", f"{path}:1")
+    assert "header" in error.message and "0xe9" in error.message
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_csv_delimiter_is_sniffed_from_the_header(tmp_path, delimiter):
+    """European spreadsheets write ";" (their decimal comma stays inside a cell)."""
+    path = tmp_path / "m.csv"
+    write_csv(path, [["id", "text", "score"], ["a", "one, two", "3,5"], ["b", "", "1,25"]], delimiter=delimiter)
+    assert [(r.data, r.source) for r in rows_only(read_manifest(str(path)))] == [
+        ({"id": "a", "text": "one, two", "score": "3,5"}, f"{path}:2"),
+        ({"id": "b", "text": None, "score": "1,25"}, f"{path}:3"),
+    ]
+
+
+def test_csv_quoted_semicolon_header_is_sniffed(tmp_path):
+    path = tmp_path / "m.csv"
+    write_csv(path, [["id", "text"], ["a", "x,y"]], delimiter=";", quoting=csv.QUOTE_ALL)
+    assert [r.data for r in rows_only(read_manifest(str(path)))] == [{"id": "a", "text": "x,y"}]
+
+
+@pytest.mark.parametrize("header", [["id", "text"], ["id", "notes; more"], ["id"]])
+def test_comma_csv_holding_semicolons_stays_comma_separated(tmp_path, header):
+    """Semicolons in the text, even in a column name, do not make a comma file ";"-separated; a
+    single column, where the header has no delimiter to sniff, reads as ","."""
+    path = tmp_path / "m.csv"
+    values = ["a;b", "x; y; z"][: len(header)]
+    write_csv(path, [header, values])
+    assert [r.data for r in rows_only(read_manifest(str(path)))] == [dict(zip(header, values, strict=True))]
+
+
+def test_csv_blank_rows_are_skipped(tmp_path):
+    """Spreadsheets append rows of empty cells (",,"), and files end in empty lines: neither is a row."""
+    path = tmp_path / "m.csv"
+    write_csv(path, [["id", "text", "label"], ["a", "t", ""], ["", "", ""], [], ["b", "", "3"], ["", "", ""], [""], []])
+    with open(path, "a") as handle:
+        handle.write(",,\n\n")
+    assert [(r.data, r.source) for r in rows_only(read_manifest(str(path)))] == [
+        ({"id": "a", "text": "t", "label": None}, f"{path}:2"),
+        ({"id": "b", "text": None, "label": "3"}, f"{path}:5"),
+    ]
+    # a row with any cell filled is a row: without an id it is the validator's missing_id
+    write_csv(path, [["", "orphan", ""]], mode="a")
+    assert rows_only(read_manifest(str(path)))[-1].data == {"id": None, "text": "orphan", "label": None}
+
+
+def test_csv_header_the_sniffer_would_take_minutes_over_is_read_quickly(tmp_path):
+    """The sniffer's regular expressions are quadratic in their sample: only the header's start is sniffed."""
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id;text" + b';"a' * 70_000 + b"\nb;c\n")
+    (error,) = read_manifest(str(path))
+    assert isinstance(error, ErrorRow) and (error.error_type, error.source) == ("malformed_csv", f"{path}:2")
+
+
 # -- gzipped JSONL and CSV ---------------------------------------------------------------------
 
-# Manifests holding every case their readers tell apart: a leading BOM, blank lines, bad rows.
+# Manifests holding every case their readers tell apart: a leading BOM, blank lines, bad rows, bytes
+# that are not UTF-8; the CSV is ";"-separated, with a blank row.
 JSONL_CASES = (
     '\ufeff{"id": "a", "text": "t"}\n\n   \nnot json\n{"id": "b", "text": "\ufeff"}\n'.encode()
     + b'{"id": "c", "text": "\xff"}\n[1]\n{"id": "d"}'
 )
-CSV_CASES = "\ufeffid,text\na,h\u00e9llo\nb,too,many\nc,\n".encode()
+CSV_CASES = "\ufeffid;text\na;h\u00e9llo\nb;too;many\nc;\n;\n".encode() + b"d;caf\xe9\ne;x\n"
 
 
 def long_manifest(name: str) -> bytes:
@@ -415,6 +516,29 @@ def test_tar_member_problems_are_error_rows(tmp_path):
         ("h", "file_too_large", f"{path}:h"),
     ]
     assert all(e.stage == Stage.READ and e.modality is None for e in errors)
+
+
+@pytest.mark.parametrize("cls, label", [(b"3", 3), (b"3", 3.0), (b" 3\n", "3"), (b"cat", "cat")])
+def test_tar_cls_and_json_label_that_agree_are_one_label(tmp_path, cls, label):
+    """A ".cls" member and the ".json" member's "label" that the job stores as one string (labels are
+    kept as strings: JSON's 3 is "3") are not a conflict, whichever comes first."""
+    as_json = Member("s.json", json.dumps({"label": label, "split": "train"}).encode())
+    for members in ([Member("s.cls", cls), as_json], [as_json, Member("s.cls", cls)]):
+        _, (rows, errors) = read_tar(tmp_path, [Member("s.txt", b"words"), *members])
+        assert errors == []
+        (row,) = rows
+        record = parse_record(row.data, source=row.source, manifest_dir=str(tmp_path))
+        assert (record.id, record.label, record.split) == ("s", cls.decode().strip(), "train")
+
+
+@pytest.mark.parametrize("label", [4, "dog", "3.0", [3], None])
+def test_tar_cls_and_json_label_that_differ_are_a_conflict(tmp_path, label):
+    path, (rows, errors) = read_tar(
+        tmp_path,
+        [Member("s.txt", b"words"), Member("s.cls", b"3"), Member("s.json", json.dumps({"label": label}).encode())],
+    )
+    assert rows == []
+    assert [(e.id, e.error_type, e.source) for e in errors] == [("s", "conflicting_member", f"{path}:s")]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
