@@ -472,15 +472,14 @@ def _verdict(device: str, figure: str, value: float, modality: str | None = None
     return f"{'pass' if met else 'FAIL'} ({direction} {bound:g})"
 
 
+def _build_inputs(settings: Settings, modality: str, count: int, seed: int, log_name: str) -> InputSet:
+    """``count`` records of ``modality``, built (or found kept) in a child process."""
+    folder = _inputs_folder(settings, modality, seed)
+    return _in_child(build_input_set, _log(settings, log_name), modality, folder, count, seed)
+
+
 def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
-    inputs = _in_child(
-        build_input_set,
-        _log(settings, f"inputs-{modality}"),
-        modality,
-        _inputs_folder(settings, modality, seed),
-        count,
-        seed,
-    )
+    inputs = _build_inputs(settings, modality, count, seed, f"inputs-{modality}")
     parts: dict[str, list[Measured]] = {step: [] for step in STEPS}
     for step, part in _run_order(count):
         what = STEP_TITLES[step] if part is None else f"{STEP_TITLES[step]}, records {part.start} to {part.stop}"
@@ -515,14 +514,7 @@ def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dic
     runs = {}
     for records in (count, SCALING_FACTOR * count):
         print(f"  scaling: the job on {records} {modality} records ...", flush=True)
-        inputs = _in_child(
-            build_input_set,
-            _log(settings, f"inputs-scaling-{records}"),
-            modality,
-            _inputs_folder(settings, modality, seed),
-            records,
-            seed,
-        )
+        inputs = _build_inputs(settings, modality, records, seed, f"inputs-scaling-{records}")
         runs[records] = _in_child(measure_job, _log(settings, f"scaling-{records}"), inputs, settings)
     small, large = runs[count], runs[SCALING_FACTOR * count]
     return {

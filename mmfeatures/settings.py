@@ -36,8 +36,11 @@ PREPARE_AHEAD = {"cpu": 256, "cuda": 2048}
 
 
 def device_type(device: str) -> str:
-    """``cpu`` or ``cuda`` (for ``cuda:1`` too)."""
-    return device.split(":", 1)[0]
+    """``cpu`` or ``cuda`` (for ``cuda:1`` too); a ``ValueError`` for any other device."""
+    kind = device.split(":", 1)[0]
+    if kind not in MICRO_BATCH_SIZES:
+        raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {device!r}")
+    return kind
 
 
 def _per_device_and_modality(table: dict[str, dict[str, int]], device: str, modality: str) -> int:
@@ -69,8 +72,7 @@ class InferenceSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}")
-        if device_type(self.device) not in MICRO_BATCH_SIZES:
-            raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {self.device!r}")
+        device_type(self.device)  # refuses a device of no known type
         for name in ("max_batch_cost", "micro_batch_size", "micro_batches_per_batch", "prepare_ahead"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -91,8 +93,6 @@ class InferenceSettings:
         """The settings of ``modality`` (whose preprocessor weighs ``batch_cost`` values to a batch
         on a CPU) on ``device``: the given values, and the defaults above for the others."""
         kind = device_type(device)
-        if kind not in MICRO_BATCH_SIZES:
-            raise ValueError(f"--device must be cpu or cuda (or cuda:N), not {device!r}")
         return cls(
             device=device,
             precision=precision,
