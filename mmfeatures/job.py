@@ -3,6 +3,7 @@ modalities and their models, the fusion, the output layout, and the metadata the
 
 from __future__ import annotations
 
+import codecs
 import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,15 +19,17 @@ from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.limits import Limits
 from mmfeatures.modalities import MODALITIES, Preprocessor
 from mmfeatures.options import ExtractOptions, extract_option_values
-from mmfeatures.records import MODALITY_COLUMNS
+from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.settings import InferenceSettings
-from mmfeatures.sources import manifest_format
+from mmfeatures.sources import Input, ReadOptions, find_inputs
+from mmfeatures.sources.base import MEDIA_FOLDER
 
 
 @dataclass
 class Job:
-    inputs: list[str]
+    inputs: list[Input]
+    read_options: ReadOptions
     output: str
     preprocessors: dict[str, Preprocessor]
     settings: dict[str, InferenceSettings]
@@ -81,9 +84,14 @@ class Job:
             )
             for name in MODALITY_COLUMNS
         }
-        inputs = storage.expand_inputs(extract.input)
-        for path in inputs:
-            manifest_format(path)  # a format no reader takes is refused here, not by a failing worker
+        read_options = ReadOptions(
+            max_member_bytes=limits.max_bytes,
+            csv_encoding=_checked_encoding(extract.csv_encoding),
+            csv_delimiter=_checked_delimiter(extract.csv_delimiter),
+            label_from_folder=extract.label_from_folder,
+            columns=parse_column_map(extract.columns or ""),
+        )
+        inputs = find_inputs(extract.input)  # a format no reader takes is refused here, not by a worker
         preprocessors = {
             name: MODALITIES[name].preprocessor(getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS
         }
@@ -102,6 +110,7 @@ class Job:
         recorded.update({f"{name}_batch_cost": s.max_batch_cost for name, s in settings.items()})
         return cls(
             inputs=inputs,
+            read_options=read_options,
             output=extract.output,
             preprocessors=preprocessors,
             settings=settings,
@@ -172,7 +181,7 @@ class Job:
                 "models": self.models,
                 "fusion": self.fusion.describe(),
                 "options": self.options,
-                "inputs": self.inputs,
+                "inputs": [source.path for source in self.inputs],
                 "outputs": {"features": self.path("features"), "errors": self.path("errors")},
                 "started": self.started.isoformat(),
                 "package_version": __version__,
@@ -183,9 +192,29 @@ class Job:
 INPUTS_ROOT = "inputs"
 
 
-def _allowed_roots(roots: list[str], inputs: list[str]) -> list[str]:
-    """``--allowed_roots`` with ``inputs`` replaced by the folders of the manifests."""
+def _allowed_roots(roots: list[str], inputs: list[Input]) -> list[str]:
+    """``--allowed_roots`` with ``inputs`` replaced by the folders of the manifests (a folder of
+    media files is its own root)."""
+    folders = {
+        source.path.rstrip("/") if source.format == MEDIA_FOLDER else storage.parent(source.path) for source in inputs
+    }
     expanded: list[str] = []
     for root in roots:
-        expanded += sorted({storage.parent(path) for path in inputs}) if root == INPUTS_ROOT else [root]
+        expanded += sorted(folders) if root == INPUTS_ROOT else [root]
     return expanded
+
+
+def _checked_encoding(name: str | None) -> str | None:
+    if name is not None:
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"--csv-encoding: {name!r} is not an encoding Python knows") from None
+    return name
+
+
+def _checked_delimiter(delimiter: str | None) -> str | None:
+    delimiter = "\t" if delimiter == "tab" else delimiter  # a tab is hard to type in a shell
+    if delimiter is not None and len(delimiter) != 1:
+        raise ValueError(f"--csv-delimiter must be one character or 'tab', not {delimiter!r}")
+    return delimiter

@@ -32,8 +32,38 @@ class ExtractOptions(PipelineOptions):
             action="extend",
             nargs="+",
             default=None,
-            help="Manifest paths or globs (JSONL, CSV, Parquet or tar shards; local or fsspec URLs): "
-            "every value up to the next option, so a glob the shell expanded works. Repeatable.",
+            help="Inputs (local or fsspec URLs): manifests (JSONL, CSV, Parquet, Arrow), tar shards, "
+            "globs, brace patterns, or folders (a Hugging Face save_to_disk dataset, a folder of "
+            "manifests, or a folder of media files): every value up to the next option, so a glob "
+            "the shell expanded works. Repeatable.",
+        )
+        add(
+            "--columns",
+            dest="columns",
+            default=None,
+            help="Which input columns fill the job's fields, e.g. text=sentence,image=img,id=uid. "
+            "Without an id column a record's id is FILE:ROW, FILE its path under the --input pattern's folder.",
+        )
+        add(
+            "--csv_encoding",
+            dest="csv_encoding",
+            default=None,
+            help="The encoding of CSV manifests, e.g. cp1252 (default UTF-8); a row that is not in it is an error row.",
+        )
+        add(
+            "--csv_delimiter",
+            dest="csv_delimiter",
+            default=None,
+            help="The delimiter of CSV manifests, one character or 'tab', e.g. ';' (default: sniffed from the "
+            "header line among , ; tab |).",
+        )
+        add(
+            "--label_from_folder",
+            dest="label_from_folder",
+            action="store_true",
+            default=False,
+            help="Folders of media files: a file's top folder under the input is its record's label, "
+            "as torchvision's ImageFolder reads photos/cat/1.jpg.",
         )
         add(
             "--output",

@@ -14,38 +14,49 @@ from mmfeatures import storage
 from mmfeatures.column_types import add_value_types
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
-from mmfeatures.records import Record, carried_column_name, parse_record, reported_id
+from mmfeatures.records import Record, carried_column_name, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
-from mmfeatures.sources import declared_column_types, read_manifest
+from mmfeatures.sources import Input, ReadOptions, declared_column_types, read_input
+from mmfeatures.sources.base import MEDIA_FOLDER
 
 COLUMN_TYPES_TAG = "column_types"
 
 
 class _ReadManifest(beam.DoFn):
-    """One manifest file to validated records (keyed by id, with their position for dedup), its
-    counts (``rows_read``), and the types of its carried columns (its own schema for Parquet)."""
+    """One input to validated records (keyed by id, with their position for dedup), its counts
+    (``rows_read``), and the types of its carried columns (its own schema for Parquet and Arrow)."""
 
-    def __init__(self, max_member_bytes: int | None):
-        self.max_member_bytes = max_member_bytes
+    def __init__(self, options: ReadOptions):
+        self.options = options
 
-    def process(self, indexed_path: tuple[int, str]) -> Iterator[Any]:
-        file_index, path = indexed_path
-        manifest_dir = storage.parent(path)
-        declared = declared_column_types(path)
+    def process(self, indexed_input: tuple[int, Input]) -> Iterator[Any]:
+        file_index, source = indexed_input
+        # Relative references are taken from a manifest's folder, or from a media folder itself.
+        manifest_dir = source.path.rstrip("/") if source.format == MEDIA_FOLDER else storage.parent(source.path)
+        declared = declared_column_types(source)
         inferred: dict[str, pa.DataType | None] = {}
         rows = 0
-        for row_number, item in enumerate(read_manifest(path, self.max_member_bytes)):
+        for row_number, item in enumerate(read_input(source, self.options)):
             rows += 1
             if isinstance(item, ErrorRow):
                 yield error_output(item)
                 continue
+            data = map_columns(item.data, self.options.columns)
+            if source.split is not None and data.get("split") is None:  # a DatasetDict's split
+                data["split"] = source.split
             try:
-                record = parse_record(item.data, source=item.source, manifest_dir=manifest_dir, rejected=item.rejected)
+                record = parse_record(
+                    data,
+                    source=item.source,
+                    manifest_dir=manifest_dir,
+                    rejected=item.rejected,
+                    default_id=source.derived_id(item.source),
+                )
             except ValidationError as exc:
                 yield error_output(
                     ErrorRow.from_exception(
                         exc,
-                        record_id=reported_id(item.data),
+                        record_id=reported_id(data),
                         modality=None,
                         source=item.source,
                     )
@@ -58,7 +69,8 @@ class _ReadManifest(beam.DoFn):
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
         if declared is not None:
             reserved = reserved_record_columns()
-            inferred = {carried_column_name(n): t for n, t in declared.items() if n not in reserved}
+            mapped = map_columns(declared, self.options.columns)
+            inferred = {carried_column_name(n): t for n, t in mapped.items() if n not in reserved}
         yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
 
 
@@ -85,21 +97,21 @@ def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> 
 
 
 class ReadRecords(beam.PTransform):
-    """Manifest files (already expanded from globs) to unique, validated ``Record``s; a tar shard's
-    members over ``max_member_bytes`` are refused unread."""
+    """Inputs (already found by ``sources.find_inputs``) to unique, validated ``Record``s, read
+    with ``options`` (column mapping, CSV encoding and delimiter, member size limit)."""
 
-    def __init__(self, files: list[str], max_member_bytes: int | None = None):
+    def __init__(self, inputs: list[Input], options: ReadOptions | None = None):
         super().__init__()
-        self.files = files
-        self.max_member_bytes = max_member_bytes
+        self.inputs = inputs
+        self.options = options or ReadOptions()
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         read = (
             pbegin
-            | "Files" >> beam.Create(list(enumerate(self.files)))
+            | "Inputs" >> beam.Create(list(enumerate(self.inputs)))
             | "Spread" >> beam.Reshuffle()
             | "Parse"
-            >> beam.ParDo(_ReadManifest(self.max_member_bytes)).with_outputs(
+            >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
                 ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, main="records"
             )
         )

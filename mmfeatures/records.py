@@ -103,14 +103,70 @@ def row_label(row: Mapping[str, Any]) -> str | None:
     return _optional_string(row, "label", allow_int=True)
 
 
+def _stored_media(modality: str, value: Mapping[str, Any]) -> bytes | str | None:
+    """A media value as Hugging Face ``datasets`` stores ``Image()`` and ``Audio()``
+    (``struct<bytes, path>``): the bytes when present, else the path."""
+    if modality not in REFERENCE_COLUMNS or not set(value) <= {"bytes", "path"}:
+        keys = ", ".join(sorted(map(str, value)))
+        raise ValidationError(
+            f"column {modality!r} must be a string, bytes or a {{bytes, path}} struct, got an object of {keys}",
+            error_type="wrong_type",
+        )
+    content, path = value.get("bytes"), value.get("path")
+    if content:
+        return bytes(content)
+    if path is None or isinstance(path, str):
+        return path
+    raise ValidationError(f"column {modality!r}: the path must be a string", error_type="wrong_type")
+
+
 def _payload(row: Mapping[str, Any], modality: str) -> Payload | None:
     value = row.get(modality)
+    if isinstance(value, Mapping):
+        value = _stored_media(modality, value)
+    elif not isinstance(value, (bytes, bytearray)):
+        value = _optional_string(row, modality)
     if isinstance(value, (bytes, bytearray)):  # content, from a tar shard or a Parquet binary column
         return bytes(value)
-    value = _optional_string(row, modality)
     if value is not None and modality in REFERENCE_COLUMNS and not value.strip():
         return None  # a blank reference is no reference; blank text is an error later
     return value
+
+
+def parse_column_map(text: str) -> dict[str, str]:
+    """``--columns text=sentence,image=img,id=uid``: each of the job's fields and the input column
+    that fills it. ``ValueError`` for a field the job has not, or a column named twice."""
+    fields = field_names("record")
+    mapping: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        target, separator, column = (part.strip() for part in item.partition("="))
+        if not separator or not target or not column:
+            raise ValueError(f"--columns: {item!r} is not FIELD=COLUMN")
+        if target not in fields:
+            raise ValueError(f"--columns: {target!r} is not a field; the fields are {', '.join(fields)}")
+        if target in mapping:
+            raise ValueError(f"--columns: {target!r} is mapped twice")
+        mapping[target] = column
+    if len(set(mapping.values())) < len(mapping):
+        raise ValueError("--columns: one column fills two fields")
+    return mapping
+
+
+def map_columns(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """``row`` with its columns named as the job's fields, by ``columns`` (field -> column). A
+    mapped column missing from the row leaves its field empty (an ``id`` mapped to a column the row
+    lacks is a missing id, not a derived one). A column that a mapping displaces (a ``text``
+    column beside the ``sentence`` mapped to text) is carried as ``manifest_text``, never lost."""
+    if not columns:
+        return dict(row)
+    sources = set(columns.values())
+    mapped = {
+        (f"{CARRIED_PREFIX}{name}" if name in columns and name not in sources else name): value
+        for name, value in row.items()
+        if name not in sources
+    }
+    mapped.update({target: row.get(column) for target, column in columns.items()})
+    return mapped
 
 
 def parse_record(
@@ -119,13 +175,17 @@ def parse_record(
     source: str,
     manifest_dir: str,
     rejected: Mapping[str, RecordError] | None = None,
+    default_id: str | None = None,
 ) -> Record:
     """Validate one manifest row; raises ``ValidationError`` with a stable code when it is unusable.
+    A row without an ``id`` column is named ``default_id``, or else by its ``source``.
 
     A modality whose value is unusable (wrong type, or in ``rejected`` by the reader) fails alone:
     the record keeps its other modalities, and is accepted even when all of them failed, so that
     each failure is counted once, against its modality."""
-    record_id = _optional_string(row, "id", allow_int=True)
+    # A row with no id column (a Hugging Face dataset's, say) is named by where it was read
+    # (``default_id``, else ``source``), which is the same on every run over the same input.
+    record_id = _optional_string(row, "id", allow_int=True) if "id" in row else (default_id or source)
     if record_id is None or not record_id.strip():
         raise ValidationError("the record has no id", error_type="missing_id")
     reserved = reserved_record_columns()

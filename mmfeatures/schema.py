@@ -7,6 +7,7 @@ that the written files cannot drift from the documented contract.
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -62,12 +63,17 @@ def embedding_dimension(field: pa.Field) -> int | None:
     return None
 
 
-MANIFEST = "_manifest.json"  # a table's committed parts; Parquet readers skip names starting with "_"
+def manifest_path(table_dir: str) -> str:
+    """Where the manifest of the table in ``table_dir`` (a folder, URL or fsspec path) lives:
+    ``<parent>/_<table>_manifest.json``, beside the folder, so the folder holds nothing but Parquet
+    parts and any reader takes it whole (Polars, for one, refuses a folder with other files)."""
+    parent, name = posixpath.split(table_dir.rstrip("/"))
+    return posixpath.join(parent, f"_{name}_manifest.json")
 
 
 @dataclass(frozen=True)
 class CommittedTable:
-    """A table folder as its ``_manifest.json`` lists it: the parts (in ``fs``'s terms) and rows."""
+    """A table folder as its manifest lists it: the parts (in ``fs``'s terms) and rows."""
 
     fs: Any  # an fsspec file system
     parts: list[str]
@@ -75,15 +81,16 @@ class CommittedTable:
 
 
 def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
-    """The committed table under ``path`` (a folder or URL; in ``filesystem``'s terms when one is
-    given), or None where there is no ``_manifest.json``: a single file, or a folder never committed."""
+    """The committed table in the folder ``path`` (a folder or URL; in ``filesystem``'s terms when
+    one is given), or None where there is no manifest beside it: a single file, or a folder never
+    committed."""
     from fsspec.core import url_to_fs
 
     fs, root = (filesystem, path) if filesystem else url_to_fs(path)
     root = root.rstrip("/")
     try:
-        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-    except (FileNotFoundError, NotADirectoryError):
+        manifest = json.loads(fs.cat_file(manifest_path(root)))
+    except FileNotFoundError:
         return None
     files = manifest["files"]
     return CommittedTable(fs, [f"{root}/{part['path']}" for part in files], sum(part["rows"] for part in files))
@@ -92,7 +99,7 @@ def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
 def read_features(path: str, **kwargs: Any) -> pa.Table:
     """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``.
 
-    A table folder with a ``_manifest.json`` is read from the parts it lists only: the folder may
+    A committed table folder is read from the parts its manifest lists only: the folder may
     also hold parts of a commit that was killed, or whose old parts are not yet deleted. A
     ``filesystem`` passed in must be an fsspec one, with ``path`` in its terms.
     """

@@ -2,8 +2,8 @@
 
 Tables are written the way Beam's file sinks are: each batch of rows becomes one Parquet file in a
 staging folder, and a single commit step, which runs once all rows are written, moves the files
-into place and lists them in the table's ``_manifest.json``. A retried bundle leaves only orphans in
-staging, never duplicate rows in the table.
+into place and lists them in the table's manifest, ``_<table>_manifest.json`` beside the table's
+folder. A retried bundle leaves only orphans in staging, never duplicate rows in the table.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import storage
 from mmfeatures.column_types import conform_value, merge_column_types
-from mmfeatures.schema import MANIFEST, embedding_dimension
+from mmfeatures.schema import embedding_dimension, manifest_path
 
 PART_PREFIX = "part-"
 STAGING_DIR = "_staging"
@@ -108,13 +108,14 @@ class _CommitFiles(beam.DoFn):
     """Publish the staged files as the table, once, after every row is written.
 
     Each commit names its parts after itself (``part-<commit>-00000-of-00003.parquet``), so it never
-    overwrites a file of an earlier table, and then writes ``_manifest.json``, which lists the parts
-    and is the table's one source of truth (``read_features`` reads only those). On a local disk the
-    parts and manifest are assembled in staging and the folder swapped in by renames, so even plain
-    readers never see a mix. Object stores have no rename: parts are copied in
-    beside the old ones, then the manifest is written in one PUT (atomic), and only then are the
-    parts it does not list deleted, so a run killed at any point leaves the old manifest or the new
-    one, each naming whole files, and the next commit deletes the leftovers.
+    overwrites a file of an earlier table, and then writes the manifest beside the folder
+    (``schema.manifest_path``), which lists the parts and is the table's one source of truth
+    (``read_features`` reads only those). On a local disk the parts are assembled in staging and the
+    folder swapped in by renames, so even plain readers never see a mix, and the manifest then
+    replaces the old one in one rename. Object stores have no rename: parts are copied in beside the
+    old ones, then the manifest is written in one PUT (atomic), and only then are the parts it does
+    not list deleted, so a run killed at any point leaves the old manifest or the new one, each
+    naming whole files, and the next commit deletes the leftovers.
     """
 
     def __init__(self, staging: str, directory: str) -> None:
@@ -148,20 +149,24 @@ def _swap_in_locally(
     os.makedirs(assembled)
     for path, name in zip(staged, names, strict=True):
         os.rename(path, os.path.join(assembled, name))
-    with open(os.path.join(assembled, MANIFEST), "w") as handle:  # not visible until the swap
+    staged_manifest = os.path.join(staging_root, f"manifest-{uuid.uuid4().hex}.json")
+    with open(staged_manifest, "w") as handle:
         json.dump(manifest, handle, indent=1)
     previous = os.path.join(staging_root, f"previous-{uuid.uuid4().hex}")
     if os.path.exists(root):
         os.rename(root, previous)
     os.makedirs(os.path.dirname(root), exist_ok=True)
     os.rename(assembled, root)
+    # The manifest is beside the folder, not swapped with it: one atomic rename publishes it, once
+    # the parts it names are in place.
+    os.replace(staged_manifest, manifest_path(root))
 
 
 def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
     final = [f"{root}/{name}" for name in names]
     for path, target in zip(staged, final, strict=True):
         fs.copy(path, target)
-    fs.pipe_file(f"{root}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+    fs.pipe_file(manifest_path(root), json.dumps(manifest, indent=1).encode())
     for old in set(fs.glob(f"{root}/{PART_PREFIX}*.parquet")) - set(final):
         fs.rm(old)
 

@@ -136,27 +136,63 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     """Expand paths, globs and brace patterns (WebDataset's ``shards/part-{000000..000099}.tar``,
     or ``{train,val}/*.jsonl``) into files, each pattern's sorted; fail before any work if one
     matches nothing (a brace pattern: if any of its names does), since a scheduled job silently
-    reading fewer files than it was given is worse than a clear failure."""
-    files: list[str] = []
+    reading fewer files than it was given is worse than a clear failure. A glob matches files
+    only; a folder named as it is comes back with a trailing "/" (see ``is_folder_path``)."""
+    found: list[str] = []
     for pattern in (expanded for given in patterns for expanded in braceexpand(given)):
         try:
             fs, _ = url_to_fs(pattern)
-            matches = sorted(fs.glob(pattern)) if fsspec.core.has_magic(pattern) else [pattern]
-            matches = [m for m in matches if fs.isfile(m)]
+            if fsspec.core.has_magic(pattern):
+                listed = fs.glob(pattern, detail=True)
+                matches = sorted(path for path, info in listed.items() if info["type"] == "file")
+            else:
+                try:
+                    entry = fs.info(pattern)["type"]
+                except FileNotFoundError:
+                    entry = None
+                matches = [pattern.rstrip("/") + "/" * (entry == "directory")] if entry in ("file", "directory") else []
         except (OSError, ValueError) as exc:  # the storage's own text may quote the full URL
             kind = next(k for k in (FileNotFoundError, PermissionError, ValueError, OSError) if isinstance(exc, k))
             raise kind(redact(f"input {pattern!r} cannot be listed: {exc}")) from None
         if not matches:
             raise FileNotFoundError(f"input {redact(pattern)!r} matches no file")
-        files += [_with_protocol(fs, pattern, m) for m in matches]
-    return files
+        found += [_with_protocol(fs, pattern, m) for m in matches]
+    return found
+
+
+_WILDCARD = re.compile(r"[*?\[{]")  # where a glob or brace pattern stops naming one fixed folder
+
+
+def pattern_root(pattern: str) -> str:
+    """The fixed folder of an ``--input`` pattern, ending in "/": the part before its first
+    wildcard or brace, up to the last "/"; for a file or folder named as it is, its parent."""
+    wildcard = _WILDCARD.search(pattern)
+    fixed = pattern[: wildcard.start()] if wildcard else pattern.rstrip("/")
+    root = fixed[: fixed.rfind("/") + 1]
+    return root if has_scheme(pattern) else os.path.abspath(root or ".").rstrip(os.sep) + os.sep
+
+
+def name_under(path: str, root: str) -> str:
+    """``path`` relative to ``root`` (a ``pattern_root``), in "/" form; its base name where it is
+    not under it. Both are compared in their file system's own terms, so "memory://x/a" and
+    "memory:///x/a" are the same file."""
+    _, path_key = url_to_fs(path.rstrip("/"))
+    _, root_key = url_to_fs(root)
+    prefix = root_key.rstrip("/") + "/"
+    return path_key[len(prefix) :] if path_key.startswith(prefix) else posixpath.basename(path_key)
+
+
+def is_folder_path(path: str) -> bool:
+    """Whether ``expand_inputs`` found ``path`` to be a folder."""
+    return path.endswith("/")
 
 
 def _with_protocol(fs: fsspec.AbstractFileSystem, pattern: str, path: str) -> str:
     """fsspec's glob drops the scheme; put it back so workers can open the file anywhere."""
+    folder = "/" if is_folder_path(path) else ""
     if not has_scheme(pattern):
-        return os.path.abspath(path)  # workers may run in another folder
-    return fs.unstrip_protocol(path)
+        return os.path.abspath(path) + folder  # workers may run in another folder
+    return fs.unstrip_protocol(path.rstrip("/")) + folder
 
 
 FETCH_RETRIES = 4  # transient faults: about 0.5 + 1 + 2 + 4 s of backoff before a record fails

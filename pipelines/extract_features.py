@@ -34,7 +34,7 @@ from mmfeatures.transforms import (
 
 def build(pipeline: beam.Pipeline, job: Job) -> None:
     """Add the whole job to ``pipeline``."""
-    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.limits.max_bytes)
+    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.read_options)
     records = read["records"]
     embedded = [
         records

@@ -187,6 +187,20 @@ def tiny_text_encoder(tiny_text: TextPreprocessor) -> TextEncoder:
     return encoder
 
 
+@pytest.fixture(scope="session")
+def tiny_model_options(tiny_bert_dir: Path, tiny_vit_dir: Path, tiny_whisper_dir: Path) -> list[str]:
+    """The job's model options for the three tiny models: end-to-end runs that test reading and
+    writing, not the embeddings themselves, in a fraction of the bundled models' time."""
+    return [
+        "--text-model",
+        str(tiny_bert_dir),
+        "--image-model",
+        str(tiny_vit_dir),
+        "--audio-model",
+        str(tiny_whisper_dir),
+    ]
+
+
 # -- helpers -----------------------------------------------------------------------------------
 def prepare(preprocessor: Preprocessor, payload: bytes | str, source: str | None = None) -> Prepared:
     """A payload through the preprocessor's own decode and preprocess."""

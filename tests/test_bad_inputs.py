@@ -86,7 +86,7 @@ def build_corpus(root: Path) -> tuple[list[str], set[str], dict[str, set[str]], 
         {"id": "good-image", "image": "media/good2.png"},
         {"id": "good-text", "text": "the same id again"},
         {"id": "", "text": "no id"},
-        {"text": "no id column at all"},
+        {"id": None, "text": "a null id"},
         {"id": 4.5, "text": "a float id"},
         {"id": "no-modality", "label": "3"},
         {"id": "typed", "text": "fine words", "image": 42},
@@ -191,7 +191,7 @@ def build_corpus(root: Path) -> tuple[list[str], set[str], dict[str, set[str]], 
         ("s/0006", None): "unsupported_member",
         ("s/0007", "audio"): "file_too_large",
     }
-    # Rows with no id: the empty id and the missing "id" column, the malformed JSON line, the
+    # Rows with no id: the empty id and the null id, the malformed JSON line, the
     # malformed CSV row and the four hostile tar members. Keyed by their type, with a count.
     anonymous = {"missing_id": 2, "malformed_json": 1, "malformed_csv": 1, "unsafe_tar_member": 4}
     expected.update({(None, f"{kind}#{n}"): kind for kind, count in anonymous.items() for n in range(count)})

@@ -48,8 +48,9 @@ def _summary(out: str) -> dict:
 
 
 def test_feature_table_follows_the_contract(output: str) -> None:
-    files = sorted(f for f in os.listdir(os.path.join(output, "features")) if f != schema.MANIFEST)
-    assert files and all(f.startswith("part-") and f.endswith(".parquet") for f in files)
+    files = sorted(os.listdir(os.path.join(output, "features")))
+    assert files and all(f.startswith("part-") and f.endswith(".parquet") for f in files)  # nothing else
+    assert os.path.isfile(schema.manifest_path(os.path.join(output, "features")))
     file_schema = pq.read_schema(os.path.join(output, "features", files[0]))
     declared = schema.field_names("features")
     assert file_schema.names[: len(declared)] == declared

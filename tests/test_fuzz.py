@@ -42,7 +42,7 @@ from mmfeatures.modalities.image import ImagePreprocessor, _exif_orientation, ch
 from mmfeatures.modalities.text import TextPreprocessor, normalize_text
 from mmfeatures.records import MODALITY_COLUMNS, TAR_COLUMNS, Record, parse_record, reported_id
 from mmfeatures.schema import field_names
-from mmfeatures.sources import ManifestRow, declared_column_types, read_manifest
+from mmfeatures.sources import Input, ManifestRow, ReadOptions, declared_column_types, manifest_format, read_manifest
 from tests.tar_shards import Member, build_tar
 
 # -- settings profiles ---------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _check_manifest(path: str) -> list[ManifestRow | ErrorRow]:
     """Read a manifest the way the job does; every item must be a row or an error row."""
-    declared = declared_column_types(path)
+    declared = declared_column_types(Input(path, manifest_format(path)))
     assert declared is None or isinstance(declared, dict)
     items = list(read_manifest(path))
     for item in items:
@@ -362,7 +362,7 @@ TAR_SEEDS = [
 def _check_tar(path: str, max_member_bytes: int | None) -> None:
     """Read a shard the way the job does: rows and error rows of the documented types only, no
     row from a member whose name could escape a folder, and rows that validate."""
-    for item in read_manifest(path, max_member_bytes):
+    for item in read_manifest(path, ReadOptions(max_member_bytes=max_member_bytes)):
         assert item.source is not None and item.source.startswith(path)
         if isinstance(item, ErrorRow):
             assert item.stage == Stage.READ and item.modality is None

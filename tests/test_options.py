@@ -8,6 +8,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from mmfeatures.cli import main
 from mmfeatures.errors import ConfigurationError
+from mmfeatures.limits import Limits
 from mmfeatures.options import LOCAL_RUNNER, ExtractOptions, extract_option_values, parse_options
 
 
@@ -77,6 +78,9 @@ def test_progress_logs_each_time_the_count_passes_a_multiple(caplog: pytest.LogC
         (["--output", "o"], "--input is required"),
         (["--input", "/nonexistent/*.jsonl", "--output", "o"], "matches no file"),
         (["--input", "m.jsonl", "--output", "o", "--device", "gpu"], "--device must be cpu or cuda"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-encoding", "latin-9000"], "not an encoding Python knows"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-delimiter", ";;"], "one character or 'tab'"),
+        (["--input", "m.jsonl", "--output", "o", "--columns", "caption=text"], "'caption' is not a field"),
     ],
 )
 def test_bad_options_are_usage_errors_before_any_work(argv, message, capsys) -> None:
@@ -84,9 +88,26 @@ def test_bad_options_are_usage_errors_before_any_work(argv, message, capsys) -> 
     assert message in capsys.readouterr().err
 
 
+def test_reading_options_reach_the_readers(tmp_path) -> None:
+    from mmfeatures.job import Job
+    from mmfeatures.sources import ReadOptions
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,text\na,t\n")
+    base = ["--input", str(manifest), "--output", str(tmp_path / "out")]
+    assert Job.from_options(parse_options(base)).read_options == ReadOptions(max_member_bytes=Limits().max_bytes)
+    chosen = ["--csv-encoding", "cp1252", "--csv-delimiter", "tab", "--columns", "text=body", "--label-from-folder"]
+    assert Job.from_options(parse_options(base + chosen)).read_options == ReadOptions(
+        max_member_bytes=Limits().max_bytes,
+        csv_encoding="cp1252",
+        csv_delimiter="\t",
+        label_from_folder=True,
+        columns={"text": "body"},
+    )
+
+
 def test_limits_are_options_with_safe_defaults(tmp_path) -> None:
     from mmfeatures.job import Job
-    from mmfeatures.limits import Limits
 
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": "a", "text": "t"}\n')
@@ -165,7 +186,7 @@ def test_every_value_after_input_is_an_input_as_a_shell_expanded_glob_gives_them
         "--input",
         str(manifests[2]),
     ]
-    assert Job.from_options(parse_options(argv)).inputs == [str(manifest) for manifest in manifests]
+    assert [source.path for source in Job.from_options(parse_options(argv)).inputs] == [str(m) for m in manifests]
 
 
 def test_beams_own_options_pass_and_arguments_after_a_bare_separator_go_to_beam_unchecked(tmp_path) -> None:
@@ -191,12 +212,12 @@ def test_beams_own_options_pass_and_arguments_after_a_bare_separator_go_to_beam_
 
 
 def test_an_input_no_reader_takes_is_refused_before_any_work(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    arrow = tmp_path / "data.arrow"
-    arrow.write_bytes(b"ARROW1")
+    sheet = tmp_path / "data.xlsx"
+    sheet.write_bytes(b"PK\x03\x04")
     output = tmp_path / "out"
-    assert main(["extract", "--input", str(arrow), "--output", str(output)]) == 2
+    assert main(["extract", "--input", str(sheet), "--output", str(output)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "cannot tell the manifest format" in line and "data.arrow" in line
+    assert "cannot tell the format" in line and "data.xlsx" in line
     assert not output.exists()
 
 

@@ -6,6 +6,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
 from mmfeatures.reading import ReadRecords
+from mmfeatures.sources import find_inputs
 
 
 def write_manifests(tmp_path):
@@ -37,7 +38,7 @@ def write_manifests(tmp_path):
 def test_read_records(tmp_path):
     jsonl, csv = write_manifests(tmp_path)
     with beam.Pipeline(runner="FnApiRunner") as p:
-        out = p | ReadRecords([jsonl, csv])
+        out = p | ReadRecords(find_inputs([jsonl, csv]))
         summaries = out["records"] | "Summarise" >> beam.Map(
             lambda r: (
                 r.id,
@@ -105,7 +106,7 @@ def test_read_records_file_order_decides_duplicates(tmp_path):
     """The same two files in the other order: now the CSV row is the first "dup"."""
     jsonl, csv = write_manifests(tmp_path)
     with beam.Pipeline(runner="FnApiRunner") as p:
-        out = p | ReadRecords([csv, jsonl])
+        out = p | ReadRecords(find_inputs([csv, jsonl]))
         kept = (
             out["records"]
             | "Dup" >> beam.Filter(lambda r: r.id == "dup")

@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from mmfeatures.errors import Stage, ValidationError
-from mmfeatures.records import Record, parse_record
+from mmfeatures.records import Record, map_columns, parse_column_map, parse_record
 
 SOURCE = "/data/m.jsonl:7"
 DIR = "/data"
@@ -50,7 +50,6 @@ def test_full_record():
 @pytest.mark.parametrize(
     "row",
     [
-        {"text": "t"},
         {"id": None, "text": "t"},
         {"id": "", "text": "t"},
         {"id": "   ", "text": "t"},
@@ -59,6 +58,65 @@ def test_full_record():
 )
 def test_missing_or_empty_id(row):
     assert error_type(row) == "missing_id"
+
+
+def test_a_row_without_an_id_column_is_named_by_its_source():
+    assert parse({"text": "t"}).id == SOURCE
+
+
+def test_an_id_mapped_to_a_column_the_row_lacks_is_missing_not_derived():
+    assert error_type(map_columns({"text": "t"}, {"id": "uid"})) == "missing_id"
+
+
+def test_column_map_renames_and_carries_what_it_displaces():
+    row = {"sentence": "hi", "text": "old", "img": "a.png", "uid": 7, "other": 1}
+    mapped = map_columns(row, parse_column_map("text=sentence, image=img,id=uid"))
+    assert mapped == {"text": "hi", "manifest_text": "old", "image": "a.png", "id": 7, "other": 1}
+    record = parse(mapped)
+    assert (record.id, record.payload("text"), record.payload("image")) == ("7", "hi", "a.png")
+    assert record.carried == {"manifest_text": "old", "other": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("txt=sentence", "'txt' is not a field"),
+        ("text", "is not FIELD=COLUMN"),
+        ("text=", "is not FIELD=COLUMN"),
+        ("text=a,text=b", "mapped twice"),
+        ("text=a,label=a", "one column fills two fields"),
+    ],
+)
+def test_column_map_refuses_what_it_cannot_mean(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_column_map(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "payload"),
+    [
+        ({"bytes": b"\x89PNG", "path": "a.png"}, b"\x89PNG"),  # save_to_disk: the bytes win
+        ({"bytes": None, "path": "/data/a.png"}, "/data/a.png"),  # to_parquet of files: the path
+        ({"bytes": b"", "path": "rel/a.png"}, "rel/a.png"),
+    ],
+)
+def test_hugging_face_media_struct_is_its_bytes_else_its_path(value, payload):
+    assert parse({"id": "a", "image": value}).payload("image") == payload
+
+
+def test_an_empty_hugging_face_media_struct_is_an_absent_modality():
+    record = parse({"id": "a", "text": "t", "audio": {"bytes": None, "path": None}})
+    assert record.modalities() == ["text"]
+
+
+@pytest.mark.parametrize(
+    ("modality", "value"),
+    [("image", {"bytes": b"x", "array": [1]}), ("text", {"bytes": b"x", "path": None}), ("audio", {"path": 3})],
+)
+def test_other_objects_for_a_modality_fail_that_modality(modality, value):
+    record = parse({"id": "a", "label": "l", modality: value, **({"text": "t"} if modality != "text" else {})})
+    (error,) = record.rejected
+    assert (error.modality, error.error_type) == (modality, "wrong_type")
 
 
 def test_int_id_becomes_string():

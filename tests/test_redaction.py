@@ -11,6 +11,7 @@ from mmfeatures.errors import ErrorRow, FetchError, Stage
 from mmfeatures.job import Job
 from mmfeatures.options import parse_options
 from mmfeatures.redaction import install_log_redaction, redact, redact_all
+from mmfeatures.sources import Input
 
 SECRETS = ("hunter2", "SIGNATURE", "abc123", "tok3n", "s1gn4ture")
 
@@ -210,9 +211,9 @@ def test_job_summary_has_no_secret(tmp_path):
             ]
         )
     )
-    # a signed input URL as expand_inputs would return it for a URL manifest
-    job.inputs.append("https://u:hunter2@h/manifest.jsonl?X-Amz-Signature=SIGNATURE&token=tok3n")
-    job.options["input"] = [*job.options["input"], job.inputs[-1]]
+    # a signed input URL as find_inputs would return it for a URL manifest
+    job.inputs.append(Input("https://u:hunter2@h/manifest.jsonl?X-Amz-Signature=SIGNATURE&token=tok3n", "jsonl"))
+    job.options["input"] = [*job.options["input"], job.inputs[-1].path]
     summary = job.summary(counts=RunCounts(), features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0})
     text = json.dumps(summary, default=str)
     assert_no_secret(text)

@@ -291,14 +291,14 @@ def error_row(**values: Any) -> dict[str, Any]:
 
 
 def write_table(directory: Path, parts: list[list[dict[str, Any]]], arrow_schema: Any) -> None:
-    """A committed table as the job leaves it: Parquet parts and the manifest that lists them."""
+    """A committed table as the job leaves it: Parquet parts, and beside them the manifest listing them."""
     directory.mkdir(parents=True)
     files = []
     for index, rows in enumerate(parts):
         name = f"part-test-{index:05d}-of-{len(parts):05d}.parquet"
         pq.write_table(rows_to_table(rows, arrow_schema), directory / name)
         files.append({"path": name, "rows": len(rows)})
-    (directory / schema.MANIFEST).write_text(json.dumps({"commit": "test", "files": files}))
+    Path(schema.manifest_path(str(directory))).write_text(json.dumps({"commit": "test", "files": files}))
 
 
 def write_run(

@@ -291,11 +291,11 @@ def read_table_files(fs: AbstractFileSystem, paths: list[str]) -> list[pa.Table]
 
 
 def read_manifest(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
-    return json.loads(fs.cat_file(f"{root.rstrip('/')}/{schema.MANIFEST}"))
+    return json.loads(fs.cat_file(schema.manifest_path(root)))
 
 
 def check_written(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]], rows_per_file: int) -> int:
-    """The folder holds one commit's parts and the manifest listing exactly them, nothing else."""
+    """The folder holds one commit's parts and nothing else; the manifest beside it lists exactly them."""
     files = part_files(fs, root)
     assert files, "no part files"
     count = len(files)
@@ -311,7 +311,7 @@ def check_written(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]],
     assert all(t.num_rows <= rows_per_file for t in tables)
     assert all(schema.read_run_metadata(t.schema) == METADATA for t in tables)
     assert sum(t.num_rows for t in tables) == len(rows)
-    assert len(fs.ls(root)) == count + 1  # nothing else left in the folder
+    assert sorted(fs.ls(root, detail=False)) == files  # only Parquet parts: any reader takes the folder
     return count
 
 
@@ -349,7 +349,8 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
 
     # no rows: one readable file with the full schema
     (part,) = part_files(local_fs, str(empty))
-    assert sorted(p.name for p in empty.iterdir()) == [schema.MANIFEST, part.rsplit("/", 1)[1]]
+    assert [p.name for p in empty.iterdir()] == [part.rsplit("/", 1)[1]]
+    assert (tmp_path / "_empty_manifest.json").is_file()
     read_empty = schema.read_features(str(empty))
     assert read_empty.num_rows == 0
     assert read_empty.schema.names == FEATURES.names
@@ -371,7 +372,9 @@ def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
     check_written(local_fs, str(local), rerun, 2)
     check_written(memory_fs, memory_root, rerun, 2)
     assert read_rows(str(local)) == read_rows(memory) == [expected(r, CARRIED) for r in rerun]
-    assert pq.read_table(str(local)).num_rows == 3  # plain readers skip _manifest.json
+    assert pq.read_table(str(local)).num_rows == 3  # a plain reader of the folder sees the same table
+    beside = ["_empty_manifest.json", "_features_manifest.json", "empty", "features"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == beside  # and _staging is gone
     memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from mmfeatures.errors import ErrorRow, Stage
 from mmfeatures.records import parse_record
-from mmfeatures.sources import ManifestRow, manifest_format, read_manifest
+from mmfeatures.sources import Input, ManifestRow, ReadOptions, declared_column_types, manifest_format, read_manifest
 from tests.tar_shards import Member, build_tar
 
 
@@ -192,6 +192,34 @@ def test_csv_header_not_utf8_is_one_error_row_for_the_file(tmp_path):
     assert isinstance(error, ErrorRow)
     assert (error.id, error.stage, error.error_type, error.source) == (None, Stage.READ, "invalid_utf8", f"{path}:1")
     assert "header" in error.message and "0xe9" in error.message
+
+
+def test_csv_encoding_named_reads_a_cp1252_file_and_refuses_rows_not_in_it(tmp_path):
+    """--csv-encoding cp1252: the Excel file's accents read as they are; a byte cp1252 leaves
+    undefined (0x81) is an error row of its own, named after the encoding."""
+    path = tmp_path / "excel.csv"
+    write_csv(path, [["id", "cat\u00e9gorie"], ["a", "caf\u00e9"], ["b", "na\u00efve"]], encoding="cp1252")
+    with open(path, "ab") as handle:
+        handle.write(b"c,bad \x81 byte\r\nd,ok\r\n")
+    rows, errors = split(list(read_manifest(str(path), ReadOptions(csv_encoding="cp1252"))))
+    assert [r.data for r in rows] == [
+        {"id": "a", "cat\u00e9gorie": "caf\u00e9"},
+        {"id": "b", "cat\u00e9gorie": "na\u00efve"},
+        {"id": "d", "cat\u00e9gorie": "ok"},
+    ]
+    assert [(e.source, e.error_type) for e in errors] == [(f"{path}:4", "invalid_utf8")]
+    assert "not valid cp1252" in errors[0].message and "0x81" in errors[0].message
+
+
+def test_csv_delimiter_named_is_used_as_given(tmp_path):
+    """A header with one column and ";" rows: nothing to sniff, so the user names the delimiter."""
+    path = tmp_path / "m.csv"
+    path.write_text("id;text\na;one, two\n")
+    assert [r.data for r in rows_only(read_manifest(str(path), ReadOptions(csv_delimiter=";")))] == [
+        {"id": "a", "text": "one, two"}
+    ]
+    (error,) = read_manifest(str(path), ReadOptions(csv_delimiter=","))  # as named, even when wrong
+    assert isinstance(error, ErrorRow) and error.error_type == "malformed_csv"
 
 
 @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
@@ -377,6 +405,7 @@ def test_parquet_from_memory_url():
         ("gs://b/a.NDJSON.GZ", "jsonl"),
         ("a.json.gz", "jsonl"),
         ("memory://b/a.csv.gz", "csv"),
+        ("data-00000-of-00001.arrow", "arrow"),
     ],
 )
 def test_manifest_format(path, kind):
@@ -387,7 +416,7 @@ def test_manifest_format(path, kind):
 def test_unknown_extension_is_value_error(tmp_path, name):
     path = tmp_path / name
     path.write_text('{"id": "a"}\n')
-    with pytest.raises(ValueError, match="manifest format") as raised:
+    with pytest.raises(ValueError, match="cannot tell the format") as raised:
         list(read_manifest(str(path)))
     assert ".jsonl.gz" in str(raised.value) and ".csv.gz" in str(raised.value)  # it lists what would do
 
@@ -402,12 +431,10 @@ def test_jsonl_line_that_is_not_utf8_is_an_error_row_and_the_rest_is_read(tmp_pa
 
 
 def test_declared_column_types_only_for_parquet(tmp_path):
-    from mmfeatures.sources import declared_column_types
-
     pq.write_table(pa.table({"id": ["a"], "n": pa.array([1], pa.int16())}), tmp_path / "m.parquet")
     (tmp_path / "m.jsonl").write_text('{"id": "a"}\n')
-    assert declared_column_types(str(tmp_path / "m.parquet")) == {"id": pa.string(), "n": pa.int16()}
-    assert declared_column_types(str(tmp_path / "m.jsonl")) is None
+    assert declared_column_types(Input(str(tmp_path / "m.parquet"), "parquet")) == {"id": pa.string(), "n": pa.int16()}
+    assert declared_column_types(Input(str(tmp_path / "m.jsonl"), "jsonl")) is None
 
 
 # -- tar shards --------------------------------------------------------------------------------
@@ -423,7 +450,7 @@ def read_tar(
 ) -> tuple[str, tuple[list[ManifestRow], list[ErrorRow]]]:
     path = tmp_path / name
     path.write_bytes(build_tar(members, compression))
-    return str(path), split(list(read_manifest(str(path), max_member_bytes)))
+    return str(path), split(list(read_manifest(str(path), ReadOptions(max_member_bytes=max_member_bytes))))
 
 
 @pytest.mark.parametrize("name, compression", [("shard.tar", ""), ("shard.tar.gz", "gz"), ("shard.tgz", "gz")])
@@ -516,6 +543,13 @@ def test_tar_member_problems_are_error_rows(tmp_path):
         ("h", "file_too_large", f"{path}:h"),
     ]
     assert all(e.stage == Stage.READ and e.modality is None for e in errors)
+
+
+def test_tar_sample_of_only_unsupported_members_is_their_error_rows_alone(tmp_path):
+    """A stray file (a README beside the samples) is one error row, not also a record with no modality."""
+    path, (rows, errors) = read_tar(tmp_path, [Member("a.txt", b"x"), Member("README.md", b"# notes")])
+    assert [row.data for row in rows] == [{"id": "a", "text": b"x"}]
+    assert [(error.id, error.error_type) for error in errors] == [("README", "unsupported_member")]
 
 
 @pytest.mark.parametrize("cls, label", [(b"3", 3), (b"3", 3.0), (b" 3\n", "3"), (b"cat", "cat")])

@@ -365,3 +365,45 @@ def test_roots_normalised_once_and_policy_pickles(tmp_path):
     assert copy == policy
     copy.check("gs://bucket/img/x.png")
     location_error(copy, "gs://bucket/img2/x.png")
+
+
+# -- input names -------------------------------------------------------------------------------
+
+
+def _tree(base: str, names: list[str]) -> None:
+    fs, root = fsspec.core.url_to_fs(base)
+    for name in names:
+        fs.makedirs(f"{root}/{name.rsplit('/', 1)[0]}", exist_ok=True)
+        fs.pipe_file(f"{root}/{name}", b"{}\n")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "names"),
+    [
+        ("{base}/data/x.parquet", ["x.parquet"]),
+        ("{base}/data/", ["data"]),
+        ("{base}/data/*.parquet", ["x.parquet", "y.parquet"]),
+        ("{base}/{{train,val}}/*.jsonl", ["train/a.jsonl", "val/a.jsonl"]),
+        ("{base}/shards/part-{{0..1}}.tar", ["part-0.tar", "part-1.tar"]),
+    ],
+)
+def test_inputs_are_named_under_their_patterns_fixed_folder_wherever_the_data_lies(
+    pattern: str, names: list[str], tmp_path: Path, memory_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The names derived ids start with: the same for the data on a laptop, relative to the
+    working folder, or in a bucket, and distinct for train/a.jsonl and val/a.jsonl."""
+    files = [
+        "data/x.parquet",
+        "data/y.parquet",
+        "train/a.jsonl",
+        "val/a.jsonl",
+        "shards/part-0.tar",
+        "shards/part-1.tar",
+    ]
+    for base in (str(tmp_path), memory_dir):
+        _tree(base, files)
+    monkeypatch.chdir(tmp_path)
+    for base in (str(tmp_path), ".", memory_dir):
+        given = pattern.format(base=base)
+        root = storage.pattern_root(given)
+        assert [storage.name_under(path, root) for path in storage.expand_inputs([given])] == names, base

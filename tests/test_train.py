@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from mmfeatures.fusion import Fusion
 from mmfeatures.records import MODALITY_COLUMNS
-from mmfeatures.schema import features_schema, read_features
+from mmfeatures.schema import features_schema, manifest_path, read_features
 from mmfeatures.train import (
     Features,
     TrainingResult,
@@ -89,7 +89,7 @@ def feature_table(
 
 def write_table(table: pa.Table, folder: Path) -> str:
     """A committed table as the job leaves it: two parts (so columns come chunked) listed in
-    ``_manifest.json``, beside a part of an older commit that readers must skip."""
+    the manifest beside the folder, and a part of an older commit that ``read_features`` must skip."""
     folder.mkdir(parents=True)
     half = table.num_rows // 2
     parts = {
@@ -100,7 +100,7 @@ def write_table(table: pa.Table, folder: Path) -> str:
         pq.write_table(part, folder / name)
     pq.write_table(table.slice(0, 10), folder / "part-c1-00000-of-00001.parquet")
     manifest = {"commit": "c2", "files": [{"path": name, "rows": part.num_rows} for name, part in parts.items()]}
-    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    Path(manifest_path(str(folder))).write_text(json.dumps(manifest))
     return str(folder)
 
 
@@ -319,6 +319,7 @@ def test_tables_and_models_at_fsspec_urls(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     for path in Path(local).iterdir():
         fs.pipe_file(f"/train-test/features/{path.name}", path.read_bytes())
+    fs.pipe_file(manifest_path("/train-test/features"), Path(manifest_path(local)).read_bytes())
     try:
         assert main(["--features", "memory://train-test/features", "--out", "memory://train-test/out"]) == 0
         metrics = json.loads(fs.cat_file("/train-test/out/metrics.json"))

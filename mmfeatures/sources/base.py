@@ -1,0 +1,60 @@
+"""What every reader yields: rows tagged with where they came from, or error rows; and the
+settings a run reads its inputs with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmfeatures.errors import ErrorRow, ManifestError, RecordError
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    data: dict[str, Any]
+    source: str  # "path:line" (1-based; Parquet and Arrow count rows), or "path:key" for a tar sample
+    rejected: Mapping[str, RecordError] = field(default_factory=dict)  # modalities refused while reading
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a run reads its inputs; plain values, so it pickles to workers unchanged."""
+
+    max_member_bytes: int | None = None  # tar members and media-folder text files over this are refused unread
+    csv_encoding: str | None = None  # None: UTF-8 (a byte-order mark is skipped)
+    csv_delimiter: str | None = None  # None: sniffed from the header line
+    label_from_folder: bool = False  # media folders: a file's top folder under the input is its label
+    columns: Mapping[str, str] = field(default_factory=dict)  # --columns: field -> input column
+
+
+def row_error(exc: ManifestError, source: str) -> ErrorRow:
+    return ErrorRow.from_exception(exc, record_id=None, modality=None, source=source)
+
+
+def unreadable(path: str, what: str, exc: Exception, lost: str = "", record_id: str | None = None) -> ErrorRow:
+    """The one error row of a file that cannot be read past some damage (corrupt, truncated, not
+    in its format): the rows read before it stay, and this row stands for all the rest."""
+    error = ManifestError(f"the {what} cannot be read: {exc}{lost}", error_type="unreadable_manifest")
+    return ErrorRow.from_exception(error, record_id=record_id, modality=None, source=path)
+
+
+MEDIA_FOLDER = "media_folder"  # the format of a folder of media files grouped into records
+
+
+@dataclass(frozen=True)
+class Input:
+    """One thing the job reads: a manifest file, a tar shard, a Parquet or Arrow file, or a folder
+    of media files (``format`` MEDIA_FOLDER)."""
+
+    path: str
+    format: str
+    split: str | None = None  # a save_to_disk DatasetDict's split, for rows that name none
+    name: str | None = None  # the path under its --input pattern's fixed folder ("ds/train/x.arrow")
+
+    def derived_id(self, row_source: str) -> str:
+        """The id of a row without one: its position in this input (``row_source`` is
+        "path:position") after the input's name, so the id stays when the data set is moved
+        (from a laptop to a bucket, say) and is read by the same pattern."""
+        position = row_source[len(self.path) :] if row_source.startswith(self.path) else f":{row_source}"
+        return (self.name or self.path) + position

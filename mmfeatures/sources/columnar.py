@@ -1,0 +1,166 @@
+"""Parquet and Arrow files, Hugging Face ``datasets``' own among them: the files ``to_parquet``
+writes, and the Arrow IPC stream files of ``save_to_disk``.
+
+A dataset's features are JSON in the schema's ``huggingface`` metadata. ``Image()`` and
+``Audio()`` columns are ``struct<bytes, path>`` (``records`` reads them as the bytes when present,
+else the path); ``ClassLabel`` columns hold integers, which are read as their class names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from mmfeatures.errors import ErrorRow, ManifestError
+from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreadable
+
+# What pyarrow raises for a corrupt or truncated file: ArrowInvalid and the other Arrow errors,
+# OSError, UnicodeDecodeError (a ValueError) for a column name that is not UTF-8, and MemoryError
+# when a damaged length asks the Python file object for more bytes than can be allocated.
+_UNREADABLE = (pa.ArrowException, OSError, ValueError, MemoryError)
+
+# Rows turned into Python values at a time: a batch of a media dataset may hold hundreds of MB.
+_ROWS_PER_CHUNK = 256
+
+_ARROW_FILE_MAGIC = b"ARROW1"  # the Arrow IPC file format (Feather v2); streams start otherwise
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # what closing an IPC stream writer writes last
+_HUGGING_FACE_METADATA = b"huggingface"
+_NO_LABEL = -1  # what ``datasets`` stores for an example without a label (an unlabelled test split)
+
+
+def class_names(schema: pa.Schema) -> dict[str, list[str]]:
+    """Each ``ClassLabel`` column of a ``datasets`` file and its class names; empty for any other
+    file (no ``huggingface`` metadata, or metadata this reader cannot parse).
+
+    Only integer columns the file holds count: pyarrow keeps a schema's metadata when columns are
+    dropped or replaced, so the metadata may name a column that is gone or now holds strings."""
+    raw = (schema.metadata or {}).get(_HUGGING_FACE_METADATA)
+    try:
+        features = json.loads(raw)["info"]["features"] if raw else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(features, dict):
+        return {}
+    integers = {field.name for field in schema if pa.types.is_integer(field.type)}
+    return {
+        column: [str(name) for name in feature["names"]]
+        for column, feature in features.items()
+        if column in integers
+        and isinstance(feature, dict)
+        and feature.get("_type") == "ClassLabel"
+        and isinstance(feature.get("names"), list)
+    }
+
+
+def column_types(schema: pa.Schema) -> dict[str, pa.DataType]:
+    """The file's column types as its rows are read: ``ClassLabel`` columns become strings."""
+    names = class_names(schema)
+    return {field.name: pa.string() if field.name in names else field.type for field in schema}
+
+
+def _open_arrow(handle: BinaryIO) -> pa.ipc.RecordBatchStreamReader | pa.ipc.RecordBatchFileReader:
+    magic = handle.read(len(_ARROW_FILE_MAGIC))
+    handle.seek(0)
+    return pa.ipc.open_file(handle) if magic == _ARROW_FILE_MAGIC else pa.ipc.open_stream(handle)
+
+
+def read_schema(path: str) -> pa.Schema | None:
+    """A Parquet or Arrow file's schema, or None when it cannot be read (the reader reports that)."""
+    fs, fs_path = url_to_fs(path)
+    with fs.open(fs_path, "rb") as handle:
+        try:
+            return pq.read_schema(handle) if _is_parquet(path) else _open_arrow(handle).schema
+        except _UNREADABLE:
+            return None
+
+
+def _is_parquet(path: str) -> bool:
+    return path.lower().endswith((".parquet", ".pq"))
+
+
+def _batches(handle: BinaryIO, path: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    if _is_parquet(path):
+        parquet = pq.ParquetFile(handle)
+        return parquet.schema_arrow, parquet.iter_batches(batch_size=_ROWS_PER_CHUNK)
+    reader = _open_arrow(handle)
+    if isinstance(reader, pa.ipc.RecordBatchFileReader):
+        batches: Iterator[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+        batches = _whole_stream(reader, handle)
+    return reader.schema, map(_validated, batches)
+
+
+def _whole_stream(reader: pa.ipc.RecordBatchStreamReader, handle: BinaryIO) -> Iterator[pa.RecordBatch]:
+    """The stream's batches, then ``ArrowInvalid`` if it lacks its end marker: pyarrow reads a
+    stream cut between two batches (a killed ``save_to_disk``, a copy cut short) as whole."""
+    yield from reader
+    handle.seek(-len(_END_OF_STREAM), os.SEEK_END)
+    if handle.read(len(_END_OF_STREAM)) != _END_OF_STREAM:
+        raise pa.ArrowInvalid("the stream ends without its end-of-stream marker: it was cut off after a batch")
+
+
+def _validated(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """``batch`` once its offsets and UTF-8 are checked (``ArrowInvalid`` otherwise): an Arrow
+    reader takes a damaged file's buffers as they are, and ``to_pylist`` on bad offsets crashes
+    the process (a segmentation fault) instead of raising."""
+    batch.validate(full=True)
+    return batch
+
+
+def read_columnar(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+    fs, fs_path = url_to_fs(path)
+    kind = "Parquet file" if _is_parquet(path) else "Arrow file"
+    with fs.open(fs_path, "rb") as handle:
+        number = 0
+        try:
+            schema, batches = _batches(handle, path)
+            names = class_names(schema)
+            for batch in batches:
+                for start in range(0, batch.num_rows, _ROWS_PER_CHUNK):
+                    for data in _chunk_rows(batch.slice(start, _ROWS_PER_CHUNK)):
+                        number += 1
+                        source = f"{path}:{number}"
+                        if not isinstance(data, ManifestError) and names:
+                            data = _with_class_names(data, names)
+                        yield row_error(data, source) if isinstance(data, ManifestError) else ManifestRow(data, source)
+        except _UNREADABLE as exc:
+            # A corrupt or truncated file cannot be read row by row: the rest of it is one error row.
+            yield unreadable(path, kind, exc)
+
+
+def _chunk_rows(chunk: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
+    """A chunk's rows; a row holding a value Python cannot represent (a timestamp past year 9999,
+    a string that is not UTF-8) is that row's error instead."""
+    try:
+        return chunk.to_pylist()
+    except (ValueError, OverflowError):
+        pass
+    rows: list[dict[str, Any] | ManifestError] = []
+    for index in range(chunk.num_rows):
+        try:
+            rows.append(chunk.slice(index, 1).to_pylist()[0])
+        except (ValueError, OverflowError) as exc:
+            rows.append(ManifestError(f"a value cannot be read: {exc}"))
+    return rows
+
+
+def _with_class_names(row: dict[str, Any], names: Mapping[str, list[str]]) -> dict[str, Any] | ManifestError:
+    """``row`` with each ``ClassLabel`` integer replaced by its class name (None for no label)."""
+    for column, classes in names.items():
+        value = row.get(column)
+        if value is None or value == _NO_LABEL:
+            row[column] = None
+        elif isinstance(value, int) and 0 <= value < len(classes):
+            row[column] = classes[value]
+        else:
+            return ManifestError(
+                f"column {column!r} holds {value!r}, which is not one of its {len(classes)} ClassLabel classes",
+                error_type="invalid_label",
+            )
+    return row

@@ -1,0 +1,150 @@
+"""JSONL and CSV manifests, plain or gzipped: one row per line (per CSV record), a line that
+cannot be parsed or decoded an error row of its own."""
+
+from __future__ import annotations
+
+import _csv
+import csv
+import gzip
+import io
+import itertools
+import json
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from mmfeatures.errors import ErrorRow, ManifestError
+from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreadable
+
+# What gzip raises for a damaged stream: BadGzipFile for bytes that are not gzip or fail the
+# checksum or length check at its end, EOFError for a stream cut short, zlib.error for corrupt
+# compressed data. Reading a plain file raises none of them: its I/O errors still escape as before.
+_UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+
+# The delimiters a CSV's header line is sniffed for, and how much of the line the sniffer reads.
+CSV_DELIMITERS = ",;\t|"
+_SNIFF_CHARS = 4096
+
+
+def _unreadable_gzip(path: str, exc: Exception, lines_read: int) -> ErrorRow:
+    lost = f"; the lines after line {lines_read} are lost" if lines_read else ""
+    return unreadable(path, "gzip stream", exc, lost)
+
+
+def _open_text_manifest(path: str) -> Any:
+    """A JSONL or CSV manifest's bytes, gunzipped when its name ends in ".gz". fsspec.open, not
+    ``fs.open``: only its context closes the file under the gzip reader too."""
+    return fsspec.open(path, "rb", compression="infer")
+
+
+def read_jsonl(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+    number = 0
+    with _open_text_manifest(path) as raw:
+        try:
+            for number, raw_line in enumerate(raw, 1):
+                source = f"{path}:{number}"
+                try:
+                    line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    error = ManifestError(f"the line is not valid UTF-8: {exc}", error_type="invalid_utf8")
+                    yield row_error(error, source)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    # ValueError: JSONDecodeError, and integers over Python's 4300-digit limit;
+                    # RecursionError: nesting deeper than the interpreter's stack.
+                    yield row_error(ManifestError(f"malformed JSON: {exc}", error_type="malformed_json"), source)
+                    continue
+                if not isinstance(data, dict):
+                    error = ManifestError("a JSONL line must hold an object", error_type="malformed_json")
+                    yield row_error(error, source)
+                    continue
+                yield ManifestRow(data, source)
+        except _UNREADABLE_GZIP as exc:
+            yield _unreadable_gzip(path, exc, number)
+
+
+def read_csv(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+    encoding = options.csv_encoding or "utf-8-sig"
+    with _open_text_manifest(path) as raw:
+        # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
+        # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
+        text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
+        reader: _csv.Reader | None = None
+        try:
+            header_line = text.readline()
+            delimiter = options.csv_delimiter or _sniff_delimiter(header_line)
+            reader = csv.reader(itertools.chain([header_line], text), delimiter=delimiter)
+            yield from _csv_rows(reader, path, encoding)
+        except _UNREADABLE_GZIP as exc:
+            yield _unreadable_gzip(path, exc, reader.line_num if reader is not None else 0)
+
+
+def _sniff_delimiter(header_line: str) -> str:
+    """The delimiter of a CSV's header line: spreadsheets in many European locales write ";". The
+    sniffer prefers "," when the line holds several, and only reads the line's start: its regular
+    expressions take time quadratic in their sample."""
+    try:
+        return csv.Sniffer().sniff(header_line[:_SNIFF_CHARS], delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:  # no delimiter at all: a single column, or an empty file
+        return ","
+
+
+def _not_decodable(cells: list[str], encoding: str) -> str | None:
+    """Why cells read with surrogateescape were not text in ``encoding`` in the file, None when
+    they were: the escaped bytes, put back, meet the strict decoder, which names the first bad one."""
+    for number, cell in enumerate(cells, 1):
+        try:
+            cell.encode(encoding, "surrogateescape").decode(encoding)
+        except UnicodeDecodeError as exc:
+            return f"column {number}: {exc}"
+    return None
+
+
+def _encoding_error(what: str, reason: str, encoding: str, consequence: str = "") -> ManifestError:
+    name = "UTF-8" if encoding == "utf-8-sig" else encoding
+    # One error type whatever the encoding: the name users already search for and count.
+    return ManifestError(f"{what} is not valid {name}{consequence}: {reason}", error_type="invalid_utf8")
+
+
+def _csv_rows(reader: _csv.Reader, path: str, encoding: str) -> Iterator[ManifestRow | ErrorRow]:
+    # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
+    # the read goes on with the next line; a header that cannot be parsed or decoded ends the file.
+    try:
+        header = next(reader, [])  # an empty file has no columns, and no rows
+    except csv.Error as exc:
+        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
+        yield row_error(error, f"{path}:{reader.line_num}")
+        return
+    reason = _not_decodable(header, encoding)
+    if reason is not None:
+        consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
+        yield row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{reader.line_num}")
+        return
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
+            yield row_error(error, f"{path}:{reader.line_num}")
+            continue
+        source = f"{path}:{reader.line_num}"
+        if not any(cells):  # an empty line, or one of the blank rows ",,," spreadsheets append
+            continue
+        if len(cells) != len(header):
+            error = ManifestError("the row's field count does not match the header", error_type="malformed_csv")
+            yield row_error(error, source)
+            continue
+        reason = _not_decodable(cells, encoding)
+        if reason is not None:
+            yield row_error(_encoding_error("the row", reason, encoding), source)
+            continue
+        # CSV has no nulls: an empty cell means the value is absent.
+        yield ManifestRow({key: value or None for key, value in zip(header, cells, strict=True)}, source)
