@@ -3,7 +3,6 @@ modalities and their models, the fusion, the output layout, and the metadata the
 
 from __future__ import annotations
 
-import codecs
 import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,8 +21,7 @@ from mmfeatures.options import ExtractOptions, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.settings import InferenceSettings
-from mmfeatures.sources import Input, ReadOptions, find_inputs
-from mmfeatures.sources.base import MEDIA_FOLDER
+from mmfeatures.sources import Input, ReadOptions, checked_delimiter, checked_encoding, find_inputs
 
 
 @dataclass
@@ -86,8 +84,8 @@ class Job:
         }
         read_options = ReadOptions(
             max_member_bytes=limits.max_bytes,
-            csv_encoding=_checked_encoding(extract.csv_encoding),
-            csv_delimiter=_checked_delimiter(extract.csv_delimiter),
+            csv_encoding=checked_encoding(extract.csv_encoding),
+            csv_delimiter=checked_delimiter(extract.csv_delimiter),
             label_from_folder=extract.label_from_folder,
             columns=parse_column_map(extract.columns or ""),
         )
@@ -195,26 +193,8 @@ INPUTS_ROOT = "inputs"
 def _allowed_roots(roots: list[str], inputs: list[Input]) -> list[str]:
     """``--allowed_roots`` with ``inputs`` replaced by the folders of the manifests (a folder of
     media files is its own root)."""
-    folders = {
-        source.path.rstrip("/") if source.format == MEDIA_FOLDER else storage.parent(source.path) for source in inputs
-    }
+    folders = {source.folder for source in inputs}
     expanded: list[str] = []
     for root in roots:
         expanded += sorted(folders) if root == INPUTS_ROOT else [root]
     return expanded
-
-
-def _checked_encoding(name: str | None) -> str | None:
-    if name is not None:
-        try:
-            codecs.lookup(name)
-        except LookupError:
-            raise ValueError(f"--csv-encoding: {name!r} is not an encoding Python knows") from None
-    return name
-
-
-def _checked_delimiter(delimiter: str | None) -> str | None:
-    delimiter = "\t" if delimiter == "tab" else delimiter  # a tab is hard to type in a shell
-    if delimiter is not None and len(delimiter) != 1:
-        raise ValueError(f"--csv-delimiter must be one character or 'tab', not {delimiter!r}")
-    return delimiter

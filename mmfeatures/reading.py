@@ -10,14 +10,12 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from mmfeatures import storage
 from mmfeatures.column_types import add_value_types
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
-from mmfeatures.errors import ERRORS_TAG, ErrorRow, Stage, ValidationError
+from mmfeatures.errors import ERRORS_TAG, ErrorRow, ManifestError, Stage, ValidationError
 from mmfeatures.records import Record, carried_column_name, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
-from mmfeatures.sources import Input, ReadOptions, declared_column_types, read_input
-from mmfeatures.sources.base import MEDIA_FOLDER
+from mmfeatures.sources import HEADED_FORMATS, Input, ReadOptions, declared_column_types, read_input
 
 COLUMN_TYPES_TAG = "column_types"
 
@@ -31,16 +29,21 @@ class _ReadManifest(beam.DoFn):
 
     def process(self, indexed_input: tuple[int, Input]) -> Iterator[Any]:
         file_index, source = indexed_input
-        # Relative references are taken from a manifest's folder, or from a media folder itself.
-        manifest_dir = source.path.rstrip("/") if source.format == MEDIA_FOLDER else storage.parent(source.path)
         declared = declared_column_types(source)
         inferred: dict[str, pa.DataType | None] = {}
         rows = 0
+        headed = source.format in HEADED_FORMATS and bool(self.options.columns)
         for row_number, item in enumerate(read_input(source, self.options)):
             rows += 1
             if isinstance(item, ErrorRow):
                 yield error_output(item)
                 continue
+            if headed:  # the first row holds every column of the file: check the mapping once
+                headed = False
+                unmapped = sorted(set(self.options.columns.values()) - set(item.data))
+                if unmapped:
+                    yield error_output(_unmapped(source, unmapped, item.data))
+                    break
             data = map_columns(item.data, self.options.columns)
             if source.split is not None and data.get("split") is None:  # a DatasetDict's split
                 data["split"] = source.split
@@ -48,7 +51,7 @@ class _ReadManifest(beam.DoFn):
                 record = parse_record(
                     data,
                     source=item.source,
-                    manifest_dir=manifest_dir,
+                    manifest_dir=source.folder,
                     rejected=item.rejected,
                     default_id=source.derived_id(item.source),
                 )
@@ -72,6 +75,17 @@ class _ReadManifest(beam.DoFn):
             mapped = map_columns(declared, self.options.columns)
             inferred = {carried_column_name(n): t for n, t in mapped.items() if n not in reserved}
         yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
+
+
+def _unmapped(source: Input, unmapped: list[str], row: dict[str, Any]) -> ErrorRow:
+    """The one error row of a file that lacks a column ``--columns`` maps: reading it would give
+    every row an empty field (a null label, say) that nobody would notice."""
+    message = (
+        f"--columns maps {', '.join(map(repr, unmapped))}, which this file has not (its columns: "
+        f"{', '.join(map(repr, row))}), so no row of it is read"
+    )
+    error = ManifestError(message, error_type="unmapped_column")
+    return ErrorRow.from_exception(error, record_id=None, modality=None, source=source.path)
 
 
 def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:

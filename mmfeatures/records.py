@@ -160,13 +160,33 @@ def map_columns(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str,
     if not columns:
         return dict(row)
     sources = set(columns.values())
-    mapped = {
-        (f"{CARRIED_PREFIX}{name}" if name in columns and name not in sources else name): value
-        for name, value in row.items()
-        if name not in sources
-    }
+    mapped: dict[str, Any] = {}
+    for name, value in row.items():
+        if name not in sources:
+            mapped[_free_name(name, columns, row)] = value
     mapped.update({target: row.get(column) for target, column in columns.items()})
     return mapped
+
+
+def _free_name(name: str, columns: Mapping[str, str], row: Mapping[str, Any]) -> str:
+    """``name``, or, for a column a mapping displaces, the first ``manifest_`` name no other
+    column of the row holds."""
+    if name not in columns:
+        return name
+    carried = f"{CARRIED_PREFIX}{name}"
+    while carried in row or carried in columns:
+        carried = f"{CARRIED_PREFIX}{carried}"
+    return carried
+
+
+def _derived_id(row: Mapping[str, Any], derived: str) -> str:
+    """``derived``, for a row with no id column, unless a column looks like one ("ID", " id"):
+    then the user meant it, and deriving an id would hide that it was never read."""
+    near = [name for name in row if isinstance(name, str) and name.strip().lower() == "id"]
+    if near:
+        message = f"the record has no 'id' column but has {near[0]!r}: name it with --columns id={near[0]}"
+        raise ValidationError(message, error_type="missing_id")
+    return derived
 
 
 def parse_record(
@@ -185,7 +205,7 @@ def parse_record(
     each failure is counted once, against its modality."""
     # A row with no id column (a Hugging Face dataset's, say) is named by where it was read
     # (``default_id``, else ``source``), which is the same on every run over the same input.
-    record_id = _optional_string(row, "id", allow_int=True) if "id" in row else (default_id or source)
+    record_id = _optional_string(row, "id", allow_int=True) if "id" in row else _derived_id(row, default_id or source)
     if record_id is None or not record_id.strip():
         raise ValidationError("the record has no id", error_type="missing_id")
     reserved = reserved_record_columns()

@@ -63,6 +63,9 @@ def embedding_dimension(field: pa.Field) -> int | None:
     return None
 
 
+PART_PREFIX = "part-"  # a committed Parquet part: part-<commit>-00000-of-00003.parquet
+
+
 def manifest_path(table_dir: str) -> str:
     """Where the manifest of the table in ``table_dir`` (a folder, URL or fsspec path) lives:
     ``<parent>/_<table>_manifest.json``, beside the folder, so the folder holds nothing but Parquet
@@ -84,7 +87,9 @@ def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
     """The committed table in the folder ``path`` (a folder or URL; in ``filesystem``'s terms when
     one is given), or None where there is no manifest beside it: a single file, or a folder never
     committed."""
+    import pyarrow.parquet as pq
     from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
 
     fs, root = (filesystem, path) if filesystem else url_to_fs(path)
     root = root.rstrip("/")
@@ -93,7 +98,13 @@ def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
     except FileNotFoundError:
         return None
     files = manifest["files"]
-    return CommittedTable(fs, [f"{root}/{part['path']}" for part in files], sum(part["rows"] for part in files))
+    parts = [f"{root}/{part['path']}" for part in files]
+    if parts and isinstance(fs, LocalFileSystem) and not fs.exists(parts[0]):
+        # Killed between a local commit's folder swap and the manifest's replace: the folder,
+        # swapped in whole by one rename, holds the table the new manifest would have listed.
+        parts = sorted(fs.glob(f"{root}/{PART_PREFIX}*.parquet"))
+        return CommittedTable(fs, parts, sum(pq.ParquetFile(part).metadata.num_rows for part in parts))
+    return CommittedTable(fs, parts, sum(part["rows"] for part in files))
 
 
 def read_features(path: str, **kwargs: Any) -> pa.Table:

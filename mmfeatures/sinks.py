@@ -26,9 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import storage
 from mmfeatures.column_types import conform_value, merge_column_types
-from mmfeatures.schema import embedding_dimension, manifest_path
+from mmfeatures.schema import PART_PREFIX, embedding_dimension, manifest_path
 
-PART_PREFIX = "part-"
 STAGING_DIR = "_staging"
 
 

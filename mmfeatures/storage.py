@@ -172,6 +172,15 @@ def pattern_root(pattern: str) -> str:
     return root if has_scheme(pattern) else os.path.abspath(root or ".").rstrip(os.sep) + os.sep
 
 
+def common_root(roots: list[str]) -> str | None:
+    """The deepest folder holding every one of ``roots`` (``pattern_root``s), or None when they
+    lie on different file systems or buckets."""
+    split = [root.rstrip("/").split("/") for root in roots]
+    shared = next((i for i, parts in enumerate(zip(*split, strict=False)) if len(set(parts)) > 1), min(map(len, split)))
+    least = 3 if has_scheme(roots[0]) else 1  # "gs:", "", "bucket"; or "", the top of a local disk
+    return "/".join(split[0][:shared]) + "/" if shared >= least else None
+
+
 def name_under(path: str, root: str) -> str:
     """``path`` relative to ``root`` (a ``pattern_root``), in "/" form; its base name where it is
     not under it. Both are compared in their file system's own terms, so "memory://x/a" and

@@ -9,7 +9,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mmfeatures.records import parse_record
 from mmfeatures.sources import Input, ManifestRow, ReadOptions, find_inputs, read_input
 from mmfeatures.sources.base import MEDIA_FOLDER
 from pipelines.extract_features import run
+from tests.source_rows import rows_only, split
 
 
 class Tree:
@@ -76,19 +77,6 @@ def read_folder(url: str, **options: Any) -> list[ManifestRow | ErrorRow]:
     """Everything read from ``url``, which the folder rule must find to be a media folder."""
     assert found_at([url]) == [Input(url, MEDIA_FOLDER)]
     return list(read_input(Input(url, MEDIA_FOLDER), ReadOptions(**options)))
-
-
-def split(items: list[ManifestRow | ErrorRow]) -> tuple[list[ManifestRow], list[ErrorRow]]:
-    rows = [item for item in items if isinstance(item, ManifestRow)]
-    errors = [item for item in items if isinstance(item, ErrorRow)]
-    assert len(rows) + len(errors) == len(items)
-    return rows, errors
-
-
-def rows_only(items: Iterable[ManifestRow | ErrorRow]) -> list[ManifestRow]:
-    rows, errors = split(list(items))
-    assert errors == []
-    return rows
 
 
 def by_id(rows: list[ManifestRow]) -> dict[str, dict]:
@@ -211,7 +199,9 @@ def test_a_files_top_folder_is_its_label(tree: Tree) -> None:
 # -- skipped, unsupported and oversized files --------------------------------------------------
 
 
-def test_hidden_names_are_skipped_at_every_level(tree: Tree) -> None:
+def test_dot_names_are_skipped_at_every_level_and_underscores_are_media_too(tree: Tree) -> None:
+    """A camera's "_DSC0001.JPG" is a photo, not a writer's marker; a "_SUCCESS" among photos
+    is an error row of its own, never a silent skip."""
     tree.files(
         [
             "1.jpg",
@@ -221,29 +211,61 @@ def test_hidden_names_are_skipped_at_every_level(tree: Tree) -> None:
             ".git/objects/ab/cd.txt",
             "_tmp/2.jpg",
             "a/.hidden.txt",
-            "a/_3.txt",
+            "a/_DSC0003.JPG",
             "a/.cache/4.jpg",
             "a/5.txt",
         ]
     )
-    assert [(item.data["id"], sorted(item.data)) for item in rows_only(read_folder(tree.url))] == [
+    rows, errors = split(read_folder(tree.url))
+    assert [(item.data["id"], sorted(item.data)) for item in rows] == [
         ("1", ["id", "image"]),
+        ("_tmp/2", ["id", "image"]),
         ("a/5", ["id", "text"]),
+        ("a/_DSC0003", ["id", "image"]),
     ]
+    assert [(error.id, error.error_type) for error in errors] == [("_SUCCESS", "unsupported_member")]
+
+
+def test_a_media_files_key_is_its_path_up_to_the_last_dot(tree: Tree) -> None:
+    tree.files(["2023.05.01.jpg", "2023.05.01.txt", "a/IMG.0002.PNG"])
+    assert [(item.data["id"], sorted(item.data)) for item in rows_only(read_folder(tree.url))] == [
+        ("2023.05.01", ["id", "image", "text"]),
+        ("a/IMG.0002", ["id", "image"]),
+    ]
+
+
+def test_a_text_file_that_cannot_be_read_fails_its_text_only(tree: Tree, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted after the listing, or a storage fault: an error for that modality, never a traceback."""
+    tree.files(["a.jpg", "a.txt", "b.txt"])
+    fs, root = url_to_fs(tree.url)
+    read_bytes = storage.read_bytes
+
+    def deleted_just_before(location: str, max_bytes: int | None = None) -> bytes:
+        if location.endswith("a.txt"):
+            fs.rm(f"{root}/a.txt")
+        return read_bytes(location, max_bytes)
+
+    monkeypatch.setattr(storage, "read_bytes", deleted_just_before)
+    (a, b) = rows_only(read_folder(tree.url))
+    assert a.data == {"id": "a", "image": storage.join(tree.url, "a.jpg")} and b.data["text"] == b"x"
+    assert [(column, error.error_type) for column, error in a.rejected.items()] == [("text", "missing_file")]
 
 
 def test_unsupported_files_are_error_rows_of_their_own(tree: Tree) -> None:
     tree.files(["a/1.jpg", "a/1.txt", "a/1.pdf", "a/1.seg.png", "README.md", "b/2"])
     items = read_folder(tree.url)
     rows, errors = split(items)
-    assert [(row.data["id"], sorted(row.data)) for row in rows] == [("a/1", ["id", "image", "text"])]
+    assert [(row.data["id"], sorted(row.data)) for row in rows] == [
+        ("a/1", ["id", "image", "text"]),
+        ("a/1.seg", ["id", "image"]),  # a folder's key ends at the last dot, unlike a tar's
+    ]
     assert [(e.id, e.modality, e.stage, e.error_type, e.source) for e in errors] == [
         ("README", None, Stage.READ, "unsupported_member", f"{tree.url}:README.md"),
         ("a/1", None, Stage.READ, "unsupported_member", f"{tree.url}:a/1.pdf"),
-        ("a/1", None, Stage.READ, "unsupported_member", f"{tree.url}:a/1.seg.png"),
         ("b/2", None, Stage.READ, "unsupported_member", f"{tree.url}:b/2"),
     ]
     assert "no column takes .pdf files" in errors[1].message
+    assert "no column takes files without an extension" in errors[2].message
     # A stray file alone is its error row only, not also a record with no modality.
     assert len(items) == 5
 
@@ -431,7 +453,7 @@ def test_the_job_embeds_a_media_folder(tmp_path: Path, tiny_model_options: list[
     _wav(folder / "5.wav", 330)  # at the top level: no label
     (folder / "LICENSE").write_text("all rights")  # unsupported, alone
     (folder / ".DS_Store").write_bytes(b"\0")
-    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / "_SUCCESS").write_bytes(b"")  # among media files, a file like any other: unsupported
     out = tmp_path / "out"
 
     job = run(
@@ -477,9 +499,9 @@ def test_the_job_embeds_a_media_folder(tmp_path: Path, tiny_model_options: list[
         assert row["speaker"] == ("rex" if key == "dog/4" else None)
 
     assert summary["reconciles"] and all(summary["checks"].values())
-    assert summary["records"] == {"read": 7, "rejected": 2, "accepted": 5, "with_features": 5, "without_features": 0}
-    assert (summary["feature_rows"], summary["error_rows"]) == (5, 2)
-    assert summary["errors_by_type"] == {"read/unsupported_member": 2}
+    assert summary["records"] == {"read": 8, "rejected": 3, "accepted": 5, "with_features": 5, "without_features": 0}
+    assert (summary["feature_rows"], summary["error_rows"]) == (5, 3)
+    assert summary["errors_by_type"] == {"read/unsupported_member": 3}
     for modality in dims:
         present = sum(modality in modalities for modalities in held.values())
         assert summary["modalities"][modality] == {
@@ -493,6 +515,7 @@ def test_the_job_embeds_a_media_folder(tmp_path: Path, tiny_model_options: list[
     errors = schema.read_features(str(out / "errors")).to_pylist()
     assert sorted((e["id"], e["modality"], e["error_type"], e["source"]) for e in errors) == [
         ("LICENSE", None, "unsupported_member", f"{folder}:LICENSE"),
+        ("_SUCCESS", None, "unsupported_member", f"{folder}:_SUCCESS"),
         ("dog/3", None, "unsupported_member", f"{folder}:dog/3.md"),
     ]
 

@@ -1,9 +1,10 @@
 """One data set in every input format the job reads gives one feature table: the sample set
-written as JSONL, gzipped JSONL, a ";"-separated gzipped CSV, Parquet, a Hugging Face ``to_parquet``
-file and ``save_to_disk`` DatasetDict (built by ``datasets`` itself, with ``Image()``, ``Audio()``
-and ``ClassLabel`` columns under their own names), a WebDataset tar shard and a folder of media
-files. Each is run through the real job, and every table must equal the JSONL run's: the same
-ids, labels, splits and carried column, the same vectors bit for bit, the same error rows."""
+written as JSONL, gzipped JSONL, a ";"-separated gzipped CSV, Parquet, Hugging Face ``to_parquet``
+files (media as paths, and embedded as the Hub holds them), a ``save_to_disk`` DatasetDict (built
+by ``datasets`` itself, with ``Image()``, ``Audio()`` and ``ClassLabel`` columns under their own
+names), a WebDataset tar shard and a folder of media files. Each is run through the real job, and
+every table must equal the JSONL run's: the same ids, labels, splits and carried column, the same
+vectors bit for bit, the same error rows."""
 
 from __future__ import annotations
 
@@ -106,6 +107,16 @@ def _hf_parquet(sample: Path, out: Path) -> tuple[str, list[str]]:
     return str(out / "train.parquet"), HUGGING_FACE_COLUMNS
 
 
+def _hf_parquet_embedded(sample: Path, out: Path) -> tuple[str, list[str]]:
+    """As ``push_to_hub`` writes its Parquet files: the media bytes embedded, the paths bare names."""
+    from datasets.table import embed_table_storage
+
+    out.mkdir()
+    dataset = _hugging_face(sample, _rows(sample)).with_format("arrow")
+    dataset.map(embed_table_storage, batched=True).with_format(None).to_parquet(str(out / "train.parquet"))
+    return str(out / "train.parquet"), HUGGING_FACE_COLUMNS
+
+
 def _hf_saved(sample: Path, out: Path) -> tuple[str, list[str]]:
     """A DatasetDict by split, its media bytes embedded; the split names fill ``split``."""
     import datasets
@@ -155,6 +166,7 @@ FORMATS: dict[str, Callable[[Path, Path], tuple[str, list[str]]]] = {
     "csv.gz;": _csv_gz,
     "parquet": _parquet,
     "datasets to_parquet": _hf_parquet,
+    "datasets to_parquet, embedded": _hf_parquet_embedded,
     "datasets save_to_disk": _hf_saved,
     "tar": _tar,
     "media folder": _media_folder,

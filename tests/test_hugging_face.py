@@ -39,6 +39,7 @@ from mmfeatures.sources import (
     read_manifest,
 )
 from pipelines.extract_features import run
+from tests.source_rows import rows_only
 
 N_RECORDS = 4
 CLASSES = ["cat", "dog"]
@@ -124,14 +125,9 @@ def dataset_dict(hf: ModuleType, media: Path, tmp_path_factory: pytest.TempPathF
     return folder
 
 
-def _rows(items: list[ManifestRow | ErrorRow]) -> list[ManifestRow]:
-    assert all(isinstance(item, ManifestRow) for item in items), items
-    return [item for item in items if isinstance(item, ManifestRow)]
-
-
 # -- the sources ---------------------------------------------------------------------------------
 def test_to_parquet_rows_name_their_class_and_reference_their_media_by_path(parquet_file: Path, media: Path) -> None:
-    rows = _rows(list(read_manifest(str(parquet_file))))
+    rows = rows_only(read_manifest(str(parquet_file)))
     assert [row.source for row in rows] == [f"{parquet_file}:{n}" for n in range(1, N_RECORDS + 1)]
     assert [row.data["label"] for row in rows] == [CLASSES[label] for label in LABELS]
     assert rows[1].data["img"] == {"bytes": None, "path": str(media / "1.png")}
@@ -150,7 +146,7 @@ def test_to_parquet_rows_name_their_class_and_reference_their_media_by_path(parq
 def test_save_to_disk_rows_hold_their_media_bytes(saved: Path, media: Path) -> None:
     (source,) = find_inputs([str(saved)])
     assert source == Input(str(saved / SHARD), "arrow", name=f"{saved.name}/{SHARD}")
-    rows = _rows(list(read_input(source, ReadOptions())))
+    rows = rows_only(read_input(source, ReadOptions()))
     assert [row.source for row in rows] == [f"{saved / SHARD}:{n}" for n in range(1, N_RECORDS + 1)]
     assert [row.data["label"] for row in rows] == [CLASSES[label] for label in LABELS]
     assert rows[2].data["img"] == {"bytes": (media / "2.png").read_bytes(), "path": "2.png"}
@@ -169,7 +165,7 @@ def test_a_dataset_dict_reads_each_split_and_names_it(dataset_dict: Path) -> Non
         Input(str(dataset_dict / "train" / SHARD), "arrow", "train", f"{dataset_dict.name}/train/{SHARD}"),
         Input(str(dataset_dict / "test" / SHARD), "arrow", "test", f"{dataset_dict.name}/test/{SHARD}"),
     ]
-    rows = [row for source in inputs for row in _rows(list(read_input(source, ReadOptions())))]
+    rows = [row for source in inputs for row in rows_only(read_input(source, ReadOptions()))]
     assert [row.data["sentence"] for row in rows] == [f"sentence number {i}" for i in range(N_RECORDS)]
 
 
@@ -181,8 +177,8 @@ def test_an_arrow_ipc_file_reads_as_the_stream_it_was_copied_from(saved: Path, t
         writer.write_table(table, max_chunksize=3)  # two record batches
     assert copy.read_bytes()[:6] == b"ARROW1"
 
-    read = _rows(list(read_manifest(str(copy))))
-    assert [row.data for row in read] == [row.data for row in _rows(list(read_input(stream, ReadOptions())))]
+    read = rows_only(read_manifest(str(copy)))
+    assert [row.data for row in read] == [row.data for row in rows_only(read_input(stream, ReadOptions()))]
     assert [row.source for row in read] == [f"{copy}:{n}" for n in range(1, N_RECORDS + 1)]
     assert declared_column_types(Input(str(copy), "arrow")) == declared_column_types(stream)
 
@@ -192,7 +188,7 @@ def test_class_label_minus_one_is_no_label_and_one_out_of_range_is_that_rows_err
 ) -> None:
     unlabelled = tmp_path / "unlabelled.parquet"
     _media_dataset(hf, media, labels=[-1, 0, 1]).to_parquet(str(unlabelled))
-    assert [row.data["label"] for row in _rows(list(read_manifest(str(unlabelled))))] == [None, "cat", "dog"]
+    assert [row.data["label"] for row in rows_only(read_manifest(str(unlabelled)))] == [None, "cat", "dog"]
 
     # datasets refuses to write a label out of range; pyarrow keeps the metadata while replacing it
     table = pq.read_table(unlabelled)
@@ -210,14 +206,14 @@ def test_class_label_metadata_that_no_longer_fits_the_file_is_ignored(parquet_fi
     dropped = tmp_path / "dropped.parquet"
     pq.write_table(pq.read_table(parquet_file, columns=["img", "sentence"]), dropped)
     assert b"ClassLabel" in pq.read_schema(dropped).metadata[b"huggingface"]
-    assert all(set(row.data) == {"img", "sentence"} for row in _rows(list(read_manifest(str(dropped)))))
+    assert all(set(row.data) == {"img", "sentence"} for row in rows_only(read_manifest(str(dropped))))
     assert set(declared_column_types(Input(str(dropped), "parquet")) or {}) == {"img", "sentence"}
 
     table = pq.read_table(parquet_file)
     named = tmp_path / "named.parquet"
     names = pa.array([CLASSES[label] for label in LABELS])
     pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", names), named)
-    assert [row.data["label"] for row in _rows(list(read_manifest(str(named))))] == names.to_pylist()
+    assert [row.data["label"] for row in rows_only(read_manifest(str(named)))] == names.to_pylist()
 
 
 def _batch_ends(path: Path) -> list[int]:
@@ -243,7 +239,7 @@ def test_a_truncated_arrow_file_keeps_the_rows_before_the_damage(hf: ModuleType,
 
     *rows, error = read_manifest(str(path))
     assert 0 < len(rows) < n
-    assert [row.data["sentence"] for row in _rows(rows)] == [f"s{i}" for i in range(len(rows))]
+    assert [row.data["sentence"] for row in rows_only(rows)] == [f"s{i}" for i in range(len(rows))]
     assert isinstance(error, ErrorRow) and error.error_type == "unreadable_manifest" and error.source == str(path)
 
 
@@ -271,7 +267,7 @@ def test_damaged_offsets_in_an_arrow_file_are_an_error_row_not_a_crash(tmp_path:
         writer.write_batch(pa.record_batch([good], names=["sentence"]))
         writer.write_batch(pa.record_batch([damaged], names=["sentence"]))
     first, second, error = read_manifest(str(path))
-    assert [row.data["sentence"] for row in _rows([first, second])] == ["a", "b"]
+    assert [row.data["sentence"] for row in rows_only([first, second])] == ["a", "b"]
     assert isinstance(error, ErrorRow) and error.error_type == "unreadable_manifest" and error.source == str(path)
 
 
@@ -346,7 +342,7 @@ def test_relative_media_paths_resolve_against_the_files_folder(
     with monkeypatch.context() as patch:
         patch.chdir(media)  # where datasets looks for them, to size them
         _media_dataset(hf, Path(".")).to_parquet(str(path))
-    assert _rows(list(read_manifest(str(path))))[0].data["img"] == {"bytes": None, "path": "0.png"}
+    assert rows_only(read_manifest(str(path)))[0].data["img"] == {"bytes": None, "path": "0.png"}
     run(["--input", str(path), "--output", str(tmp_path), "--columns", COLUMNS, *tiny_model_options])
     features = _features(tmp_path)
     from_parquet = _features(parquet_run)

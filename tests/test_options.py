@@ -78,8 +78,11 @@ def test_progress_logs_each_time_the_count_passes_a_multiple(caplog: pytest.LogC
         (["--output", "o"], "--input is required"),
         (["--input", "/nonexistent/*.jsonl", "--output", "o"], "matches no file"),
         (["--input", "m.jsonl", "--output", "o", "--device", "gpu"], "--device must be cpu or cuda"),
-        (["--input", "m.jsonl", "--output", "o", "--csv-encoding", "latin-9000"], "not an encoding Python knows"),
-        (["--input", "m.jsonl", "--output", "o", "--csv-delimiter", ";;"], "one character or 'tab'"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-encoding", "latin-9000"], "not a text encoding Python knows"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-encoding", "base64"], "not a text encoding Python knows"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-delimiter", ";;"], "must be one character"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-delimiter", '"'], "not a quote or line break"),
+        (["--input", "m.jsonl", "--output", "o", "--csv-delimiter", "\n"], "not a quote or line break"),
         (["--input", "m.jsonl", "--output", "o", "--columns", "caption=text"], "'caption' is not a field"),
     ],
 )

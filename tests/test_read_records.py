@@ -6,7 +6,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
 from mmfeatures.reading import ReadRecords
-from mmfeatures.sources import find_inputs
+from mmfeatures.sources import ReadOptions, find_inputs
 
 
 def write_manifests(tmp_path):
@@ -159,3 +159,20 @@ def test_error_counts():
         rejected_rows=2,
         errors_by_type={"read/malformed_json": 1, "fetch/missing_file": 2, "validate/missing_id": 1},
     )
+
+
+def test_a_file_that_lacks_a_mapped_column_is_one_error_row(tmp_path):
+    """``--columns label=topic`` on a CSV without "topic": every row would have a null label
+    nobody asked for, so the file is one error row instead; a file that has it is read."""
+    (tmp_path / "without.csv").write_text("id,sentence\na,one\nb,two\n")
+    (tmp_path / "with.csv").write_text("id,sentence,topic\nc,three,sport\n")
+    inputs = find_inputs([str(tmp_path / "without.csv"), str(tmp_path / "with.csv")])
+    options = ReadOptions(columns={"text": "sentence", "label": "topic"})
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        out = p | ReadRecords(inputs, options)
+        kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, r.payload("text"), r.label))
+        assert_that(kept, equal_to([("c", "three", "sport")]), label="Kept")
+        errors = out[ERRORS_TAG] | "Errors" >> beam.Map(lambda e: (e["id"], e["error_type"], e["source"]))
+        assert_that(errors, equal_to([(None, "unmapped_column", str(tmp_path / "without.csv"))]), label="Errors")
+        read = out[COUNTS_TAG] | "Read" >> beam.Map(lambda c: c.rows_read)
+        assert_that(read, equal_to([1, 1]), label="RowsRead")  # the file's error row stands for it

@@ -64,8 +64,29 @@ def test_a_row_without_an_id_column_is_named_by_its_source():
     assert parse({"text": "t"}).id == SOURCE
 
 
+def test_a_derived_id_comes_from_where_the_row_lies():
+    assert parse_record({"text": "t"}, source=SOURCE, manifest_dir=DIR, default_id="m.jsonl:7").id == "m.jsonl:7"
+
+
+@pytest.mark.parametrize("column", ["ID", " id", "Id "])
+def test_a_column_that_looks_like_an_id_is_no_reason_to_derive_one(column):
+    """A spreadsheet's "ID" header: the user meant it, and a derived id would hide that."""
+    with pytest.raises(ValidationError, match=f"--columns id={column}") as info:
+        parse({column: "r1", "text": "t"})
+    assert info.value.error_type == "missing_id"
+
+
 def test_an_id_mapped_to_a_column_the_row_lacks_is_missing_not_derived():
     assert error_type(map_columns({"text": "t"}, {"id": "uid"})) == "missing_id"
+
+
+def test_a_displaced_column_never_overwrites_a_column_of_the_row():
+    row = {"caption": "new", "text": "old", "manifest_text": "older"}
+    assert map_columns(row, {"text": "caption"}) == {
+        "text": "new",
+        "manifest_manifest_text": "old",
+        "manifest_text": "older",
+    }
 
 
 def test_column_map_renames_and_carries_what_it_displaces():

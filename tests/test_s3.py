@@ -177,3 +177,58 @@ def test_job_on_s3_loopback(s3: fsspec.AbstractFileSystem, tmp_path: Path) -> No
     errors = [r for part in error_parts for r in pq.read_table(s3.open(part)).to_pylist()]
     assert {(e["id"], e["modality"]) for e in errors} == set(broken.items())
     assert all(e["source"].startswith("s3://") for e in errors)
+
+
+def test_folders_on_s3_loopback(s3: fsspec.AbstractFileSystem, tmp_path: Path, tiny_model_options: list[str]) -> None:
+    """A folder on S3 is a prefix, not a directory: a folder of media files and a Hugging Face
+    ``save_to_disk`` DatasetDict are found and read there as on a local disk."""
+    import datasets
+
+    folder = tmp_path / "sample"
+    build_sample_dataset(str(folder), n=N_RECORDS, seed=3)
+    broken: dict[str, str] = json.loads((folder / "expected_errors.json").read_text())
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    complete = [row for row in rows if row["id"] not in broken and all(row.get(m) for m in DIMS)][:4]
+    for n, row in enumerate(complete):
+        label = f"digit-{row['label']}"
+        for modality in ("image", "audio"):
+            s3.put_file(str(folder / row[modality]), f"{BUCKET}/photos/{label}/{n}{Path(row[modality]).suffix}")
+        s3.pipe_file(f"{BUCKET}/photos/{label}/{n}.txt", row["text"].encode())
+    splits = {
+        name: datasets.Dataset.from_dict(
+            {"caption": [row["text"] for row in part], "img": [str(folder / row["image"]) for row in part]}
+        ).cast_column("img", datasets.Image())
+        for name, part in (("train", complete[:3]), ("test", complete[3:]))
+    }
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "ds"))
+    s3.put(str(tmp_path / "ds"), f"{BUCKET}/ds", recursive=True)
+
+    url = f"s3://{BUCKET}"
+    run(["--input", f"{url}/photos/", "--output", f"{url}/out-photos", "--label-from-folder", *tiny_model_options])
+    run(
+        [
+            "--input",
+            f"{url}/ds",
+            "--output",
+            f"{url}/out-ds",
+            "--columns",
+            "text=caption,image=img",
+            *tiny_model_options,
+        ]
+    )
+    s3.invalidate_cache()
+
+    photos = {row["id"]: row for row in schema.read_features(f"{url}/out-photos/features").to_pylist()}
+    assert sorted(photos) == sorted(f"digit-{row['label']}/{n}" for n, row in enumerate(complete))
+    for record_id, row in photos.items():
+        assert row["label"] == record_id.split("/")[0] and row["failed_modalities"] == []
+        assert row["has_text"] and row["has_image"] and row["has_audio"]
+    assert _read_json(s3, f"{BUCKET}/out-photos/_run.json")["reconciles"] is True
+
+    saved = schema.read_features(f"{url}/out-ds/features").to_pylist()
+    assert sorted((row["split"], row["id"]) for row in saved) == sorted(
+        [("train", f"ds/train/data-00000-of-00001.arrow:{n}") for n in (1, 2, 3)]
+        + [("test", "ds/test/data-00000-of-00001.arrow:1")]
+    )
+    assert all(row["has_text"] and row["has_image"] and not row["has_audio"] for row in saved)
+    assert _read_json(s3, f"{BUCKET}/out-ds/_run.json")["reconciles"] is True

@@ -386,6 +386,28 @@ def commit_directly(directory: str, batches: list[list[dict[str, Any]]]) -> list
     return list(sinks._CommitFiles(staging, directory).process(staged, FEATURES))
 
 
+def test_local_commit_killed_between_the_folder_swap_and_the_manifest(tmp_path, monkeypatch):
+    """The old manifest then names parts that were swapped out: readers take the folder, which
+    the swap put in place whole, and the next commit puts everything right."""
+    directory = str(tmp_path / "features")
+    old, new = rows_for(range(5)), rows_for(range(20, 24))
+    commit_directly(directory, [old])
+
+    def killed(source: str, target: str) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(sinks.os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        commit_directly(directory, [new[:2], new[2:]])
+    monkeypatch.undo()
+
+    assert read_rows(directory) == [expected(r, CARRIED) for r in new]
+    committed = schema.committed_table(directory)
+    assert committed is not None and committed.rows == len(new)
+    commit_directly(directory, [old])
+    assert read_rows(directory) == [expected(r, CARRIED) for r in old]
+
+
 @pytest.mark.parametrize(
     "method, calls, survivor",
     [

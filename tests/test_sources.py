@@ -20,22 +20,8 @@ import pytest
 from mmfeatures.errors import ErrorRow, Stage
 from mmfeatures.records import parse_record
 from mmfeatures.sources import Input, ManifestRow, ReadOptions, declared_column_types, manifest_format, read_manifest
+from tests.source_rows import rows_only, split
 from tests.tar_shards import Member, build_tar
-
-
-def split(items: list[ManifestRow | ErrorRow]) -> tuple[list[ManifestRow], list[ErrorRow]]:
-    rows = [item for item in items if isinstance(item, ManifestRow)]
-    errors = [item for item in items if isinstance(item, ErrorRow)]
-    assert len(rows) + len(errors) == len(items)
-    return rows, errors
-
-
-def rows_only(items: Iterable[ManifestRow | ErrorRow]) -> list[ManifestRow]:
-    """The rows of a manifest that must hold no error row."""
-    rows, errors = split(list(items))
-    assert errors == []
-    return rows
-
 
 # -- JSONL -------------------------------------------------------------------------------------
 

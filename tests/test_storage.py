@@ -407,3 +407,17 @@ def test_inputs_are_named_under_their_patterns_fixed_folder_wherever_the_data_li
         given = pattern.format(base=base)
         root = storage.pattern_root(given)
         assert [storage.name_under(path, root) for path in storage.expand_inputs([given])] == names, base
+
+
+def test_a_glob_the_shell_expanded_names_its_files_as_the_glob_does(tmp_path: Path) -> None:
+    """``--input */data.parquet`` unquoted is two arguments; their files must not both be named
+    "data.parquet", or every derived id of one would be a duplicate of the other's."""
+    from mmfeatures.sources import find_inputs
+
+    _tree(str(tmp_path), ["a/data.parquet", "b/data.parquet"])
+    quoted = [found.name for found in find_inputs([str(tmp_path / "*" / "data.parquet")])]
+    expanded = [
+        found.name
+        for found in find_inputs([str(tmp_path / "a" / "data.parquet"), str(tmp_path / "b" / "data.parquet")])
+    ]
+    assert quoted == expanded == ["a/data.parquet", "b/data.parquet"]

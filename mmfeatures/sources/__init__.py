@@ -19,19 +19,25 @@ from mmfeatures.sources.base import MEDIA_FOLDER, Input, ManifestRow, ReadOption
 from mmfeatures.sources.columnar import column_types, read_columnar, read_schema
 from mmfeatures.sources.folders import folder_inputs, read_media_folder
 from mmfeatures.sources.shards import read_tar
-from mmfeatures.sources.text_files import CSV_DELIMITERS, read_csv, read_jsonl
+from mmfeatures.sources.text_files import checked_delimiter, checked_encoding, read_csv, read_jsonl
 
 __all__ = [
-    "CSV_DELIMITERS",
+    "HEADED_FORMATS",
+    "MEDIA_FOLDER",
     "Input",
     "ManifestRow",
     "ReadOptions",
+    "checked_delimiter",
+    "checked_encoding",
     "declared_column_types",
     "find_inputs",
     "manifest_format",
     "read_input",
     "read_manifest",
 ]
+
+# The formats whose every row holds every column of the file (its header or schema).
+HEADED_FORMATS = frozenset({"csv", "parquet", "arrow"})
 
 # Each accepted extension and the format it names; a file matches the first suffix it ends with.
 _FORMATS = (
@@ -78,16 +84,19 @@ def manifest_format(path: str) -> str:
 def find_inputs(patterns: Iterable[str]) -> list[Input]:
     """What ``--input`` names, before any work: each file with the format its name says (a name
     no reader takes fails here), each folder read by the rule in ``folders``; each named by its
-    path under its pattern's fixed folder."""
+    path under the folder that holds every pattern's fixed part (see ``Input.derived_id``), so
+    the files of a glob the shell expanded are named as the glob's are."""
+    patterns = list(patterns)
+    roots = [storage.pattern_root(pattern) for pattern in patterns]
+    common = storage.common_root(roots) if roots else None
     found: list[Input] = []
-    for pattern in patterns:
-        root = storage.pattern_root(pattern)
+    for pattern, root in zip(patterns, roots, strict=True):
         for path in storage.expand_inputs([pattern]):
             if storage.is_folder_path(path):
                 inputs = folder_inputs(path.rstrip("/"), _known_format)
             else:
                 inputs = [Input(path, manifest_format(path))]
-            found += [dataclasses.replace(item, name=storage.name_under(item.path, root)) for item in inputs]
+            found += [dataclasses.replace(item, name=storage.name_under(item.path, common or root)) for item in inputs]
     return found
 
 

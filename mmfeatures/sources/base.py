@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmfeatures import storage
 from mmfeatures.errors import ErrorRow, ManifestError, RecordError
 
 
@@ -52,9 +53,13 @@ class Input:
     split: str | None = None  # a save_to_disk DatasetDict's split, for rows that name none
     name: str | None = None  # the path under its --input pattern's fixed folder ("ds/train/x.arrow")
 
+    @property
+    def folder(self) -> str:
+        """Where relative references are taken from: a manifest's folder, or a media folder itself."""
+        return self.path.rstrip("/") if self.format == MEDIA_FOLDER else storage.parent(self.path)
+
     def derived_id(self, row_source: str) -> str:
         """The id of a row without one: its position in this input (``row_source`` is
-        "path:position") after the input's name, so the id stays when the data set is moved
-        (from a laptop to a bucket, say) and is read by the same pattern."""
-        position = row_source[len(self.path) :] if row_source.startswith(self.path) else f":{row_source}"
-        return (self.name or self.path) + position
+        "path:position", as every reader writes it) after the input's name, so the id stays when
+        the data set is moved (from a laptop to a bucket, say) and is read by the same pattern."""
+        return (self.name or self.path) + row_source[len(self.path) :]

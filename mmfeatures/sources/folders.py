@@ -7,11 +7,13 @@
    when no media file sits beside them; when its top level holds neither, the files below it that
    a format's extension names, if none is a media file (a Hugging Face Hub snapshot:
    ``README.md`` + ``data/*.parquet``);
-3. otherwise a folder of media files, grouped into records by the WebDataset rule that tar shards
-   follow (``a/123.jpg`` + ``a/123.txt`` + ``a/123.wav`` are record ``a/123``).
+3. otherwise a folder of media files, read recursively and grouped into records as ``samples``
+   says, the key being a file's path up to its last dot (``a/123.jpg`` + ``a/123.txt`` +
+   ``a/123.wav`` are record ``a/123``; ``2023.05.01.jpg`` is record ``2023.05.01``).
 
-Names starting with "." or "_" are skipped at every level, as Parquet and Spark readers skip them
-(``.DS_Store``, ``_SUCCESS``).
+Names starting with "." are skipped (``.DS_Store``, ``.git/``); so are names starting with "_"
+when looking for manifests and datasets, as Parquet and Spark readers skip them (``_SUCCESS``),
+but not among media files, whose names may start so (``_DSC0001.JPG``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mmfeatures import storage
 from mmfeatures.errors import ErrorRow, ManifestError
 from mmfeatures.records import TAR_COLUMNS
 from mmfeatures.sources.base import MEDIA_FOLDER, Input, ManifestRow, ReadOptions
-from mmfeatures.sources.shards import Sample, add_member, split_member_name
+from mmfeatures.sources.samples import Sample, add_member
 
 _DATASET_INFO = "dataset_info.json"
 _DATASET_DICT = "dataset_dict.json"
@@ -37,7 +39,15 @@ _DATASET_STATE = "state.json"
 
 
 def _hidden(name: str) -> bool:
+    """Not data, when looking for manifests: a dot file or a writer's marker (``_SUCCESS``)."""
     return name.startswith((".", "_"))
+
+
+def split_file_name(relative: str) -> tuple[str, str]:
+    """A media file's record key and extension, split at its name's last dot:
+    "a/IMG.0002.JPG" -> ("a/IMG.0002", "jpg")."""
+    key, extension = posixpath.splitext(relative)
+    return key, extension[1:].lower()
 
 
 def folder_inputs(folder: str, format_of: Callable[[str], str | None]) -> list[Input]:
@@ -65,7 +75,7 @@ def folder_inputs(folder: str, format_of: Callable[[str], str | None]) -> list[I
 
 
 def _is_media(name: str) -> bool:
-    return split_member_name(name)[1] in TAR_COLUMNS
+    return split_file_name(name)[1] in TAR_COLUMNS
 
 
 def _manifests(names: list[str], format_of: Callable[[str], str | None]) -> list[tuple[str, str]] | None:
@@ -111,36 +121,30 @@ def _dataset_json(fs: AbstractFileSystem, path: str, key: str) -> list[Any]:
 def read_media_folder(folder: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
     """The records of a folder of media files, in key order. Images and audio are referenced where
     they are (read when embedded); text, ``.cls`` and ``.json`` files are read here, refused unread
-    over ``options.max_member_bytes``."""
+    over ``options.max_member_bytes``, and one that cannot be read fails as a tar member would."""
     fs, root = url_to_fs(folder)
     root = root.rstrip("/")
-    found = fs.find(root, detail=True)
     members: dict[str, list[tuple[str, str, int]]] = {}
-    for path, info in sorted(found.items()):
+    for path, info in sorted(fs.find(root, detail=True).items()):
         relative = path[len(root) + 1 :]
-        if any(_hidden(part) for part in relative.split("/")):
+        if any(part.startswith(".") for part in relative.split("/")):
             continue
-        key, extension = split_member_name(relative)
+        key, extension = split_file_name(relative)
         members.setdefault(key, []).append((relative, extension, info.get("size") or 0))
     for key in sorted(members):
         sample = Sample(key, f"{folder}:{key}")
         if options.label_from_folder and "/" in key:
             sample.fill("label", key.split("/", 1)[0])
         for relative, extension, size in members[key]:
+            location = storage.join(folder, relative)
             if extension not in TAR_COLUMNS and extension != "json":
+                kind = f".{extension} files" if extension else "files without an extension"
                 error = ManifestError(
-                    f"file {relative!r} skipped: no column takes .{extension} files", error_type="unsupported_member"
-                )  # its own row: the rest of the record goes on
+                    f"file {relative!r} skipped: no column takes {kind}", error_type="unsupported_member"
+                )
                 yield ErrorRow.from_exception(error, record_id=key, modality=None, source=f"{folder}:{relative}")
-                continue
-            add_member(
-                sample,
-                relative,
-                extension,
-                size,
-                functools.partial(fs.cat_file, f"{root}/{relative}"),
-                options.max_member_bytes,
-                media_location=storage.join(folder, relative),
-            )
+                continue  # its own row: the rest of the record goes on
+            read = functools.partial(storage.read_bytes, location, options.max_member_bytes)
+            add_member(sample, relative, extension, size, read, options.max_member_bytes, media_location=location)
         if sample.taken:  # a stray file alone (a README) is its error row, not also a record
             yield sample.row()

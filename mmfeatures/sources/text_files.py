@@ -24,8 +24,32 @@ from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreada
 _UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 
 # The delimiters a CSV's header line is sniffed for, and how much of the line the sniffer reads.
-CSV_DELIMITERS = ",;\t|"
+_CSV_DELIMITERS = ",;\t|"
 _SNIFF_CHARS = 4096
+
+
+def checked_encoding(name: str | None) -> str | None:
+    """``--csv-encoding``, once Python is known to decode text in it; ``ValueError`` otherwise
+    (``base64`` and ``rot13`` are codecs, but not of text)."""
+    if name is not None:
+        try:
+            b"a".decode(name)  # empty bytes would decode without looking the codec up
+        except LookupError:
+            raise ValueError(f"--csv-encoding: {name!r} is not a text encoding Python knows") from None
+        except UnicodeDecodeError:  # a text encoding all the same (UTF-16 wants two bytes)
+            pass
+    return name
+
+
+def checked_delimiter(delimiter: str | None) -> str | None:
+    """``--csv-delimiter``: one character that is no quote or line break, or "tab" (hard to type
+    in a shell); ``ValueError`` otherwise."""
+    delimiter = "\t" if delimiter == "tab" else delimiter
+    if delimiter is not None and (len(delimiter) != 1 or delimiter in '"\r\n'):
+        raise ValueError(
+            f"--csv-delimiter must be one character (not a quote or line break) or 'tab', not {delimiter!r}"
+        )
+    return delimiter
 
 
 def _unreadable_gzip(path: str, exc: Exception, lines_read: int) -> ErrorRow:
@@ -90,7 +114,7 @@ def _sniff_delimiter(header_line: str) -> str:
     sniffer prefers "," when the line holds several, and only reads the line's start: its regular
     expressions take time quadratic in their sample."""
     try:
-        return csv.Sniffer().sniff(header_line[:_SNIFF_CHARS], delimiters=CSV_DELIMITERS).delimiter
+        return csv.Sniffer().sniff(header_line[:_SNIFF_CHARS], delimiters=_CSV_DELIMITERS).delimiter
     except csv.Error:  # no delimiter at all: a single column, or an empty file
         return ","
 
