@@ -12,6 +12,7 @@ the output metadata, so any reader can rebuild them with ``projection_matrix``.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,19 +21,27 @@ from typing import Any
 import numpy as np
 
 FUSION_METHODS = ("concat", "mean", "weighted")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def parse_weights(text: str | None) -> dict[str, float]:
-    """``"text=0.2,image=0.3"`` to ``{"text": 0.2, "image": 0.3}``."""
+    """``"text=0.2,image=0.3"`` to ``{"text": 0.2, "image": 0.3}``. A weight must be a number from
+    0 to float32's largest, since fused vectors are float32: ``1e39`` would make every one Inf."""
     weights: dict[str, float] = {}
     for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"fusion weight {item!r} is not of the form modality=weight")
-        weight = float(value)
-        if weight < 0 or not np.isfinite(weight):
-            raise ValueError(f"fusion weight for {name!r} must be a finite number >= 0")
-        weights[name.strip()] = weight
+        name, sep, value = (part.strip() for part in item.partition("="))
+        try:
+            weight = float(value) if sep else math.nan
+        except ValueError:
+            weight = math.nan
+        if not 0 <= weight <= FLOAT32_MAX:  # NaN compares false
+            raise ValueError(
+                f"--fusion_weights: {item!r} is not modality=weight with a finite number >= 0 "
+                f"and at most {FLOAT32_MAX:.4g} (float32's largest)"
+            )
+        if name in weights:
+            raise ValueError(f"--fusion_weights names {name!r} twice")
+        weights[name] = weight
     return weights
 
 

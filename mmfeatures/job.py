@@ -4,12 +4,15 @@ modalities and their models, the fusion, the output layout, and the metadata the
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import __version__, schema, storage
 from mmfeatures.counts import RunCounts
@@ -17,7 +20,7 @@ from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.limits import Limits
 from mmfeatures.modalities import MODALITIES, Preprocessor
-from mmfeatures.options import ExtractOptions, extract_option_values
+from mmfeatures.options import ExtractOptions, check_options, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.settings import InferenceSettings
@@ -46,10 +49,11 @@ class Job:
         started = datetime.datetime.now(datetime.timezone.utc)
         try:
             return cls._from_options(options, started)
-        except (ValueError, OSError, ModuleNotFoundError) as exc:
+        except (ValueError, OSError, ImportError) as exc:
             # OSError: an input or model folder that cannot be listed or copied is a configuration
-            # problem too. ``from None``: the cause's text may hold a signed URL, which a printed
-            # traceback would show; the message itself is redacted.
+            # problem too, and so is ImportError: a URL scheme whose fsspec library is missing.
+            # ``from None``: the cause's text may hold a signed URL, which a printed traceback
+            # would show; the message itself is redacted.
             raise ConfigurationError(redact(str(exc))) from None
 
     @classmethod
@@ -59,16 +63,14 @@ class Job:
             raise ValueError("--input is required (a manifest path or glob)")
         if not extract.output:
             raise ValueError("--output is required (a local folder or fsspec URL)")
-        batch_costs = tuple(f"{name}_batch_cost" for name in MODALITY_COLUMNS)
-        for flag in ("micro_batch_size", "torch_threads", "model_copies", *batch_costs):
-            if getattr(extract, flag) is not None and getattr(extract, flag) < 1:
-                raise ValueError(f"--{flag} must be at least 1, not {getattr(extract, flag)}")
+        check_options(extract)
         limits = Limits(
             max_bytes=extract.max_bytes,
             max_pixels=extract.max_pixels,
             max_audio_seconds=extract.max_audio_seconds,
             max_text_chars=extract.max_text_chars,
         )
+        weights = parse_weights(extract.fusion_weights)
         settings = {
             name: InferenceSettings.for_modality(
                 name,
@@ -89,7 +91,9 @@ class Job:
             label_from_folder=extract.label_from_folder,
             columns=parse_column_map(extract.columns or ""),
         )
+        check_output(extract.output)  # before the preprocessors read their models' settings
         inputs = find_inputs(extract.input)  # a format no reader takes is refused here, not by a worker
+        location_policy = storage.LocationPolicy.from_roots(_allowed_roots(extract.allowed_roots or [], inputs))
         preprocessors = {
             name: MODALITIES[name].preprocessor(getattr(extract, f"{name}_model"), limits) for name in MODALITY_COLUMNS
         }
@@ -98,7 +102,7 @@ class Job:
         fusion = Fusion(
             method=extract.fusion,
             dims={name: models[name]["dimension"] for name in MODALITY_COLUMNS},
-            weights=parse_weights(extract.fusion_weights),
+            weights=weights,
             projection_dim=extract.fusion_dim,
             seed=extract.fusion_seed,
         )
@@ -115,7 +119,7 @@ class Job:
             fusion=fusion,
             rows_per_file=extract.rows_per_file,
             limits=limits,
-            location_policy=storage.LocationPolicy.from_roots(_allowed_roots(extract.allowed_roots or [], inputs)),
+            location_policy=location_policy,
             options=recorded,
             started=started,
             models=models,
@@ -185,6 +189,25 @@ class Job:
                 "package_version": __version__,
             }
         )
+
+
+def check_output(output: str) -> None:
+    """Refuse an ``--output`` the run could not write, before any model loads, rather than once its
+    work is done: one that is a file or, on a local disk, lies under a file or in a folder this
+    user may not write. Nothing is created, so a refused run leaves no trace."""
+    fs, path = url_to_fs(output)
+    if not isinstance(fs, LocalFileSystem):
+        if fs.isfile(path):
+            raise ValueError(f"--output {output} is a file, not a folder")
+        return
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is" if existing == path else f"lies under {existing}, which is"
+        raise ValueError(f"--output {output} {where} a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output {output}: the folder {existing} is not writable")
 
 
 INPUTS_ROOT = "inputs"

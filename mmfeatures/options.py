@@ -12,11 +12,24 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import FUSION_METHODS
-from mmfeatures.limits import Limits
+from mmfeatures.limits import Limits, check_option
 from mmfeatures.records import MODALITY_COLUMNS
-from mmfeatures.settings import PRECISIONS
+from mmfeatures.settings import MOST_BATCH_COST, MOST_MICRO_BATCH_SIZES, PRECISIONS, device_type
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
+
+# The integer options' ranges, and why a value past the top cannot work (None: the option unset).
+INTEGER_RANGES: dict[str, tuple[int, int, str]] = {
+    "fusion_dim": (1, 16_384, "each worker holds every modality's projection to it, and each row a vector of it"),
+    "fusion_seed": (0, 2**63 - 1, "the tables' metadata records it for readers of 64-bit integers"),
+    "torch_threads": (1, 1024, "more than any machine's cores"),
+    "model_copies": (1, 64, "every copy is loaded on every machine"),
+    "rows_per_file": (1, 100_000, "a file's rows are held in memory until it is written"),
+    **{
+        f"{name}_batch_cost": (1, MOST_BATCH_COST, "a batch's values are held in memory, four batches at a time")
+        for name in MODALITY_COLUMNS
+    },
+}
 
 
 class ExtractOptions(PipelineOptions):
@@ -249,6 +262,23 @@ def _refuse_unknown_arguments(argv: list[str]) -> None:
             f"unrecognized argument {argument!r}{hint}: neither an option of the job nor a Beam option; "
             "options for the runner alone go after a bare '--'"
         )
+
+
+def check_options(extract: ExtractOptions) -> None:
+    """Refuse any numeric option out of its range, in one line naming it, before anything is read
+    or loaded (the limits check themselves, in ``Limits``)."""
+    kind = device_type(extract.device)
+    ranges = {
+        **INTEGER_RANGES,
+        "micro_batch_size": (
+            1,
+            MOST_MICRO_BATCH_SIZES[kind],
+            f"every forward pass is padded to this many rows, and no {kind} batch holds more at the default costs",
+        ),
+    }
+    for name, (least, most, why) in ranges.items():
+        if getattr(extract, name) is not None:
+            check_option(name, getattr(extract, name), least, most, why=why)
 
 
 def extract_option_values(options: PipelineOptions) -> dict[str, Any]:

@@ -77,21 +77,30 @@ def _optional_string(row: Mapping[str, Any], column: str, *, allow_int: bool = F
     raise ValidationError(f"column {column!r} must be a string, got {type(value).__name__}", error_type="wrong_type")
 
 
-def _require_unicode(column: str, value: Any) -> None:
-    """Refuse text the Parquet writers cannot encode: a lone surrogate (JSON's "\\ud800"), at any
-    depth of a carried value."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValidationError(f"column {column!r} is not valid Unicode: {exc}", error_type="invalid_utf8") from None
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _require_unicode(column, item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _require_unicode(column, key)
-            _require_unicode(column, item)
+# Levels of lists and objects a carried value may nest. Arrow writes deeper values to Parquet but
+# cannot read them back (about 150 levels fail: "Invalid flatbuffers message").
+MAX_NESTING = 64
+
+
+def _check_storable(column: str, value: Any) -> None:
+    """Refuse what the table cannot hold, at any depth of a carried value: text the Parquet writers
+    cannot encode (a lone surrogate, JSON's "\\ud800"), and nesting deeper than ``MAX_NESTING``.
+    Walked with a stack, so no depth makes it recurse."""
+    pending: list[tuple[Any, int]] = [(column, 0), (value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                message = f"column {column!r} is not valid Unicode: {exc}"
+                raise ValidationError(message, error_type="invalid_utf8") from None
+        elif isinstance(item, (list, tuple, dict)):
+            if depth == MAX_NESTING:
+                message = f"column {column!r} holds a value nested deeper than {MAX_NESTING} levels"
+                raise ValidationError(message, error_type="value_too_deep")
+            children = [part for pair in item.items() for part in pair] if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
 
 
 def row_label(row: Mapping[str, Any]) -> str | None:
@@ -211,8 +220,7 @@ def parse_record(
     reserved = reserved_record_columns()
     for column, value in row.items():
         if column not in MODALITY_COLUMNS:  # a modality's text is checked, and fails alone, when decoded
-            _require_unicode(column, column)
-            _require_unicode(column, value)
+            _check_storable(column, value)
     payloads: dict[str, Payload] = {}
     failures: dict[str, RecordError] = dict(rejected or {})
     for modality in MODALITY_COLUMNS:

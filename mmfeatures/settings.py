@@ -21,6 +21,14 @@ MICRO_BATCH_SIZES = {
 }
 # A batch's cost, a modality's ``batch_cost`` scaled per device type: a GPU batch holds many passes.
 BATCH_COST_FACTORS = {"cpu": 1, "cuda": 16}
+# Every forward pass is padded to exactly the micro-batch size, whatever its batch holds, so this
+# is what one pass allocates: beyond the most windows a batch holds at the default costs (64 images
+# on a CPU, 16 times that on a GPU) a pass outgrows the batch costs that bound memory; 100000 rows
+# of images are one 56 GiB array.
+MOST_MICRO_BATCH_SIZES = {kind: 64 * factor for kind, factor in BATCH_COST_FACTORS.items()}
+# A batch's values are held in memory as float32, and the batcher buffers four batches: 2**30
+# values is 4 GiB a batch, 7 times the largest default (1024 images on a GPU).
+MOST_BATCH_COST = 2**30
 # A length bucket goes out once it fills this many passes, whatever its cost: short inputs would
 # otherwise wait for thousands of records while the model idles. On a CPU a batch is one turn of
 # the model at the cores (see ``host.CoreTurns``), and each turn has a cost of its own (its first

@@ -84,10 +84,27 @@ def staging_directory(table: str) -> str:
 
 def _write_staged(staging: str, table: pa.Table) -> str:
     """Write ``table`` as one Parquet file under a new name in ``staging``; returns its path."""
+    data = parquet_bytes(table)
     fs, fs_path = _filesystem(storage.join(staging, f"{uuid.uuid4().hex}.parquet"))
     with _open_for_write(fs, fs_path) as handle:
-        pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary_columns(table.schema))
+        handle.write(data)
     return fs_path
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the bytes of a Parquet file, once they are known to read back: Arrow writes
+    some values it cannot read (nesting too deep), and a part that cannot be read must fail the
+    run here, before its commit replaces a table that can."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, compression="zstd", use_dictionary=dictionary_columns(table.schema))
+    data = buffer.getvalue()
+    try:
+        rows = pq.read_table(pa.BufferReader(data)).num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise OSError(f"a Parquet part of {table.num_rows} rows does not read back: {exc}") from None
+    if rows != table.num_rows:
+        raise OSError(f"a Parquet part of {table.num_rows} rows reads back as {rows}")
+    return data.to_pybytes()
 
 
 class _WriteStagedFile(beam.DoFn):

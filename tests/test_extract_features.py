@@ -212,3 +212,23 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     assert mixed.num_rows == 3
     assert mixed.schema.field("score").type == "string"  # CSV has no types: a mixed column is text
     assert {r["id"]: r["score"] for r in mixed.to_pylist()} == {"p1": "0.5", "p2": None, "c1": "7"}
+
+
+def test_a_value_nested_too_deep_is_an_error_row_and_the_previous_table_stays_readable(
+    tmp_path, tiny_model_options: list[str]
+) -> None:
+    """A carried value 150 levels deep is written by Arrow but cannot be read back: the record is
+    an error row, and the committed table (which replaces the previous one) reads."""
+    deep: object = "leaf"
+    for _ in range(150):
+        deep = [deep]
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "ok", "text": "a fine text", "tree": [["leaf"]]}, {"id": "deep", "text": "words", "tree": deep}]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    run(["--input", str(manifest), "--output", str(out), *tiny_model_options])
+    table = schema.read_features(str(out / "features"))
+    assert table.column("id").to_pylist() == ["ok"] and table.column("tree").to_pylist() == [[["leaf"]]]
+    errors = schema.read_features(str(out / "errors")).to_pylist()
+    assert [(e["id"], e["error_type"]) for e in errors] == [("deep", "value_too_deep")]
+    assert json.loads((out / "_run.json").read_text())["reconciles"]

@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 
+import fsspec
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import StandardOptions
 
 from mmfeatures.cli import main
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.limits import Limits
+from mmfeatures.modalities import Preprocessor
 from mmfeatures.options import LOCAL_RUNNER, ExtractOptions, extract_option_values, parse_options
 
 
@@ -232,3 +237,95 @@ def test_the_pipeline_module_refuses_unknown_arguments_in_one_line_too(tmp_path)
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("extract_features: error: unrecognized argument '--bogus'")
+
+
+# -- every option checked before any work -------------------------------------------------------
+FLOAT32_OVERFLOW = "1e39"  # finite as a Python float, Inf as float32
+
+
+@pytest.fixture
+def memory_file() -> Iterator[str]:
+    """A file on fsspec's memory:// store, removed afterwards."""
+    location = f"memory://options-{uuid.uuid4().hex}/taken"
+    fsspec.filesystem("memory").pipe(location, b"x")
+    yield location
+    fsspec.filesystem("memory").rm(location.rsplit("/", 1)[0], recursive=True)
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--output", "{file}"], "--output"),
+        (["--output", "{file}/features"], "--output"),
+        (["--output", "{memory_file}"], "--output"),
+        (["--fusion-weights", f"text={FLOAT32_OVERFLOW}"], "--fusion_weights"),
+        (["--fusion-weights", "text=abc"], "--fusion_weights"),
+        (["--fusion-weights", "text=1,text=2"], "--fusion_weights"),
+        (["--micro-batch-size", "100000"], "--micro_batch_size"),
+        (["--micro-batch-size", "65"], "--micro_batch_size"),
+        (["--device", "cuda", "--micro-batch-size", "1025"], "--micro_batch_size"),
+        (["--fusion-dim", "0"], "--fusion_dim"),
+        (["--fusion-dim", "-1"], "--fusion_dim"),
+        (["--fusion", "mean", "--fusion-dim", "1000000000"], "--fusion_dim"),
+        (["--fusion-seed", "-1"], "--fusion_seed"),
+        (["--fusion-seed", str(2**63)], "--fusion_seed"),
+        (["--text-batch-cost", "-5"], "--text_batch_cost"),
+        (["--image-batch-cost", str(2**40)], "--image_batch_cost"),
+        (["--max-audio-seconds", "nan"], "--max_audio_seconds"),
+        (["--max-audio-seconds", "inf"], "--max_audio_seconds"),
+        (["--max-audio-seconds", "0"], "--max_audio_seconds"),
+        (["--max-audio-seconds", "-1"], "--max_audio_seconds"),
+        (["--max-bytes", "0"], "--max_bytes"),
+        (["--max-bytes", str(2**63)], "--max_bytes"),
+        (["--max-pixels", "0"], "--max_pixels"),
+        (["--max-text-chars", "-1"], "--max_text_chars"),
+        (["--rows-per-file", "0"], "--rows_per_file"),
+        (["--rows-per-file", "100000000"], "--rows_per_file"),
+        (["--torch-threads", "100000"], "--torch_threads"),
+        (["--model-copies", "1000"], "--model_copies"),
+        (["--allowed-roots", " "], "--allowed_roots"),
+    ],
+)
+def test_a_bad_option_stops_the_command_in_one_line_before_any_model_is_read(
+    extra: list[str],
+    option: str,
+    memory_file: str,
+    tmp_path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused with exit status 2 and one line naming the option, before a preprocessor reads its
+    model's settings (and so before any model loads) and before the output folder exists."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr(Preprocessor, "__init__", lambda *_: pytest.fail("a preprocessor was built"))
+    output = tmp_path / "out"
+    values = [value.format(file=tmp_path / "file", memory_file=memory_file) for value in extra]
+    assert main(["extract", "--input", str(manifest), "--output", str(output), *values]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mmfeatures extract: error: ") and option in line
+    assert not output.exists() and (tmp_path / "file").read_text() == "mine"
+
+
+def test_the_output_is_checked_before_any_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    argv = ["extract", "--input", str(manifest), "--output", str(taken), "--text-model", str(tmp_path / "nonexistent")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--output" in line and "is a file" in line and "nonexistent" not in line
+
+
+@pytest.mark.parametrize("extra", [[], ["--device", "cuda", "--micro-batch-size", "1024"], ["--fusion-seed", "7"]])
+def test_the_widest_accepted_options_resolve(extra: list[str], tmp_path) -> None:
+    from mmfeatures.job import Job
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "t"}\n')
+    weights = f"text={np.finfo(np.float32).max},image=0"
+    argv = ["--input", str(manifest), "--output", str(tmp_path / "new" / "out"), "--fusion-weights", weights, *extra]
+    job = Job.from_options(parse_options(argv))
+    assert job.fusion.weight("image") == 0.0 and not (tmp_path / "new").exists()

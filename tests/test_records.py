@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from mmfeatures.errors import Stage, ValidationError
-from mmfeatures.records import Record, map_columns, parse_column_map, parse_record
+from mmfeatures.records import MAX_NESTING, Record, map_columns, parse_column_map, parse_record
 
 SOURCE = "/data/m.jsonl:7"
 DIR = "/data"
@@ -138,6 +138,29 @@ def test_other_objects_for_a_modality_fail_that_modality(modality, value):
     record = parse({"id": "a", "label": "l", modality: value, **({"text": "t"} if modality != "text" else {})})
     (error,) = record.rejected
     assert (error.modality, error.error_type) == (modality, "wrong_type")
+
+
+def _nested(depth: int, leaf: Any = 1, as_object: bool = False) -> Any:
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value} if as_object else [value]
+    return value
+
+
+@pytest.mark.parametrize("as_object", [False, True])
+def test_a_carried_value_nested_up_to_the_limit_is_kept_and_deeper_is_an_error_row(as_object):
+    kept = parse({"id": "a", "text": "t", "tree": _nested(MAX_NESTING, as_object=as_object)})
+    assert kept.carried["tree"] == _nested(MAX_NESTING, as_object=as_object)
+    for depth in (MAX_NESTING + 1, 150, 100_000):  # 150 levels is what Arrow cannot read back
+        row = {"id": "a", "text": "t", "tree": _nested(depth, as_object=as_object)}
+        with pytest.raises(ValidationError, match=f"nested deeper than {MAX_NESTING} levels") as info:
+            parse(row)
+        assert info.value.error_type == "value_too_deep"
+
+
+def test_a_lone_surrogate_deep_in_a_carried_value_is_an_error_row():
+    assert error_type({"id": "a", "text": "t", "tree": _nested(10, leaf={"k": "\ud800"})}) == "invalid_utf8"
+    assert error_type({"id": "a", "text": "t", "tree": {"\ud800": 1}}) == "invalid_utf8"
 
 
 def test_int_id_becomes_string():

@@ -386,6 +386,19 @@ def commit_directly(directory: str, batches: list[list[dict[str, Any]]]) -> list
     return list(sinks._CommitFiles(staging, directory).process(staged, FEATURES))
 
 
+def test_a_part_that_would_not_read_back_fails_before_anything_is_staged(tmp_path):
+    """Arrow writes a value nested 150 levels deep but cannot read it: such a part must stop the
+    run before its commit could replace a readable table with an unreadable one."""
+    deep: Any = 1
+    for _ in range(150):
+        deep = [deep]
+    staging = str(tmp_path / "_staging" / "features")
+    with pytest.raises(OSError, match="does not read back"):
+        sinks._WriteStagedFile(staging).write(pa.table({"deep": pa.array([deep])}))
+    assert not (tmp_path / "_staging" / "features").exists() or not any((tmp_path / "_staging" / "features").iterdir())
+    assert sinks.parquet_bytes(pa.table({"shallow": pa.array([[[1]]])}))[:4] == b"PAR1"
+
+
 def test_local_commit_killed_between_the_folder_swap_and_the_manifest(tmp_path, monkeypatch):
     """The old manifest then names parts that were swapped out: readers take the folder, which
     the swap put in place whole, and the next commit puts everything right."""

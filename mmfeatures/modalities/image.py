@@ -53,7 +53,8 @@ _PROBED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "TIFF", "GIF", "JPEG200
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Bytes to an RGB uint8 array [H, W, 3]; raises ``DecodeError`` when OpenCV cannot read them.
+    """Bytes to an RGB uint8 array [H, W, 3]; raises ``DecodeError`` when OpenCV cannot read them,
+    or when float pixels are NaN or Inf.
 
     Each image is decoded once. OpenCV's colour path (``IMREAD_COLOR_RGB``) applies EXIF orientation
     and turns grey and 16-bit into 8-bit RGB, but drops an alpha channel, which would leave whatever
@@ -77,6 +78,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise DecodeError(f"OpenCV could not decode the image: {exc}", error_type="corrupt_image") from exc
     if image is None or image.size == 0:
         raise DecodeError("not an image OpenCV can read, or a corrupt one", error_type="corrupt_image")
+    _check_finite(image)
     if not may_have_alpha:
         return image
     exif = next(
@@ -137,10 +139,19 @@ def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
     return image if flip is None else cv2.flip(image, flip)
 
 
+def _check_finite(image: np.ndarray) -> None:
+    """Refuse float pixels that are NaN or Inf (TIFF, PFM): they have no colour, and scaling to 8 bits
+    would turn the whole image black. NaN propagates through min and max, which allocate nothing."""
+    if image.dtype.kind == "f" and not (np.isfinite(image.min()) and np.isfinite(image.max())):
+        raise DecodeError("the image holds NaN or Inf pixels", error_type="non_finite_pixels")
+
+
 def _to_rgb(image: np.ndarray) -> np.ndarray:
-    if image.dtype != np.uint8:  # 16-bit PNG/TIFF, float TIFF
+    if image.dtype != np.uint8:  # 16-bit PNG/TIFF, float TIFF/PFM/HDR
         scale = 255.0 / (65535.0 if image.dtype == np.uint16 else max(float(image.max()), 1.0))
-        image = np.clip(image.astype(np.float32) * scale, 0, 255).astype(np.uint8)
+        # float64 is scaled as float64: a finite value past float32's range would become Inf.
+        working = np.float64 if image.dtype == np.float64 else np.float32
+        image = np.clip(np.multiply(image, scale, dtype=working), 0, 255).astype(np.uint8)
     if image.ndim == 2 or image.shape[2] == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:

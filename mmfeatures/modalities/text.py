@@ -33,8 +33,35 @@ MINILM = BundledModel(
 )
 
 
+# Characters that show nothing, besides whitespace: controls (Cc), format characters (Cf: zero-width
+# space and joiners, BOM, soft hyphen, bidirectional controls, tags) and Unicode's other
+# default-ignorable code points that NFKC leaves (Hangul fillers, the combining grapheme joiner,
+# variation selectors, Khmer inherent vowels, Mongolian free variation selectors).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf"})
+_IGNORABLE = frozenset(
+    "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
 def normalize_text(text: str) -> str:
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def _visible(character: str) -> bool:
+    """Whether ``character`` shows: a text with none that does is empty, whatever its length."""
+    return not (
+        character.isspace() or character in _IGNORABLE or unicodedata.category(character) in _INVISIBLE_CATEGORIES
+    )
+
+
+def _check_length(text: str, max_chars: int, form: str) -> None:
+    """The one verdict and message for both checks, on the text as sent and once normalised."""
+    if len(text) > max_chars:
+        raise DecodeError(
+            f"text of {len(text)} characters {form} is over the {max_chars} limit", error_type="text_too_long"
+        )
 
 
 @per_thread
@@ -74,14 +101,13 @@ class TextPreprocessor(Preprocessor):
                 payload.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise DecodeError(f"text is not valid Unicode: {exc}", error_type="invalid_utf8") from exc
-        if len(payload) > self.limits.max_text_chars:
-            raise DecodeError(
-                f"text of {len(payload)} characters is over the {self.limits.max_text_chars} limit",
-                error_type="text_too_long",
-            )
+        # Checked as sent first, so that normalising a text far over the limit costs nothing: NFKC
+        # can expand a character 18-fold (U+FDFA), hence the check on what the model will read.
+        _check_length(payload, self.limits.max_text_chars, "as sent")
         text = normalize_text(payload)
-        if not text:
-            raise DecodeError("the text is empty", error_type="empty_text")
+        _check_length(text, self.limits.max_text_chars, "once normalised (NFKC)")
+        if not any(map(_visible, text)):
+            raise DecodeError("the text is empty or holds only invisible characters", error_type="empty_text")
         return text
 
     def preprocess(self, raw: str) -> list[Window]:

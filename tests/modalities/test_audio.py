@@ -87,6 +87,12 @@ def test_mono_files_stay_as_they_are() -> None:
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + b"\x00" * 20, "corrupt_audio"),  # a WAV header cut short
         (audio_bytes(np.zeros((0, 1), np.float32)), "empty_audio"),
         (audio_bytes(np.array([0.1, np.nan, 0.2], np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(np.full(1600, np.nan, np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(np.array([0.1, np.inf, 0.2], np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(np.full(1600, -np.inf, np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(np.array([[0.1, 0.2], [np.inf, -np.inf]], np.float32), subtype="FLOAT"), "non_finite_audio"),
+        (audio_bytes(np.array([0.1, np.nan, 0.2]), subtype="DOUBLE"), "non_finite_audio"),
+        (audio_bytes(np.full(1600, 1e300), subtype="DOUBLE"), "non_finite_audio"),  # past float32's range
         (audio_bytes(tone(1.0))[:9000], "truncated_audio"),  # libsndfile would read the first half
         (audio_bytes(tone(1.0), fmt="AIFF")[:9000], "truncated_audio"),
         (audio_bytes(tone(1.0), fmt="FLAC")[:3000], "corrupt_audio"),

@@ -30,7 +30,7 @@ from mmfeatures.modalities.image import (
     normalize,
     resize_and_crop,
 )
-from tests.conftest import forward
+from tests.conftest import forward, prepare
 
 RED_RGB = (255, 0, 0)
 BLUE_RGB = (0, 0, 255)
@@ -290,6 +290,56 @@ def test_bad_bytes_are_decode_errors(data: bytes, error_type: str) -> None:
         decode_image(data)
     assert caught.value.error_type == error_type
     assert caught.value.stage == Stage.DECODE
+
+
+def with_one_pixel(value: float, shape: tuple[int, ...] = (6, 8, 3), dtype: type = np.float32) -> np.ndarray:
+    """A float image of mid-grey with ``value`` at one pixel."""
+    image: np.ndarray = np.full(shape, 0.5, dtype)
+    image[2, 3] = value
+    return image
+
+
+@pytest.mark.parametrize(
+    ("image", "ext"),
+    [
+        pytest.param(np.full((6, 8), np.nan, np.float32), ".tiff", id="nan-grey"),
+        pytest.param(np.full((6, 8, 3), np.nan, np.float32), ".tiff", id="nan-colour"),
+        pytest.param(np.full((6, 8, 3), np.inf, np.float32), ".tiff", id="inf"),
+        pytest.param(np.full((6, 8, 3), -np.inf, np.float32), ".tiff", id="minus-inf"),
+        pytest.param(with_one_pixel(np.nan), ".tiff", id="one-nan"),
+        pytest.param(with_one_pixel(np.inf), ".tiff", id="one-inf"),
+        pytest.param(with_one_pixel(-np.inf, shape=(6, 8)), ".tiff", id="one-minus-inf-grey"),
+        pytest.param(with_one_pixel(np.nan, shape=(6, 8, 4)), ".tiff", id="one-nan-with-alpha"),
+        pytest.param(with_one_pixel(np.inf, dtype=np.float64), ".tiff", id="one-inf-float64"),
+        pytest.param(with_one_pixel(np.nan), ".pfm", id="one-nan-portable-float-map"),
+    ],
+)
+def test_non_finite_pixels_are_a_decode_error(image_default: ImagePreprocessor, image: np.ndarray, ext: str) -> None:
+    """NaN and Inf have no colour: scaled to 8 bits, they would turn the whole image black."""
+    with pytest.raises(DecodeError) as caught:
+        prepare(image_default, encode(image, ext))
+    assert caught.value.error_type == "non_finite_pixels"
+    assert caught.value.stage == Stage.DECODE
+
+
+@pytest.mark.parametrize(
+    ("image", "ext", "expected"),
+    [
+        pytest.param(np.full((6, 8), 0.5, np.float32), ".tiff", 127, id="grey-in-0-1"),
+        pytest.param(np.full((6, 8, 3), 1.0, np.float64), ".tiff", 255, id="float64"),
+        pytest.param(with_one_pixel(1000.0), ".tiff", 0, id="brighter-than-1-scaled-by-the-brightest"),
+        pytest.param(np.full((6, 8, 3), 1e300, np.float64), ".tiff", 255, id="float64-past-float32-range"),
+        pytest.param(np.full((6, 8, 3), 0.5, np.float32), ".pfm", 127, id="portable-float-map"),
+    ],
+)
+def test_finite_float_images_decode(
+    image_default: ImagePreprocessor, image: np.ndarray, ext: str, expected: int
+) -> None:
+    data = encode(image, ext)
+    decoded = decode_image(data)
+    assert decoded.shape == (6, 8, 3) and decoded.dtype == np.uint8
+    assert tuple(decoded[0, 0]) == (expected,) * 3
+    assert np.isfinite(prepare(image_default, data).windows[0]["pixel_values"]).all()
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg"])

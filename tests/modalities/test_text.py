@@ -16,7 +16,7 @@ from mmfeatures.errors import DecodeError, Stage
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Prepared, Window
 from mmfeatures.modalities.text import TEXT, TextEncoder, TextPreprocessor, normalize_text, tokenizer_for
-from tests.conftest import forward
+from tests.conftest import forward, prepare
 
 LONG_TEXT = " ".join(f"word{i % 97} example{i % 13}" for i in range(500))  # 1000 words
 
@@ -73,6 +73,72 @@ def test_text_over_the_character_limit_is_refused() -> None:
     with pytest.raises(DecodeError) as caught:
         preprocessor.decode("x" * 11)
     assert caught.value.error_type == "text_too_long"
+
+
+@pytest.mark.parametrize(
+    ("character", "expansion"),
+    [
+        ("\ufdfa", 18),  # ARABIC LIGATURE SALLALLAHOU ALAYHE WASALLAM
+        ("\ufb03", 3),  # LATIN SMALL LIGATURE FFI
+        ("\u3392", 3),  # SQUARE MHZ
+        ("\u2474", 3),  # PARENTHESIZED DIGIT ONE
+        ("\u01c4", 2),  # LATIN CAPITAL LETTER DZ WITH CARON
+    ],
+)
+def test_the_character_limit_applies_to_the_normalised_text(character: str, expansion: int) -> None:
+    """NFKC expands these characters: the limit counts what the model reads, not what was sent."""
+    preprocessor = TextPreprocessor(limits=Limits(max_text_chars=4 * expansion))
+    assert len(preprocessor.decode(character * 4)) == 4 * expansion  # exactly at the limit once normalised
+    for payload in (character * 5, "x" + character * 4):  # within the limit as sent, past it once normalised
+        with pytest.raises(DecodeError) as caught:
+            preprocessor.decode(payload)
+        assert caught.value.error_type == "text_too_long"
+        assert caught.value.stage == Stage.DECODE
+        assert "normalised" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "\u200b",  # zero-width space
+        "\u200d",  # zero-width joiner
+        "\ufeff",  # byte order mark
+        "\u200b\u200c\u200d\u2060\ufeff",  # all the zero-width ones
+        " \u200b \t\u200d\n\u3000\ufeff ",  # mixed with spaces
+        "\u00ad\u00ad",  # soft hyphens
+        "\u200e\u200f\u202e\u2066\u2069",  # bidirectional marks and controls
+        "\u2062\u2063",  # invisible times and separator
+        "\U000e0001\U000e0041\U000e007f",  # tag characters
+        "\ufe0f\u034f",  # a variation selector and the combining grapheme joiner, with nothing to join
+        "\u3164 \uffa0",  # Hangul fillers
+        "\x00\x07\x1b",  # control characters
+        "\ufeff\u200b".encode(),
+    ],
+)
+def test_text_of_invisible_characters_only_is_empty(payload: str | bytes) -> None:
+    with pytest.raises(DecodeError) as caught:
+        TextPreprocessor().decode(payload)
+    assert caught.value.error_type == "empty_text"
+    assert caught.value.stage == Stage.DECODE
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "zero\u200bwidth",
+        "\ufeffa text file that starts with a byte order mark",
+        "a coder \U0001f469\u200d\U0001f4bb at work",  # an emoji sequence joined by ZWJ
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian: the ZWNJ is part of the word
+        "co\u00adoperate",
+        "\u200b x \u200b",
+    ],
+)
+def test_text_with_invisible_characters_among_visible_ones_is_embedded(
+    text_default: TextPreprocessor, payload: str
+) -> None:
+    assert text_default.decode(payload) == normalize_text(payload)
+    windows = prepare(text_default, payload).windows
+    assert len(windows) == 1 and len(windows[0]["input_ids"]) > 2  # more than [CLS] and [SEP]
 
 
 # -- windows -------------------------------------------------------------------------------------
