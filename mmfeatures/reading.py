@@ -13,7 +13,7 @@ from apache_beam.metrics import Metrics
 from mmfeatures.column_types import add_value_types
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, ManifestError, Stage, ValidationError
-from mmfeatures.records import Record, carried_column_name, map_columns, parse_record, reported_id
+from mmfeatures.records import Record, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
 from mmfeatures.sources import HEADED_FORMATS, Input, ReadOptions, declared_column_types, read_input
 
@@ -73,7 +73,7 @@ class _ReadManifest(beam.DoFn):
         if declared is not None:
             reserved = reserved_record_columns()
             mapped = map_columns(declared, self.options.columns)
-            inferred = {carried_column_name(n): t for n, t in mapped.items() if n not in reserved}
+            inferred = {name: t for name, t in mapped.items() if name not in reserved}
         yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
 
 

@@ -48,12 +48,18 @@ class Record:
 
 
 CARRIED_PREFIX = "manifest_"
+_NAMES_OF_THE_TABLE = frozenset(field_names("features")) | frozenset(field_names("record"))
 
 
 def carried_column_name(name: str) -> str:
-    """A carried column's name in the feature table: prefixed when it would collide with one of the
-    table's own columns (a manifest column named ``fused``, say)."""
-    return f"{CARRIED_PREFIX}{name}" if name in field_names("features") else name
+    """A carried column's name in the feature table: prefixed when, once any prefixes are taken
+    off, it names one of the table's own columns or a record field (a manifest column ``fused``, a
+    ``text`` that ``--columns`` displaced, a manifest column ``manifest_fused``). So no two input
+    columns ever share a name in the table, and columns of other names keep theirs."""
+    bare = name
+    while bare.startswith(CARRIED_PREFIX):
+        bare = bare[len(CARRIED_PREFIX) :]
+    return f"{CARRIED_PREFIX}{name}" if bare in _NAMES_OF_THE_TABLE else name
 
 
 def _is_missing(value: Any) -> bool:
@@ -162,30 +168,20 @@ def parse_column_map(text: str) -> dict[str, str]:
 
 
 def map_columns(row: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
-    """``row`` with its columns named as the job's fields, by ``columns`` (field -> column). A
-    mapped column missing from the row leaves its field empty (an ``id`` mapped to a column the row
-    lacks is a missing id, not a derived one). A column that a mapping displaces (a ``text``
-    column beside the ``sentence`` mapped to text) is carried as ``manifest_text``, never lost."""
-    if not columns:
-        return dict(row)
+    """``row`` as a record reads it: each field from the column ``columns`` (field -> column) maps
+    to it, or else from its own; every other column under its carried name (``carried_column_name``),
+    a field a mapping displaces included (a ``text`` beside the ``sentence`` mapped to text is
+    carried as ``manifest_text``): nothing is lost. A mapped column missing from the row leaves its
+    field empty (an ``id`` so mapped is a missing id, not a derived one)."""
     sources = set(columns.values())
-    mapped: dict[str, Any] = {}
-    for name, value in row.items():
-        if name not in sources:
-            mapped[_free_name(name, columns, row)] = value
-    mapped.update({target: row.get(column) for target, column in columns.items()})
-    return mapped
-
-
-def _free_name(name: str, columns: Mapping[str, str], row: Mapping[str, Any]) -> str:
-    """``name``, or, for a column a mapping displaces, the first ``manifest_`` name no other
-    column of the row holds."""
-    if name not in columns:
-        return name
-    carried = f"{CARRIED_PREFIX}{name}"
-    while carried in row or carried in columns:
-        carried = f"{CARRIED_PREFIX}{carried}"
-    return carried
+    fields = reserved_record_columns()
+    shaped = {
+        (name if name in fields and name not in columns else carried_column_name(name)): value
+        for name, value in row.items()
+        if name not in sources
+    }
+    shaped.update({field: row.get(column) for field, column in columns.items()})
+    return shaped
 
 
 def _derived_id(row: Mapping[str, Any], derived: str) -> str:
@@ -206,8 +202,9 @@ def parse_record(
     rejected: Mapping[str, RecordError] | None = None,
     default_id: str | None = None,
 ) -> Record:
-    """Validate one manifest row; raises ``ValidationError`` with a stable code when it is unusable.
-    A row without an ``id`` column is named ``default_id``, or else by its ``source``.
+    """Validate one manifest row, as ``map_columns`` shapes it (fields under their names, other
+    columns under their carried names); raises ``ValidationError`` with a stable code when it is
+    unusable. A row without an ``id`` column is named ``default_id``, or else by its ``source``.
 
     A modality whose value is unusable (wrong type, or in ``rejected`` by the reader) fails alone:
     the record keeps its other modalities, and is accepted even when all of them failed, so that
@@ -242,7 +239,7 @@ def parse_record(
         payloads=payloads,
         label=row_label(row),
         split=_optional_string(row, "split"),
-        carried={carried_column_name(key): value for key, value in row.items() if key not in reserved},
+        carried={key: value for key, value in row.items() if key not in reserved},
         rejected=tuple(
             ErrorRow.from_exception(failures[m], record_id=record_id, modality=m, source=source)
             for m in MODALITY_COLUMNS

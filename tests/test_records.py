@@ -84,9 +84,26 @@ def test_a_displaced_column_never_overwrites_a_column_of_the_row():
     row = {"caption": "new", "text": "old", "manifest_text": "older"}
     assert map_columns(row, {"text": "caption"}) == {
         "text": "new",
-        "manifest_manifest_text": "old",
-        "manifest_text": "older",
+        "manifest_text": "old",  # the displaced text
+        "manifest_manifest_text": "older",  # the row's own column, which would have collided
     }
+
+
+@pytest.mark.parametrize(
+    ("row", "carried"),
+    [
+        ({"fused": 1, "manifest_fused": 2}, {"manifest_fused": 1, "manifest_manifest_fused": 2}),
+        (
+            {"has_text": 1, "manifest_manifest_has_text": 2},
+            {"manifest_has_text": 1, "manifest_manifest_manifest_has_text": 2},
+        ),
+        ({"manifest_speaker": "a", "speaker": "b"}, {"manifest_speaker": "a", "speaker": "b"}),
+    ],
+)
+def test_carried_columns_never_collide_in_the_table(row, carried):
+    """Mangling a name that would collide with the table's own column must not make it collide
+    with another input column: every input column keeps its value, under a name of its own."""
+    assert parse(map_columns({"id": "a", "text": "t", **row}, {})).carried == carried
 
 
 def test_column_map_renames_and_carries_what_it_displaces():

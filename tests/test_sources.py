@@ -587,3 +587,14 @@ def test_tar_from_memory_url():
         handle.write(build_tar([Member("x.txt", b"hi")]))
     rows, errors = split(list(read_manifest(url)))
     assert errors == [] and [(r.data, r.source) for r in rows] == [({"id": "x", "text": b"hi"}, f"{url}:x")]
+
+
+def test_parquet_timestamp_in_an_unknown_time_zone_is_an_error_row_per_row(tmp_path):
+    """A zone no time-zone database knows (a damaged or foreign file): the rows holding such a
+    value are error rows, and the read goes on."""
+    times = pa.array([0, None], pa.timestamp("us", tz="Mars/Olympus_Mons"))
+    pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"], "when": times}), tmp_path / "m.parquet")
+    rows, errors = split(list(read_manifest(str(tmp_path / "m.parquet"))))
+    assert [row.data["id"] for row in rows] == ["b"]
+    assert [(error.source, error.error_type) for error in errors] == [(f"{tmp_path / 'm.parquet'}:1", "malformed_row")]
+    assert "Mars/Olympus_Mons" in errors[0].message

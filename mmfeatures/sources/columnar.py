@@ -25,6 +25,10 @@ from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreada
 # when a damaged length asks the Python file object for more bytes than can be allocated.
 _UNREADABLE = (pa.ArrowException, OSError, ValueError, MemoryError)
 
+# What turning a value into Python raises: ValueError and OverflowError for a string that is not
+# UTF-8 or a date out of range, and KeyError (pytz's and zoneinfo's "unknown time zone").
+_UNREPRESENTABLE = (ValueError, OverflowError, KeyError)
+
 # Rows turned into Python values at a time: a batch of a media dataset may hold hundreds of MB.
 _ROWS_PER_CHUNK = 256
 
@@ -135,17 +139,17 @@ def read_columnar(path: str, options: ReadOptions) -> Iterator[ManifestRow | Err
 
 
 def _chunk_rows(chunk: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
-    """A chunk's rows; a row holding a value Python cannot represent (a timestamp past year 9999,
-    a string that is not UTF-8) is that row's error instead."""
+    """A chunk's rows; a row holding a value Python cannot represent (a timestamp past year 9999
+    or in a time zone no database knows, a string that is not UTF-8) is that row's error instead."""
     try:
         return chunk.to_pylist()
-    except (ValueError, OverflowError):
+    except _UNREPRESENTABLE:
         pass
     rows: list[dict[str, Any] | ManifestError] = []
     for index in range(chunk.num_rows):
         try:
             rows.append(chunk.slice(index, 1).to_pylist()[0])
-        except (ValueError, OverflowError) as exc:
+        except _UNREPRESENTABLE as exc:
             rows.append(ManifestError(f"a value cannot be read: {exc}"))
     return rows
 
