@@ -87,11 +87,11 @@ def _write_staged(staging: str, table: pa.Table) -> str:
     data = parquet_bytes(table)
     fs, fs_path = _filesystem(storage.join(staging, f"{uuid.uuid4().hex}.parquet"))
     with _open_for_write(fs, fs_path) as handle:
-        handle.write(data)
+        handle.write(memoryview(data))
     return fs_path
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
     """``table`` as the bytes of a Parquet file, once they are known to read back: Arrow writes
     some values it cannot read (nesting too deep), and a part that cannot be read must fail the
     run here, before its commit replaces a table that can."""
@@ -104,7 +104,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
         raise OSError(f"a Parquet part of {table.num_rows} rows does not read back: {exc}") from None
     if rows != table.num_rows:
         raise OSError(f"a Parquet part of {table.num_rows} rows reads back as {rows}")
-    return data.to_pybytes()
+    return data
 
 
 class _WriteStagedFile(beam.DoFn):

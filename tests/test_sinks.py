@@ -396,7 +396,7 @@ def test_a_part_that_would_not_read_back_fails_before_anything_is_staged(tmp_pat
     with pytest.raises(OSError, match="does not read back"):
         sinks._WriteStagedFile(staging).write(pa.table({"deep": pa.array([deep])}))
     assert not (tmp_path / "_staging" / "features").exists() or not any((tmp_path / "_staging" / "features").iterdir())
-    assert sinks.parquet_bytes(pa.table({"shallow": pa.array([[[1]]])}))[:4] == b"PAR1"
+    assert sinks.parquet_bytes(pa.table({"shallow": pa.array([[[1]]])})).to_pybytes()[:4] == b"PAR1"
 
 
 def test_local_commit_killed_between_the_folder_swap_and_the_manifest(tmp_path, monkeypatch):

@@ -65,11 +65,10 @@ def folder_inputs(folder: str, format_of: Callable[[str], str | None]) -> list[I
         raise FileNotFoundError(f"input folder {folder!r} holds nothing to read")
     files = sorted(name for name, info in names.items() if info["type"] == "file" and not _hidden(name))
     chosen = _manifests(files, format_of)
-    if chosen is None and not any(format_of(name) or _is_media(name) for name in files):
-        # Neither at the top: a Hugging Face Hub snapshot (README.md + data/*.parquet) or class folders.
+    if chosen == []:  # neither at the top: a Hugging Face Hub snapshot (README.md + data/*.parquet) or class folders
         below = sorted(path[len(root) + 1 :] for path in fs.find(root))
         chosen = _manifests([path for path in below if not any(map(_hidden, path.split("/")))], format_of)
-    if chosen is not None:
+    if chosen:
         return [Input(storage.join(folder, name), kind) for name, kind in chosen]
     return [Input(folder, MEDIA_FOLDER)]
 
@@ -79,28 +78,28 @@ def _is_media(name: str) -> bool:
 
 
 def _manifests(names: list[str], format_of: Callable[[str], str | None]) -> list[tuple[str, str]] | None:
-    """The names that a format's extension names, with their formats, when no media file is among
-    ``names``; None otherwise."""
+    """The names that a format's extension names, with their formats (empty when none does), or
+    None when a media file is among ``names``."""
     if any(_is_media(name) for name in names):
         return None
-    found = [(name, kind) for name in names if (kind := format_of(name))]
-    return found or None
+    return [(name, kind) for name in names if (kind := format_of(name))]
 
 
 def _dataset_inputs(fs: AbstractFileSystem, folder: str, root: str, split: str | None) -> list[Input]:
     """The Arrow files of one ``save_to_disk`` dataset (a split's folder when ``split`` is set)."""
     if split is not None:
         folder, root = storage.join(folder, split), f"{root}/{split}"
+    listed = {posixpath.basename(path.rstrip("/")) for path in fs.ls(root, detail=False)}
     try:
         files = _dataset_json(fs, f"{root}/{_DATASET_STATE}", "_data_files")
         names = [str(entry["filename"]) for entry in files]
     except FileNotFoundError:  # written by hand or by another tool: every Arrow file, in name order
-        names = sorted(posixpath.basename(p) for p in fs.glob(f"{root}/*.arrow"))
+        names = sorted(name for name in listed if name.endswith(".arrow"))
     except (KeyError, TypeError):
         raise ValueError(f"{root}/{_DATASET_STATE} does not list its files as datasets writes it") from None
     if not names:
         raise ValueError(f"the dataset folder {folder!r} holds no Arrow file")
-    missing = [name for name in names if not fs.isfile(f"{root}/{name}")]
+    missing = [name for name in names if name not in listed]
     if missing:
         raise FileNotFoundError(f"the dataset folder {folder!r} lacks {', '.join(missing)}, which its state.json lists")
     return [Input(storage.join(folder, name), "arrow", split) for name in names]
