@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from mmfeatures import storage
+from mmfeatures import outputs, storage
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.redaction import install_log_redaction, redact
 
@@ -45,7 +45,7 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
         print(f"  error {error_type}: {count}")
     print(
         f"output: {storage.join(output, 'features')}, {storage.join(output, 'errors')}, "
-        f"{storage.join(output, '_run.json')}"
+        f"{storage.join(output, outputs.RUN_MANIFEST)}"
     )
 
 
@@ -62,7 +62,7 @@ def extract(argv: list[str]) -> int:
     except ConfigurationError as exc:
         print(f"mmfeatures extract: error: {exc}", file=sys.stderr)
         return 2
-    fs, path = url_to_fs(job.path("_run.json"))
+    fs, path = url_to_fs(job.path(outputs.RUN_MANIFEST))
     with fs.open(path, "r") as handle:
         _print_summary(json.load(handle), redact(job.output))
     return 0

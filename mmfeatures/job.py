@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from mmfeatures import __version__, schema, storage
+from mmfeatures import __version__, outputs, schema, storage
 from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
@@ -36,11 +37,13 @@ class Job:
     settings: dict[str, InferenceSettings]
     fusion: Fusion
     rows_per_file: int
+    lease_seconds: int
     limits: Limits
     location_policy: storage.LocationPolicy
     options: dict[str, Any]
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
     models: dict[str, Any] = field(default_factory=dict)
+    run: str = field(default_factory=lambda: f"run-{uuid.uuid4().hex}")  # its staging folder and lease
 
     @classmethod
     def from_options(cls, options: PipelineOptions) -> Job:
@@ -118,6 +121,7 @@ class Job:
             settings=settings,
             fusion=fusion,
             rows_per_file=extract.rows_per_file,
+            lease_seconds=extract.lease_seconds,
             limits=limits,
             location_policy=location_policy,
             options=recorded,
@@ -127,6 +131,16 @@ class Job:
 
     def path(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
+
+    def staging(self, table: str) -> str:
+        """Where the run stages ``table``'s parts until its commit."""
+        return self.path(outputs.STAGING, self.run, table)
+
+    @property
+    def commit(self) -> str:
+        """The name of the run's commit, which its parts carry: it sorts by start time, and stays
+        the same if the commit step is retried."""
+        return f"{self.started:%Y%m%dT%H%M%SZ}-{self.run[-8:]}"
 
     def metadata(self) -> dict[str, Any]:
         """The JSON every feature file carries under the ``mmfeatures`` key."""
@@ -193,21 +207,22 @@ class Job:
 
 def check_output(output: str) -> None:
     """Refuse an ``--output`` the run could not write, before any model loads, rather than once its
-    work is done: one that is a file or, on a local disk, lies under a file or in a folder this
-    user may not write. Nothing is created, so a refused run leaves no trace."""
+    work is done: one that is a file, one whose tables this job did not write (the user's own
+    ``features/``, say) or, on a local disk, one that lies under a file or in a folder this user
+    may not write. Nothing is created, so a refused run leaves no trace."""
     fs, path = url_to_fs(output)
-    if not isinstance(fs, LocalFileSystem):
-        if fs.isfile(path):
-            raise ValueError(f"--output {output} is a file, not a folder")
-        return
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is" if existing == path else f"lies under {existing}, which is"
-        raise ValueError(f"--output {output} {where} a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {output}: the folder {existing} is not writable")
+    if isinstance(fs, LocalFileSystem):
+        existing = path
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            where = "is" if existing == path else f"lies under {existing}, which is"
+            raise ValueError(f"--output {output} {where} a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {output}: the folder {existing} is not writable")
+    elif fs.isfile(path):
+        raise ValueError(f"--output {output} is a file, not a folder")
+    outputs.check_replaceable(output)
 
 
 INPUTS_ROOT = "inputs"

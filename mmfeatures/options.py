@@ -12,6 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import FUSION_METHODS
+from mmfeatures.lease import DEFAULT_LEASE_SECONDS
 from mmfeatures.limits import Limits, check_option
 from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.settings import MOST_BATCH_COST, MOST_MICRO_BATCH_SIZES, PRECISIONS, device_type
@@ -25,6 +26,7 @@ INTEGER_RANGES: dict[str, tuple[int, int, str]] = {
     "torch_threads": (1, 1024, "more than any machine's cores"),
     "model_copies": (1, 64, "every copy is loaded on every machine"),
     "rows_per_file": (1, 100_000, "a file's rows are held in memory until it is written"),
+    "lease_seconds": (10, 86_400, "a killed run keeps other runs off its output until its lease expires"),
     **{
         f"{name}_batch_cost": (1, MOST_BATCH_COST, "a batch's values are held in memory, four batches at a time")
         for name in MODALITY_COLUMNS
@@ -207,6 +209,15 @@ class ExtractOptions(PipelineOptions):
             type=int,
             default=2000,
             help="Most rows in one output Parquet file.",
+        )
+        add(
+            "--lease_seconds",
+            dest="lease_seconds",
+            type=int,
+            default=DEFAULT_LEASE_SECONDS,
+            help="How long the run's lease on --output lasts unless renewed (the running job renews "
+            "it every third of this): another run on the same --output is refused while it lasts, "
+            "and may take the output over once a killed run's lease has expired.",
         )
 
 

@@ -7,14 +7,14 @@ that the written files cannot drift from the documented contract.
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import pyarrow as pa
+
+from mmfeatures.outputs import committed_table
 
 SCHEMA_VERSION = "v1"
 METADATA_KEY = b"mmfeatures"
@@ -63,56 +63,12 @@ def embedding_dimension(field: pa.Field) -> int | None:
     return None
 
 
-PART_PREFIX = "part-"  # a committed Parquet part: part-<commit>-00000-of-00003.parquet
-
-
-def manifest_path(table_dir: str) -> str:
-    """Where the manifest of the table in ``table_dir`` (a folder, URL or fsspec path) lives:
-    ``<parent>/_<table>_manifest.json``, beside the folder, so the folder holds nothing but Parquet
-    parts and any reader takes it whole (Polars, for one, refuses a folder with other files)."""
-    parent, name = posixpath.split(table_dir.rstrip("/"))
-    return posixpath.join(parent, f"_{name}_manifest.json")
-
-
-@dataclass(frozen=True)
-class CommittedTable:
-    """A table folder as its manifest lists it: the parts (in ``fs``'s terms) and rows."""
-
-    fs: Any  # an fsspec file system
-    parts: list[str]
-    rows: int
-
-
-def committed_table(path: str, filesystem: Any = None) -> CommittedTable | None:
-    """The committed table in the folder ``path`` (a folder or URL; in ``filesystem``'s terms when
-    one is given), or None where there is no manifest beside it: a single file, or a folder never
-    committed."""
-    import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = (filesystem, path) if filesystem else url_to_fs(path)
-    root = root.rstrip("/")
-    try:
-        manifest = json.loads(fs.cat_file(manifest_path(root)))
-    except FileNotFoundError:
-        return None
-    files = manifest["files"]
-    parts = [f"{root}/{part['path']}" for part in files]
-    if parts and isinstance(fs, LocalFileSystem) and not fs.exists(parts[0]):
-        # Killed between a local commit's folder swap and the manifest's replace: the folder,
-        # swapped in whole by one rename, holds the table the new manifest would have listed.
-        parts = sorted(fs.glob(f"{root}/{PART_PREFIX}*.parquet"))
-        return CommittedTable(fs, parts, sum(pq.ParquetFile(part).metadata.num_rows for part in parts))
-    return CommittedTable(fs, parts, sum(part["rows"] for part in files))
-
-
 def read_features(path: str, **kwargs: Any) -> pa.Table:
     """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``.
 
-    A committed table folder is read from the parts its manifest lists only: the folder may
-    also hold parts of a commit that was killed, or whose old parts are not yet deleted. A
-    ``filesystem`` passed in must be an fsspec one, with ``path`` in its terms.
+    A committed table folder is read from the parts its run's ``_run.json`` lists only: the
+    folder may also hold parts of a commit that was cut short. A ``filesystem`` passed in must be
+    an fsspec one, with ``path`` in its terms.
     """
     import pyarrow.parquet as pq
 

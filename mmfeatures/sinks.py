@@ -1,9 +1,9 @@
-"""Sinks: the feature table, the error table and the run summary.
+"""Sinks: the feature table, the error table and the run summary, committed together.
 
-Tables are written the way Beam's file sinks are: each batch of rows becomes one Parquet file in a
-staging folder, and a single commit step, which runs once all rows are written, moves the files
-into place and lists them in the table's manifest, ``_<table>_manifest.json`` beside the table's
-folder. A retried bundle leaves only orphans in staging, never duplicate rows in the table.
+Tables are written the way Beam's file sinks are: each batch of rows becomes one Parquet file in
+the run's staging folder, and a single commit step, which runs once every row of both tables is
+written, moves the files into place and writes ``_run.json``, which lists them (see
+``outputs``). A retried bundle leaves only orphans in staging, never duplicate rows in a table.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from mmfeatures import storage
+from mmfeatures import outputs, storage
 from mmfeatures.column_types import conform_value, merge_column_types
-from mmfeatures.schema import PART_PREFIX, embedding_dimension, manifest_path
-
-STAGING_DIR = "_staging"
+from mmfeatures.lease import Lease
+from mmfeatures.outputs import PART_PREFIX
+from mmfeatures.schema import embedding_dimension
 
 
 def _filesystem(path: str) -> tuple[AbstractFileSystem, str]:
@@ -75,14 +75,7 @@ def dictionary_columns(table_schema: pa.Schema) -> list[str]:
     ]
 
 
-def staging_directory(table: str) -> str:
-    """Where a table's files are staged: ``OUTPUT/_staging/<table>``, beside the tables, since
-    readers (pyarrow, Spark) skip folders whose names start with an underscore."""
-    table = table.rstrip("/")
-    return storage.join(storage.parent(table), STAGING_DIR, posixpath.basename(table))
-
-
-def _write_staged(staging: str, table: pa.Table) -> str:
+def write_staged_part(staging: str, table: pa.Table) -> str:
     """Write ``table`` as one Parquet file under a new name in ``staging``; returns its path."""
     data = parquet_bytes(table)
     fs, fs_path = _filesystem(storage.join(staging, f"{uuid.uuid4().hex}.parquet"))
@@ -117,74 +110,61 @@ class _WriteStagedFile(beam.DoFn):
         yield self.write(rows_to_table(rows, schema)), len(rows)
 
     def write(self, table: pa.Table) -> str:
-        return _write_staged(self.staging, table)
+        return write_staged_part(self.staging, table)
 
 
-class _CommitFiles(beam.DoFn):
-    """Publish the staged files as the table, once, after every row is written.
+def _at_least_one_part(staged: list[tuple[str, int]], staging: str, schema: pa.Schema) -> list[tuple[str, int]]:
+    """The staged parts in a fixed order; one empty part where there are none, so that even a
+    table of no rows reads with its schema."""
+    return sorted(staged) or [(write_staged_part(staging, schema.empty_table()), 0)]
 
-    Each commit names its parts after itself (``part-<commit>-00000-of-00003.parquet``), so it never
-    overwrites a file of an earlier table, and then writes the manifest beside the folder
-    (``schema.manifest_path``), which lists the parts and is the table's one source of truth
-    (``read_features`` reads only those). On a local disk the parts are assembled in staging and the
-    folder swapped in by renames, so even plain readers never see a mix, and the manifest then
-    replaces the old one in one rename. Object stores have no rename: parts are copied in beside the
-    old ones, then the manifest is written in one PUT (atomic), and only then are the parts it does
-    not list deleted, so a run killed at any point leaves the old manifest or the new one, each
-    naming whole files, and the next commit deletes the leftovers.
+
+def _move_in(fs: AbstractFileSystem, source: str, target: str) -> None:
+    """Move a staged part to its place in the table: a rename on a local disk, a server-side copy
+    on object stores (the staged copy goes with the staging folder). A commit retried after its
+    parts moved finds them in place."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.exists(source) or not os.path.exists(target):
+            os.rename(source, target)
+    else:
+        fs.copy(source, target)
+
+
+def publish(output: str, run: str, commit: str, staged: Mapping[str, list[tuple[str, int]]], summary: dict) -> dict:
+    """Commit run ``run``: move each table's ``staged`` parts in under names of their own
+    (``features/part-<commit>-00000-of-00003.parquet``), then write ``_run.json``, the summary
+    with the parts of every table, as the one commit point, then delete what it replaced.
+
+    Before any part moves, the commit writes its intent (the parts it adds and those it will
+    delete) to the run's staging folder, so ``outputs.recover`` can finish or undo it whatever
+    point it is killed at; until ``_run.json`` is replaced, the previous run's outputs stay whole.
+    Names come from ``commit``, fixed for the run, so a retried commit redoes the same steps.
     """
-
-    def __init__(self, staging: str, directory: str) -> None:
-        self.staging = staging
-        self.directory = directory
-
-    def process(self, staged: list[tuple[str, int]], schema: pa.Schema) -> Iterable[dict[str, Any]]:
-        fs, root = _filesystem(self.directory)
-        _, staging_root = _filesystem(self.staging)
-        staged = sorted(staged) or [(_write_staged(self.staging, schema.empty_table()), 0)]  # empty: still readable
-        commit = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"  # sorts by time
-        names = [f"{PART_PREFIX}{commit}-{i:05d}-of-{len(staged):05d}.parquet" for i in range(len(staged))]
-        files = [{"path": name, "rows": rows} for name, (_, rows) in zip(names, staged, strict=True)]
-        manifest = {"commit": commit, "files": files}
-        if isinstance(fs, LocalFileSystem):
-            _swap_in_locally(staging_root, root, [path for path, _ in staged], names, manifest)
-        else:
-            _copy_in(fs, root, [path for path, _ in staged], names, manifest)
-        try:  # with it go the orphans of retried bundles
-            fs.rm(staging_root, recursive=True)
-            fs.rmdir(posixpath.dirname(staging_root))  # once the other table is done too
-        except (FileNotFoundError, OSError):  # object stores keep no empty folder; still in use
-            pass
-        yield {"files": len(names), "rows": sum(rows for _, rows in staged)}
-
-
-def _swap_in_locally(
-    staging_root: str, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]
-) -> None:
-    assembled = os.path.join(staging_root, f"table-{uuid.uuid4().hex}")
-    os.makedirs(assembled)
-    for path, name in zip(staged, names, strict=True):
-        os.rename(path, os.path.join(assembled, name))
-    staged_manifest = os.path.join(staging_root, f"manifest-{uuid.uuid4().hex}.json")
-    with open(staged_manifest, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-    previous = os.path.join(staging_root, f"previous-{uuid.uuid4().hex}")
-    if os.path.exists(root):
-        os.rename(root, previous)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    os.rename(assembled, root)
-    # The manifest is beside the folder, not swapped with it: one atomic rename publishes it, once
-    # the parts it names are in place.
-    os.replace(staged_manifest, manifest_path(root))
-
-
-def _copy_in(fs: AbstractFileSystem, root: str, staged: list[str], names: list[str], manifest: dict[str, Any]) -> None:
-    final = [f"{root}/{name}" for name in names]
-    for path, target in zip(staged, final, strict=True):
-        fs.copy(path, target)
-    fs.pipe_file(manifest_path(root), json.dumps(manifest, indent=1).encode())
-    for old in set(fs.glob(f"{root}/{PART_PREFIX}*.parquet")) - set(final):
-        fs.rm(old)
+    fs, root = _filesystem(output)
+    root = root.rstrip("/")
+    tables: dict[str, dict[str, Any]] = {}
+    moves: dict[str, str] = {}  # part name under root -> its staged file
+    for table, parts in staged.items():
+        names = [f"{table}/{PART_PREFIX}{commit}-{i:05d}-of-{len(parts):05d}.parquet" for i in range(len(parts))]
+        files = [{"path": name, "rows": rows} for name, (_, rows) in zip(names, parts, strict=True)]
+        tables[table] = {"files": files, "rows": sum(rows for _, rows in parts)}
+        moves.update((name, path) for name, (path, _) in zip(names, parts, strict=True))
+    cut = len(root) + 1
+    run_folder = f"{root}/{outputs.STAGING}/{run}"
+    replaced = sorted({path[cut:] for path in outputs.written_files(fs, root)} - set(moves))
+    intent = {"commit": commit, "new": sorted(moves), "old": replaced}
+    fs.pipe_file(f"{run_folder}/{outputs.INTENT}", json.dumps(intent).encode())
+    for name, source in moves.items():
+        _move_in(fs, source, f"{root}/{name}")
+    manifest = {**summary, "commit": commit, "tables": tables}
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    outputs.write_atomically(fs, f"{root}/{outputs.RUN_MANIFEST}", text, run_folder)
+    for name in replaced:
+        if fs.exists(f"{root}/{name}"):
+            fs.rm_file(f"{root}/{name}")
+    outputs.recover(output)  # the run's own staging: it holds the lease, so no other run's is live
+    return manifest
 
 
 class FeatureSchema(beam.PTransform):
@@ -203,53 +183,79 @@ class FeatureSchema(beam.PTransform):
         )
 
 
-class WriteParquetTable(beam.PTransform):
-    """Write dict rows as a Parquet table under ``directory``; outputs ``{"files", "rows"}`` once
-    the table is committed. ``schema`` is a singleton PCollection, so it may depend on the data."""
+class StageParquetTable(beam.PTransform):
+    """Write dict rows as Parquet files in the folder ``staging``; outputs the list of staged
+    ``(path, rows)`` once every row is written (a singleton, for ``CommitRun``). ``schema`` is a
+    singleton PCollection, so it may depend on the data."""
 
-    def __init__(self, directory: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000) -> None:
+    def __init__(self, staging: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000) -> None:
         super().__init__()
-        self.directory = directory.rstrip("/")
+        self.staging = staging
         self.schema = schema
         self.rows_per_file = rows_per_file
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         schema = beam.pvalue.AsSingleton(self.schema)
-        staging = staging_directory(self.directory)
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file)
-            | "WriteStaged" >> beam.ParDo(_WriteStagedFile(staging), schema)
+            | "WriteStaged" >> beam.ParDo(_WriteStagedFile(self.staging), schema)
             | "Gather" >> beam.combiners.ToList()
-            | "Commit" >> beam.ParDo(_CommitFiles(staging, self.directory), schema)
+            | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema)
         )
 
 
-class WriteRunSummary(beam.PTransform):
-    """Write ``_run.json`` once the tables are committed, from counts the data itself produced."""
+class CommitRun(beam.PTransform):
+    """Commit the run once both tables are staged (``publish``): ``_run.json`` holds the summary
+    that ``build(counts=, features=, errors=)`` makes from the run's counts and the tables'
+    ``{"files", "rows"}``, and lists each table's parts.
+
+    ``features`` and ``errors`` are the tables' staged parts (``StageParquetTable`` outputs),
+    ``counts`` a singleton. The commit first confirms the run still holds ``lease``, so a run
+    whose output was taken over never overwrites it.
+    """
 
     def __init__(
-        self, path: str, build: Callable[..., dict[str, Any]], started: float, **inputs: beam.PCollection
+        self,
+        lease: Lease,
+        commit: str,
+        build: Callable[..., dict[str, Any]],
+        started: float,
+        *,
+        features: beam.PCollection,
+        errors: beam.PCollection,
+        counts: beam.PCollection,
     ) -> None:
         super().__init__()
-        self.path = path
+        self.lease = lease
+        self.commit = commit
         self.build = build
         self.started = started
-        self.inputs = inputs
+        self.inputs = {"features": features, "errors": errors, "counts": counts}
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        side_inputs = {name: beam.pvalue.AsSingleton(pcoll) for name, pcoll in self.inputs.items()}
+        inputs = {name: beam.pvalue.AsSingleton(pcoll) for name, pcoll in self.inputs.items()}
         return (
             pbegin
             | "Once" >> beam.Create([None])
-            | "Write" >> beam.Map(_write_summary, self.path, self.build, self.started, **side_inputs)
+            | "Publish" >> beam.Map(_commit_run, self.lease, self.commit, self.build, self.started, **inputs)
         )
 
 
-def _write_summary(_: None, path: str, build: Callable[..., dict[str, Any]], started: float, **inputs: Any) -> dict:
-    summary = build(**inputs)
+def _commit_run(
+    _: None,
+    lease: Lease,
+    commit: str,
+    build: Callable[..., dict[str, Any]],
+    started: float,
+    *,
+    features: list[tuple[str, int]],
+    errors: list[tuple[str, int]],
+    counts: Any,
+) -> dict[str, Any]:
+    staged = {"features": features, "errors": errors}
+    written = {name: {"files": len(parts), "rows": sum(rows for _, rows in parts)} for name, parts in staged.items()}
+    summary = build(counts=counts, **written)
     summary["wall_seconds"] = round(time.time() - started, 3)
-    fs, fs_path = _filesystem(path)
-    with fs.open(fs_path, "w") as handle:
-        json.dump(summary, handle, indent=2, sort_keys=True, default=str)
-    return summary
+    lease.confirm()
+    return publish(lease.output, lease.run, commit, staged, summary)

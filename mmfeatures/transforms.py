@@ -2,8 +2,8 @@
 of its stage:
 
 ``ReadRecords`` (reading) -> ``EmbedModality`` per modality (inference.embed) -> ``JoinAndFuse``
-(join) -> ``WriteParquetTable`` and ``WriteRunSummary`` (sinks), with ``FeatureSchema`` (sinks) giving
-the feature table its schema from the carried columns' types. Every stage returns its main output and
+(join) -> ``StageParquetTable`` per table and ``CommitRun`` (sinks), with ``FeatureSchema`` (sinks)
+giving the feature table its schema from the carried columns' types. Every stage returns its main output and
 an ``errors`` PCollection of error rows; ReadRecords and JoinAndFuse also return ``counts``.
 """
 
@@ -13,16 +13,16 @@ from mmfeatures.counts import COUNTS_TAG, sum_counts
 from mmfeatures.inference.embed import EmbedModality
 from mmfeatures.join import JoinAndFuse
 from mmfeatures.reading import COLUMN_TYPES_TAG, ReadRecords
-from mmfeatures.sinks import FeatureSchema, WriteParquetTable, WriteRunSummary
+from mmfeatures.sinks import CommitRun, FeatureSchema, StageParquetTable
 
 __all__ = [
     "COLUMN_TYPES_TAG",
     "COUNTS_TAG",
+    "CommitRun",
     "EmbedModality",
     "FeatureSchema",
     "JoinAndFuse",
     "ReadRecords",
-    "WriteParquetTable",
-    "WriteRunSummary",
+    "StageParquetTable",
     "sum_counts",
 ]

@@ -17,23 +17,25 @@ from mmfeatures import schema
 from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ERRORS_TAG, ConfigurationError
 from mmfeatures.job import Job
+from mmfeatures.lease import Lease, held
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
+from mmfeatures.outputs import recover
 from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
+    CommitRun,
     EmbedModality,
     FeatureSchema,
     JoinAndFuse,
     ReadRecords,
-    WriteParquetTable,
-    WriteRunSummary,
+    StageParquetTable,
     sum_counts,
 )
 
 
-def build(pipeline: beam.Pipeline, job: Job) -> None:
-    """Add the whole job to ``pipeline``."""
+def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
+    """Add the whole job to ``pipeline``; its commit confirms the run still holds ``lease``."""
     read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.read_options)
     records = read["records"]
     embedded = [
@@ -47,23 +49,28 @@ def build(pipeline: beam.Pipeline, job: Job) -> None:
         job.fusion, job.started
     )
 
-    features_written = fused["features"] | "WriteFeatures" >> WriteParquetTable(
-        job.path("features"),
-        read[COLUMN_TYPES_TAG] | "FeatureSchema" >> FeatureSchema(job.features_schema),
-        job.rows_per_file,
-    )
-    errors_written = errors | "WriteErrors" >> WriteParquetTable(
-        job.path("errors"), pipeline | "ErrorSchema" >> beam.Create([schema.errors_schema()]), job.rows_per_file
-    )
-    pipeline | "WriteRunSummary" >> WriteRunSummary(
-        job.path("_run.json"),
+    pipeline | "CommitRun" >> CommitRun(
+        lease,
+        job.commit,
         job.summary,
         job.started.timestamp(),
+        features=fused["features"]
+        | "StageFeatures"
+        >> StageParquetTable(
+            job.staging("features"),
+            read[COLUMN_TYPES_TAG] | "FeatureSchema" >> FeatureSchema(job.features_schema),
+            job.rows_per_file,
+        ),
+        errors=errors
+        | "StageErrors"
+        >> StageParquetTable(
+            job.staging("errors"),
+            pipeline | "ErrorSchema" >> beam.Create([schema.errors_schema()]),
+            job.rows_per_file,
+        ),
         counts=[read[COUNTS_TAG], fused[COUNTS_TAG], errors | "TallyErrors" >> beam.Map(RunCounts.of_error)]
         | "AllCounts" >> beam.Flatten()
         | "SumCounts" >> beam.CombineGlobally(sum_counts),
-        features=features_written,
-        errors=errors_written,
     )
 
 
@@ -72,10 +79,18 @@ def run(argv: list[str] | None = None) -> Job:
 
 
 def run_job(options: PipelineOptions) -> Job:
-    """Resolve the job from ``options`` (a ``ConfigurationError`` before any work), then run it."""
+    """Resolve the job from ``options`` (a ``ConfigurationError`` before any work), take the lease
+    on its output, clean up after runs that were killed there, then run it. A run that fails
+    leaves the previous run's outputs as they were and removes what it staged."""
     job = Job.from_options(options)
-    with beam.Pipeline(options=options) as pipeline:
-        build(pipeline, job)
+    with held(job.output, job.run, job.lease_seconds) as lease:
+        recover(job.output)
+        try:
+            with beam.Pipeline(options=options) as pipeline:
+                build(pipeline, job, lease)
+        except BaseException:
+            recover(job.output)
+            raise
     return job
 
 

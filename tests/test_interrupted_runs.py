@@ -1,7 +1,10 @@
-"""A run killed part-way leaves no partial table behind, and a rerun completes it without duplicates."""
+"""A run killed part-way leaves no partial table behind; its lease keeps the next run off the
+output until it expires, and that run then removes what the killed one staged and completes the
+tables without duplicates."""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -11,9 +14,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from mmfeatures import schema
 from mmfeatures.sample import build_sample_dataset
 
 N = 24
+LEASE_SECONDS = 10
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +37,8 @@ def _start(manifest: str, output: str) -> subprocess.Popen:
         output,
         "--rows_per_file",
         "3",
+        "--lease_seconds",
+        str(LEASE_SECONDS),
     ]
     return subprocess.Popen(
         command,
@@ -45,7 +52,9 @@ def _feature_ids(output: str) -> list[str] | None:
     table_dir = os.path.join(output, "features")
     if not os.path.exists(table_dir):
         return None
-    return pq.read_table(table_dir, columns=["id"]).column("id").to_pylist()
+    ids = schema.read_features(table_dir, columns=["id"]).column("id").to_pylist()
+    assert pq.read_table(table_dir, columns=["id"]).column("id").to_pylist() == ids  # a plain reader agrees
+    return ids
 
 
 def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
@@ -58,17 +67,20 @@ def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
     assert len(before) == N
 
     process = _start(manifest, output)
-    staging = os.path.join(output, "_staging", "features")
+    staged = os.path.join(output, "_staging", "run-*", "features", "*.parquet")
     deadline = time.monotonic() + 300
-    while not os.path.exists(staging) and process.poll() is None and time.monotonic() < deadline:
+    while not glob.glob(staged) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
     process.wait()
+    assert glob.glob(staged), "the run was not killed while writing"
 
     after = _feature_ids(output)
     # The old table or the new one, whole; a table folder is never half written.
     assert after is None or sorted(after) == before
 
+    time.sleep(max(0.0, killed + LEASE_SECONDS + 1 - time.monotonic()))  # until the killed run's lease expires
     assert _start(manifest, output).wait(timeout=300) == 0
     rerun = _feature_ids(output)
     assert rerun is not None

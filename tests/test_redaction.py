@@ -207,7 +207,7 @@ def test_job_summary_has_no_secret(tmp_path):
                 "--input",
                 str(manifest),
                 "--output",
-                "s3://AKIA:hunter2@bucket/out?X-Amz-Signature=SIGNATURE",
+                "memory://AKIA:hunter2@bucket/out?X-Amz-Signature=SIGNATURE",
             ]
         )
     )
@@ -217,9 +217,9 @@ def test_job_summary_has_no_secret(tmp_path):
     summary = job.summary(counts=RunCounts(), features={"rows": 0, "files": 0}, errors={"rows": 0, "files": 0})
     text = json.dumps(summary, default=str)
     assert_no_secret(text)
-    assert summary["outputs"]["features"] == "s3://***@bucket/out?***"  # the join went into the query
+    assert summary["outputs"]["features"] == "memory://***@bucket/out?***"  # the join went into the query
     assert str(manifest) in summary["inputs"]
-    assert summary["options"]["output"] == "s3://***@bucket/out?***"
+    assert summary["options"]["output"] == "memory://***@bucket/out?***"
     assert_no_secret(json.dumps(job.metadata(), default=str))
 
 

@@ -42,7 +42,7 @@ def _run_and_check(fs: fsspec.AbstractFileSystem, root: str, broken: dict[str, s
     parts = sorted(fs.glob(f"{root}/out/features/part-*.parquet"))
     rows = sum(pq.ParquetFile(fs.open(part)).metadata.num_rows for part in parts)
     assert rows == 20
-    assert not fs.exists(f"{root}/out/features/_staging")
+    assert not fs.exists(f"{root}/out/_staging")
     error_parts = fs.glob(f"{root}/out/errors/part-*.parquet")
     errors = [r for part in error_parts for r in pq.read_table(fs.open(part)).to_pylist()]
     assert {(e["id"], e["modality"]) for e in errors} == set(broken.items())

@@ -14,7 +14,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from mmfeatures import report, schema
@@ -22,6 +21,7 @@ from mmfeatures.report import build_report, digest_features, main
 from mmfeatures.sample import build_sample_dataset
 from mmfeatures.sinks import rows_to_table
 from pipelines.extract_features import run
+from tests.committed_tables import commit_tables
 from tests.devtools import Chromium, DevTools, find_chromium, visit
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -290,25 +290,16 @@ def error_row(**values: Any) -> dict[str, Any]:
     }
 
 
-def write_table(directory: Path, parts: list[list[dict[str, Any]]], arrow_schema: Any) -> None:
-    """A committed table as the job leaves it: Parquet parts, and beside them the manifest listing them."""
-    directory.mkdir(parents=True)
-    files = []
-    for index, rows in enumerate(parts):
-        name = f"part-test-{index:05d}-of-{len(parts):05d}.parquet"
-        pq.write_table(rows_to_table(rows, arrow_schema), directory / name)
-        files.append({"path": name, "rows": len(rows)})
-    Path(schema.manifest_path(str(directory))).write_text(json.dumps({"commit": "test", "files": files}))
-
-
 def write_run(
     folder: Path, features: list[list[dict[str, Any]]], errors: list[dict[str, Any]], summary: dict | None = None
 ) -> Path:
-    """A run's output folder: the feature table in the given parts, the error table, and _run.json."""
-    write_table(folder / "features", features, schema.features_schema(DIMS))
-    write_table(folder / "errors", [errors], schema.errors_schema())
-    if summary is not None:
-        (folder / "_run.json").write_text(json.dumps(summary))
+    """A run's output folder as a run commits it: the feature table in the given parts, the error
+    table, and _run.json holding ``summary`` and listing them."""
+    tables = {
+        "features": [rows_to_table(rows, schema.features_schema(DIMS)) for rows in features],
+        "errors": [rows_to_table(errors, schema.errors_schema())],
+    }
+    commit_tables(str(folder), tables, summary)
     return folder
 
 
@@ -346,7 +337,7 @@ def test_a_modality_without_vectors_and_records_without_labels(tmp_path: Path) -
     rows = [feature_row(i, ("text", "image"), label=None) for i in range(5)]
     output = write_run(tmp_path, [rows], [])
     parsed = Page(build_report(str(output)).html)
-    assert "No _run.json" in parsed.sections["records"].text
+    assert "No record counts in _run.json." in parsed.sections["records"].text
     assert "No audio vectors." in parsed.sections["norms"].text
     assert "Fewer than 2 audio vectors: nothing to project." in parsed.sections["projections"].text
     assert "the records have no labels" in parsed.sections["projections"].text

@@ -27,6 +27,7 @@ from mmfeatures import schema
 from mmfeatures.sample import build_sample_dataset
 from pipelines.extract_features import run
 from tests.tar_shards import Member, build_tar
+from tests.test_lease import check_lease
 
 BUCKET = "features-test"
 N_RECORDS = 12
@@ -170,13 +171,23 @@ def test_job_on_s3_loopback(s3: fsspec.AbstractFileSystem, tmp_path: Path) -> No
         assert rows[key]["fused"] is not None and len(rows[key]["fused"]) == sum(DIMS.values())
     embedded = sum(rows[i][f"{m}_embedding"] is not None for i in rows for m in DIMS)
     assert embedded > 0
-    assert not s3.exists(f"{BUCKET}/out/features/_staging")
+    assert not s3.exists(f"{BUCKET}/out/_staging")
+    assert sorted(s3.ls(f"{BUCKET}/out/features")) == sorted(f"{BUCKET}/out/{p}" for p in _listed(summary, "features"))
 
     error_parts = s3.glob(f"{BUCKET}/out/errors/part-*.parquet")
     assert error_parts
     errors = [r for part in error_parts for r in pq.read_table(s3.open(part)).to_pylist()]
     assert {(e["id"], e["modality"]) for e in errors} == set(broken.items())
     assert all(e["source"].startswith("s3://") for e in errors)
+
+
+def _listed(summary: dict[str, Any], table: str) -> list[str]:
+    return [part["path"] for part in summary["tables"][table]["files"]]
+
+
+def test_the_lease_on_s3_loopback(s3: fsspec.AbstractFileSystem, caplog: pytest.LogCaptureFixture) -> None:
+    """The lease is created with If-None-Match on S3: one of runs racing for it wins."""
+    check_lease(f"s3://{BUCKET}/leased", caplog)
 
 
 def test_folders_on_s3_loopback(s3: fsspec.AbstractFileSystem, tmp_path: Path, tiny_model_options: list[str]) -> None:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmfeatures import schema
+from mmfeatures import outputs, schema
 
 CONTRACT_DIR = Path(__file__).resolve().parents[1] / "schemas" / "v1"
 DIMS = {"text": 384, "image": 1280, "audio": 512, "fused": 2176}
@@ -111,23 +111,12 @@ def test_errors_schema_matches_error_row():
     assert [f.name for f in fields(ErrorRow)] == schema.errors_schema().names
 
 
-@pytest.mark.parametrize(
-    "table_dir, manifest",
-    [
-        ("/runs/1/features", "/runs/1/_features_manifest.json"),
-        ("/runs/1/errors/", "/runs/1/_errors_manifest.json"),
-        ("gs://bucket/runs/1/features", "gs://bucket/runs/1/_features_manifest.json"),
-        ("bucket/runs/1/features", "bucket/runs/1/_features_manifest.json"),  # an fsspec path
-        ("features", "_features_manifest.json"),
-    ],
-)
-def test_the_manifest_lives_beside_its_table_folder(table_dir, manifest):
-    assert schema.manifest_path(table_dir) == manifest
-
-
-def test_a_folder_or_file_without_a_manifest_beside_it_is_not_committed(tmp_path):
+def test_a_folder_or_file_without_a_run_manifest_listing_it_is_not_committed(tmp_path):
     folder = tmp_path / "features"
     folder.mkdir()
     pq.write_table(schema.errors_schema().empty_table(), folder / "part-0.parquet")
-    assert schema.committed_table(str(folder)) is None
-    assert schema.committed_table(str(folder / "part-0.parquet")) is None
+    assert outputs.committed_table(str(folder)) is None
+    assert outputs.committed_table(str(folder / "part-0.parquet")) is None
+    (tmp_path / "_run.json").write_text('{"package_version": "0.1.0"}')  # a summary without tables
+    assert outputs.committed_table(str(folder)) is None
+    assert schema.read_features(str(folder)).num_rows == 0  # read as the plain folder it is

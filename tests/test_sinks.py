@@ -2,8 +2,9 @@
 
 import datetime
 import json
+import os
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -12,11 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from apache_beam.testing.util import assert_that, equal_to
-from fsspec import AbstractFileSystem
-from fsspec.implementations.memory import MemoryFileSystem
 
-from mmfeatures import column_types, schema, sinks
+from mmfeatures import __version__, column_types, lease, outputs, schema, sinks, storage
 
 DIMS = {"text": 3, "image": 2, "audio": 4, "fused": 5}
 WHEN = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
@@ -239,151 +237,91 @@ def test_rows_to_table_rejects_wrong_embedding_dimension():
         sinks.rows_to_table([row], features)
 
 
-# -- WriteParquetTable -------------------------------------------------------------------------
+# -- StageParquetTable and CommitRun ---------------------------------------------------------
 
 
 CARRIED = {"score": pa.float64()}
 FEATURES = schema.features_schema(DIMS, carried=CARRIED, metadata=METADATA)
+ERRORS = schema.errors_schema()
 
 
 def rows_for(ids: Iterable[int]) -> list[dict[str, Any]]:
     return [feature_row(i, text=i % 2 == 0, image=i % 2 == 1, audio=i % 3 == 0, score=i) for i in ids]
 
 
-def write_tables(targets: list[tuple[str, list[dict[str, Any]], int, Callable[..., None]]]) -> None:
-    """One pipeline writing each ``directory -> rows`` in ``targets``; returns nothing, asserts
-    the {"files", "rows"} output of each write inside the pipeline."""
-    with beam.Pipeline(runner="FnApiRunner") as p:
-        features = p | "Schema" >> beam.Create([FEATURES])
-        for n, (directory, rows, rows_per_file, expected_output) in enumerate(targets):
-            written = (
-                p
-                | f"Rows{n}" >> beam.Create(rows, reshuffle=False)
-                | f"Write{n}" >> sinks.WriteParquetTable(directory, features, rows_per_file=rows_per_file)
-            )
-            assert_that(written, expected_output, label=f"Check{n}")
+def summary(counts: int, **written: Any) -> dict[str, Any]:
+    """The run summary a test commit publishes: what the commit step counted as staged."""
+    return {"package_version": __version__, "counts": counts, **written}
 
 
-def output_is(rows: int, min_files: int) -> Callable[[list[dict[str, int]]], None]:
-    """A matcher for the single {"files", "rows"} output of a write whose file count depends on
-    how Beam batches: at least ``min_files`` (the rows over ``rows_per_file``)."""
-
-    def match(outputs: list[dict[str, int]]) -> None:
-        assert len(outputs) == 1, outputs
-        (output,) = outputs
-        assert set(output) == {"files", "rows"}, output
-        assert output["rows"] == rows, output
-        assert output["files"] >= min_files, output
-
-    return match
-
-
-def part_files(fs: AbstractFileSystem, root: str) -> list[str]:
-    return sorted(fs.glob(f"{root.rstrip('/')}/part-*.parquet"))
-
-
-def read_table_files(fs: AbstractFileSystem, paths: list[str]) -> list[pa.Table]:
-    tables = []
-    for path in paths:
-        with fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle))
-    return tables
+def run_and_commit(output: str, rows: list[dict[str, Any]], rows_per_file: int) -> dict[str, Any]:
+    """One pipeline that stages ``rows`` as the feature table and no error rows, then commits
+    the run under ``output``, holding its lease as a run does; returns ``_run.json``."""
+    run = f"run-{uuid.uuid4().hex}"
+    with lease.held(output, run) as held:
+        with beam.Pipeline(runner="FnApiRunner") as p:
+            staged = {
+                name: p
+                | f"Rows[{name}]" >> beam.Create(table_rows, reshuffle=False)
+                | f"Stage[{name}]"
+                >> sinks.StageParquetTable(
+                    storage.join(output, outputs.STAGING, run, name),
+                    p | f"Schema[{name}]" >> beam.Create([table_schema]),
+                    rows_per_file,
+                )
+                for name, table_rows, table_schema in (("features", rows, FEATURES), ("errors", [], ERRORS))
+            }
+            counts = p | "Counts" >> beam.Create([len(rows)])
+            p | "Commit" >> sinks.CommitRun(held, f"test-{run[-8:]}", summary, 0.0, counts=counts, **staged)
+    fs, root = fsspec.core.url_to_fs(output)
+    return json.loads(fs.cat_file(f"{root.rstrip('/')}/_run.json"))
 
 
-def read_manifest(fs: AbstractFileSystem, root: str) -> dict[str, Any]:
-    return json.loads(fs.cat_file(schema.manifest_path(root)))
-
-
-def check_written(fs: AbstractFileSystem, root: str, rows: list[dict[str, Any]], rows_per_file: int) -> int:
-    """The folder holds one commit's parts and nothing else; the manifest beside it lists exactly them."""
-    files = part_files(fs, root)
-    assert files, "no part files"
-    count = len(files)
-    manifest = read_manifest(fs, root)
+def check_committed(output: str, rows: list[dict[str, Any]], rows_per_file: int) -> None:
+    """The output holds one commit: each table folder holds exactly the parts _run.json lists,
+    named after the commit, and they hold ``rows``; no staging is left."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    manifest = json.loads(fs.cat_file(f"{root}/_run.json"))
     commit = manifest["commit"]
-    assert [f.rsplit("/", 1)[1] for f in files] == [
-        f"part-{commit}-{i:05d}-of-{count:05d}.parquet" for i in range(count)
-    ]
-    assert [entry["path"] for entry in manifest["files"]] == [f.rsplit("/", 1)[1] for f in files]
-    assert not fs.exists(f"{root.rstrip('/')}/_staging")
-    tables = read_table_files(fs, files)
-    assert [entry["rows"] for entry in manifest["files"]] == [t.num_rows for t in tables]
-    assert all(t.num_rows <= rows_per_file for t in tables)
-    assert all(schema.read_run_metadata(t.schema) == METADATA for t in tables)
-    assert sum(t.num_rows for t in tables) == len(rows)
-    assert sorted(fs.ls(root, detail=False)) == files  # only Parquet parts: any reader takes the folder
-    return count
+    for name, table_rows in (("features", rows), ("errors", [])):
+        listed = manifest["tables"][name]["files"]
+        count = len(listed)
+        assert [f["path"] for f in listed] == [
+            f"{name}/part-{commit}-{i:05d}-of-{count:05d}.parquet" for i in range(count)
+        ]
+        assert sorted(fs.ls(f"{root}/{name}", detail=False)) == [f"{root}/{f['path']}" for f in listed]
+        tables = [pq.read_table(fs.open(f"{root}/{f['path']}", "rb")) for f in listed]
+        assert [f["rows"] for f in listed] == [t.num_rows for t in tables]
+        assert all(t.num_rows <= rows_per_file for t in tables)
+        assert sum(t.num_rows for t in tables) == manifest["tables"][name]["rows"] == len(table_rows)
+    assert manifest["features"] == {"files": len(manifest["tables"]["features"]["files"]), "rows": len(rows)}
+    assert manifest["errors"] == {"files": 1, "rows": 0}  # an empty table is one readable part
+    assert not fs.exists(f"{root}/_staging")
+    assert read_rows(output) == [expected(r, CARRIED) for r in rows]
 
 
-def read_rows(path: str, **kwargs: Any) -> list[dict[str, Any]]:
-    return sorted(schema.read_features(path, **kwargs).to_pylist(), key=lambda r: r["id"])
+def read_rows(output: str, **kwargs: Any) -> list[dict[str, Any]]:
+    table = schema.read_features(storage.join(output, "features"), **kwargs)
+    return sorted(table.to_pylist(), key=lambda r: r["id"])
 
 
-def test_write_parquet_table_local_and_memory_and_empty(tmp_path):
-    local = tmp_path / "features"
-    empty = tmp_path / "empty"
-    memory = f"memory://sinks-{uuid.uuid4().hex}/features"
-    # leftovers of an earlier run: old part files and an orphan in staging
-    local.mkdir()
-    (local / "_staging").mkdir()
-    (local / "_staging" / "orphan.parquet").write_bytes(b"junk")
-    stale = sinks.rows_to_table(rows_for([100, 101]), FEATURES)
-    for i in range(4):
-        pq.write_table(stale, local / f"part-{i:05d}-of-00004.parquet")
-
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_run_commits_both_tables_in_one_run_manifest_and_a_rerun_replaces_them(tmp_path, where):
+    output = str(tmp_path / "out") if where == "local" else f"memory://sinks-{uuid.uuid4().hex}/out"
     rows = rows_for(range(7))
-    write_tables(
-        [
-            (str(local), rows, 3, output_is(rows=7, min_files=3)),
-            (str(empty), [], 3, equal_to([{"files": 1, "rows": 0}])),
-            (memory, rows, 100, equal_to([{"files": 1, "rows": 7}])),
-        ]
-    )
-
-    local_fs = fsspec.filesystem("file")
-    count = check_written(local_fs, str(local), rows, 3)
-    assert count >= 3
-    read = schema.read_features(str(local))
-    assert sorted(read.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
+    run_and_commit(output, rows, 3)
+    check_committed(output, rows, 3)
+    read = schema.read_features(storage.join(output, "features"))
     assert read.schema.field("fused").type == pa.list_(pa.float32(), 5)
+    assert all(schema.read_run_metadata(read.schema)[key] == value for key, value in METADATA.items())
 
-    # no rows: one readable file with the full schema
-    (part,) = part_files(local_fs, str(empty))
-    assert [p.name for p in empty.iterdir()] == [part.rsplit("/", 1)[1]]
-    assert (tmp_path / "_empty_manifest.json").is_file()
-    read_empty = schema.read_features(str(empty))
-    assert read_empty.num_rows == 0
-    assert read_empty.schema.names == FEATURES.names
-    assert schema.read_run_metadata(read_empty.schema) == METADATA
-
-    # memory://: same files, same rows, read by URL or with the filesystem
-    memory_fs, memory_root = fsspec.core.url_to_fs(memory)
-    assert check_written(memory_fs, memory_root, rows, 100) == 1
-    assert read_rows(memory) == read_rows(memory_root, filesystem=memory_fs) == [expected(r, CARRIED) for r in rows]
-
-    # a rerun replaces the table: no stale part files, no duplicate rows
     rerun = rows_for(range(10, 13))
-    write_tables(
-        [
-            (str(local), rerun, 2, output_is(rows=3, min_files=2)),
-            (memory, rerun, 2, output_is(rows=3, min_files=2)),
-        ]
-    )
-    check_written(local_fs, str(local), rerun, 2)
-    check_written(memory_fs, memory_root, rerun, 2)
-    assert read_rows(str(local)) == read_rows(memory) == [expected(r, CARRIED) for r in rerun]
-    assert pq.read_table(str(local)).num_rows == 3  # a plain reader of the folder sees the same table
-    beside = ["_empty_manifest.json", "_features_manifest.json", "empty", "features"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == beside  # and _staging is gone
-    memory_fs.rm(memory_root.rsplit("/", 1)[0], recursive=True)
-
-
-def commit_directly(directory: str, batches: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Stage ``batches`` of rows and run the commit step on them, outside a pipeline."""
-    staging = sinks.staging_directory(directory)
-    writer = sinks._WriteStagedFile(staging)
-    staged = [(writer.write(sinks.rows_to_table(batch, FEATURES)), len(batch)) for batch in batches]
-    return list(sinks._CommitFiles(staging, directory).process(staged, FEATURES))
+    run_and_commit(output, rerun, 2)
+    check_committed(output, rerun, 2)  # no part of the first run is left
+    if where == "local":
+        assert pq.read_table(f"{output}/features").num_rows == 3  # a plain reader of the folder agrees
+        assert sorted(os.listdir(output)) == ["_lease", "_run.json", "errors", "features"]
 
 
 def test_a_part_that_would_not_read_back_fails_before_anything_is_staged(tmp_path):
@@ -392,74 +330,11 @@ def test_a_part_that_would_not_read_back_fails_before_anything_is_staged(tmp_pat
     deep: Any = 1
     for _ in range(150):
         deep = [deep]
-    staging = str(tmp_path / "_staging" / "features")
+    staging = tmp_path / "_staging" / "features"
     with pytest.raises(OSError, match="does not read back"):
-        sinks._WriteStagedFile(staging).write(pa.table({"deep": pa.array([deep])}))
-    assert not (tmp_path / "_staging" / "features").exists() or not any((tmp_path / "_staging" / "features").iterdir())
+        sinks.write_staged_part(str(staging), pa.table({"deep": pa.array([deep])}))
+    assert not staging.exists() or not any(staging.iterdir())
     assert sinks.parquet_bytes(pa.table({"shallow": pa.array([[[1]]])})).to_pybytes()[:4] == b"PAR1"
-
-
-def test_local_commit_killed_between_the_folder_swap_and_the_manifest(tmp_path, monkeypatch):
-    """The old manifest then names parts that were swapped out: readers take the folder, which
-    the swap put in place whole, and the next commit puts everything right."""
-    directory = str(tmp_path / "features")
-    old, new = rows_for(range(5)), rows_for(range(20, 24))
-    commit_directly(directory, [old])
-
-    def killed(source: str, target: str) -> None:
-        raise OSError("killed")
-
-    monkeypatch.setattr(sinks.os, "replace", killed)
-    with pytest.raises(OSError, match="killed"):
-        commit_directly(directory, [new[:2], new[2:]])
-    monkeypatch.undo()
-
-    assert read_rows(directory) == [expected(r, CARRIED) for r in new]
-    committed = schema.committed_table(directory)
-    assert committed is not None and committed.rows == len(new)
-    commit_directly(directory, [old])
-    assert read_rows(directory) == [expected(r, CARRIED) for r in old]
-
-
-@pytest.mark.parametrize(
-    "method, calls, survivor",
-    [
-        ("cp_file", 1, "old"),  # killed after one new part is copied in, before the manifest
-        ("rm_file", 1, "new"),  # killed after the manifest, while deleting the old parts
-    ],
-)
-def test_object_store_commit_killed_part_way(monkeypatch, method, calls, survivor):
-    memory = f"memory://sinks-{uuid.uuid4().hex}/features"
-    fs, root = fsspec.core.url_to_fs(memory)
-    old, new = rows_for(range(5)), rows_for(range(20, 24))
-    try:
-        write_tables([(memory, old, 2, output_is(rows=5, min_files=3))])
-
-        original = getattr(MemoryFileSystem, method)
-        done: list[tuple[Any, ...]] = []
-
-        def dies_part_way(self, *args, **kwargs):
-            if len(done) == calls:
-                raise OSError("killed")
-            done.append(args)
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(MemoryFileSystem, method, dies_part_way)
-        with pytest.raises(OSError, match="killed"):
-            commit_directly(memory, [new[:2], new[2:]])
-        monkeypatch.undo()
-
-        # the folder holds parts of both commits, but the manifest names one whole table
-        assert len(part_files(fs, root)) > len(read_manifest(fs, root)["files"])
-        assert read_rows(memory) == [expected(r, CARRIED) for r in {"old": old, "new": new}[survivor]]
-
-        rerun = rows_for(range(40, 43))
-        write_tables([(memory, rerun, 2, output_is(rows=3, min_files=2))])
-        check_written(fs, root, rerun, 2)
-        assert read_rows(memory) == [expected(r, CARRIED) for r in rerun]
-        assert not fs.exists(sinks.staging_directory(root))
-    finally:
-        fs.rm(root.rsplit("/", 1)[0], recursive=True)
 
 
 def unified(left: pa.DataType | None, right: pa.DataType | None) -> pa.DataType:

@@ -25,7 +25,7 @@ from threadpoolctl import threadpool_limits
 
 from mmfeatures.fusion import Fusion
 from mmfeatures.records import MODALITY_COLUMNS
-from mmfeatures.schema import features_schema, manifest_path, read_features
+from mmfeatures.schema import features_schema, read_features
 from mmfeatures.train import (
     Features,
     TrainingResult,
@@ -35,6 +35,7 @@ from mmfeatures.train import (
     save_models,
     train,
 )
+from tests.committed_tables import commit_tables
 
 DIMS = {"text": 6, "image": 8, "audio": 5}
 CLASSES = ["0", "1", "2", "3", "4"]
@@ -89,18 +90,11 @@ def feature_table(
 
 def write_table(table: pa.Table, folder: Path) -> str:
     """A committed table as the job leaves it: two parts (so columns come chunked) listed in
-    the manifest beside the folder, and a part of an older commit that ``read_features`` must skip."""
-    folder.mkdir(parents=True)
+    the ``_run.json`` beside the folder, and a part no commit lists that ``read_features`` must skip."""
     half = table.num_rows // 2
-    parts = {
-        "part-c2-00000-of-00002.parquet": table.slice(0, half),
-        "part-c2-00001-of-00002.parquet": table.slice(half),
-    }
-    for name, part in parts.items():
-        pq.write_table(part, folder / name)
+    commit_tables(str(folder.parent), {folder.name: [table.slice(0, half), table.slice(half)]})
+    # a part no commit lists (a killed run's): readers must not take it
     pq.write_table(table.slice(0, 10), folder / "part-c1-00000-of-00001.parquet")
-    manifest = {"commit": "c2", "files": [{"path": name, "rows": part.num_rows} for name, part in parts.items()]}
-    Path(manifest_path(str(folder))).write_text(json.dumps(manifest))
     return str(folder)
 
 
@@ -319,7 +313,7 @@ def test_tables_and_models_at_fsspec_urls(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
     for path in Path(local).iterdir():
         fs.pipe_file(f"/train-test/features/{path.name}", path.read_bytes())
-    fs.pipe_file(manifest_path("/train-test/features"), Path(manifest_path(local)).read_bytes())
+    fs.pipe_file("/train-test/_run.json", (Path(local).parent / "_run.json").read_bytes())
     try:
         assert main(["--features", "memory://train-test/features", "--out", "memory://train-test/out"]) == 0
         metrics = json.loads(fs.cat_file("/train-test/out/metrics.json"))

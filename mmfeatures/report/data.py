@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
-from mmfeatures import schema, storage
+from mmfeatures import outputs, schema, storage
 from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.redaction import redact
 from mmfeatures.train import METRICS_FILE
@@ -50,7 +50,7 @@ def read_json(path: str) -> Any | None:
         raise ReportError(f"{redact(path)} is not JSON: {exc}") from None
 
 
-def read_parts(table: schema.CommittedTable) -> Iterator[pa.Table]:
+def read_parts(table: outputs.CommittedTable) -> Iterator[pa.Table]:
     """A committed table one part at a time, embeddings as ``fixed_size_list``: the report's memory
     stays that of one part, however large the table."""
     for part in table.parts:
@@ -114,7 +114,7 @@ class FeatureDigest:
 
 
 def digest_features(
-    table: schema.CommittedTable | None, sample_size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED
+    table: outputs.CommittedTable | None, sample_size: int = SAMPLE_SIZE, seed: int = SAMPLE_SEED
 ) -> FeatureDigest:
     """The feature table's digest, its sample drawn from the whole table before any part is read."""
     digest = FeatureDigest()
@@ -137,7 +137,7 @@ class ErrorType:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def digest_errors(table: schema.CommittedTable | None) -> dict[str, ErrorType]:
+def digest_errors(table: outputs.CommittedTable | None) -> dict[str, ErrorType]:
     """Error rows grouped by type, most frequent first, keeping only a few examples of each; rows
     become Python objects one record batch at a time."""
     groups: dict[str, ErrorType] = {}

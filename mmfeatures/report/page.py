@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmfeatures import schema, storage
+from mmfeatures import outputs, storage
 from mmfeatures.redaction import redact
 from mmfeatures.report.data import (
     SAMPLE_SEED,
@@ -56,11 +56,11 @@ class Report:
 
 def build_report(output: str, train_dir: str | None = None, seed: int = SAMPLE_SEED) -> Report:
     """The report of the run under ``output`` (a local folder or fsspec URL)."""
-    summary = read_json(storage.join(output, "_run.json"))
-    features = schema.committed_table(storage.join(output, "features"))
-    errors = schema.committed_table(storage.join(output, "errors"))
-    if summary is None and features is None and errors is None:
-        raise ReportError(f"no run output in {redact(output)} (no _run.json, features/ or errors/)")
+    summary = read_json(storage.join(output, outputs.RUN_MANIFEST))
+    features = outputs.committed_table(storage.join(output, "features"))
+    errors = outputs.committed_table(storage.join(output, "errors"))
+    if summary is None:
+        raise ReportError(f"no run output in {redact(output)} (no _run.json: no run committed there)")
     summary = summary if isinstance(summary, dict) else {}
     metrics = read_train_metrics(train_dir) if train_dir else None
     plots = Plots()

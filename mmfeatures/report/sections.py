@@ -38,9 +38,9 @@ MAX_MESSAGE_CHARS = 300
 
 
 def records_section(summary: Mapping[str, Any]) -> Section:
-    if not summary:
-        return section("records", "Records", note("No _run.json: the run did not finish, so there are no counts."))
-    records = summary.get("records", {})
+    records = summary.get("records")
+    if not records:
+        return section("records", "Records", note("No record counts in _run.json."))
     rows = [[key.replace("_", " "), value] for key, value in records.items()]
     rows += [[key.replace("_", " "), summary.get(key)] for key in ("feature_rows", "feature_files", "error_rows")]
     checks = [[key.replace("_", " "), value] for key, value in summary.get("checks", {}).items()]
@@ -157,7 +157,7 @@ def projections_section(features: FeatureDigest, plots: Plots, seed: int) -> Sec
 def models_section(summary: Mapping[str, Any]) -> Section:
     models = summary.get("models") or {}
     if not models and not summary.get("fusion"):
-        return section("models", "Models and settings", note("No models or settings recorded (no _run.json)."))
+        return section("models", "Models and settings", note("No models or settings recorded in _run.json."))
     overview = table(
         ["modality", "model", "weights sha256", "dimension"],
         [[name, m.get("model_id"), m.get("weights_sha256"), m.get("dimension")] for name, m in models.items()],

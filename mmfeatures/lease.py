@@ -1,0 +1,174 @@
+"""Which run is writing an output folder: a lease, so that two runs never write one ``--output``.
+
+A lease is a file ``OUTPUT/_lease/<number>.json`` that is only ever created where none exists:
+by a hard link on a local disk, with ``If-None-Match: *`` on S3 and ``ifGenerationMatch=0`` on
+GCS. Of two runs racing for the next number exactly one creates it, so the highest number is
+the live lease. Its holder renews it (pushes its expiry on) from a thread of the launcher; a run
+that is killed stops renewing, and once its lease has expired the next run takes the next number,
+with a warning. The commit step checks that the highest lease is still its run's before it
+publishes anything (``confirm``), so a run whose lease was taken over fails instead of
+overwriting the new holder's tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from mmfeatures.errors import ConfigurationError
+from mmfeatures.outputs import write_atomically
+from mmfeatures.redaction import redact
+
+_LOG = logging.getLogger(__name__)
+
+LEASE_FOLDER = "_lease"
+DEFAULT_LEASE_SECONDS = 120
+
+
+class LeaseLost(RuntimeError):
+    """Another run took this run's output over (its lease had expired): the run must not commit."""
+
+
+def _create_exclusively(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless a file is there already (``FileExistsError``), in one
+    step that readers never see half done."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        written = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(written, "xb") as handle:
+            handle.write(data)
+        try:
+            os.link(written, path)  # fails if ``path`` exists: the file appears whole, or not at all
+        finally:
+            os.unlink(written)
+    else:
+        fs.pipe_file(path, data, mode="create")
+
+
+def _numbered(fs: AbstractFileSystem, folder: str) -> list[tuple[int, str]]:
+    """The lease files in ``folder``, by number, as the store lists them now (not from a
+    listing cached earlier in this process, which would hide another run's newer lease)."""
+    fs.invalidate_cache(folder)
+    try:
+        names = [posixpath.basename(path) for path in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return []
+    stems = [name.removesuffix(".json") for name in names if name.endswith(".json")]
+    return sorted((int(stem), f"{folder}/{stem}.json") for stem in stems if stem.isdigit())
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Run ``run``'s lease on ``output``, number ``number``; plain data, so the commit step on a
+    worker can ``confirm`` it."""
+
+    output: str
+    run: str
+    number: int
+    seconds: float
+
+    @property
+    def _where(self) -> tuple[AbstractFileSystem, str]:
+        fs, root = url_to_fs(self.output)
+        return fs, f"{root.rstrip('/')}/{LEASE_FOLDER}"
+
+    def _content(self, released: bool = False) -> bytes:
+        expires = time.time() + (0 if released else self.seconds)
+        holder = {"run": self.run, "host": socket.gethostname(), "pid": os.getpid()}
+        return json.dumps({**holder, "expires": expires, "released": released}).encode()
+
+    @classmethod
+    def take(cls, output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Lease:
+        """Take the lease on ``output`` for ``run``; ``ConfigurationError`` while another run holds it."""
+        fs, folder = cls(output, run, 0, seconds)._where
+        for _ in range(2):  # a run that wins the race for a number is the holder the second look finds
+            leases = _numbered(fs, folder)
+            number = leases[-1][0] + 1 if leases else 1
+            if leases:
+                holder = json.loads(fs.cat_file(leases[-1][1]))
+                if not holder["released"] and holder["expires"] > time.time():
+                    raise ConfigurationError(
+                        redact(
+                            f"--output {output} is in use by run {holder['run']} (host {holder['host']}, "
+                            f"pid {holder['pid']}), whose lease runs until {_when(holder['expires'])}; "
+                            "wait for that run to end, or, if it was killed, for its lease to expire"
+                        )
+                    )
+                if not holder["released"]:
+                    _LOG.warning(
+                        "taking over %s from run %s, whose lease expired at %s (the run was killed or lost)",
+                        redact(output),
+                        holder["run"],
+                        _when(holder["expires"]),
+                    )
+            lease = cls(output, run, number, seconds)
+            try:
+                _create_exclusively(fs, f"{folder}/{number}.json", lease._content())
+            except FileExistsError:
+                continue
+            for _, older in leases:
+                fs.rm_file(older)
+            return lease
+        raise ConfigurationError(redact(f"--output {output} was taken by another run starting at the same time"))
+
+    def confirm(self) -> None:
+        """Renew the lease; ``LeaseLost`` if another run has taken the output over."""
+        fs, folder = self._where
+        leases = _numbered(fs, folder)
+        if not leases or leases[-1][0] != self.number:
+            holder = json.loads(fs.cat_file(leases[-1][1]))["run"] if leases else "none"
+            raise LeaseLost(f"run {self.run} lost its lease on {redact(self.output)} to run {holder}")
+        write_atomically(fs, f"{folder}/{self.number}.json", self._content(), folder)
+
+    def release(self) -> None:
+        """Mark the lease released, so the next run need not wait for it to expire; its number
+        stays, so the numbers only ever grow."""
+        fs, folder = self._where
+        leases = _numbered(fs, folder)
+        if leases and leases[-1][0] == self.number:
+            write_atomically(fs, f"{folder}/{self.number}.json", self._content(released=True), folder)
+
+
+@contextlib.contextmanager
+def held(output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Iterator[Lease]:
+    """Hold the lease on ``output`` for the block, renewing it every third of its length."""
+    lease = Lease.take(output, run, seconds)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(seconds / 3):
+            try:
+                lease.confirm()
+            except LeaseLost as exc:
+                _LOG.error("%s: the run will fail at its commit", exc)
+                return
+            except OSError as exc:  # a storage fault: the next renewal may get through
+                _LOG.warning("could not renew the lease on %s: %s", redact(output), redact(str(exc)))
+
+    renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
+    renewer.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(OSError):
+            lease.release()

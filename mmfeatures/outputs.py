@@ -1,0 +1,197 @@
+"""The output folder: what a run writes there, how readers find the committed tables, and what a
+run may replace or clean up.
+
+    OUTPUT/_run.json          the commit: the run's summary and the parts of both tables
+    OUTPUT/features/          Parquet parts only, so any reader takes the folder whole
+    OUTPUT/errors/            likewise
+    OUTPUT/_staging/<run>/    a run's staged parts, and the intent of a commit in progress
+    OUTPUT/_lease/            which run is writing here (``lease.py``)
+
+``_run.json`` is written last, in one atomic step, so it always names one run's tables whole:
+readers (``schema.read_features``, ``mmfeatures report``) follow it. A run deletes only files it
+can prove a run of this job wrote: the parts ``_run.json`` lists, and the parts a commit that was
+cut short recorded in its intent before moving them in. Anything else in ``features/`` or
+``errors/`` is the user's, and the run refuses the folder before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+TABLES = ("features", "errors")
+RUN_MANIFEST = "_run.json"
+STAGING = "_staging"
+INTENT = "commit.json"  # in a run's staging folder, written before its parts move in
+PART_PREFIX = "part-"  # a committed Parquet part: part-<commit>-00000-of-00003.parquet
+RUN_NAME = re.compile(r"run-[0-9a-f]{32}")  # a run's staging folder; nothing else there is removed
+# Where earlier releases kept each table's manifest; a run takes these over and deletes them.
+_LEGACY_MANIFESTS = ("_{table}_manifest.json", "{table}/_manifest.json")
+
+
+def read_json(fs: AbstractFileSystem, path: str) -> Any:
+    """The parsed JSON file at ``path``, or None where there is none."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def write_atomically(fs: AbstractFileSystem, path: str, data: bytes, scratch: str) -> None:
+    """Replace the file at ``path`` in one step: readers see the old bytes or all the new ones,
+    never a part, and a disk that fills up fails the write, not the file already there. On a
+    local disk the bytes are written to a file in the folder ``scratch`` (on the same disk), then
+    renamed over ``path``; an object store's PUT is atomic by itself."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(scratch, exist_ok=True)
+    written = os.path.join(scratch, f"{uuid.uuid4().hex}.tmp")
+    try:
+        with open(written, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before it is named: a crash never publishes a hole
+        os.replace(written, path)
+    finally:
+        if os.path.exists(written):
+            os.unlink(written)
+
+
+def run_manifest(fs: AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """``_run.json`` under the output folder ``root`` (in ``fs``'s terms), or None where there is
+    none. ``ValueError`` for one this job did not write, which no run may replace."""
+    try:
+        manifest = read_json(fs, f"{root}/{RUN_MANIFEST}")
+    except ValueError:
+        manifest = "not JSON"
+    if manifest is not None and not (isinstance(manifest, dict) and "package_version" in manifest):
+        raise ValueError(f"{RUN_MANIFEST} there was not written by mmfeatures (it holds no run summary)")
+    return manifest
+
+
+@dataclass(frozen=True)
+class CommittedTable:
+    """A table as ``_run.json`` lists it: its parts (in ``fs``'s terms) and rows."""
+
+    fs: Any  # an fsspec file system
+    parts: list[str]
+    rows: int
+
+
+def committed_table(path: str, filesystem: AbstractFileSystem | None = None) -> CommittedTable | None:
+    """The committed table in the folder ``path`` (a folder or URL; in ``filesystem``'s terms when
+    one is given), or None where the ``_run.json`` beside it lists no such table: a single file,
+    or a folder no run committed."""
+    fs, table_dir = (filesystem, path) if filesystem else url_to_fs(path)
+    root, name = posixpath.split(table_dir.rstrip("/"))
+    try:
+        table = ((run_manifest(fs, root) or {}).get("tables") or {}).get(name)
+    except ValueError:
+        return None
+    if table is None:
+        return None
+    return CommittedTable(fs, [f"{root}/{part['path']}" for part in table["files"]], table["rows"])
+
+
+def listed_parts(manifest: dict[str, Any] | None, root: str) -> set[str]:
+    """Every part ``manifest`` (a ``_run.json``) lists, as paths under ``root``."""
+    tables = (manifest or {}).get("tables") or {}
+    return {f"{root}/{part['path']}" for table in tables.values() for part in table["files"]}
+
+
+def _legacy_files(fs: AbstractFileSystem, root: str) -> set[str]:
+    """The manifests of earlier releases' layouts and the parts they list."""
+    found: set[str] = set()
+    for table in TABLES:
+        for pattern in _LEGACY_MANIFESTS:
+            path = f"{root}/{pattern.format(table=table)}"
+            try:
+                legacy = read_json(fs, path)
+            except (ValueError, NotADirectoryError):
+                continue
+            if isinstance(legacy, dict) and isinstance(legacy.get("files"), list):
+                found |= {path} | {f"{root}/{table}/{part['path']}" for part in legacy["files"]}
+    return found
+
+
+def _staged_runs(fs: AbstractFileSystem, root: str) -> Iterator[str]:
+    """The staging folders of runs, in ``fs``'s terms, as the store lists them now."""
+    staging = f"{root}/{STAGING}"
+    fs.invalidate_cache(root)
+    if fs.isdir(staging):
+        yield from (path for path in fs.ls(staging, detail=False) if RUN_NAME.fullmatch(posixpath.basename(path)))
+
+
+def _intent(fs: AbstractFileSystem, run_folder: str) -> dict[str, Any] | None:
+    intent = read_json(fs, f"{run_folder}/{INTENT}")
+    return intent if isinstance(intent, dict) else None
+
+
+def written_files(fs: AbstractFileSystem, root: str) -> set[str]:
+    """Every file in the output folder that a run of this job can be shown to have written:
+    the parts ``_run.json`` lists, those an unfinished commit moved in, and earlier layouts'."""
+    files = listed_parts(run_manifest(fs, root), root) | _legacy_files(fs, root)
+    for run_folder in _staged_runs(fs, root):
+        intent = _intent(fs, run_folder)
+        if intent is not None:
+            files |= {f"{root}/{path}" for path in intent["new"]}
+    return files
+
+
+def check_replaceable(output: str) -> None:
+    """Refuse an ``--output`` whose ``features/``, ``errors/`` or ``_run.json`` this job did not
+    write: a run replaces its own tables only, never a user's folder that shares their names."""
+    fs, root = url_to_fs(output)
+    root = root.rstrip("/")
+    try:
+        owned = written_files(fs, root)
+    except ValueError as exc:
+        raise ValueError(f"--output {output}: {exc}; move it, or choose another --output") from None
+    for table in TABLES:
+        folder = f"{root}/{table}"
+        if fs.isfile(folder):
+            raise ValueError(f"--output {output}: {table} is a file, where the job writes its {table} table")
+        foreign = sorted(set(fs.find(folder)) - owned) if fs.isdir(folder) else []
+        if foreign:
+            raise ValueError(
+                f"--output {output}: {table}/ holds {len(foreign)} file(s) this job did not write "
+                f"({posixpath.relpath(foreign[0], root)}...); a run replaces only tables it committed, "
+                "so move them, or choose another --output"
+            )
+
+
+def recover(output: str) -> list[str]:
+    """Clean up after runs that were killed or failed: finish a commit that published its
+    ``_run.json`` (delete the parts it replaced), undo one that did not (delete the parts it moved
+    in), and remove every run's staging. Call it only while holding the output's lease, when no
+    other run can be writing. Returns the staging folders removed."""
+    fs, root = url_to_fs(output)
+    root = root.rstrip("/")
+    manifest = run_manifest(fs, root)
+    keep = listed_parts(manifest, root)
+    removed = []
+    for run_folder in _staged_runs(fs, root):
+        intent = _intent(fs, run_folder)
+        if intent is not None:
+            finished = (manifest or {}).get("commit") == intent["commit"]
+            for path in intent["old" if finished else "new"]:
+                if f"{root}/{path}" not in keep and fs.exists(f"{root}/{path}"):
+                    fs.rm_file(f"{root}/{path}")
+        fs.rm(run_folder, recursive=True)
+        removed.append(run_folder)
+    try:
+        fs.rmdir(f"{root}/{STAGING}")
+    except OSError:  # still holds something that is not a run's (object stores keep no folders)
+        pass
+    return removed

@@ -1,0 +1,227 @@
+"""The output folder as one commit: a commit cut short at any step, or failing on a full disk,
+leaves the previous run's outputs whole and the next run cleans up; a run replaces only the
+tables it can prove it wrote, and refuses, before any work, an output holding the user's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from mmfeatures import __version__, outputs, schema, sinks, storage
+from mmfeatures.errors import ConfigurationError
+from mmfeatures.job import check_output
+from tests.committed_tables import commit_tables
+
+ERRORS = schema.errors_schema()
+
+
+def table_of(ids: range) -> pa.Table:
+    return pa.table({"id": [f"r{i}" for i in ids]})
+
+
+def commit_run(output: str, ids: range) -> dict[str, Any]:
+    return commit_tables(output, {"features": [table_of(ids)], "errors": [ERRORS.empty_table()]})
+
+
+def ids_read(output: str) -> list[str]:
+    return sorted(schema.read_features(storage.join(output, "features")).column("id").to_pylist())
+
+
+def stage(output: str, run: str, ids: range) -> dict[str, list[tuple[str, int]]]:
+    """A run's staged parts: two of features, one of errors."""
+    half = ids.start + len(ids) // 2
+    parts = {
+        "features": [table_of(range(ids.start, half)), table_of(range(half, ids.stop))],
+        "errors": [ERRORS.empty_table()],
+    }
+    return {
+        name: [
+            (sinks.write_staged_part(storage.join(output, outputs.STAGING, run, name), t), t.num_rows) for t in tables
+        ]
+        for name, tables in parts.items()
+    }
+
+
+def files_under(output: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(output)
+    return sorted(path[len(root.rstrip("/")) + 1 :] for path in fs.find(root))
+
+
+def listed(output: str) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(output)
+    manifest = json.loads(fs.cat_file(f"{root.rstrip('/')}/_run.json"))
+    return sorted(["_run.json"] + [part["path"] for table in manifest["tables"].values() for part in table["files"]])
+
+
+STEPS = [  # (what fails, on which call): each point of a commit that a kill or a fault can cut
+    ("move", 1),  # one part moved in, the others not
+    ("manifest", 0),  # every part moved in, _run.json not written
+    ("delete", 0),  # _run.json written, the replaced parts not yet deleted
+]
+
+
+@pytest.fixture(params=["local", "memory"])
+def output(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "local":
+        yield str(tmp_path / "out")
+        return
+    url = f"memory://outputs-{uuid.uuid4().hex}/out"
+    yield url
+    fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
+
+
+@pytest.mark.parametrize("step, after", STEPS)
+def test_a_commit_cut_short_at_any_step_leaves_one_whole_run_and_the_next_run_cleans_up(
+    output: str, step: str, after: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit_run(output, range(0, 5))
+    previous = json.loads(fsspec.open(storage.join(output, "_run.json")).open().read())
+    local = "://" not in output
+    owner, name = {
+        "move": (os, "rename") if local else (MemoryFileSystem, "copy"),
+        "manifest": (os, "replace") if local else (MemoryFileSystem, "pipe_file"),
+        "delete": (MemoryFileSystem if not local else fsspec.implementations.local.LocalFileSystem, "rm_file"),
+    }[step]
+    original = getattr(owner, name)
+    calls: list[Any] = []
+
+    def cut(*args: Any, **kwargs: Any) -> Any:
+        if step == "manifest" and not local and not str(args[1]).endswith("_run.json"):
+            return original(*args, **kwargs)  # the intent, written before anything moves
+        if len(calls) == after:
+            raise OSError("cut short")
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, cut)
+    run = f"run-{uuid.uuid4().hex}"
+    with pytest.raises(OSError, match="cut short"):
+        sinks.publish(output, run, "new", stage(output, run, range(20, 26)), {"package_version": __version__})
+    monkeypatch.undo()
+
+    published = step == "delete"
+    assert ids_read(output) == [f"r{i}" for i in (range(20, 26) if published else range(0, 5))]
+    manifest = json.loads(fsspec.open(storage.join(output, "_run.json")).open().read())
+    assert (manifest["commit"] == "new") == published and (manifest == previous) != published
+
+    assert outputs.recover(output)  # what the next run does first, holding the lease
+    assert [f for f in files_under(output) if not f.startswith("_lease")] == listed(output)
+    assert ids_read(output) == [f"r{i}" for i in (range(20, 26) if published else range(0, 5))]
+
+
+def test_a_full_disk_fails_the_commit_and_leaves_the_previous_run_manifest_whole(tmp_path: Path) -> None:
+    """The file-size limit makes the kernel refuse a write past it (EFBIG), as a full disk refuses
+    one (ENOSPC): the new _run.json cannot be written, and the old one is neither emptied nor cut."""
+    output = str(tmp_path / "out")
+    commit_run(output, range(0, 5))
+    previous = (tmp_path / "out" / "_run.json").read_bytes()
+    run = f"run-{uuid.uuid4().hex}"
+    staged = stage(output, run, range(20, 26))
+    script = textwrap.dedent(
+        f"""
+        import json, resource, signal, sys
+        from mmfeatures import sinks
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        staged = json.loads(sys.argv[1])
+        sinks.publish({output!r}, {run!r}, "new", staged, {{"package_version": "x", "padding": "x" * 8192}})
+        """
+    )
+    failed = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(staged)], capture_output=True, text=True, cwd=os.getcwd()
+    )
+    assert failed.returncode != 0 and "File too large" in failed.stderr, failed.stderr[-2000:]
+    assert (tmp_path / "out" / "_run.json").read_bytes() == previous
+    assert ids_read(output) == [f"r{i}" for i in range(0, 5)]
+    outputs.recover(output)
+    assert [f for f in files_under(output) if not f.startswith("_lease")] == listed(output)
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "features/notes.txt",  # the user's own folder that happens to be called features
+        "errors/2024/errors.csv",  # or errors, with a subfolder
+        "features/part-00000-of-00001.parquet",  # even a Parquet part, if no commit lists it
+    ],
+)
+def test_a_run_refuses_an_output_holding_files_it_did_not_write(tmp_path: Path, foreign: str) -> None:
+    output = tmp_path / "out"
+    commit_run(str(output), range(0, 3))
+    (output / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (output / foreign).write_text("mine")
+    with pytest.raises(ValueError, match=f"{foreign.split('/')[0]}/ holds 1 file"):
+        check_output(str(output))
+    assert (output / foreign).read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("_run.json", "", "was not written by mmfeatures"),  # an earlier release's full disk left it empty
+        ("_run.json", '{"mine": 1}', "was not written by mmfeatures"),
+        ("features", "a file", "features is a file"),
+    ],
+)
+def test_a_run_refuses_files_in_the_places_of_its_outputs(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        check_output(str(output))
+
+
+def test_the_tables_of_earlier_layouts_are_taken_over_and_their_manifests_removed(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    for table, manifest in (("features", "_features_manifest.json"), ("errors", "errors/_manifest.json")):
+        (output / table).mkdir(parents=True)
+        pq.write_table(table_of(range(2)), output / table / "part-old-00000-of-00001.parquet")
+        listing = {"commit": "old", "files": [{"path": "part-old-00000-of-00001.parquet", "rows": 2}]}
+        (output / manifest).write_text(json.dumps(listing))
+    (output / "_run.json").write_text(json.dumps({"package_version": "0.1.0"}))
+    check_output(str(output))
+    commit_run(str(output), range(5, 8))
+    assert [f for f in files_under(str(output)) if not f.startswith("_lease")] == listed(str(output))
+    assert ids_read(str(output)) == ["r5", "r6", "r7"]
+
+
+def test_check_output_refuses_through_the_command_line_in_one_line(tmp_path: Path, capsys: Any) -> None:
+    from pipelines.extract_features import main
+
+    output = tmp_path / "out"
+    (output / "features").mkdir(parents=True)
+    (output / "features" / "mine.csv").write_text("a,b\n")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "hello"}\n')
+    assert main(["--input", str(manifest), "--output", str(output)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "features/ holds 1 file(s) this job did not write (features/mine.csv...)" in line
+    assert sorted(os.listdir(output)) == ["features"] and os.listdir(output / "features") == ["mine.csv"]
+
+
+def test_a_run_refused_at_the_start_raises_a_configuration_error(tmp_path: Path) -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from mmfeatures.job import Job
+
+    output = tmp_path / "out"
+    (output / "errors").mkdir(parents=True)
+    (output / "errors" / "x").write_text("")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "hello"}\n')
+    with pytest.raises(ConfigurationError, match="errors/ holds"):
+        Job.from_options(PipelineOptions(["--input", str(manifest), "--output", str(output)]))
