@@ -1,23 +1,31 @@
 """Every byte the job reads or writes goes through fsspec, so local paths and object stores
 (gs://, s3://, http(s)://, memory://) behave the same from a laptop to a cluster. The one
-exception is the hot path of reading a media file from a plain local path (see ``_media_file``)."""
+exception is the hot path of reading a media file from a plain local path (see ``_open_media``)."""
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterable
+import socket
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
-from urllib.parse import unquote
+from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import fsspec
+from aiohttp import hdrs
+from aiohttp.abc import ResolveResult
 from apache_beam.utils import retry
 from braceexpand import braceexpand
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from yarl import URL
 
 from mmfeatures.errors import ConfigurationError, FetchError
 from mmfeatures.limits import check_size
@@ -86,6 +94,44 @@ def _key(location: str, resolve: bool = True) -> _Key | None:
     return scheme, tuple(part for part in path.split("/") if part not in ("", "."))
 
 
+# Cloud metadata services answer with the machine's credentials. Link-local addresses are refused
+# unless named (among them 169.254.169.254, where AWS, GCP and Azure serve metadata); these are
+# the other services' addresses, and the names that reach them.
+_METADATA_NAMES = frozenset({"metadata", "metadata.google.internal"})
+_METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200")))
+
+
+def _host_key(host: str) -> str:
+    """A host as compared: lowercased, without a trailing dot or an IPv6 zone, an IP address in
+    its canonical form."""
+    name = host.lower().rstrip(".").split("%")[0]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _is_metadata_host(key: str) -> bool:
+    """Whether a ``_host_key`` is a link-local address or a cloud metadata service's."""
+    try:
+        address = ipaddress.ip_address(key)
+    except ValueError:
+        return key in _METADATA_NAMES
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_link_local or address in _METADATA_ADDRESSES
+
+
+def _root_host(root: str) -> str | None:
+    """The ``_host_key`` of a URL root's host; None for a local root, a bare scheme, or an
+    authority that no request could use."""
+    try:
+        host = urlsplit(root).hostname if has_scheme(root) else None
+    except ValueError:
+        return None
+    return _host_key(host) if host else None
+
+
 @dataclass(frozen=True)
 class LocationPolicy:
     """Which locations manifest references may be read from (``--allowed_roots``), so a manifest
@@ -130,6 +176,26 @@ class LocationPolicy:
         raise FetchError(
             redact(f"location not allowed by --allowed_roots: {location}"), error_type="location_not_allowed"
         )
+
+    def check_host(self, host: str | None, addresses: Iterable[str] = ()) -> None:
+        """Raise ``FetchError`` ("location_not_allowed") where an HTTP(S) request to ``host``,
+        which resolved to ``addresses``, would reach a link-local address or a cloud metadata
+        service, unless a root names ``host`` itself: whatever the roots, since such a service
+        hands out the credentials of the machine that asks. Naming an address allows that
+        address, not every name that resolves to it."""
+        key = _host_key(host or "")
+        if not (_is_metadata_host(key) or any(_is_metadata_host(_host_key(address)) for address in addresses)):
+            return
+        if key in map(_root_host, self.roots):
+            return
+        raise FetchError(
+            f"host not allowed: {host} is, or resolves to, a link-local or cloud metadata address (name it "
+            "in --allowed_roots to read from it)",
+            error_type="location_not_allowed",
+        )
+
+
+_NO_ROOTS = LocationPolicy()
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
@@ -208,16 +274,27 @@ FETCH_RETRIES = 4  # transient faults: about 0.5 + 1 + 2 + 4 s of backoff before
 # A connection or read that stalls this long is a transient fault too: retried, then an error row,
 # never a worker hung on a server that stopped answering. (Object stores' clients have their own.)
 FETCH_TIMEOUT_SECONDS = 60.0
+MAX_REDIRECTS = 5  # redirects followed for one HTTP(S) request; one more is an error row
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})  # the answers aiohttp follows
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling: fsspec's HTTP file system
+    wraps aiohttp's, and the policy's refusals, in FileNotFoundError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
 
 
 def is_transient(exc: BaseException) -> bool:
     """A storage fault worth retrying: a 5xx/429/408 answer, a reset or refused connection, or a
-    timeout, anywhere in the exception's chain (fsspec's HTTP filesystem wraps them all in
-    FileNotFoundError)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        status = getattr(seen, "status", None) or getattr(seen, "code", None)
+    timeout, anywhere in the exception's chain."""
+    for seen in _chain(exc):
+        status = getattr(seen, "status", None)
+        if status is None:  # other clients' errors carry ``code``, which aiohttp's deprecate
+            status = getattr(seen, "code", None)
         if isinstance(status, int) and status in _TRANSIENT_STATUS:
             return True
         if isinstance(seen, (ConnectionError, TimeoutError)) or type(seen).__name__ in (
@@ -227,15 +304,61 @@ def is_transient(exc: BaseException) -> bool:
             "ClientPayloadError",
         ):
             return True
-        seen = seen.__cause__ or seen.__context__
     return False
 
 
-def _media_filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's file system for a media file; HTTP(S) sessions get connect and read timeouts."""
+class PolicyResolver(aiohttp.ThreadedResolver):
+    """The system's resolver, refusing the addresses that ``LocationPolicy.check_host`` refuses.
+    They are judged as each connection is made, so a name that resolved elsewhere when it was
+    first looked up (DNS rebinding) still cannot reach them."""
+
+    def __init__(self, policy: LocationPolicy):
+        super().__init__()
+        self.policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await super().resolve(host, port, family)
+        self.policy.check_host(host, [entry["host"] for entry in found])
+        return found
+
+
+async def _http_session(policy: LocationPolicy, **client_kwargs: Any) -> aiohttp.ClientSession:
+    """fsspec's HTTP client (its ``get_client``), held to ``policy`` on every request, each
+    redirect included: the host is checked before a request is sent (an IP address in a URL skips
+    the resolver), the address a name resolves to as the connection is made (``PolicyResolver``),
+    and a redirect's target against the roots before it is followed."""
+
+    async def within_policy(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        policy.check_host(request.url.raw_host)
+        response = await handler(request)
+        target = response.headers.get(hdrs.LOCATION) or response.headers.get(hdrs.URI)
+        if response.status in _REDIRECT_STATUS and target:
+            try:
+                policy.check(str(request.url.join(URL(target))))
+            except (FetchError, ValueError):  # refused, or not a URL (which aiohttp refuses too)
+                response.close()
+                raise
+        return response
+
+    connector = aiohttp.TCPConnector(resolver=PolicyResolver(policy))
+    return aiohttp.ClientSession(connector=connector, middlewares=(within_policy,), **client_kwargs)
+
+
+def _media_filesystem(location: str, policy: LocationPolicy) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's file system for a media file; HTTP(S) sessions get connect and read timeouts, a
+    limit on redirects, and ``policy`` (``_http_session``)."""
     if location.lower().startswith(("http://", "https://")):
         timeout = aiohttp.ClientTimeout(sock_connect=FETCH_TIMEOUT_SECONDS, sock_read=FETCH_TIMEOUT_SECONDS)
-        return url_to_fs(location, client_kwargs={"timeout": timeout})
+        return url_to_fs(
+            location,
+            client_kwargs={"timeout": timeout},
+            get_client=functools.partial(_http_session, policy),
+            max_redirects=MAX_REDIRECTS + 1,  # aiohttp counts the redirect it refuses
+        )
     return url_to_fs(location)
 
 
@@ -246,16 +369,15 @@ def _log_retry(message: str, *args: object) -> None:
 @retry.with_exponential_backoff(
     num_retries=FETCH_RETRIES, initial_delay_secs=0.5, max_delay_secs=8, retry_filter=is_transient, logger=_log_retry
 )
-def _read_whole(location: str, max_bytes: int | None) -> bytes:
-    size, open_file = _media_file(location, sized=max_bytes is not None)
-    check_size(size, max_bytes)
-    with open_file() as handle:
+def _read_whole(location: str, max_bytes: int | None, policy: LocationPolicy) -> bytes:
+    size, handle = _open_media(location, max_bytes, policy)
+    with handle:
         if max_bytes is None:
             data = handle.read()
         else:
             # A local file's read(n) allocates n bytes up front: ask for the size the store reported
             # (plus one, to notice growth), not the whole limit, which may be far larger than the
-            # file. Reads stay bounded even where the size is wrong (/dev/zero reports 0 bytes).
+            # file. Reads stay bounded even where the size is wrong (a /proc file reports 0 bytes).
             data = handle.read((max_bytes if size is None else size) + 1)
             if size is not None and len(data) > size:  # it grew while being read
                 data += handle.read(max_bytes + 1 - len(data))
@@ -264,29 +386,61 @@ def _read_whole(location: str, max_bytes: int | None) -> bytes:
     return data
 
 
-def _media_file(location: str, sized: bool) -> tuple[int | None, Callable[[], BinaryIO]]:
-    """The size a media file's storage reports (when ``sized``), and how to open the file.
+def _open_media(location: str, max_bytes: int | None, policy: LocationPolicy) -> tuple[int | None, BinaryIO]:
+    """A media file opened for reading, and the size its storage reports (asked of a remote store
+    only where ``max_bytes`` is set), refused before it is read when over ``max_bytes``.
 
     Plain local paths are Python's own to open: fsspec's local file system holds the GIL for its
     URL parsing and instance cache on every file, work that a plain path does not need and that
-    the threads preparing records in parallel would wait on each other for.
+    the threads preparing records in parallel would wait on each other for. A local file named by
+    URL ("file://") is opened the same way, so that it is refused for the same reasons.
     """
     if not has_scheme(location) and "::" not in location:
-        return (os.stat(location).st_size if sized else None), lambda: open(location, "rb")
-    fs, path = _media_filesystem(location)
-    return (fs.size(path) if sized else None), lambda: fs.open(path, "rb")
+        return _open_regular_file(location, location, max_bytes)
+    fs, path = _media_filesystem(location, policy)
+    if isinstance(fs, LocalFileSystem):
+        return _open_regular_file(path, location, max_bytes)
+    size = fs.size(path) if max_bytes is not None else None
+    check_size(size, max_bytes)
+    return size, fs.open(path, "rb")
 
 
-def read_bytes(location: str, max_bytes: int | None = None) -> bytes:
-    """Read a whole media file, retrying transient faults with backoff, and mapping what still
-    fails to ``FetchError`` codes."""
+def _open_regular_file(path: str, location: str, max_bytes: int | None) -> tuple[int, BinaryIO]:
+    """The local file ``path`` (named ``location``) opened for reading, and its size, if it is a
+    regular file. It is judged on the opened descriptor, so it cannot be swapped for another file
+    between the check and the open, and opened without blocking, where a FIFO would wait for a
+    writer forever; a FIFO, a device (/dev/zero never ends) or a folder is refused unread."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
-        return _read_whole(location, max_bytes)
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise FetchError(redact(f"not a regular file: {location}"), error_type="not_a_file")
+        check_size(status.st_size, max_bytes)
+        os.set_blocking(descriptor, True)
+        return status.st_size, open(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_bytes(location: str, max_bytes: int | None = None, policy: LocationPolicy = _NO_ROOTS) -> bytes:
+    """Read a whole media file that ``policy`` allows, retrying transient faults with backoff, and
+    mapping what still fails to ``FetchError`` codes. HTTP(S) requests are held to ``policy``
+    throughout, redirects included (see ``_http_session``)."""
+    try:
+        policy.check(location)
+        return _read_whole(location, max_bytes, policy)
     except FetchError:
         raise
     # ``from None``: the storage's own exception may quote the full URL, credentials included,
     # and a chained cause would carry it into any traceback that is logged.
     except Exception as exc:  # noqa: BLE001 - classified below, never lost
+        refused = next((seen for seen in _chain(exc) if isinstance(seen, FetchError)), None)
+        if refused is not None:  # by the policy, in the middle of an HTTP request
+            raise refused from None
+        if any(isinstance(seen, aiohttp.TooManyRedirects) for seen in _chain(exc)):
+            message = f"more than {MAX_REDIRECTS} redirects: {location}"
+            raise FetchError(redact(message), error_type="too_many_redirects") from None
         if is_transient(exc):
             message = f"storage still failing after {FETCH_RETRIES} retries: {location}: {exc}"
             raise FetchError(redact(message), error_type="storage_unavailable") from None

@@ -153,10 +153,12 @@ def test_read_bytes_too_large(tmp_path, memory_dir):
     assert fetch_error(f"{memory_dir}/big.bin", max_bytes=10).error_type == "file_too_large"
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero here")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="no /proc here")
 def test_read_bytes_stays_bounded_where_the_reported_size_is_wrong():
-    """/dev/zero reports 0 bytes and never ends: the read still stops just past the limit."""
-    assert fetch_error("/dev/zero", max_bytes=1000).error_type == "file_too_large"
+    """A /proc file reports 0 bytes and holds more: the read still stops just past the limit."""
+    assert os.stat("/proc/self/status").st_size == 0
+    assert fetch_error("/proc/self/status", max_bytes=10).error_type == "file_too_large"
+    assert storage.read_bytes("/proc/self/status", max_bytes=100_000).startswith(b"Name:")
 
 
 def test_read_bytes_directory(tmp_path):

@@ -133,8 +133,7 @@ class Prepare(beam.DoFn):
                 data = payload
             else:
                 source = storage.resolve_reference(payload, record.manifest_dir)
-                self.policy.check(source)
-                data = storage.read_bytes(source, preprocessor.limits.max_bytes)
+                data = storage.read_bytes(source, preprocessor.limits.max_bytes, self.policy)
             CPU_TURNS.wait_for_cores()  # fetching overlaps a CPU model; decoding takes turns with it
             return source, preprocessor.decode(data)
         except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
