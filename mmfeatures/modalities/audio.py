@@ -7,6 +7,7 @@ frames that hold real audio; Hugging Face Whisper models and waveform encoders (
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,12 @@ WHISPER_TINY_EN = BundledModel(
 
 SILENCE_PEAK = 1e-5  # -100 dBFS: nothing a model could hear
 MIN_WINDOW_SECONDS = 0.1  # a shorter tail than this is dropped unless it is the whole clip
+# A header claiming more is refused before any sample is decoded (unsupported_audio): no recorder
+# samples faster than 768 kHz, and the largest layouts in use (22.2 surround, 7th-order ambisonics)
+# have 24 and 64 channels. The rate bounds the decoded waveform: seconds x rate x 4 bytes.
+MAX_SAMPLE_RATE = 768_000
+MAX_CHANNELS = 64
+BLOCK_SAMPLES = 1 << 20  # samples of all channels decoded at a time: 4 MiB as float32
 
 
 def _too_long(seconds: float, max_seconds: float) -> DecodeError:
@@ -42,31 +49,58 @@ def _too_long(seconds: float, max_seconds: float) -> DecodeError:
 
 
 def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
-    """Bytes to (mono float32 waveform, sample rate); raises ``DecodeError``. A clip whose header
-    says it is longer than ``max_seconds`` is refused before any sample is decoded."""
+    """Bytes to (mono float32 waveform, sample rate); raises ``DecodeError``.
+
+    The header is checked before any sample is decoded: a clip it says is longer than
+    ``max_seconds``, or a rate or channel count over ``MAX_SAMPLE_RATE`` or ``MAX_CHANNELS``, is
+    refused. The samples are then decoded a block at a time and each block down-mixed as it comes,
+    so that memory holds the mono waveform (frames x 4 bytes, at most ``max_seconds`` x rate x 4)
+    and one block (``BLOCK_SAMPLES`` x 4 bytes), whatever the channel count."""
     if not data:
         raise DecodeError("the audio file is empty", error_type="empty_file")
     try:
-        info = soundfile.info(io.BytesIO(data))
-        if max_seconds is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
-            raise _too_long(info.frames / info.samplerate, max_seconds)
-        _check_not_truncated(info.extra_info)
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            _check_header(sound, max_seconds)
+            mono, rate = _down_mix(sound), sound.samplerate
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         reason = str(exc).rsplit(">: ", 1)[-1]  # drop libsndfile's "Error opening <BytesIO at 0x...>"
         raise DecodeError(f"soundfile could not decode the audio: {reason}", error_type="corrupt_audio") from exc
-    except MemoryError as exc:  # soundfile allocates the frame count the header claims, true or not
+    except MemoryError as exc:  # without max_seconds, nothing bounds the frame count the header claims
         raise DecodeError(f"the header claims more audio than memory holds: {exc}", error_type="corrupt_audio") from exc
-    if samples.shape[0] == 0:
+    if len(mono) == 0:
         raise DecodeError("the audio holds no samples", error_type="empty_audio")
-    mono = samples.mean(axis=1)
-    if not np.all(np.isfinite(mono)):
+    # NaN propagates through min and max, which, unlike isfinite and abs, copy nothing.
+    low, high = float(mono.min()), float(mono.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise DecodeError("the audio holds NaN or Inf samples", error_type="non_finite_audio")
-    if max_seconds is not None and len(mono) / rate > max_seconds:  # the header understated it
-        raise _too_long(len(mono) / rate, max_seconds)
-    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+    if max(high, -low) < SILENCE_PEAK:
         raise DecodeError("the audio is silent (peak below -100 dBFS)", error_type="silent_audio")
     return mono, int(rate)
+
+
+def _check_header(sound: soundfile.SoundFile, max_seconds: float | None) -> None:
+    if sound.samplerate > MAX_SAMPLE_RATE or sound.channels > MAX_CHANNELS:
+        raise DecodeError(
+            f"{sound.channels} channels at {sound.samplerate} Hz is over the maximum of {MAX_CHANNELS} "
+            f"channels at {MAX_SAMPLE_RATE} Hz",
+            error_type="unsupported_audio",
+        )
+    if max_seconds is not None and sound.samplerate > 0 and sound.frames / sound.samplerate > max_seconds:
+        raise _too_long(sound.frames / sound.samplerate, max_seconds)
+    _check_not_truncated(sound.extra_info)
+
+
+def _down_mix(sound: soundfile.SoundFile) -> np.ndarray:
+    """The mean of the channels, decoded ``BLOCK_SAMPLES`` at a time. soundfile reads no more frames
+    than the header declares, so the waveform is allocated once, at that length."""
+    mono = np.empty(sound.frames, np.float32)
+    block = np.empty((BLOCK_SAMPLES // sound.channels, sound.channels), np.float32)
+    sound.seek(0)  # as soundfile.read does: without it, libmpg123 decodes some MP3s 1 ULP apart
+    filled = 0
+    while len(samples := sound.read(out=block)):
+        np.mean(samples, axis=1, out=mono[filled : filled + len(samples)])
+        filled += len(samples)
+    return mono[:filled]
 
 
 # libsndfile's log of a WAV or AIFF whose sample data is shorter than its header says, e.g.

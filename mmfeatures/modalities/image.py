@@ -3,10 +3,11 @@ applied), the shorter side resized (bilinear, antialiased: torchvision's referen
 cropped to the model's input size, normalised with the model's mean and std. The default model is
 ImageNet MobileNetV2 (1280-d pooled features); any Hugging Face vision encoder folder or id works too.
 
-The pixel cap (``Limits.max_pixels``) is checked twice: first on the width and height in the file's
-header, read by Pillow without decoding any pixel data, so that a decompression bomb (a few hundred
-bytes claiming 50000 x 50000 pixels) is refused before OpenCV allocates gigabytes for it; then on the
-decoded image, for the formats whose header Pillow cannot read."""
+The pixel cap (``Limits.max_pixels``) is checked on the width and height in the file's header before
+any pixel is decoded, so that a decompression bomb (a few hundred bytes claiming 50000 x 50000 pixels)
+is refused before OpenCV allocates gigabytes for it. The check fails closed: bytes whose size cannot
+be read from their header never reach OpenCV (see ``check_header_pixels``). The cap is checked again
+on the decoded image, should OpenCV's decoders read a header otherwise."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import warnings
 from collections.abc import Sequence
@@ -47,14 +49,19 @@ MOBILENET_V2 = BundledModel(
 
 _BACKGROUND = 255.0  # transparent pixels are composited onto white
 
-# The header probe asks Pillow only about formats OpenCV reads too: bytes that only Pillow would
-# recognise (TGA, ICO, PSD, ...) stay OpenCV's to judge: corrupt_image where it cannot read them.
-_PROBED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "TIFF", "GIF", "JPEG2000", "PPM", "SUN")
+# The formats whose header Pillow reads for the pixel cap: those OpenCV decodes too. TIFF and PFM
+# are read here instead (see ``_header_size``).
+_PROBED_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "BMP", "GIF", "JPEG2000", "PPM", "SUN")
+_TIFF = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+_SHORT, _LONG = 3, 4  # TIFF field types
+# OpenCV's PFM reader: "PF" or "Pf", a newline, then width and height, each up to a whitespace.
+_PFM_HEADER = re.compile(rb"P[Ff]\n(\d+)\s(\d+)\s")
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """Bytes to an RGB uint8 array [H, W, 3]; raises ``DecodeError`` when OpenCV cannot read them,
-    or when float pixels are NaN or Inf.
+    or when float pixels are NaN or Inf. Whatever size the header claims is decoded: untrusted bytes
+    go through ``check_header_pixels`` first.
 
     Each image is decoded once. OpenCV's colour path (``IMREAD_COLOR_RGB``) applies EXIF orientation
     and turns grey and 16-bit into 8-bit RGB, but drops an alpha channel, which would leave whatever
@@ -65,7 +72,7 @@ def decode_image(data: bytes) -> np.ndarray:
     Orientation tag itself, even unchanged. BMP and the other formats carry no orientation.
     """
     if not data:
-        raise DecodeError("the image file is empty", error_type="empty_file")
+        raise _empty_file()
     buffer = np.frombuffer(data, dtype=np.uint8)
     may_have_alpha = _may_have_alpha(data)
     image: np.ndarray | None
@@ -113,22 +120,35 @@ def _may_have_alpha(data: bytes) -> bool:
 
 
 def _exif_orientation(exif: bytes) -> int:
-    """The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 when absent or unreadable."""
+    """The Orientation tag (0x0112, a SHORT) of IFD0 in a TIFF-structured EXIF block; 1 when absent or
+    unreadable."""
     if exif.startswith(b"Exif\x00\x00"):  # some writers keep the JPEG APP1 prefix
         exif = exif[6:]
-    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    kind, value = _tiff_tags(exif).get(0x0112, (_SHORT, 1))
+    return value if kind == _SHORT else 1
+
+
+def _tiff_tags(tiff: bytes) -> dict[int, tuple[int, int]]:
+    """The entries of IFD0 of a TIFF structure (a TIFF or BigTIFF file, an EXIF block): tag -> (field
+    type, first value, read as a SHORT for a SHORT and as a LONG otherwise). Of a repeated tag the first
+    is kept, as libtiff does; an IFD cut short gives its entries before the cut."""
+    order = {b"II": "<", b"MM": ">"}.get(tiff[:2])
+    tags: dict[int, tuple[int, int]] = {}
     if order is None:
-        return 1
+        return tags
     try:
-        (ifd,) = struct.unpack_from(order + "I", exif, 4)
-        (count,) = struct.unpack_from(order + "H", exif, ifd)
-        for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
-            tag, kind, _, value = struct.unpack_from(order + "HHIH", exif, entry)
-            if tag == 0x0112 and kind == 3:  # SHORT
-                return value
+        big = struct.unpack_from(order + "H", tiff, 2)[0] == 43  # BigTIFF: 8-byte offsets, counts, values
+        offset, count, size, value_at = ("Q", "Q", 20, 12) if big else ("I", "H", 12, 8)
+        (ifd,) = struct.unpack_from(order + offset, tiff, 8 if big else 4)
+        (entries,) = struct.unpack_from(order + count, tiff, ifd)
+        first = ifd + struct.calcsize(count)
+        for entry in range(first, first + size * min(entries, 0xFFFF), size):  # a classic IFD's most
+            tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+            (value,) = struct.unpack_from(order + ("H" if kind == _SHORT else "I"), tiff, entry + value_at)
+            tags.setdefault(tag, (kind, value))
     except struct.error:
         pass
-    return 1
+    return tags
 
 
 def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
@@ -164,31 +184,66 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
 def check_header_pixels(data: bytes, max_pixels: int) -> None:
     """Raise ``image_too_large`` when the header claims more than ``max_pixels``, before any decoding.
 
-    ``Image.open`` reads the header only. Where Pillow cannot identify or parse the bytes, nothing is
-    decided here: OpenCV judges them, and the check after decoding still applies. Our limit
-    is the authority, not Pillow's own bomb guard (its global ``Image.MAX_IMAGE_PIXELS`` is left
-    alone): its warnings are silenced, and its error (over twice that, raised before the size is known)
-    counts as too large only when that bound is at or over our limit; a larger limit leaves such files
-    to the check after decoding.
+    It fails closed: bytes that are not in a format whose size is read here (see ``_header_size``) are
+    ``corrupt_image``, and bytes in one whose header cannot be parsed (a PNG chunk with a bad CRC, a
+    text chunk over Pillow's size cap, a broken JPEG SOF, a TIFF without its size tags...) are
+    ``unreadable_image_header``: OpenCV, which might decode them to gigabytes, never sees either.
+    OpenCV's own cap (the OPENCV_IO_MAX_IMAGE_PIXELS variable) is no substitute: it is read once, when
+    its library loads, so it is one figure for the whole process, not this run's ``max_pixels``.
     """
-    try:
-        with warnings.catch_warnings():
-            # Pillow's bomb warning and its complaints about a file (corrupt EXIF...) are noise: our
-            # limit and OpenCV judge. Only Pillow's warnings, as catch_warnings is not thread-safe
-            # before Python 3.14: a filter left behind by two threads racing must be harmless.
-            warnings.filterwarnings("ignore", module=r"PIL\.")
-            with Image.open(io.BytesIO(data), formats=_PROBED_FORMATS) as probe:
-                width, height = probe.size
-    except Image.DecompressionBombError as exc:
-        bound = 2 * (Image.MAX_IMAGE_PIXELS or 0)
-        if bound >= max_pixels:
-            raise DecodeError(
-                f"more than {bound} pixels is over the {max_pixels} limit", error_type="image_too_large"
-            ) from exc
-        return
-    except Exception:  # noqa: BLE001 - unidentified or malformed header: any Pillow error means "let OpenCV judge"
-        return
+    width, height = _header_size(data)
     _check_pixels(width, height, max_pixels)
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    """The width and height the header claims, read without decoding: for TIFF from IFD0 as libtiff
+    (which OpenCV decodes with) reads it, where Pillow keeps the last of a repeated size tag and cannot
+    open float or signed pixels; for PFM as OpenCV reads it, where Pillow reads grey PFM only; for every
+    other format of ``_PROBED_FORMATS`` by Pillow's header reader. Our limit is the authority, not
+    Pillow's own bomb guard, which ``Image.open`` would apply. Formats OpenCV decodes but none of these
+    read (Radiance HDR, PAM) are refused."""
+    if not data:
+        raise _empty_file()
+    if data.startswith(_TIFF):
+        tags = _tiff_tags(data)
+        (width_kind, width), (height_kind, height) = tags.get(256, (0, 0)), tags.get(257, (0, 0))
+        if width_kind not in (_SHORT, _LONG) or height_kind not in (_SHORT, _LONG):
+            raise _unreadable_header("TIFF", "no ImageWidth and ImageLength (SHORT or LONG) in its first IFD")
+        return width, height
+    if data.startswith((b"PF", b"Pf")):
+        match = _PFM_HEADER.match(data)
+        if match is None:
+            raise _unreadable_header("PFM", "no width and height after its signature")
+        return int(match[1]), int(match[2])
+    Image.init()  # Pillow's format plugins, imported once
+    for name in _PROBED_FORMATS:
+        if name not in Image.OPEN:  # a Pillow built without it (AVIF)
+            continue
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not accept(data[:16]):
+            continue
+        try:
+            with warnings.catch_warnings():
+                # Pillow's complaints about a file (corrupt EXIF...) are noise. Only Pillow's warnings,
+                # as catch_warnings is not thread-safe before Python 3.14: a filter left behind by two
+                # threads racing must be harmless.
+                warnings.filterwarnings("ignore", module=r"PIL\.")
+                with factory(io.BytesIO(data), "") as probe:
+                    return probe.size
+        except Exception as exc:  # noqa: BLE001 - whatever Pillow raises, the size is unknown
+            raise _unreadable_header(name, str(exc)) from exc
+    raise DecodeError(
+        "not a JPEG, PNG, WebP, AVIF, BMP, TIFF, GIF, JPEG 2000, PBM/PGM/PPM, PFM or Sun raster image",
+        error_type="corrupt_image",
+    )
+
+
+def _empty_file() -> DecodeError:
+    return DecodeError("the image file is empty", error_type="empty_file")
+
+
+def _unreadable_header(name: str, reason: str) -> DecodeError:
+    return DecodeError(f"the {name} header cannot be read: {reason}", error_type="unreadable_image_header")
 
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -265,7 +320,7 @@ class ImagePreprocessor(Preprocessor):
 
     def decode(self, payload: bytes | str) -> np.ndarray:
         """Check the pixel cap on the header before decoding (see the module docstring), then decode
-        and check it again on the decoded image, for formats whose header Pillow could not read."""
+        and check it again on the decoded image, should OpenCV read the header otherwise."""
         if not isinstance(payload, bytes):
             raise DecodeError("an image must be the file's bytes, not text", error_type="wrong_type")
         check_header_pixels(payload, self.limits.max_pixels)

@@ -17,6 +17,8 @@ from mmfeatures.errors import DecodeError, PreprocessError, Stage
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.audio import (
     AUDIO,
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE,
     AudioPreprocessor,
     WaveformAudioEncoder,
     WhisperAudioEncoder,
@@ -126,6 +128,54 @@ def test_audio_over_the_duration_limit_is_refused() -> None:
     with pytest.raises(DecodeError) as caught:
         AudioPreprocessor().decode(audio_bytes(np.zeros(601 * 1000, np.float32), 1000, "WAV", "PCM_16"))
     assert caught.value.error_type == "audio_too_long"
+
+
+@pytest.mark.parametrize(
+    ("channels", "rate", "error_type"),
+    [
+        (MAX_CHANNELS, MAX_SAMPLE_RATE, None),
+        (MAX_CHANNELS + 1, 16000, "unsupported_audio"),
+        (1, MAX_SAMPLE_RATE + 1, "unsupported_audio"),
+    ],
+)
+def test_rates_and_channel_counts_over_the_maxima_are_refused(channels: int, rate: int, error_type: str | None) -> None:
+    data = audio_bytes(np.tile(tone(0.01, rate)[:, None], (1, channels)), rate)
+    if error_type is None:
+        assert len(decode_audio(data)[0]) == len(tone(0.01, rate))
+        return
+    with pytest.raises(DecodeError) as caught:
+        decode_audio(data)
+    assert caught.value.error_type == error_type
+    assert str(caught.value) == (
+        f"{channels} channels at {rate} Hz is over the maximum of {MAX_CHANNELS} channels at {MAX_SAMPLE_RATE} Hz"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "channels"),
+    [
+        ("WAV", "PCM_16", 1),
+        ("WAV", "PCM_16", 2),
+        ("FLAC", "PCM_24", 2),
+        ("WAV", "FLOAT", 12),
+        ("OGG", "VORBIS", 6),
+        ("MP3", "MPEG_LAYER_III", 2),
+    ],
+)
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_the_down_mix_decoded_by_blocks_is_the_mean_of_all_samples(
+    fmt: str, subtype: str, channels: int, rate: int
+) -> None:
+    """Decoded a block at a time, the waveform is bit for bit the mean of the channels of all the
+    samples read at once, so embeddings do not move: 14 s is several blocks of 12 or 6 channels."""
+    if fmt not in soundfile.available_formats():
+        pytest.skip(f"this libsndfile cannot write {fmt}")
+    samples = np.stack([noise(14.0, rate, seed) + tone(14.0, rate) for seed in range(channels)], axis=1)
+    data = audio_bytes(samples, rate, fmt, subtype)
+    waveform, decoded_rate = decode_audio(data)
+    everything, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    assert decoded_rate == rate
+    np.testing.assert_array_equal(waveform, everything.mean(axis=1))
 
 
 # -- resampling and windows ----------------------------------------------------------------------

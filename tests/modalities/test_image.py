@@ -76,6 +76,16 @@ def png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
+def with_bad_crc(chunk: bytes) -> bytes:
+    return chunk[:-4] + bytes(byte ^ 0xFF for byte in chunk[-4:])
+
+
+def patched(data: bytes, marker: bytes, offset: int, replacement: bytes) -> bytes:
+    """``data`` with ``replacement`` written ``offset`` bytes after the start of the first ``marker``."""
+    at = data.index(marker) + offset
+    return data[:at] + replacement + data[at + len(replacement) :]
+
+
 def grey_alpha_png(grey: np.ndarray, alpha: np.ndarray) -> bytes:
     """An 8-bit grey + alpha PNG (colour type 4), which ``cv2.imencode`` cannot write."""
     height, width = grey.shape
@@ -367,13 +377,37 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + idat + png_chunk(b"IEND", b"")
 
 
-def valid_png_claiming(width: int, height: int) -> bytes:
+def valid_png_claiming(width: int, height: int, chunks: bytes = b"") -> bytes:
     """A complete, valid 1-bit grey PNG of ``width`` x ``height`` black pixels: a real bomb that
-    OpenCV would decode to ``width`` x ``height`` x 3 bytes, from a few kilobytes."""
+    OpenCV would decode to ``width`` x ``height`` x 3 bytes, from a few kilobytes. ``chunks`` go
+    between IHDR and IDAT."""
     raw = bytes((1 + (width + 7) // 8) * height)  # filter byte 0 and zero bits on every row
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = png_chunk(b"IDAT", zlib.compress(raw, 9))
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + idat + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + chunks + idat + png_chunk(b"IEND", b"")
+
+
+def tiff_claiming(width: int, height: int, size_tags: list[tuple[int, int, int]] | None = None) -> bytes:
+    """A complete grey TIFF of ``width`` x ``height`` black pixels in one Deflate strip: a real bomb
+    of a few kilobytes. ``size_tags`` (tag, field type, value) replace its ImageWidth and ImageLength."""
+    packer = zlib.compressobj(9)
+    strip = b"".join(packer.compress(bytes(width)) for _ in range(height)) + packer.flush()
+    sizes = size_tags if size_tags is not None else [(256, 4, width), (257, 4, height)]
+    rest = [(258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 8), (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
+    entries = b"".join(struct.pack("<HHII", tag, kind, 1, value) for tag, kind, value in sizes + rest)
+    strip += bytes(len(strip) % 2)  # the IFD starts on a word boundary
+    ifd = struct.pack("<H", len(sizes + rest)) + entries + bytes(4)  # no next IFD
+    return b"II*\x00" + struct.pack("<I", 8 + len(strip)) + strip + ifd
+
+
+def big_tiff(grey: np.ndarray) -> bytes:
+    """An uncompressed 8-bit grey BigTIFF (8-byte offsets), which OpenCV's TIFF writer does not write."""
+    height, width = grey.shape
+    pixels = grey.tobytes() + bytes(grey.nbytes % 2)
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 16)]
+    entries += [(277, 3, 1), (278, 4, height), (279, 4, grey.nbytes)]
+    ifd = struct.pack("<Q", len(entries)) + b"".join(struct.pack("<HHQQ", *entry[:2], 1, entry[2]) for entry in entries)
+    return b"II+\x00" + struct.pack("<HHQ", 8, 0, 16 + len(pixels)) + pixels + ifd + bytes(8)
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
@@ -398,25 +432,26 @@ def bmp_claiming(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("make", "width", "height", "message"),
+    ("make", "width", "height"),
     [
-        (png_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
-        (valid_png_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
-        (jpeg_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
-        (gif_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
-        (bmp_claiming, 10000, 10000, "10000x10000 pixels is over the 64000000 limit"),
-        # Over twice Pillow's own MAX_IMAGE_PIXELS: its DecompressionBombError, reported as ours.
-        (png_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
-        (jpeg_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
-        (gif_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
-        (bmp_claiming, 60000, 60000, "more than 178956970 pixels is over the 64000000 limit"),
+        (png_claiming, 10000, 10000),
+        (valid_png_claiming, 10000, 10000),
+        (jpeg_claiming, 10000, 10000),
+        (gif_claiming, 10000, 10000),
+        (bmp_claiming, 10000, 10000),
+        (tiff_claiming, 10000, 10000),
+        (lambda width, height: b"PF\n%d %d\n-1.0\n" % (width, height), 10000, 10000),
+        # Over twice Pillow's own MAX_IMAGE_PIXELS, where Image.open raises before giving the size.
+        (png_claiming, 60000, 60000),
+        (jpeg_claiming, 60000, 60000),
+        (gif_claiming, 60000, 60000),
+        (bmp_claiming, 60000, 60000),
     ],
 )
 def test_header_bombs_are_refused_before_decoding(
     make: Callable[[int, int], bytes],
     width: int,
     height: int,
-    message: str,
     monkeypatch: pytest.MonkeyPatch,
     recwarn: pytest.WarningsRecorder,
 ) -> None:
@@ -424,7 +459,7 @@ def test_header_bombs_are_refused_before_decoding(
     300 MB or more (``valid_png_claiming(10000, 10000)`` decodes, in 2 s, to
     300 MB). Pillow's bomb warning (over 89478485 pixels) stays quiet."""
     data = make(width, height)
-    assert len(data) < 64 * 1024
+    assert len(data) < 128 * 1024  # the TIFF's strip: 1 byte per kilobyte of pixels
     preprocessor = ImagePreprocessor()  # the default limit: 64000000 pixels
     Image.init()  # Pillow imports its format plugins once: that is not the probe's cost
 
@@ -441,29 +476,101 @@ def test_header_bombs_are_refused_before_decoding(
         tracemalloc.stop()
     assert peak < 10 * 1024 * 1024
     assert caught.value.error_type == "image_too_large" and caught.value.stage == Stage.DECODE
-    assert str(caught.value) == message
+    assert str(caught.value) == f"{width}x{height} pixels is over the 64000000 limit"
     assert not recwarn.list
 
 
+UNREADABLE = "unreadable_image_header"
+HUGE_CHUNK = zlib.compress(bytes(4 << 20), 9)  # 4 MiB once inflated: over Pillow's 1 MiB cap on a chunk
+
+# Files of a few kilobytes claiming width x height (the arguments), whose header Pillow cannot parse
+# or reads otherwise than OpenCV's decoder, each with the error type it must give. Those with a bad
+# CRC or a huge chunk, and the TIFF with repeated size tags, are real bombs: OpenCV decodes them whole.
+HOSTILE_IMAGES: dict[str, tuple[Callable[[int, int], bytes], str]] = {
+    "png-tEXt-bad-crc": (lambda w, h: valid_png_claiming(w, h, with_bad_crc(png_chunk(b"tEXt", b"a\0b"))), UNREADABLE),
+    "png-zTXt-bad-crc": (
+        lambda w, h: valid_png_claiming(w, h, with_bad_crc(png_chunk(b"zTXt", b"a\0\0" + zlib.compress(b"b")))),
+        UNREADABLE,
+    ),
+    "png-iTXt-bad-crc": (
+        lambda w, h: valid_png_claiming(w, h, with_bad_crc(png_chunk(b"iTXt", b"a\0\0\0\0\0b"))),
+        UNREADABLE,
+    ),
+    "png-huge-zTXt": (lambda w, h: valid_png_claiming(w, h, png_chunk(b"zTXt", b"a\0\0" + HUGE_CHUNK)), UNREADABLE),
+    "png-huge-iCCP": (lambda w, h: valid_png_claiming(w, h, png_chunk(b"iCCP", b"icc\0\0" + HUGE_CHUNK)), UNREADABLE),
+    "png-IHDR-cut-short": (
+        lambda w, h: patched(valid_png_claiming(w, h), b"IHDR", -4, struct.pack(">I", 10)),  # 10 of its 13 bytes
+        UNREADABLE,
+    ),
+    "jpeg-12-bit-SOF": (lambda w, h: patched(jpeg_claiming(w, h), b"\xff\xc0", 4, b"\x0c"), UNREADABLE),
+    "jpeg-SOF-cut-short": (lambda w, h: patched(jpeg_claiming(w, h), b"\xff\xc0", 2, b"\x00\x05"), UNREADABLE),
+    "gif-screen-without-frame": (lambda w, h: gif_claiming(w, h)[:13] + b";", UNREADABLE),
+    "tiff-IFD-past-the-end": (
+        lambda w, h: patched(tiff_claiming(w, 1), b"II*", 4, struct.pack("<I", 1 << 30)),
+        UNREADABLE,
+    ),
+    "tiff-width-as-LONG8": (lambda w, h: tiff_claiming(w, 1, [(256, 16, 8), (257, 4, h)]), UNREADABLE),
+    # libtiff reads the first of a repeated tag, Pillow the last (1 x 1 here).
+    "tiff-size-tags-repeated": (
+        lambda w, h: tiff_claiming(w, h, [(256, 4, w), (256, 4, 1), (257, 4, h), (257, 4, 1)]),
+        "image_too_large",
+    ),
+    "pfm-size-not-a-number": (lambda w, h: b"PF\n%d %dx\n-1.0\n" % (w, h), UNREADABLE),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_IMAGES)
+def test_hostile_headers_are_error_rows_never_decoded(name: str) -> None:
+    """Fail closed: a header that cannot be parsed is an error row, and the bomb behind it is never
+    decoded (10000 x 10000 pixels would take 300 MB)."""
+    make, error_type = HOSTILE_IMAGES[name]
+    data = make(10000, 10000)
+    preprocessor = ImagePreprocessor()
+    Image.init()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as caught:
+            preprocessor.decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert caught.value.error_type == error_type and caught.value.stage == Stage.DECODE
+    assert peak < 10 * 1024 * 1024
+
+
 @pytest.mark.parametrize(
-    ("ext", "params"),
+    "data",
     [
-        (".png", []),
-        (".jpg", []),
-        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
-        (".avif", []),
-        (".bmp", []),
-        (".tiff", []),
-        (".gif", []),
-        (".ppm", []),
-        (".pfm", []),
-        (".ras", []),
-        (".hdr", []),  # Radiance HDR: Pillow cannot read it, so only the check after decoding sees it
+        pytest.param(encode(np.zeros((8, 12, 3), np.uint8), ext, params), id=ext[1:])
+        for ext, params in [
+            (".png", []),
+            (".jpg", []),
+            (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+            (".avif", []),
+            (".bmp", []),
+            (".tiff", []),
+            (".gif", []),
+            (".ppm", []),
+            (".pfm", []),
+            (".ras", []),
+        ]
+    ]
+    + [
+        pytest.param(encode(np.zeros((8, 12), np.uint8), ".pgm"), id="pgm"),
+        pytest.param(encode(np.zeros((8, 12, 3), np.uint16), ".png"), id="png-16-bit"),
+        # Formats whose size is read here, not by Pillow, which cannot open them.
+        pytest.param(encode(np.zeros((8, 12, 3), np.float32), ".tiff"), id="tiff-float"),
+        pytest.param(encode(np.zeros((8, 12, 4), np.float64), ".tiff"), id="tiff-float64-alpha"),
+        pytest.param(encode(np.zeros((8, 12, 3), np.int16), ".tiff"), id="tiff-signed"),
+        pytest.param(tiff_with_orientation(np.zeros((8, 12, 3), np.uint8), 1), id="tiff-hand-made"),
+        pytest.param(big_tiff(np.zeros((8, 12), np.uint8)), id="bigtiff"),
+        pytest.param(encode(np.zeros((8, 12), np.float32), ".pfm"), id="pfm-grey"),
     ],
 )
-def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> None:
-    data = encode(np.zeros((8, 12, 3), np.uint8), ext, params)
-    assert ImagePreprocessor(limits=Limits(max_pixels=96)).decode(data).shape == (8, 12, 3)
+def test_images_exactly_at_the_pixel_limit_pass(data: bytes) -> None:
+    decoded = ImagePreprocessor(limits=Limits(max_pixels=96)).decode(data)
+    np.testing.assert_array_equal(decoded, decode_image(data))
+    assert decoded.shape == (8, 12, 3)
     with pytest.raises(DecodeError) as caught:
         ImagePreprocessor(limits=Limits(max_pixels=95)).decode(data)
     assert caught.value.error_type == "image_too_large"
@@ -473,24 +580,31 @@ def test_images_exactly_at_the_pixel_limit_pass(ext: str, params: list[int]) -> 
 @pytest.mark.parametrize(
     ("data", "error_type"),
     [
-        (b"", "empty_file"),
-        (b"this is not an image at all", "corrupt_image"),
-        (b"\xff\xd8\xff\xe0" + b"\x00" * 64, "corrupt_image"),
-        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt_image"),
-        (png_claiming(8, 8)[:20], "corrupt_image"),  # a header cut short
-        (b"qoif" + struct.pack(">IIBB", 60000, 60000, 3, 0), "corrupt_image"),  # only Pillow reads QOI
+        pytest.param(b"", "empty_file", id="empty"),
+        pytest.param(b"this is not an image at all", "corrupt_image", id="text"),
+        pytest.param(b"qoif" + struct.pack(">IIBB", 60000, 60000, 3, 0), "corrupt_image", id="qoi"),  # Pillow only
+        # OpenCV reads Radiance HDR and PAM, but no header reader here does.
+        pytest.param(encode(np.zeros((8, 12, 3), np.float32), ".hdr"), "corrupt_image", id="hdr"),
+        pytest.param(encode(np.zeros((8, 12, 3), np.uint8), ".pam"), "corrupt_image", id="pam"),
+        pytest.param(b"\xff\xd8\xff\xe0" + b"\x00" * 64, UNREADABLE, id="jpeg-signature-only"),
+        pytest.param(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, UNREADABLE, id="png-signature-only"),
+        pytest.param(png_claiming(8, 8)[:20], UNREADABLE, id="png-IHDR-cut"),
+        pytest.param(b"II*\x00" + bytes(4), UNREADABLE, id="tiff-empty-IFD"),
+        pytest.param(b"MM\x00+" + bytes(12), UNREADABLE, id="bigtiff-empty-IFD"),
+        pytest.param(b"PF\n12", UNREADABLE, id="pfm-cut"),
     ],
 )
-def test_headers_pillow_cannot_read_are_left_to_opencv(data: bytes, error_type: str) -> None:
-    """Pillow's failure to identify or parse a header is no verdict: OpenCV's is."""
+def test_sizes_that_cannot_be_read_are_never_decoded(data: bytes, error_type: str) -> None:
+    """Fail closed: bytes in no format whose size is read here, and bytes in one whose header cannot
+    be parsed, are error rows before OpenCV sees them."""
     with pytest.raises(DecodeError) as caught:
         ImagePreprocessor().decode(data)
     assert caught.value.error_type == error_type
 
 
 def test_a_limit_over_pillows_own_guard_is_the_authority() -> None:
-    """With a limit above twice Pillow's MAX_IMAGE_PIXELS, Pillow's DecompressionBombError is no
-    verdict either: OpenCV judges the bytes (here it cannot fill 3.6 G pixels from a tiny IDAT)."""
+    """With a limit above twice Pillow's MAX_IMAGE_PIXELS, the size Pillow's header reader gives is
+    checked against it, and OpenCV judges the bytes: here it refuses 3.6 G pixels, over its own cap."""
     with pytest.raises(DecodeError) as caught:
         ImagePreprocessor(limits=Limits(max_pixels=10**10)).decode(png_claiming(60000, 60000))
     assert caught.value.error_type == "corrupt_image"
