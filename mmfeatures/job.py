@@ -21,7 +21,7 @@ from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
 from mmfeatures.limits import Limits
 from mmfeatures.modalities import MODALITIES, Preprocessor
-from mmfeatures.options import ExtractOptions, check_options, extract_option_values
+from mmfeatures.options import IN_PROCESS_RUNNERS, ExtractOptions, check_options, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
 from mmfeatures.settings import InferenceSettings
@@ -38,6 +38,7 @@ class Job:
     fusion: Fusion
     rows_per_file: int
     lease_seconds: int
+    spread_records: bool  # shuffle records over the workers: not on an in-process runner
     limits: Limits
     location_policy: storage.LocationPolicy
     options: dict[str, Any]
@@ -122,6 +123,7 @@ class Job:
             fusion=fusion,
             rows_per_file=extract.rows_per_file,
             lease_seconds=extract.lease_seconds,
+            spread_records=recorded["runner"] not in IN_PROCESS_RUNNERS,
             limits=limits,
             location_policy=location_policy,
             options=recorded,

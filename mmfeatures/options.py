@@ -18,6 +18,8 @@ from mmfeatures.records import MODALITY_COLUMNS
 from mmfeatures.settings import MOST_BATCH_COST, MOST_MICRO_BATCH_SIZES, PRECISIONS, device_type
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
+# The runners that run every stage in this process, holding what passes between stages in memory.
+IN_PROCESS_RUNNERS = frozenset({LOCAL_RUNNER, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner"})
 
 # The integer options' ranges, and why a value past the top cannot work (None: the option unset).
 INTEGER_RANGES: dict[str, tuple[int, int, str]] = {

@@ -1,5 +1,16 @@
 """``ReadRecords``: manifest files to unique, validated records, their error rows, the rows read,
-and the types of their carried columns."""
+and the types of their carried columns.
+
+Each input is read twice, so that media bytes (tar members, binary columns) need not cross a
+shuffle. The first pass sends on only each record's id and place, with the error rows, the counts
+and the column types; duplicate ids are settled on those. The second pass reads each input again
+and sends on its records that won as it reads them. On a cluster they are then spread over the
+workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
+runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can
+hold GBs of members, so there the records go straight on to the next stages, and a worker holds
+what it is reading (a member, line or cell of at most --max-bytes, one Parquet row group) and the
+records those stages are working on.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +29,47 @@ from mmfeatures.schema import reserved_record_columns
 from mmfeatures.sources import HEADED_FORMATS, Input, ReadOptions, declared_column_types, read_input
 
 COLUMN_TYPES_TAG = "column_types"
+_READ_TAG = "read"  # each input that holds records: its index, the input, and how many it holds
+
+Place = tuple[int, int]  # a row's input (its index among the inputs) and position in it
+
+
+def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record | ErrorRow]]:
+    """Each row ``source`` reads, by its position: its validated record, or its error row. A file
+    that lacks a column ``--columns`` maps is one error row, in place of its first row, and no more."""
+    headed = source.format in HEADED_FORMATS and bool(options.columns)
+    for position, item in enumerate(read_input(source, options)):
+        if isinstance(item, ErrorRow):
+            yield position, item
+            continue
+        if headed:  # the first row holds every column of the file: check the mapping once
+            headed = False
+            unmapped = sorted(set(options.columns.values()) - set(item.data))
+            if unmapped:
+                yield position, _unmapped(source, unmapped, item.data)
+                return
+        data = map_columns(item.data, options.columns)
+        if source.split is not None and data.get("split") is None:  # a DatasetDict's split
+            data["split"] = source.split
+        try:
+            yield (
+                position,
+                parse_record(
+                    data,
+                    source=item.source,
+                    manifest_dir=source.folder,
+                    rejected=item.rejected,
+                    default_id=source.derived_id(item.source),
+                ),
+            )
+        except ValidationError as exc:
+            yield position, ErrorRow.from_exception(exc, record_id=reported_id(data), modality=None, source=item.source)
 
 
 class _ReadManifest(beam.DoFn):
-    """One input to validated records (keyed by id, with their position for dedup), its counts
-    (``rows_read``), and the types of its carried columns (its own schema for Parquet and Arrow)."""
+    """The first pass over one input: each record's id and place, the input's error rows, its
+    counts (``rows_read``), the types of its carried columns (its own schema for Parquet and
+    Arrow), and, when it holds records, how many for the second pass."""
 
     def __init__(self, options: ReadOptions):
         self.options = options
@@ -31,45 +78,20 @@ class _ReadManifest(beam.DoFn):
         file_index, source = indexed_input
         declared = declared_column_types(source)
         inferred: dict[str, pa.DataType | None] = {}
-        rows = 0
-        headed = source.format in HEADED_FORMATS and bool(self.options.columns)
-        for row_number, item in enumerate(read_input(source, self.options)):
+        rows = records = 0
+        for position, outcome in _outcomes(source, self.options):
             rows += 1
-            if isinstance(item, ErrorRow):
-                yield error_output(item)
-                continue
-            if headed:  # the first row holds every column of the file: check the mapping once
-                headed = False
-                unmapped = sorted(set(self.options.columns.values()) - set(item.data))
-                if unmapped:
-                    yield error_output(_unmapped(source, unmapped, item.data))
-                    break
-            data = map_columns(item.data, self.options.columns)
-            if source.split is not None and data.get("split") is None:  # a DatasetDict's split
-                data["split"] = source.split
-            try:
-                record = parse_record(
-                    data,
-                    source=item.source,
-                    manifest_dir=source.folder,
-                    rejected=item.rejected,
-                    default_id=source.derived_id(item.source),
-                )
-            except ValidationError as exc:
-                yield error_output(
-                    ErrorRow.from_exception(
-                        exc,
-                        record_id=reported_id(data),
-                        modality=None,
-                        source=item.source,
-                    )
-                )
+            if isinstance(outcome, ErrorRow):
+                yield error_output(outcome)
                 continue
             if declared is None:
-                add_value_types(inferred, record.carried)
-            yield record.id, ((file_index, row_number), record)
+                add_value_types(inferred, outcome.carried)
+            records += 1
+            yield outcome.id, ((file_index, position), outcome.source)
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
+        if records:
+            yield beam.pvalue.TaggedOutput(_READ_TAG, (file_index, (source, records)))
         if declared is not None:
             reserved = reserved_record_columns()
             mapped = map_columns(declared, self.options.columns)
@@ -88,36 +110,52 @@ def _unmapped(source: Input, unmapped: list[str], row: dict[str, Any]) -> ErrorR
     return ErrorRow.from_exception(error, record_id=None, modality=None, source=source.path)
 
 
-def _first_wins(keyed: tuple[str, Iterable[tuple[tuple[int, int], Record]]]) -> Iterator[Any]:
-    """Duplicate ids: the first occurrence (by input order) is kept, the others are error rows. The
-    kept record's rejected modalities become error rows here, so a duplicate's never count."""
-    _, occurrences = keyed
-    ordered = sorted(occurrences, key=lambda item: item[0])
-    kept = ordered[0][1]
-    yield kept
-    for rejected in kept.rejected:
-        yield error_output(rejected)
-    for _, duplicate in ordered[1:]:
-        yield error_output(
-            ErrorRow(
-                duplicate.id,
-                None,
-                Stage.VALIDATE,
-                "duplicate_id",
-                f"id {duplicate.id!r} first appears at {ordered[0][1].source}",
-                duplicate.source,
+def _first_wins(keyed: tuple[str, Iterable[tuple[Place, str]]]) -> Iterator[Any]:
+    """Duplicate ids: the first occurrence (by input order) is kept; each other is an error row,
+    and its place is left out of the second pass."""
+    record_id, occurrences = keyed
+    (_, first), *duplicates = sorted(occurrences)
+    for place, source in duplicates:
+        message = f"id {record_id!r} first appears at {first}"
+        yield error_output(ErrorRow(record_id, None, Stage.VALIDATE, "duplicate_id", message, source))
+        yield place
+
+
+class _ReadAgain(beam.DoFn):
+    """The second pass over one input: its records but the duplicates, each kept record followed
+    by the error rows of its rejected modalities (a duplicate's never count)."""
+
+    def __init__(self, options: ReadOptions):
+        self.options = options
+
+    def process(self, joined: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[Any]:
+        _, parts = joined
+        ((source, records),) = parts[_READ_TAG]  # dropped places come only from inputs with records
+        dropped = set(parts["dropped"])
+        sent = 0
+        for position, outcome in _outcomes(source, self.options):
+            if isinstance(outcome, Record) and position not in dropped:
+                sent += 1
+                yield outcome
+                for rejected in outcome.rejected:
+                    yield error_output(rejected)
+        if sent != records - len(dropped):
+            message = (
+                f"the file changed while it was read: {records - len(dropped)} records were to be sent, not {sent}"
             )
-        )
+            yield error_output(ErrorRow(None, None, Stage.READ, "input_changed", message, source.path))
 
 
 class ReadRecords(beam.PTransform):
     """Inputs (already found by ``sources.find_inputs``) to unique, validated ``Record``s, read
-    with ``options`` (column mapping, CSV encoding and delimiter, member size limit)."""
+    with ``options`` (column mapping, CSV encoding and delimiter, size limit), and shuffled over
+    the workers where ``spread`` (see above)."""
 
-    def __init__(self, inputs: list[Input], options: ReadOptions | None = None):
+    def __init__(self, inputs: list[Input], options: ReadOptions | None = None, spread: bool = True):
         super().__init__()
         self.inputs = inputs
         self.options = options or ReadOptions()
+        self.spread = spread
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         read = (
@@ -126,17 +164,23 @@ class ReadRecords(beam.PTransform):
             | "Spread" >> beam.Reshuffle()
             | "Parse"
             >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
-                ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, main="records"
+                ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"
             )
         )
         deduplicated = (
-            read.records
+            read.places
             | "GroupById" >> beam.GroupByKey()
-            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="records")
+            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="dropped")
         )
-        errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        again = (
+            {_READ_TAG: read[_READ_TAG], "dropped": deduplicated.dropped}
+            | "ByInput" >> beam.CoGroupByKey()
+            | "ReadAgain" >> beam.ParDo(_ReadAgain(self.options)).with_outputs(ERRORS_TAG, main="records")
+        )
+        errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG], again[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        records = again.records | "SpreadRecords" >> beam.Reshuffle() if self.spread else again.records
         return {
-            "records": deduplicated.records,
+            "records": records,
             ERRORS_TAG: errors,
             COUNTS_TAG: read[COUNTS_TAG],
             COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],

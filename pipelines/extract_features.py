@@ -36,7 +36,7 @@ from mmfeatures.transforms import (
 
 def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     """Add the whole job to ``pipeline``; its commit confirms the run still holds ``lease``."""
-    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.read_options)
+    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.read_options, job.spread_records)
     records = read["records"]
     embedded = [
         records

@@ -1,12 +1,21 @@
 """Tests for mmfeatures.transforms.ReadRecords in a real Beam pipeline, plus the count helpers."""
 
+import gzip
+import re
+from pathlib import Path
+
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import assert_that, equal_to
 
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.reading import ReadRecords
-from mmfeatures.sources import ReadOptions, find_inputs
+from mmfeatures.reading import _READ_TAG, ReadRecords, _ReadAgain
+from mmfeatures.records import Record
+from mmfeatures.sources import Input, ReadOptions, find_inputs
+from tests.tar_shards import Member, build_tar
 
 
 def write_manifests(tmp_path):
@@ -176,3 +185,139 @@ def test_a_file_that_lacks_a_mapped_column_is_one_error_row(tmp_path):
         assert_that(errors, equal_to([(None, "unmapped_column", str(tmp_path / "without.csv"))]), label="Errors")
         read = out[COUNTS_TAG] | "Read" >> beam.Map(lambda c: c.rows_read)
         assert_that(read, equal_to([1, 1]), label="RowsRead")  # the file's error row stands for it
+
+
+def test_records_with_media_bytes_are_read_again_after_the_duplicates_are_settled(tmp_path):
+    """Tar members reach the records of the second pass, for the records that won only; a kept
+    record's rejected modality is one error row, a duplicate's none."""
+    first, second = tmp_path / "a.tar", tmp_path / "b.tar.gz"
+    first.write_bytes(build_tar([Member("s1.jpg", b"one"), Member("s1.txt", b"words"), Member("s2.wav", b"w" * 50)]))
+    second.write_bytes(
+        build_tar([Member("s1.jpg", b"other"), Member("s1.wav", b"w" * 50), Member("s3.txt", b"more")], "gz")
+    )
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        out = p | ReadRecords(find_inputs([str(first), str(second)]), ReadOptions(max_member_bytes=10))
+        kept = out["records"] | "Kept" >> beam.Map(lambda r: (r.id, dict(r.payloads), r.source))
+        assert_that(
+            kept,
+            equal_to(
+                [
+                    ("s1", {"image": b"one", "text": b"words"}, f"{first}:s1"),
+                    ("s2", {}, f"{first}:s2"),
+                    ("s3", {"text": b"more"}, f"{second}:s3"),
+                ]
+            ),
+            label="Kept",
+        )
+        errors = out[ERRORS_TAG] | "Errors" >> beam.Map(
+            lambda e: (e["id"], e["modality"], e["error_type"], e["source"])
+        )
+        assert_that(
+            errors,
+            equal_to(
+                [
+                    ("s2", "audio", "file_too_large", f"{first}:s2"),
+                    ("s1", None, "duplicate_id", f"{second}:s1"),
+                ]
+            ),
+            label="Errors",
+        )
+        assert_that(out[COUNTS_TAG], equal_to([RunCounts(rows_read=2), RunCounts(rows_read=2)]), label="RowsRead")
+
+
+def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
+    """The second pass finds fewer records than the first counted (the file was rewritten while
+    the job ran): the records it lost are never silently missing."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "text": "t"}\n{"id": "b", "text": "t"}\n')
+    read_again = _ReadAgain(ReadOptions())
+    out = list(read_again.process((0, {_READ_TAG: [(Input(str(path), "jsonl"), 3)], "dropped": [1]})))
+    assert [item.id for item in out if isinstance(item, Record)] == ["a"]
+    (error,) = [item.value for item in out if isinstance(item, TaggedOutput)]
+    assert (error["id"], error["error_type"], error["source"]) == (None, "input_changed", str(path))
+    assert "2 records were to be sent, not 1" in error["message"]
+
+
+def _write_every_kind(tmp_path: Path, limit: int) -> list[str]:
+    """One input of each kind, each with the errors it can have: bad lines, ids of other types
+    than strings, cells and members over ``limit``, hostile members, damage at the end."""
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(
+        b'{"id": "a", "text": "t"}\n'
+        b"{not json\n"
+        b'{"id": "\xff"}\n'
+        b'{"id": "long", "text": "' + b"x" * limit + b'"}\n'
+        b'{"id": 4.5, "text": "t"}\n'
+        b'{"id": {"k": 1}, "text": "t"}\n'
+        b'{"id": true, "text": "t"}\n'
+        b'{"id": null, "text": "t"}\n'
+        b'{"id": "a", "text": "again"}\n'
+        b'{"id": "n"}\n'
+        b'{"id": "i", "text": "t", "image": 7}\n'
+    )
+    damaged_gz = tmp_path / "d.jsonl.gz"
+    lines = b"".join(b'{"id": "g%d", "text": "%s"}\n' % (i, b"y" * 50) for i in range(200))
+    damaged_gz.write_bytes(gzip.compress(lines)[:100])
+    csv = tmp_path / "m.csv"
+    csv.write_text("id,text\nc1,t\nc2,t,extra\nc3," + "x" * limit + "\n,t\n")
+    times = tmp_path / "times.parquet"
+    pq.write_table(pa.table({"id": pa.array([0, 10**15], pa.timestamp("s")), "text": ["t", "t"]}), times)
+    cells = tmp_path / "cells.parquet"
+    odd = pa.array([0, 10**15, 0], pa.timestamp("s"))
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["t", "t", "x" * 2 * limit], "when": odd}), cells)
+    arrow = tmp_path / "m.arrow"
+    table = pa.table({"id": ["r1", "r2", "r3"], "image": [b"i", b"i" * 2 * limit, b"i"]})
+    with pa.ipc.new_stream(str(arrow), table.schema) as writer:
+        writer.write_table(table, max_chunksize=1)
+    arrow.write_bytes(arrow.read_bytes()[:-20])
+    shard = tmp_path / "s.tar.gz"
+    members = [
+        Member("t1.txt", b"t"),
+        Member("t1.npy", b"n"),
+        Member("../t2.txt", b"t"),
+        Member("t3.jpg", b"j" * 2 * limit),
+        Member("t3.txt", b"t"),
+        Member("t4.txt", b"t" * 1000),
+    ]
+    whole = build_tar(members)
+    shard.write_bytes(gzip.compress(whole[: whole.index(b"t" * 1000) + 500]))  # cut within the last member
+    folder = tmp_path / "media"
+    folder.mkdir()
+    (folder / "k.txt").write_text("t")
+    (folder / "k.xyz").write_text("?")
+    return [str(path) for path in (jsonl, damaged_gz, csv, times, cells, arrow, shard, folder)]
+
+
+def test_every_error_row_names_its_record_or_its_place(tmp_path):
+    """An error row of a record carries the record's id, as text whatever its type; a row with no
+    record behind it names its file and the line, row, member or offset where it was."""
+    inputs = _write_every_kind(tmp_path, 100)
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        out = p | ReadRecords(find_inputs(inputs), ReadOptions(max_member_bytes=100))
+        errors = out[ERRORS_TAG] | "Errors" >> beam.Map(lambda e: (e["id"], e["error_type"], e["source"]))
+
+        def check(found: list[tuple[str | None, str, str]]) -> None:
+            places = [re.compile(re.escape(path.rstrip("/")) + r"(:.+|@\d+)") for path in inputs]
+            unnamed = [error for error in found if error[0] is None and not any(p.fullmatch(error[2]) for p in places)]
+            assert unnamed == []
+            assert {error_type for _, error_type, _ in found} >= {
+                "malformed_json",
+                "invalid_utf8",
+                "line_too_long",
+                "wrong_type",
+                "missing_id",
+                "duplicate_id",
+                "no_modality",
+                "malformed_csv",
+                "malformed_row",
+                "cell_too_large",
+                "unreadable_manifest",
+                "unsupported_member",
+                "unsafe_tar_member",
+                "file_too_large",
+            }
+            ids = {error[0] for error in found}
+            assert {"4.5", "{'k': 1}", "True", "1970-01-01 00:00:00", "p2", "r2", "t3", "k"} <= ids
+            assert any("1000000000000000" in (found_id or "") for found_id in ids)  # a timestamp Python cannot hold
+
+        assert_that(errors, check)

@@ -79,6 +79,54 @@ def test_jsonl_from_memory_url(name):
     assert [(e.source, e.error_type) for e in errors] == [(f"{url}:3", "malformed_json")]
 
 
+@pytest.mark.parametrize("name", ["m.jsonl", "m.jsonl.gz", "m.csv", "m.csv.gz"])
+def test_a_line_over_the_limit_is_an_error_row_and_the_next_line_is_read(tmp_path, name):
+    """The limit counts a line with its line break: a line of exactly the limit is read."""
+    if ".csv" in name:
+        content = "id,text\na,ttt\nb," + "x" * 100 + "\nc,t\n"
+        lines = ["id,text", "a,ttt"]
+    else:
+        content = '{"id":"a","text":"t"}\n{"id":"b","text":"' + "x" * 100 + '"}\n{"id":"c","text":"t"}\n'
+        lines = ['{"id":"a","text":"t"}']
+    limit = max(map(len, lines)) + 1
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(content.encode()) if name.endswith(".gz") else content.encode())
+    rows, errors = split(list(read_manifest(str(path), ReadOptions(max_member_bytes=limit))))
+    assert [row.data["id"] for row in rows] == ["a", "c"]
+    (error,) = errors
+    line = len(lines) + 1
+    assert (error.id, error.stage, error.error_type, error.source) == (
+        None,
+        Stage.READ,
+        "line_too_long",
+        f"{path}:{line}",
+    )
+    assert str(limit) in error.message
+    assert rows[-1].source == f"{path}:{line + 1}"
+
+
+def test_a_line_over_the_limit_inside_a_quoted_csv_field_loses_only_its_record(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('id,text\na,"two\nlines"\nb,"starts\n' + "x" * 100 + '\nends"\nc,t\n')
+    rows, errors = split(list(read_manifest(str(path), ReadOptions(max_member_bytes=20))))
+    assert [(row.data, row.source) for row in rows] == [
+        ({"id": "a", "text": "two\nlines"}, f"{path}:3"),
+        ({"id": "c", "text": "t"}, f"{path}:7"),
+    ]
+    # the record's rest reads as a row of its own, which the header does not fit
+    assert [(error.error_type, error.source) for error in errors] == [
+        ("line_too_long", f"{path}:5"),
+        ("malformed_csv", f"{path}:6"),
+    ]
+
+
+def test_a_csv_header_over_the_limit_is_one_error_row_for_the_file(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id," + "x" * 100 + "\na,b\n")
+    (error,) = read_manifest(str(path), ReadOptions(max_member_bytes=50))
+    assert isinstance(error, ErrorRow) and (error.error_type, error.source) == ("line_too_long", f"{path}:1")
+
+
 # -- CSV ---------------------------------------------------------------------------------------
 
 
@@ -324,8 +372,9 @@ def test_a_damaged_gzip_stream_keeps_the_rows_before_and_ends_in_one_error_row(t
     assert 0 < len(rows) < len(everything) if damage == "truncated" else len(rows) == len(everything)
     assert isinstance(error, ErrorRow)
     assert (error.id, error.modality, error.stage, error.error_type) == (None, None, Stage.READ, "unreadable_manifest")
-    last_line = rows[-1].source.rsplit(":", 1)[1]
-    assert error.source == str(path) and error.message.endswith(f"; the lines after line {last_line} are lost")
+    last_line = int(rows[-1].source.rsplit(":", 1)[1])
+    assert error.message.endswith(f"; the lines after line {last_line} are lost")
+    assert error.source == f"{path}:{last_line + 1}"  # the first line lost
 
 
 @pytest.mark.parametrize("name, content", [("m.jsonl.gz", b'{"id": "a"}\n'), ("m.csv.gz", b"id\na\n")])
@@ -334,7 +383,7 @@ def test_a_file_named_gz_that_is_not_gzip_is_one_error_row(tmp_path, name, conte
     path.write_bytes(content)
     (error,) = read_manifest(str(path))
     assert isinstance(error, ErrorRow)
-    assert (error.id, error.error_type, error.source) == (None, "unreadable_manifest", str(path))
+    assert (error.id, error.error_type, error.source) == (None, "unreadable_manifest", f"{path}:1")
     assert error.message.startswith("the gzip stream cannot be read: ")
 
 
@@ -370,6 +419,47 @@ def test_parquet_from_memory_url():
         ({"id": "a", "n": 1}, f"{url}:1"),
         ({"id": "b", "n": 2}, f"{url}:2"),
     ]
+
+
+@pytest.mark.parametrize("name", ["m.parquet", "m.arrow"])
+def test_a_cell_over_the_limit_is_its_rows_error_row_with_the_rows_id(tmp_path, name):
+    path = tmp_path / name
+    table = pa.table({"id": ["a", "b", "c", "d"], "image": [b"x" * 30, b"y" * 200, b"z" * 30, b"w" * 60]})
+    if name.endswith(".parquet"):
+        pq.write_table(table, path)
+    else:
+        with pa.ipc.new_stream(str(path), table.schema) as writer:
+            writer.write_table(table)
+    rows, errors = split(list(read_manifest(str(path), ReadOptions(max_member_bytes=100))))
+    assert [(row.data["id"], row.source) for row in rows] == [
+        ("a", f"{path}:1"),
+        ("c", f"{path}:3"),
+        ("d", f"{path}:4"),
+    ]
+    (error,) = errors
+    assert (error.id, error.stage, error.error_type, error.source) == ("b", Stage.READ, "cell_too_large", f"{path}:2")
+    assert "column 'image'" in error.message and "100-byte limit" in error.message
+
+
+def test_parquet_rows_are_made_in_chunks_of_at_most_the_limit(tmp_path):
+    """Any number of rows under the limit are read, each once, in order, whatever their sizes."""
+    sizes = [1, 40, 3, 90, 0, 100, 7, 55, 55, 2] * 30
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(len(sizes))], "blob": [b"b" * n for n in sizes]}), path)
+    rows = rows_only(read_manifest(str(path), ReadOptions(max_member_bytes=120)))
+    assert [(row.data["id"], len(row.data["blob"])) for row in rows] == [(str(i), n) for i, n in enumerate(sizes)]
+
+
+def test_a_parquet_row_python_cannot_hold_is_an_error_row_with_its_id_as_text(tmp_path):
+    """A timestamp past year 9999 as the id itself: Python cannot hold it, Arrow writes it."""
+    path = tmp_path / "m.parquet"
+    ids = pa.array([0, 10**15], pa.timestamp("s"))
+    pq.write_table(pa.table({"id": ids, "text": ["t", "u"]}), path)
+    rows, errors = split(list(read_manifest(str(path))))
+    assert [row.source for row in rows] == [f"{path}:1"]
+    (error,) = errors
+    assert (error.error_type, error.source) == ("malformed_row", f"{path}:2")
+    assert error.id is not None and "1000000000000000" in error.id
 
 
 # -- format ------------------------------------------------------------------------------------
@@ -531,6 +621,17 @@ def test_tar_member_problems_are_error_rows(tmp_path):
     assert all(e.stage == Stage.READ and e.modality is None for e in errors)
 
 
+def test_a_tar_sample_takes_one_json_member(tmp_path):
+    """Each column holds one value, so a sample holds one member per column at most: a second
+    ".json" member, even with other keys, is a conflict, and is never read."""
+    members = [Member("s.txt", b"words"), Member("s.json", b'{"a": 1}'), Member("s.json", b'{"b": 2}')]
+    path, (rows, errors) = read_tar(tmp_path, members)
+    assert rows == []
+    assert [(error.id, error.error_type, error.source) for error in errors] == [
+        ("s", "conflicting_member", f"{path}:s")
+    ]
+
+
 def test_tar_sample_of_only_unsupported_members_is_their_error_rows_alone(tmp_path):
     """A stray file (a README beside the samples) is one error row, not also a record with no modality."""
     path, (rows, errors) = read_tar(tmp_path, [Member("a.txt", b"x"), Member("README.md", b"# notes")])
@@ -569,12 +670,12 @@ def test_a_damaged_tar_keeps_what_came_before_and_says_what_is_lost(tmp_path, da
     path.write_bytes(data)
     rows, errors = split(list(read_manifest(str(path))))
     (error,) = errors
-    assert error.error_type == "unreadable_manifest" and error.source == str(path)
-    if damage == "truncated":
+    assert error.error_type == "unreadable_manifest"
+    if damage == "truncated":  # the row names the sample lost, as its row would have
         assert [r.data["id"] for r in rows] == ["a"]
-        assert error.id == "b" and "'b' and any after it are lost" in error.message
-    else:
-        assert rows == [] and error.id is None
+        assert (error.id, error.source) == ("b", f"{path}:b") and "'b' and any after it are lost" in error.message
+    else:  # no sample read: the row names the offset in the tar stream where reading failed
+        assert rows == [] and (error.id, error.source) == (None, f"{path}@0")
 
 
 def test_empty_tar_has_no_rows(tmp_path):
@@ -596,5 +697,7 @@ def test_parquet_timestamp_in_an_unknown_time_zone_is_an_error_row_per_row(tmp_p
     pq.write_table(pa.table({"id": ["a", "b"], "text": ["x", "y"], "when": times}), tmp_path / "m.parquet")
     rows, errors = split(list(read_manifest(str(tmp_path / "m.parquet"))))
     assert [row.data["id"] for row in rows] == ["b"]
-    assert [(error.source, error.error_type) for error in errors] == [(f"{tmp_path / 'm.parquet'}:1", "malformed_row")]
+    assert [(error.id, error.source, error.error_type) for error in errors] == [
+        ("a", f"{tmp_path / 'm.parquet'}:1", "malformed_row")
+    ]
     assert "Mars/Olympus_Mons" in errors[0].message

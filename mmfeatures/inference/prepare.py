@@ -20,6 +20,10 @@ from mmfeatures.limits import check_size
 from mmfeatures.modalities.base import Prepared, Preprocessor, Window
 from mmfeatures.records import Payload, Record
 
+# Media bytes that records carry (tar members, binary columns) held ahead of the model, in files of
+# --max-bytes: a few at most, however many records ``ahead`` allows.
+CARRIED_FILES_AHEAD = 4
+
 
 def default_prepare_threads() -> int:
     """Threads preparing one modality: two per core, at least 4, as part of each is spent waiting
@@ -34,7 +38,8 @@ class Prepare(beam.DoFn):
     records in flight, so remote fetches wait side by side, and decoding and preprocessing
     (OpenCV, soundfile, soxr, numpy and a tokenizer's batched calls release the GIL) run while the
     bundle's thread runs a GPU model downstream; beside a CPU model they take turns at the cores
-    (``CoreTurns``), fetches excepted. Records go to the pool in groups of the preprocessor's
+    (``CoreTurns``), fetches excepted. Media bytes carried by the records in flight are held to
+    ``CARRIED_FILES_AHEAD`` times ``--max-bytes``. Records go to the pool in groups of the preprocessor's
     ``preprocess_batch_size`` (texts are tokenized many at a time, media one by one). Results leave
     in input order, each in its own record's window; the bundle's end waits for the last ones.
     """
@@ -59,9 +64,11 @@ class Prepare(beam.DoFn):
         self.preprocessor.load_tools()
 
     def start_bundle(self) -> None:
-        # Each group in flight: its future and, per record, the window and timestamp it leaves in.
-        self._in_flight: collections.deque[tuple[Future[list[Any]], list[tuple[Any, Any]]]] = collections.deque()
+        # Each group in flight: its future, its carried bytes and, per record, the window and
+        # timestamp it leaves in.
+        self._in_flight: collections.deque[tuple[Future[list[Any]], int, list[tuple[Any, Any]]]] = collections.deque()
         self._records_in_flight = 0
+        self._bytes_in_flight = 0
         self._grouping: list[tuple[Record, Any, Any]] = []
 
     def process(
@@ -83,16 +90,23 @@ class Prepare(beam.DoFn):
         if self._grouping:
             records = [record for record, _, _ in self._grouping]
             places = [(window, timestamp) for _, window, timestamp in self._grouping]
-            self._in_flight.append((self._pool.submit(self._prepare, records), places))
+            payloads = (record.payload(self.preprocessor.name) for record in records)
+            carried = sum(len(payload) for payload in payloads if isinstance(payload, bytes))
+            self._in_flight.append((self._pool.submit(self._prepare, records), carried, places))
             self._records_in_flight += len(records)
+            self._bytes_in_flight += carried
             self._grouping = []
 
     def _completed(self, keep: int) -> Iterator[Any]:
         """The finished records at the head of the queue, waiting for the head while more than
-        ``keep`` are in flight."""
-        while self._in_flight and (self._records_in_flight > keep or self._in_flight[0][0].done()):
-            future, places = self._in_flight.popleft()
+        ``keep`` are in flight, or more carried bytes than ``CARRIED_FILES_AHEAD`` files' worth."""
+        most_bytes = CARRIED_FILES_AHEAD * self.preprocessor.limits.max_bytes
+        while self._in_flight and (
+            self._records_in_flight > keep or self._bytes_in_flight > most_bytes or self._in_flight[0][0].done()
+        ):
+            future, carried, places = self._in_flight.popleft()
             self._records_in_flight -= len(places)
+            self._bytes_in_flight -= carried
             for result, (window, timestamp) in zip(future.result(), places, strict=True):
                 if isinstance(result, ErrorRow):
                     error = error_output(result)  # counted here: metrics belong to the bundle's thread

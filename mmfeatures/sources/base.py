@@ -22,22 +22,27 @@ class ManifestRow:
 class ReadOptions:
     """How a run reads its inputs; plain values, so it pickles to workers unchanged."""
 
-    max_member_bytes: int | None = None  # tar members and media-folder text files over this are refused unread
+    # --max-bytes: tar members, media-folder text files, manifest lines and Parquet or Arrow cells
+    # over this are error rows, refused before they are read whole where the format allows it.
+    max_member_bytes: int | None = None
     csv_encoding: str | None = None  # None: UTF-8 (a byte-order mark is skipped)
     csv_delimiter: str | None = None  # None: sniffed from the header line
     label_from_folder: bool = False  # media folders: a file's top folder under the input is its label
     columns: Mapping[str, str] = field(default_factory=dict)  # --columns: field -> input column
 
 
-def row_error(exc: ManifestError, source: str) -> ErrorRow:
-    return ErrorRow.from_exception(exc, record_id=None, modality=None, source=source)
+def row_error(exc: ManifestError, source: str, record_id: str | None = None) -> ErrorRow:
+    """The error row of a row that cannot be read: ``source`` names its place; ``record_id`` its
+    id, where the row had one that could still be read."""
+    return ErrorRow.from_exception(exc, record_id=record_id, modality=None, source=source)
 
 
-def unreadable(path: str, what: str, exc: Exception, lost: str = "", record_id: str | None = None) -> ErrorRow:
+def unreadable(source: str, what: str, exc: Exception, lost: str = "", record_id: str | None = None) -> ErrorRow:
     """The one error row of a file that cannot be read past some damage (corrupt, truncated, not
-    in its format): the rows read before it stay, and this row stands for all the rest."""
+    in its format): the rows read before it stay, and this row, whose ``source`` names the place
+    of the damage, stands for all the rest."""
     error = ManifestError(f"the {what} cannot be read: {exc}{lost}", error_type="unreadable_manifest")
-    return ErrorRow.from_exception(error, record_id=record_id, modality=None, source=path)
+    return ErrorRow.from_exception(error, record_id=record_id, modality=None, source=source)
 
 
 MEDIA_FOLDER = "media_folder"  # the format of a folder of media files grouped into records

@@ -4,6 +4,11 @@ writes, and the Arrow IPC stream files of ``save_to_disk``.
 A dataset's features are JSON in the schema's ``huggingface`` metadata. ``Image()`` and
 ``Audio()`` columns are ``struct<bytes, path>`` (``records`` reads them as the bytes when present,
 else the path); ``ClassLabel`` columns hold integers, which are read as their class names.
+
+Rows are made Python values a chunk of at most ``--max-bytes`` of Arrow data at a time, and
+Parquet row groups are read in batches of about that size (as their metadata sizes their rows), so
+that a file of large cells is never held whole; a cell over the limit is its row's error row.
+Arrow IPC batches are read as they were written, and a cell is decoded before it can be measured.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from mmfeatures.errors import ErrorRow, ManifestError
+from mmfeatures.records import reported_id
 from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreadable
 
 # What pyarrow raises for a corrupt or truncated file: ArrowInvalid and the other Arrow errors,
@@ -29,8 +36,11 @@ _UNREADABLE = (pa.ArrowException, OSError, ValueError, MemoryError)
 # UTF-8 or a date out of range, and KeyError (pytz's and zoneinfo's "unknown time zone").
 _UNREPRESENTABLE = (ValueError, OverflowError, KeyError)
 
-# Rows turned into Python values at a time: a batch of a media dataset may hold hundreds of MB.
+# Most rows turned into Python values at a time, and in one Parquet batch.
 _ROWS_PER_CHUNK = 256
+# What a Parquet column is read through: buffered reads, not whole column chunks fetched ahead (a
+# row group of a media dataset may hold hundreds of MB).
+_PARQUET_BUFFER = 2**20
 
 _ARROW_FILE_MAGIC = b"ARROW1"  # the Arrow IPC file format (Feather v2); streams start otherwise
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # what closing an IPC stream writer writes last
@@ -88,16 +98,27 @@ def _is_parquet(path: str) -> bool:
     return path.lower().endswith((".parquet", ".pq"))
 
 
-def _batches(handle: BinaryIO, path: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def _batches(handle: BinaryIO, path: str, limit: int | None) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     if _is_parquet(path):
-        parquet = pq.ParquetFile(handle)
-        return parquet.schema_arrow, parquet.iter_batches(batch_size=_ROWS_PER_CHUNK)
+        parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
+        return parquet.schema_arrow, _parquet_batches(parquet, limit)
     reader = _open_arrow(handle)
     if isinstance(reader, pa.ipc.RecordBatchFileReader):
         batches: Iterator[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
     else:
         batches = _whole_stream(reader, handle)
     return reader.schema, map(_validated, batches)
+
+
+def _parquet_batches(parquet: pq.ParquetFile, limit: int | None) -> Iterator[pa.RecordBatch]:
+    """Each row group in batches of about ``limit`` bytes, as its size in the file's metadata says
+    its rows are on average (at least one row, at most ``_ROWS_PER_CHUNK``)."""
+    for index in range(parquet.num_row_groups):
+        group = parquet.metadata.row_group(index)
+        rows = _ROWS_PER_CHUNK
+        if limit is not None:
+            rows = max(1, min(rows, limit * group.num_rows // max(group.total_byte_size, 1)))
+        yield from parquet.iter_batches(batch_size=rows, row_groups=[index])
 
 
 def _whole_stream(reader: pa.ipc.RecordBatchStreamReader, handle: BinaryIO) -> Iterator[pa.RecordBatch]:
@@ -120,22 +141,55 @@ def _validated(batch: pa.RecordBatch) -> pa.RecordBatch:
 def read_columnar(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     kind = "Parquet file" if _is_parquet(path) else "Arrow file"
+    limit = options.max_member_bytes
+    id_column = options.columns.get("id", "id")
     with fs.open(fs_path, "rb") as handle:
         number = 0
         try:
-            schema, batches = _batches(handle, path)
+            schema, batches = _batches(handle, path, limit)
             names = class_names(schema)
             for batch in batches:
-                for start in range(0, batch.num_rows, _ROWS_PER_CHUNK):
-                    for data in _chunk_rows(batch.slice(start, _ROWS_PER_CHUNK)):
-                        number += 1
-                        source = f"{path}:{number}"
-                        if not isinstance(data, ManifestError) and names:
-                            data = _with_class_names(data, names)
-                        yield row_error(data, source) if isinstance(data, ManifestError) else ManifestRow(data, source)
+                for chunk, index, data in _rows(batch, limit):
+                    number += 1
+                    source = f"{path}:{number}"
+                    if not isinstance(data, ManifestError) and names:
+                        data = _with_class_names(data, names)
+                    if isinstance(data, ManifestError):
+                        yield row_error(data, source, _row_id(chunk.slice(index, 1), id_column, limit))
+                    else:
+                        yield ManifestRow(data, source)
         except _UNREADABLE as exc:
             # A corrupt or truncated file cannot be read row by row: the rest of it is one error row.
-            yield unreadable(path, kind, exc)
+            yield unreadable(f"{path}:{number + 1}", kind, exc)
+
+
+def _rows(
+    batch: pa.RecordBatch, limit: int | None
+) -> Iterator[tuple[pa.RecordBatch, int, dict[str, Any] | ManifestError]]:
+    """Each row of ``batch``, with the chunk it was made from and its place there: made Python
+    values a chunk at a time, of at most ``_ROWS_PER_CHUNK`` rows and ``limit`` bytes of Arrow
+    data (halved until it fits, down to one row). A row alone over ``limit`` is made when none of
+    its cells is over it; otherwise it is that row's error."""
+    pending = [batch]
+    while pending:
+        chunk = pending.pop()
+        over = limit is not None and chunk.nbytes > limit
+        if chunk.num_rows > 1 and (over or chunk.num_rows > _ROWS_PER_CHUNK):
+            half = chunk.num_rows // 2
+            pending += [chunk.slice(half), chunk.slice(0, half)]
+            continue
+        error = _cell_over(chunk, limit) if limit is not None and over else None
+        for index, data in enumerate(_chunk_rows(chunk) if error is None else [error]):
+            yield chunk, index, data
+
+
+def _cell_over(row: pa.RecordBatch, limit: int) -> ManifestError | None:
+    """The error of a one-row batch with a cell over ``limit`` bytes; None when it has none."""
+    for name, column in zip(row.schema.names, row.columns, strict=True):
+        if column.nbytes > limit:
+            message = f"column {name!r} holds {column.nbytes} bytes, over the {limit}-byte limit"
+            return ManifestError(message, error_type="cell_too_large")
+    return None
 
 
 def _chunk_rows(chunk: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
@@ -152,6 +206,24 @@ def _chunk_rows(chunk: pa.RecordBatch) -> list[dict[str, Any] | ManifestError]:
         except _UNREPRESENTABLE as exc:
             rows.append(ManifestError(f"a value cannot be read: {exc}"))
     return rows
+
+
+def _row_id(row: pa.RecordBatch, column: str, limit: int | None) -> str | None:
+    """The id of a one-row batch whose row cannot be read, as text: the value as Python writes it,
+    or else as Arrow does (a timestamp past year 9999); None when it has none, or it is too large."""
+    if column not in row.schema.names:
+        return None
+    cell = row.column(column)
+    if cell.null_count or (limit is not None and cell.nbytes > limit):
+        return None
+    try:
+        return reported_id({"id": cell[0].as_py()})
+    except _UNREPRESENTABLE:
+        pass
+    try:
+        return reported_id({"id": pc.cast(cell, pa.string())[0].as_py()})
+    except (pa.ArrowException, *_UNREPRESENTABLE):
+        return None
 
 
 def _with_class_names(row: dict[str, Any], names: Mapping[str, list[str]]) -> dict[str, Any] | ManifestError:

@@ -29,6 +29,7 @@ class Sample:
         self.rejected: dict[str, RecordError] = {}
         self.error: ManifestError | None = None
         self.taken = False  # whether any member was for a column: one that was not is its error row alone
+        self.json_taken = False  # one ".json" member at most: each column holds one value, so a sample stays small
 
     def fill(self, column: str, value: Any) -> None:
         if column == "label" and column in self.data and _same_label(self.data[column], value):
@@ -88,6 +89,11 @@ def add_member(
     if media_location is not None and column in REFERENCE_COLUMNS:
         sample.fill(column, media_location)
         return
+    if column is None:
+        if sample.json_taken:
+            sample.fail(f"member {name!r}: the sample has two .json members", "conflicting_member")
+            return
+        sample.json_taken = True
     try:
         check_size(size, max_bytes)
         data = read()

@@ -41,6 +41,7 @@ def unsafe_member_reason(member: tarfile.TarInfo) -> str | None:
 def read_tar(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
     fs, fs_path = url_to_fs(path)
     sample: Sample | None = None
+    archive: tarfile.TarFile | None = None
     with fs.open(fs_path, "rb") as raw:
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as archive:  # a stream: one pass, no seeking
@@ -74,9 +75,13 @@ def read_tar(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow
                     yield ErrorRow.from_exception(error, record_id=key, modality=None, source=f"{path}:{member.name}")
         except _UNREADABLE_TAR as exc:
             # A corrupt or truncated shard cannot be read past the damage; the sample being read
-            # is lost with the rest, and this one error row says so.
-            lost = f"; sample {sample.key!r} and any after it are lost" if sample is not None else ""
-            yield unreadable(path, "tar file", exc, lost, sample.key if sample else None)
+            # is lost with the rest, and this one error row says so. Before any sample, the row
+            # names the offset in the (uncompressed) tar stream where reading failed.
+            if sample is not None:
+                lost = f"; sample {sample.key!r} and any after it are lost"
+                yield unreadable(sample.source, "tar file", exc, lost, sample.key)
+            else:
+                yield unreadable(f"{path}@{archive.offset if archive is not None else 0}", "tar file", exc)
             return
     if sample is not None and sample.taken:
         yield sample.row()

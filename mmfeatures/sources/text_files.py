@@ -11,7 +11,7 @@ import itertools
 import json
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, AnyStr, Generic
 
 import fsspec
 
@@ -26,6 +26,9 @@ _UNREADABLE_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 # The delimiters a CSV's header line is sniffed for, and how much of the line the sniffer reads.
 _CSV_DELIMITERS = ",;\t|"
 _SNIFF_CHARS = 4096
+
+# How much of a line over the limit is read at a time, to find its end without holding it.
+_SKIP_CHUNK = 2**20
 
 
 def checked_encoding(name: str | None) -> str | None:
@@ -52,9 +55,50 @@ def checked_delimiter(delimiter: str | None) -> str | None:
     return delimiter
 
 
+class _Lines(Generic[AnyStr]):
+    """The lines of an open manifest, bytes or text, each at most ``limit`` long with its line
+    break (None: any length). Of a longer line no more than that is read: its rest is skipped a
+    chunk at a time and ``next`` raises ``ManifestError`` ``line_too_long``, so that the line is
+    never held whole, and the next call goes on with the line after it. ``number`` counts the
+    lines read, a line too long included."""
+
+    def __init__(self, handle: Any, limit: int | None, unit: str) -> None:
+        self.handle = handle
+        self.limit = limit
+        self.unit = unit  # what ``limit`` counts, for the error's message
+        self.number = 0
+
+    def __iter__(self) -> _Lines[AnyStr]:
+        return self
+
+    def __next__(self) -> AnyStr:
+        line: AnyStr = self.handle.readline(-1 if self.limit is None else self.limit + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if self.limit is None or len(line) <= self.limit:
+            return line
+        ends: Any = ("\n", "\r") if isinstance(line, str) else b"\n"  # text is read with universal newlines
+        while line and not line.endswith(ends):
+            line = self.handle.readline(_SKIP_CHUNK)
+        raise ManifestError(
+            f"the line is longer than the limit of {self.limit} {self.unit}", error_type="line_too_long"
+        )
+
+    def each(self) -> Iterator[AnyStr | ManifestError]:
+        """Each line, or the error of a line too long."""
+        while True:
+            try:
+                yield next(self)
+            except StopIteration:
+                return
+            except ManifestError as exc:
+                yield exc
+
+
 def _unreadable_gzip(path: str, exc: Exception, lines_read: int) -> ErrorRow:
     lost = f"; the lines after line {lines_read} are lost" if lines_read else ""
-    return unreadable(path, "gzip stream", exc, lost)
+    return unreadable(f"{path}:{lines_read + 1}", "gzip stream", exc, lost)
 
 
 def _open_text_manifest(path: str) -> Any:
@@ -64,11 +108,18 @@ def _open_text_manifest(path: str) -> Any:
 
 
 def read_jsonl(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
-    number = 0
     with _open_text_manifest(path) as raw:
+        # A buffered reader's readline takes a limit; fsspec's remote files' does not. Not a second
+        # buffer over gzip's own: reading ahead, it would meet a bad checksum lines early.
+        buffered = raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw)
+        lines: _Lines[bytes] = _Lines(buffered, options.max_member_bytes, "bytes")
         try:
-            for number, raw_line in enumerate(raw, 1):
+            for raw_line in lines.each():
+                number = lines.number
                 source = f"{path}:{number}"
+                if isinstance(raw_line, ManifestError):
+                    yield row_error(raw_line, source)
+                    continue
                 try:
                     line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
@@ -90,7 +141,7 @@ def read_jsonl(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorR
                     continue
                 yield ManifestRow(data, source)
         except _UNREADABLE_GZIP as exc:
-            yield _unreadable_gzip(path, exc, number)
+            yield _unreadable_gzip(path, exc, lines.number)
 
 
 def read_csv(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
@@ -99,14 +150,17 @@ def read_csv(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow
         # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
         # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
         text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
-        reader: _csv.Reader | None = None
+        lines: _Lines[str] = _Lines(text, options.max_member_bytes, "characters")
         try:
-            header_line = text.readline()
+            header_line = next(lines.each(), "")
+            if isinstance(header_line, ManifestError):
+                yield row_error(header_line, f"{path}:1")
+                return
             delimiter = options.csv_delimiter or _sniff_delimiter(header_line)
-            reader = csv.reader(itertools.chain([header_line], text), delimiter=delimiter)
-            yield from _csv_rows(reader, path, encoding)
+            reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter)
+            yield from _csv_rows(reader, lines, path, encoding)
         except _UNREADABLE_GZIP as exc:
-            yield _unreadable_gzip(path, exc, reader.line_num if reader is not None else 0)
+            yield _unreadable_gzip(path, exc, lines.number)
 
 
 def _sniff_delimiter(header_line: str) -> str:
@@ -136,19 +190,21 @@ def _encoding_error(what: str, reason: str, encoding: str, consequence: str = ""
     return ManifestError(f"{what} is not valid {name}{consequence}: {reason}", error_type="invalid_utf8")
 
 
-def _csv_rows(reader: _csv.Reader, path: str, encoding: str) -> Iterator[ManifestRow | ErrorRow]:
-    # csv.Error (a field over csv.field_size_limit(), 128 KiB) makes that row an error row and
-    # the read goes on with the next line; a header that cannot be parsed or decoded ends the file.
+def _csv_rows(reader: _csv.Reader, lines: _Lines[str], path: str, encoding: str) -> Iterator[ManifestRow | ErrorRow]:
+    # csv.Error (a field over csv.field_size_limit(), 128 KiB) and a line over the limit (raised
+    # by ``lines`` through the reader) make that row an error row, and the read goes on with the
+    # next line; a header that cannot be parsed or decoded ends the file. A row's source is the
+    # line it ends on, as ``lines`` counts them: the reader does not count a line that raised.
     try:
         header = next(reader, [])  # an empty file has no columns, and no rows
     except csv.Error as exc:
         error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
-        yield row_error(error, f"{path}:{reader.line_num}")
+        yield row_error(error, f"{path}:{lines.number}")
         return
     reason = _not_decodable(header, encoding)
     if reason is not None:
         consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
-        yield row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{reader.line_num}")
+        yield row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{lines.number}")
         return
     while True:
         try:
@@ -157,9 +213,12 @@ def _csv_rows(reader: _csv.Reader, path: str, encoding: str) -> Iterator[Manifes
             break
         except csv.Error as exc:
             error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-            yield row_error(error, f"{path}:{reader.line_num}")
+            yield row_error(error, f"{path}:{lines.number}")
             continue
-        source = f"{path}:{reader.line_num}"
+        except ManifestError as exc:
+            yield row_error(exc, f"{path}:{lines.number}")
+            continue
+        source = f"{path}:{lines.number}"
         if not any(cells):  # an empty line, or one of the blank rows ",,," spreadsheets append
             continue
         if len(cells) != len(header):

@@ -13,6 +13,7 @@ import time
 from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from apache_beam.pvalue import TaggedOutput
@@ -22,7 +23,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from mmfeatures import storage
 from mmfeatures.errors import ERRORS_TAG, PreprocessError
 from mmfeatures.host import CoreTurns
-from mmfeatures.inference.prepare import Prepare
+from mmfeatures.inference.prepare import CARRIED_FILES_AHEAD, Prepare
+from mmfeatures.limits import Limits
+from mmfeatures.modalities.image import ImagePreprocessor
 from mmfeatures.modalities.text import TextPreprocessor, tokenizer_for
 from mmfeatures.records import parse_record
 
@@ -37,26 +40,29 @@ def _grouped(preprocessor: TextPreprocessor, size: int) -> TextPreprocessor:
     return grouped
 
 
-def _run(prepare: Prepare, texts: list[str]) -> tuple[list[Any], int]:
-    """Every output of one bundle over ``texts`` (record i at timestamp i, in window [i, i+1)),
-    and the most records the step held at once (grouping or in flight)."""
+def _run(prepare: Prepare, payloads: list[str] | list[bytes]) -> tuple[list[Any], int, int]:
+    """Every output of one bundle over records holding ``payloads`` in the preprocessor's modality
+    (record i at timestamp i, in window [i, i+1)), the most records the step held at once
+    (grouping or in flight), and the most carried bytes it held in flight."""
     prepare.setup()
     prepare.start_bundle()
     outputs: list[Any] = []
-    most_in_flight = 0
-    for index, text in enumerate(texts):
-        record = parse_record({"id": f"r{index}", "text": text}, source="m.jsonl", manifest_dir="")
+    most_in_flight = most_bytes = 0
+    for index, payload in enumerate(payloads):
+        row = {"id": f"r{index}", prepare.preprocessor.name: payload}
+        record = parse_record(row, source="m.jsonl", manifest_dir="")
         outputs += prepare.process(record, window=IntervalWindow(index, index + 1), timestamp=index)
         most_in_flight = max(most_in_flight, len(prepare._grouping) + prepare._records_in_flight)
+        most_bytes = max(most_bytes, prepare._bytes_in_flight)
     outputs += prepare.finish_bundle()
     prepare.teardown()
-    return outputs, most_in_flight
+    return outputs, most_in_flight, most_bytes
 
 
 def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(tiny_text: TextPreprocessor) -> None:
     texts = [f"sentence number {index} " * (1 + index % 7) for index in range(60)]
     grouped = _grouped(tiny_text, 3)  # tokenized 3 at a time: many groups in flight
-    outputs, most_in_flight = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), texts)
+    outputs, most_in_flight, _ = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), texts)
 
     assert most_in_flight <= AHEAD + 3
     assert all(isinstance(output, WindowedValue) for output in outputs)
@@ -72,8 +78,22 @@ def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(ti
             assert all(np.array_equal(window[name], expected_window[name]) for name in window)
 
 
+def test_media_bytes_that_records_carry_are_held_in_flight_to_a_few_files_worth(
+    image_default: ImagePreprocessor,
+) -> None:
+    """However many records may be ahead, the bytes they carry (tar members) held in flight stay
+    within ``CARRIED_FILES_AHEAD`` times --max-bytes, plus the group just submitted."""
+    preprocessor = ImagePreprocessor(limits=Limits(max_bytes=1 << 20))
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", noise)[1].tobytes()  # about 270 KB: incompressible
+    outputs, most_in_flight, most_bytes = _run(Prepare(preprocessor, storage.LocationPolicy(), ahead=256), [png] * 40)
+    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(40)]
+    assert most_bytes <= CARRIED_FILES_AHEAD * (1 << 20) + len(png)
+    assert most_in_flight < 40  # the bytes held it back, not the records ahead
+
+
 def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text: TextPreprocessor) -> None:
-    outputs, _ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
+    outputs, *_ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
 
     assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue]
     error = outputs[1]
@@ -94,7 +114,7 @@ def test_records_are_preprocessed_in_groups_of_the_preprocessors_batch_size(
 
     monkeypatch.setattr(TextPreprocessor, "preprocess_batch", recording)
     grouped = _grouped(tiny_text, 4)
-    outputs, _ = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), [f"text {i}" for i in range(10)])
+    outputs, *_ = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), [f"text {i}" for i in range(10)])
 
     assert [output.value[0] for output in outputs] == [f"r{i}" for i in range(10)]
     assert sorted(sizes) == [2, 4, 4]  # groups run side by side; the bundle's end sends the partial one
@@ -119,7 +139,7 @@ def test_a_text_that_fails_in_a_batched_call_fails_alone(
     monkeypatch.setattr(TextPreprocessor, "preprocess", failing)
     monkeypatch.setattr(TextPreprocessor, "preprocess_batch", failing_batch)
     texts = ["fine", "poison", "also fine", "fine again"]
-    outputs, _ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
+    outputs, *_ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
 
     assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue, WindowedValue]
     assert (outputs[1].value.value["id"], outputs[1].value.value["error_type"]) == ("r1", "tokenizer_failed")
@@ -140,7 +160,7 @@ def test_each_pool_thread_uses_its_own_tokenizer(tiny_text: TextPreprocessor, mo
 
     monkeypatch.setattr(TextPreprocessor, "preprocess_batch", recording)
     texts = [f"sentence number {index}" for index in range(30)]
-    outputs, _ = _run(Prepare(_grouped(tiny_text, 3), storage.LocationPolicy(), ahead=AHEAD), texts)
+    outputs, *_ = _run(Prepare(_grouped(tiny_text, 3), storage.LocationPolicy(), ahead=AHEAD), texts)
 
     assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(30)]
     tokenizers = {thread: {id(tokenizer) for t, tokenizer in used if t == thread} for thread, _ in used}
