@@ -23,6 +23,7 @@ from mmfeatures import storage
 from mmfeatures.errors import FetchError
 from mmfeatures.sample import build_sample_dataset
 from pipelines.extract_features import run
+from tests.loopback_http import send_body, serving
 
 FAILURES_BEFORE_SUCCESS = 2
 
@@ -68,16 +69,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.connection.close()
             return
         path = os.path.join(self.server.root, re.sub(r"^(flaky|slow)-", "", self.path.lstrip("/")))
-        if not os.path.isfile(path):
-            self.send_error(404)
-            return
-        with open(path, "rb") as handle:
-            body = handle.read()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
+        send_body(self, Path(path).read_bytes() if os.path.isfile(path) else None)
 
     do_HEAD = do_GET
 
@@ -90,11 +82,8 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultySe
     monkeypatch.setattr(storage, "FETCH_TIMEOUT_SECONDS", FETCH_TIMEOUT)
     root = tmp_path / "media"
     build_sample_dataset(str(root), n=12, seed=2)
-    server = FaultyServer(str(root))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(FaultyServer(str(root))) as server:
+        yield server
 
 
 def test_transient_faults_are_retried_and_permanent_ones_become_error_rows(server, tmp_path) -> None:

@@ -23,6 +23,7 @@ import pytest
 from mmfeatures import schema, storage
 from mmfeatures.errors import FetchError
 from pipelines.extract_features import run
+from tests.loopback_http import send_body, serving
 from tests.test_bad_inputs import _png
 
 HANG_SECONDS = 10.0  # far longer than any refusal takes; a read still blocked by then has hung
@@ -127,15 +128,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        body = self.server.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command == "GET":
-            self.wfile.write(body)
+        send_body(self, self.server.files.get(self.path))
 
     do_HEAD = do_GET
 
@@ -145,12 +138,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[RedirectingServer]:
-    server = RedirectingServer()
-    server.files = {"/media/a.png": b"the image", "/private/key.pem": b"the secret"}
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(RedirectingServer()) as server:
+        server.files = {"/media/a.png": b"the image", "/private/key.pem": b"the secret"}
+        yield server
 
 
 def _media_policy(server: RedirectingServer) -> storage.LocationPolicy:
