@@ -467,17 +467,22 @@ def test_header_bombs_are_refused_before_decoding(
         raise AssertionError("the image was decoded before its size was checked")
 
     monkeypatch.setattr(image_module, "decode_image", must_not_decode)
+    error, peak = decode_error_and_peak(preprocessor, data)
+    assert peak < 10 * 1024 * 1024
+    assert error.error_type == "image_too_large" and error.stage == Stage.DECODE
+    assert str(error) == f"{width}x{height} pixels is over the 64000000 limit"
+    assert not recwarn.list
+
+
+def decode_error_and_peak(preprocessor: ImagePreprocessor, data: bytes) -> tuple[DecodeError, int]:
+    """The error ``data`` must decode to, and the most memory Python allocated on the way."""
     tracemalloc.start()
     try:
         with pytest.raises(DecodeError) as caught:
             preprocessor.decode(data)
-        peak = tracemalloc.get_traced_memory()[1]
+        return caught.value, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 10 * 1024 * 1024
-    assert caught.value.error_type == "image_too_large" and caught.value.stage == Stage.DECODE
-    assert str(caught.value) == f"{width}x{height} pixels is over the 64000000 limit"
-    assert not recwarn.list
 
 
 UNREADABLE = "unreadable_image_header"
@@ -525,16 +530,9 @@ def test_hostile_headers_are_error_rows_never_decoded(name: str) -> None:
     decoded (10000 x 10000 pixels would take 300 MB)."""
     make, error_type = HOSTILE_IMAGES[name]
     data = make(10000, 10000)
-    preprocessor = ImagePreprocessor()
     Image.init()
-    tracemalloc.start()
-    try:
-        with pytest.raises(DecodeError) as caught:
-            preprocessor.decode(data)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert caught.value.error_type == error_type and caught.value.stage == Stage.DECODE
+    error, peak = decode_error_and_peak(ImagePreprocessor(), data)
+    assert error.error_type == error_type and error.stage == Stage.DECODE
     assert peak < 10 * 1024 * 1024
 
 
