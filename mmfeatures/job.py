@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
@@ -68,6 +68,11 @@ class Job:
         if not extract.output:
             raise ValueError("--output is required (a local folder or fsspec URL)")
         check_options(extract)
+        if options.view_as(GoogleCloudOptions).template_location:
+            raise ValueError(
+                "--template_location: a classic Dataflow template fixes the run's id, commit and lease when it is "
+                "built, so its launches would share them; use a Flex Template, which builds the job at each launch"
+            )
         limits = Limits(
             max_bytes=extract.max_bytes,
             max_pixels=extract.max_pixels,

@@ -13,6 +13,7 @@ overwriting the new holder's tables.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
@@ -99,12 +101,14 @@ class Lease:
     def take(cls, output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Lease:
         """Take the lease on ``output`` for ``run``; ``ConfigurationError`` while another run holds it."""
         fs, folder = cls(output, run, 0, seconds)._where
-        for _ in range(2):  # a run that wins the race for a number is the holder the second look finds
+        for _ in range(3):  # a run that wins the race for a number is the holder a later look finds
             leases = _numbered(fs, folder)
-            number = leases[-1][0] + 1 if leases else 1
-            if leases:
-                holder = json.loads(fs.cat_file(leases[-1][1]))
-                if not holder["released"] and holder["expires"] > time.time():
+            try:
+                holder = json.loads(fs.cat_file(leases[-1][1])) if leases else None
+            except FileNotFoundError:  # deleted by a run that has just taken the next number
+                continue
+            if holder is not None and not holder["released"]:
+                if holder["expires"] > time.time():
                     raise ConfigurationError(
                         redact(
                             f"--output {output} is in use by run {holder['run']} (host {holder['host']}, "
@@ -112,31 +116,50 @@ class Lease:
                             "wait for that run to end, or, if it was killed, for its lease to expire"
                         )
                     )
-                if not holder["released"]:
-                    _LOG.warning(
-                        "taking over %s from run %s, whose lease expired at %s (the run was killed or lost)",
-                        redact(output),
-                        holder["run"],
-                        _when(holder["expires"]),
-                    )
-            lease = cls(output, run, number, seconds)
-            try:
-                _create_exclusively(fs, f"{folder}/{number}.json", lease._content())
-            except FileExistsError:
-                continue
-            for _, older in leases:
-                fs.rm_file(older)
-            return lease
+                _LOG.warning(
+                    "taking over %s from run %s, whose lease expired at %s (the run was killed or lost)",
+                    redact(output),
+                    holder["run"],
+                    _when(holder["expires"]),
+                )
+            lease = cls(output, run, leases[-1][0] + 1 if leases else 1, seconds)
+            if lease._create(fs, folder, leases):
+                return lease
         raise ConfigurationError(redact(f"--output {output} was taken by another run starting at the same time"))
 
-    def confirm(self) -> None:
-        """Renew the lease; ``LeaseLost`` if another run has taken the output over."""
+    def _create(self, fs: AbstractFileSystem, folder: str, older: list[tuple[int, str]]) -> bool:
+        """Create this lease's file where none exists, then delete the ``older`` ones; False where
+        another run created it first."""
+        try:
+            _create_exclusively(fs, f"{folder}/{self.number}.json", self._content())
+        except FileExistsError:
+            return False
+        for _, path in older:
+            with contextlib.suppress(FileNotFoundError):  # another run's clean-up got there first
+                fs.rm_file(path)
+        return True
+
+    def confirm(self) -> Lease:
+        """Renew the lease, and return it; ``LeaseLost`` if another run has taken the output over.
+        A lease that expired (its launcher stopped renewing) but that no run has taken is taken
+        again under the next number, by the same exclusive create a new run uses: of it and a run
+        taking it over, exactly one wins. A lease file is only ever rewritten before it expires."""
         fs, folder = self._where
         leases = _numbered(fs, folder)
-        if not leases or leases[-1][0] != self.number:
-            holder = json.loads(fs.cat_file(leases[-1][1]))["run"] if leases else "none"
-            raise LeaseLost(f"run {self.run} lost its lease on {redact(self.output)} to run {holder}")
-        write_atomically(fs, f"{folder}/{self.number}.json", self._content(), folder)
+        try:
+            holder: dict[str, Any] = json.loads(fs.cat_file(leases[-1][1])) if leases else {"run": "none"}
+        except FileNotFoundError:
+            holder = {"run": "another"}
+        if holder["run"] != self.run:
+            raise LeaseLost(f"run {self.run} lost its lease on {redact(self.output)} to run {holder['run']}")
+        mine = dataclasses.replace(self, number=leases[-1][0])
+        if not holder["released"] and holder["expires"] > time.time():
+            write_atomically(fs, f"{folder}/{mine.number}.json", mine._content(), folder)
+            return mine
+        again = dataclasses.replace(mine, number=mine.number + 1)
+        if not again._create(fs, folder, leases):
+            raise LeaseLost(f"run {self.run} lost its expired lease on {redact(self.output)} to another run")
+        return again
 
     def release(self) -> None:
         """Mark the lease released, so the next run need not wait for it to expire; its number
@@ -154,9 +177,10 @@ def held(output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Itera
     stop = threading.Event()
 
     def renew() -> None:
+        renewed = lease
         while not stop.wait(seconds / 3):
             try:
-                lease.confirm()
+                renewed = renewed.confirm()
             except LeaseLost as exc:
                 _LOG.error("%s: the run will fail at its commit", exc)
                 return
@@ -170,5 +194,5 @@ def held(output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Itera
     finally:
         stop.set()
         renewer.join()
-        with contextlib.suppress(OSError):
-            lease.release()
+        with contextlib.suppress(OSError, LeaseLost):
+            lease.confirm().release()

@@ -21,7 +21,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,9 @@ STAGING = "_staging"
 INTENT = "commit.json"  # in a run's staging folder, written before its parts move in
 PART_PREFIX = "part-"  # a committed Parquet part: part-<commit>-00000-of-00003.parquet
 RUN_NAME = re.compile(r"run-[0-9a-f]{32}")  # a run's staging folder; nothing else there is removed
+# The only files a run ever deletes: a part, by a name only a commit gives, in one of the tables.
+# A name read from a manifest or an intent is taken only in this form, never with "..".
+PART_NAME = re.compile(r"(features|errors)/part-[A-Za-z0-9_-]+(-[A-Za-z0-9_-]+)*\.parquet")
 # Where earlier releases kept each table's manifest; a run takes these over and deletes them.
 _LEGACY_MANIFESTS = ("_{table}_manifest.json", "{table}/_manifest.json")
 
@@ -63,6 +66,11 @@ def write_atomically(fs: AbstractFileSystem, path: str, data: bytes, scratch: st
             handle.flush()
             os.fsync(handle.fileno())  # on disk before it is named: a crash never publishes a hole
         os.replace(written, path)
+        folder = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself on disk, before anything it replaces is deleted
+        finally:
+            os.close(folder)
     finally:
         if os.path.exists(written):
             os.unlink(written)
@@ -96,22 +104,42 @@ def committed_table(path: str, filesystem: AbstractFileSystem | None = None) -> 
     fs, table_dir = (filesystem, path) if filesystem else url_to_fs(path)
     root, name = posixpath.split(table_dir.rstrip("/"))
     try:
-        table = ((run_manifest(fs, root) or {}).get("tables") or {}).get(name)
+        manifest = run_manifest(fs, root)
     except ValueError:
         return None
-    if table is None:
-        return None
-    return CommittedTable(fs, [f"{root}/{part['path']}" for part in table["files"]], table["rows"])
+    return tables_of(manifest, fs, root).get(name)
+
+
+def tables_of(manifest: dict[str, Any] | None, fs: AbstractFileSystem, root: str) -> dict[str, CommittedTable]:
+    """The tables one ``_run.json`` (read once, so they are of one commit) lists, by name."""
+    tables = (manifest or {}).get("tables") or {}
+    return {
+        name: CommittedTable(fs, [f"{root}/{part['path']}" for part in table["files"]], table["rows"])
+        for name, table in tables.items()
+    }
+
+
+_LEGACY_NAMES = frozenset(pattern.format(table=table) for table in TABLES for pattern in _LEGACY_MANIFESTS)
+
+
+def _parts(names: Iterable[str], root: str, legacy: bool = False) -> set[str]:
+    """The paths under ``root`` of the ``names`` that are a commit's parts (``PART_NAME``), and,
+    where ``legacy``, earlier layouts' manifests: nothing else a run may delete."""
+    return {
+        f"{root}/{name}"
+        for name in names
+        if isinstance(name, str) and (PART_NAME.fullmatch(name) or (legacy and name in _LEGACY_NAMES))
+    }
 
 
 def listed_parts(manifest: dict[str, Any] | None, root: str) -> set[str]:
     """Every part ``manifest`` (a ``_run.json``) lists, as paths under ``root``."""
     tables = (manifest or {}).get("tables") or {}
-    return {f"{root}/{part['path']}" for table in tables.values() for part in table["files"]}
+    return _parts((part["path"] for table in tables.values() for part in table["files"]), root)
 
 
 def _legacy_files(fs: AbstractFileSystem, root: str) -> set[str]:
-    """The manifests of earlier releases' layouts and the parts they list."""
+    """The manifests of earlier releases' layouts (a commit and its files) and the parts they list."""
     found: set[str] = set()
     for table in TABLES:
         for pattern in _LEGACY_MANIFESTS:
@@ -120,8 +148,9 @@ def _legacy_files(fs: AbstractFileSystem, root: str) -> set[str]:
                 legacy = read_json(fs, path)
             except (ValueError, NotADirectoryError):
                 continue
-            if isinstance(legacy, dict) and isinstance(legacy.get("files"), list):
-                found |= {path} | {f"{root}/{table}/{part['path']}" for part in legacy["files"]}
+            if isinstance(legacy, dict) and "commit" in legacy and isinstance(legacy.get("files"), list):
+                names = (f"{table}/{part.get('path')}" for part in legacy["files"] if isinstance(part, dict))
+                found |= {path} | _parts(names, root)
     return found
 
 
@@ -133,9 +162,14 @@ def _staged_runs(fs: AbstractFileSystem, root: str) -> Iterator[str]:
         yield from (path for path in fs.ls(staging, detail=False) if RUN_NAME.fullmatch(posixpath.basename(path)))
 
 
-def _intent(fs: AbstractFileSystem, run_folder: str) -> dict[str, Any] | None:
-    intent = read_json(fs, f"{run_folder}/{INTENT}")
-    return intent if isinstance(intent, dict) else None
+def read_intent(fs: AbstractFileSystem, run_folder: str) -> dict[str, Any] | None:
+    """The intent of the commit a run began, or None: none was written, or its write was cut
+    short (it is written, whole or not at all, before any part moves)."""
+    try:
+        intent = read_json(fs, f"{run_folder}/{INTENT}")
+    except ValueError:
+        return None
+    return intent if isinstance(intent, dict) and isinstance(intent.get("commit"), str) else None
 
 
 def written_files(fs: AbstractFileSystem, root: str) -> set[str]:
@@ -143,9 +177,9 @@ def written_files(fs: AbstractFileSystem, root: str) -> set[str]:
     the parts ``_run.json`` lists, those an unfinished commit moved in, and earlier layouts'."""
     files = listed_parts(run_manifest(fs, root), root) | _legacy_files(fs, root)
     for run_folder in _staged_runs(fs, root):
-        intent = _intent(fs, run_folder)
+        intent = read_intent(fs, run_folder)
         if intent is not None:
-            files |= {f"{root}/{path}" for path in intent["new"]}
+            files |= _parts(intent["new"], root)
     return files
 
 
@@ -171,23 +205,28 @@ def check_replaceable(output: str) -> None:
             )
 
 
-def recover(output: str) -> list[str]:
-    """Clean up after runs that were killed or failed: finish a commit that published its
-    ``_run.json`` (delete the parts it replaced), undo one that did not (delete the parts it moved
-    in), and remove every run's staging. Call it only while holding the output's lease, when no
-    other run can be writing. Returns the staging folders removed."""
+def recover(output: str, run: str | None = None) -> list[str]:
+    """Clean up after runs that were killed or failed (or only after ``run``): finish a commit
+    that published its ``_run.json`` (delete the files it replaced), undo one that did not (delete
+    the parts it moved in), and remove the run's staging. Call it only while holding the output's
+    lease, when no other run can be writing. Returns the staging folders removed."""
     fs, root = url_to_fs(output)
     root = root.rstrip("/")
     manifest = run_manifest(fs, root)
     keep = listed_parts(manifest, root)
     removed = []
     for run_folder in _staged_runs(fs, root):
-        intent = _intent(fs, run_folder)
+        if run is not None and posixpath.basename(run_folder) != run:
+            continue
+        intent = read_intent(fs, run_folder)
         if intent is not None:
-            finished = (manifest or {}).get("commit") == intent["commit"]
-            for path in intent["old" if finished else "new"]:
-                if f"{root}/{path}" not in keep and fs.exists(f"{root}/{path}"):
-                    fs.rm_file(f"{root}/{path}")
+            if (manifest or {}).get("commit") == intent["commit"]:
+                doomed = _parts(intent["old"], root, legacy=True)
+            else:
+                doomed = _parts(intent["new"], root)
+            for path in sorted(doomed - keep):
+                if fs.exists(path):
+                    fs.rm_file(path)
         fs.rm(run_folder, recursive=True)
         removed.append(run_folder)
     try:

@@ -20,16 +20,17 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
+from fsspec.core import url_to_fs
 
 from mmfeatures.column_types import add_value_types
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, ManifestError, Stage, ValidationError
 from mmfeatures.records import Record, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
-from mmfeatures.sources import HEADED_FORMATS, Input, ReadOptions, declared_column_types, read_input
+from mmfeatures.sources import HEADED_FORMATS, MEDIA_FOLDER, Input, ReadOptions, declared_column_types, read_input
 
 COLUMN_TYPES_TAG = "column_types"
-_READ_TAG = "read"  # each input that holds records: its index, the input, and how many it holds
+_READ_TAG = "read"  # each input that holds records: its index, the input, how many, its fingerprint
 
 Place = tuple[int, int]  # a row's input (its index among the inputs) and position in it
 
@@ -76,6 +77,7 @@ class _ReadManifest(beam.DoFn):
 
     def process(self, indexed_input: tuple[int, Input]) -> Iterator[Any]:
         file_index, source = indexed_input
+        read_as = fingerprint(source)  # before reading: a change while it is read shows too
         declared = declared_column_types(source)
         inferred: dict[str, pa.DataType | None] = {}
         rows = records = 0
@@ -91,7 +93,7 @@ class _ReadManifest(beam.DoFn):
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
         if records:
-            yield beam.pvalue.TaggedOutput(_READ_TAG, (file_index, (source, records)))
+            yield beam.pvalue.TaggedOutput(_READ_TAG, (file_index, (source, records, read_as)))
         if declared is not None:
             reserved = reserved_record_columns()
             mapped = map_columns(declared, self.options.columns)
@@ -121,6 +123,19 @@ def _first_wins(keyed: tuple[str, Iterable[tuple[Place, str]]]) -> Iterator[Any]
         yield place
 
 
+def fingerprint(source: Input) -> str | None:
+    """What the storage says identifies the input file's content (its size and modification time,
+    ETag or generation), for the second pass to compare with the first's; None for a folder of
+    media files (its listing is compared by count) or a store that reports nothing."""
+    if source.format == MEDIA_FOLDER:
+        return None
+    try:
+        fs, path = url_to_fs(source.path)
+        return str(fs.ukey(path))
+    except (OSError, NotImplementedError, ValueError):
+        return None
+
+
 class _ReadAgain(beam.DoFn):
     """The second pass over one input: its records but the duplicates, each kept record followed
     by the error rows of its rejected modalities (a duplicate's never count)."""
@@ -130,7 +145,11 @@ class _ReadAgain(beam.DoFn):
 
     def process(self, joined: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[Any]:
         _, parts = joined
-        ((source, records),) = parts[_READ_TAG]  # dropped places come only from inputs with records
+        ((source, records, first),) = parts[_READ_TAG]  # dropped places come only from inputs with records
+        if fingerprint(source) != first:  # its places no longer say which records are duplicates
+            message = f"the file changed between its two reads: none of its {records} records is sent"
+            yield error_output(ErrorRow(None, None, Stage.READ, "input_changed", message, source.path))
+            return
         dropped = set(parts["dropped"])
         sent = 0
         for position, outcome in _outcomes(source, self.options):

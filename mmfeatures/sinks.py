@@ -131,18 +131,21 @@ def _move_in(fs: AbstractFileSystem, source: str, target: str) -> None:
         fs.copy(source, target)
 
 
-def publish(output: str, run: str, commit: str, staged: Mapping[str, list[tuple[str, int]]], summary: dict) -> dict:
-    """Commit run ``run``: move each table's ``staged`` parts in under names of their own
-    (``features/part-<commit>-00000-of-00003.parquet``), then write ``_run.json``, the summary
-    with the parts of every table, as the one commit point, then delete what it replaced.
+def publish(lease: Lease, commit: str, staged: Mapping[str, list[tuple[str, int]]], summary: dict) -> dict:
+    """Commit the run that holds ``lease``: move each table's ``staged`` parts in under names of
+    their own (``features/part-<commit>-00000-of-00003.parquet``), then write ``_run.json``, the
+    summary with the parts of every table, as the one commit point, then delete what it replaced.
 
-    Before any part moves, the commit writes its intent (the parts it adds and those it will
+    Before any part moves, the commit writes its intent (the parts it adds and the files it will
     delete) to the run's staging folder, so ``outputs.recover`` can finish or undo it whatever
-    point it is killed at; until ``_run.json`` is replaced, the previous run's outputs stay whole.
-    Names come from ``commit``, fixed for the run, so a retried commit redoes the same steps.
+    point it is cut at; until ``_run.json`` is replaced, the previous run's outputs stay whole. The
+    lease is confirmed once more just before, so a run taken over meanwhile publishes nothing.
+    Names come from ``commit``, fixed for the run, so a retried commit redoes the same steps, and
+    keeps what the first attempt was to delete.
     """
-    fs, root = _filesystem(output)
+    fs, root = _filesystem(lease.output)
     root = root.rstrip("/")
+    run_folder = f"{root}/{outputs.STAGING}/{lease.run}"
     tables: dict[str, dict[str, Any]] = {}
     moves: dict[str, str] = {}  # part name under root -> its staged file
     for table, parts in staged.items():
@@ -151,19 +154,19 @@ def publish(output: str, run: str, commit: str, staged: Mapping[str, list[tuple[
         tables[table] = {"files": files, "rows": sum(rows for _, rows in parts)}
         moves.update((name, path) for name, (path, _) in zip(names, parts, strict=True))
     cut = len(root) + 1
-    run_folder = f"{root}/{outputs.STAGING}/{run}"
-    replaced = sorted({path[cut:] for path in outputs.written_files(fs, root)} - set(moves))
-    intent = {"commit": commit, "new": sorted(moves), "old": replaced}
-    fs.pipe_file(f"{run_folder}/{outputs.INTENT}", json.dumps(intent).encode())
+    replaced = {path[cut:] for path in outputs.written_files(fs, root)} - set(moves)
+    earlier = outputs.read_intent(fs, run_folder)
+    if earlier is not None and earlier["commit"] == commit:  # a retry: the first attempt's list holds
+        replaced |= set(earlier["old"])
+    intent = {"commit": commit, "new": sorted(moves), "old": sorted(replaced)}
+    outputs.write_atomically(fs, f"{run_folder}/{outputs.INTENT}", json.dumps(intent).encode(), run_folder)
     for name, source in moves.items():
         _move_in(fs, source, f"{root}/{name}")
     manifest = {**summary, "commit": commit, "tables": tables}
     text = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    lease.confirm()
     outputs.write_atomically(fs, f"{root}/{outputs.RUN_MANIFEST}", text, run_folder)
-    for name in replaced:
-        if fs.exists(f"{root}/{name}"):
-            fs.rm_file(f"{root}/{name}")
-    outputs.recover(output)  # the run's own staging: it holds the lease, so no other run's is live
+    outputs.recover(lease.output, lease.run)  # deletes what ``replaced`` names, and the run's staging
     return manifest
 
 
@@ -257,5 +260,4 @@ def _commit_run(
     written = {name: {"files": len(parts), "rows": sum(rows for _, rows in parts)} for name, parts in staged.items()}
     summary = build(counts=counts, **written)
     summary["wall_seconds"] = round(time.time() - started, 3)
-    lease.confirm()
-    return publish(lease.output, lease.run, commit, staged, summary)
+    return publish(lease.confirm(), commit, staged, summary)

@@ -395,7 +395,7 @@ def _open_media(location: str, max_bytes: int | None, policy: LocationPolicy) ->
     the threads preparing records in parallel would wait on each other for. A local file named by
     URL ("file://") is opened the same way, so that it is refused for the same reasons.
     """
-    if not has_scheme(location) and "::" not in location:
+    if not has_scheme(location):
         return _open_regular_file(location, location, max_bytes)
     fs, path = _media_filesystem(location, policy)
     if isinstance(fs, LocalFileSystem):
@@ -426,8 +426,12 @@ def _open_regular_file(path: str, location: str, max_bytes: int | None) -> tuple
 def read_bytes(location: str, max_bytes: int | None = None, policy: LocationPolicy = _NO_ROOTS) -> bytes:
     """Read a whole media file that ``policy`` allows, retrying transient faults with backoff, and
     mapping what still fails to ``FetchError`` codes. HTTP(S) requests are held to ``policy``
-    throughout, redirects included (see ``_http_session``)."""
+    throughout, redirects included (see ``_http_session``); an fsspec chain ("simplecache::...")
+    is refused, as it would read through a file system that none of these checks hold."""
     try:
+        if "::" in location:  # an fsspec chain reads through a file system not named first
+            message = f"fsspec chains are not read as media: {location}"
+            raise FetchError(redact(message), error_type="location_not_allowed")
         policy.check(location)
         return _read_whole(location, max_bytes, policy)
     except FetchError:

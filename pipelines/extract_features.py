@@ -7,6 +7,7 @@ This file only wires library parts; run it with any Beam runner, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -17,7 +18,7 @@ from mmfeatures import schema
 from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ERRORS_TAG, ConfigurationError
 from mmfeatures.job import Job
-from mmfeatures.lease import Lease, held
+from mmfeatures.lease import Lease, LeaseLost, held
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
 from mmfeatures.outputs import recover
@@ -89,7 +90,9 @@ def run_job(options: PipelineOptions) -> Job:
             with beam.Pipeline(options=options) as pipeline:
                 build(pipeline, job, lease)
         except BaseException:
-            recover(job.output)
+            with contextlib.suppress(LeaseLost):  # a run that took the output over cleans up instead
+                lease.confirm()
+                recover(job.output, job.run)
             raise
     return job
 

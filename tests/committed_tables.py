@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow as pa
 
 from mmfeatures import __version__, outputs, sinks, storage
+from mmfeatures.lease import held
 
 
 def commit_tables(output: str, tables: Mapping[str, list[pa.Table]], summary: Mapping[str, Any] | None = None) -> dict:
@@ -22,4 +23,5 @@ def commit_tables(output: str, tables: Mapping[str, list[pa.Table]], summary: Ma
         ]
         for name, parts in tables.items()
     }
-    return sinks.publish(output, run, f"test-{run[-8:]}", staged, {"package_version": __version__, **(summary or {})})
+    with held(output, run) as lease:
+        return sinks.publish(lease, f"test-{run[-8:]}", staged, {"package_version": __version__, **(summary or {})})

@@ -335,3 +335,10 @@ def test_hostile_media_references_are_error_rows_in_a_run(
     errors = {row["id"]: row["error_type"] for row in schema.read_features(str(out / "errors")).to_pylist()}
     assert errors == {"escape": "location_not_allowed"}
     assert "/private/key.pem" not in server.requested
+
+
+@pytest.mark.parametrize("chain", ["simplecache::file://{folder}/a.png", "blockcache::http://169.254.169.254/latest"])
+def test_an_fsspec_chain_is_refused_as_media_even_without_roots(tmp_path: Path, chain: str) -> None:
+    """A chain reads through a file system none of the checks above hold: never as media."""
+    (tmp_path / "a.png").write_bytes(b"the image")
+    assert _fetch_error(chain.format(folder=tmp_path)).error_type == "location_not_allowed"

@@ -27,22 +27,25 @@ def new_run() -> str:
 
 
 def race(output: str, runners: int = 6) -> list[Lease]:
-    """``runners`` threads taking the lease at the same moment; the leases they got."""
+    """``runners`` threads taking the lease at the same moment; the leases they got (each other
+    one refused with a ``ConfigurationError``)."""
     start = threading.Barrier(runners)
     won: list[Lease] = []
+    refused: list[BaseException] = []
 
     def take() -> None:
         start.wait()
         try:
             won.append(Lease.take(output, new_run(), seconds=30))
-        except ConfigurationError:
-            pass
+        except BaseException as exc:  # noqa: BLE001 - every loser must be refused, in the one way
+            refused.append(exc)
 
     threads = [threading.Thread(target=take) for _ in range(runners)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert all(isinstance(exc, ConfigurationError) for exc in refused), refused
     return won
 
 
@@ -65,6 +68,9 @@ def check_lease(output: str, caplog: pytest.LogCaptureFixture) -> None:
     assert f"from run {second.run}, whose lease expired" in caplog.text
     with pytest.raises(LeaseLost, match=f"lost its lease .* to run {third.run}"):
         second.confirm()  # the run that was taken over cannot commit
+    time.sleep(1.2)
+    again = third.confirm()  # expired, but no run took it: taken again under the next number
+    assert again.number == third.number + 1 and again.run == third.run
 
     time.sleep(1.2)
     winners = race(output)  # an expired lease, taken over by runs starting together

@@ -22,6 +22,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from mmfeatures import __version__, outputs, schema, sinks, storage
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.job import check_output
+from mmfeatures.lease import Lease
 from tests.committed_tables import commit_tables
 
 ERRORS = schema.errors_schema()
@@ -98,18 +99,21 @@ def test_a_commit_cut_short_at_any_step_leaves_one_whole_run_and_the_next_run_cl
     calls: list[Any] = []
 
     def cut(*args: Any, **kwargs: Any) -> Any:
-        if step == "manifest" and not local and not str(args[1]).endswith("_run.json"):
-            return original(*args, **kwargs)  # the intent, written before anything moves
+        if step == "manifest" and not str(args[1]).endswith("_run.json"):
+            return original(*args, **kwargs)  # the intent and the lease, written atomically too
         if len(calls) == after:
             raise OSError("cut short")
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, cut)
     run = f"run-{uuid.uuid4().hex}"
+    lease = Lease.take(output, run)
+    staged = stage(output, run, range(20, 26))
+    monkeypatch.setattr(owner, name, cut)
     with pytest.raises(OSError, match="cut short"):
-        sinks.publish(output, run, "new", stage(output, run, range(20, 26)), {"package_version": __version__})
+        sinks.publish(lease, "new", staged, {"package_version": __version__})
     monkeypatch.undo()
+    lease.release()  # then killed: nothing cleaned up
 
     published = step == "delete"
     assert ids_read(output) == [f"r{i}" for i in (range(20, 26) if published else range(0, 5))]
@@ -133,10 +137,12 @@ def test_a_full_disk_fails_the_commit_and_leaves_the_previous_run_manifest_whole
         f"""
         import json, resource, signal, sys
         from mmfeatures import sinks
+        from mmfeatures.lease import Lease
+        lease = Lease.take({output!r}, {run!r})
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         staged = json.loads(sys.argv[1])
-        sinks.publish({output!r}, {run!r}, "new", staged, {{"package_version": "x", "padding": "x" * 8192}})
+        sinks.publish(lease, "new", staged, {{"package_version": "x", "padding": "x" * 8192}})
         """
     )
     failed = subprocess.run(
@@ -225,3 +231,77 @@ def test_a_run_refused_at_the_start_raises_a_configuration_error(tmp_path: Path)
     manifest.write_text('{"id": "a", "text": "hello"}\n')
     with pytest.raises(ConfigurationError, match="errors/ holds"):
         Job.from_options(PipelineOptions(["--input", str(manifest), "--output", str(output)]))
+
+
+def test_names_a_manifest_gives_are_never_trusted_outside_the_tables(tmp_path: Path) -> None:
+    """A manifest of an earlier layout, or a _run.json, that lists the user's file or a path out
+    of the output proves nothing: the user's file keeps the folder refused, and nothing named by
+    such a path is ever deleted."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not the job's")
+    output = tmp_path / "out"
+    (output / "features").mkdir(parents=True)
+    (output / "features" / "data.csv").write_text("mine")
+    listing = {"commit": "old", "files": [{"path": "data.csv", "rows": 1}, {"path": "../../victim.txt", "rows": 1}]}
+    (output / "features" / "_manifest.json").write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match="features/ holds 1 file"):
+        check_output(str(output))
+
+    (output / "features" / "data.csv").unlink()
+    commit_run(str(output), range(0, 3))
+    manifest = json.loads((output / "_run.json").read_text())
+    manifest["tables"]["features"]["files"].append({"path": "features/../../victim.txt", "rows": 1})
+    (output / "_run.json").write_text(json.dumps(manifest))
+    commit_run(str(output), range(3, 6))
+    assert victim.read_text() == "not the job's"
+    assert [f for f in files_under(str(output)) if not f.startswith("_lease")] == listed(str(output))
+
+
+def test_a_retried_commit_still_deletes_what_the_first_attempt_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = str(tmp_path / "out")
+    commit_run(output, range(0, 5))
+    run = f"run-{uuid.uuid4().hex}"
+    lease = Lease.take(output, run)
+    staged = stage(output, run, range(20, 26))
+    original = fsspec.implementations.local.LocalFileSystem.rm_file
+
+    def fails_once(self: Any, path: str) -> None:
+        monkeypatch.undo()
+        raise OSError("the first attempt dies after publishing")
+
+    monkeypatch.setattr(fsspec.implementations.local.LocalFileSystem, "rm_file", fails_once)
+    with pytest.raises(OSError, match="first attempt"):
+        sinks.publish(lease, "new", staged, {"package_version": __version__})
+    assert fsspec.implementations.local.LocalFileSystem.rm_file is original
+    sinks.publish(lease, "new", staged, {"package_version": __version__})  # the retry, with the same parts
+    assert [f for f in files_under(output) if not f.startswith("_lease")] == listed(output)
+    assert ids_read(output) == [f"r{i}" for i in range(20, 26)]
+
+
+def test_an_intent_cut_short_is_a_commit_that_never_began(tmp_path: Path) -> None:
+    """The intent is written whole or not at all, before any part moves: one that cannot be read
+    (a full disk under an earlier release, say) leaves nothing to undo, and does not lock the output."""
+    output = tmp_path / "out"
+    commit_run(str(output), range(0, 3))
+    stale = output / "_staging" / f"run-{uuid.uuid4().hex}"
+    (stale / "features").mkdir(parents=True)
+    (stale / "features" / "x.parquet").write_bytes(b"staged")
+    (stale / "commit.json").write_text('{"commit": "cut')
+    check_output(str(output))
+    assert outputs.recover(str(output)) == [str(stale)]
+    assert not (output / "_staging").exists() and ids_read(str(output)) == ["r0", "r1", "r2"]
+
+
+def test_a_classic_template_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Its launches would share the run id, commit and lease the template was built with."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from mmfeatures.job import Job
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a", "text": "hello"}\n')
+    argv = ["--input", str(manifest), "--output", str(tmp_path / "out"), "--template_location", "gs://b/t"]
+    with pytest.raises(ConfigurationError, match="--template_location: a classic Dataflow template"):
+        Job.from_options(PipelineOptions(argv))

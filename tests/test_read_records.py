@@ -1,6 +1,7 @@
 """Tests for mmfeatures.transforms.ReadRecords in a real Beam pipeline, plus the count helpers."""
 
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.reading import _READ_TAG, ReadRecords, _ReadAgain
+from mmfeatures.reading import _READ_TAG, ReadRecords, _ReadAgain, fingerprint
 from mmfeatures.records import Record
 from mmfeatures.sources import Input, ReadOptions, find_inputs
 from tests.tar_shards import Member, build_tar
@@ -226,16 +227,25 @@ def test_records_with_media_bytes_are_read_again_after_the_duplicates_are_settle
 
 
 def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
-    """The second pass finds fewer records than the first counted (the file was rewritten while
-    the job ran): the records it lost are never silently missing."""
+    """A file rewritten while the job ran: the records the second pass no longer finds are never
+    silently missing, and where the file is not what the first pass read, none of its records is
+    sent, since its places no longer say which are duplicates."""
     path = tmp_path / "m.jsonl"
     path.write_text('{"id": "a", "text": "t"}\n{"id": "b", "text": "t"}\n')
+    source = Input(str(path), "jsonl")
+    first = fingerprint(source)
     read_again = _ReadAgain(ReadOptions())
-    out = list(read_again.process((0, {_READ_TAG: [(Input(str(path), "jsonl"), 3)], "dropped": [1]})))
+    out = list(read_again.process((0, {_READ_TAG: [(source, 3, first)], "dropped": [1]})))
     assert [item.id for item in out if isinstance(item, Record)] == ["a"]
     (error,) = [item.value for item in out if isinstance(item, TaggedOutput)]
     assert (error["id"], error["error_type"], error["source"]) == (None, "input_changed", str(path))
     assert "2 records were to be sent, not 1" in error["message"]
+
+    path.write_text('{"id": "b", "text": "t"}\n{"id": "a", "text": "t"}\n')  # as many records, moved
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    out = list(read_again.process((0, {_READ_TAG: [(source, 2, first)], "dropped": [1]})))
+    (error,) = [item.value for item in out]
+    assert error["error_type"] == "input_changed" and "none of its 2 records is sent" in error["message"]
 
 
 def _write_every_kind(tmp_path: Path, limit: int) -> list[str]:

@@ -90,7 +90,8 @@ class Prepare(beam.DoFn):
         if self._grouping:
             records = [record for record, _, _ in self._grouping]
             places = [(window, timestamp) for _, window, timestamp in self._grouping]
-            payloads = (record.payload(self.preprocessor.name) for record in records)
+            # Every modality's: a record held here keeps all of its bytes alive, not only this one's.
+            payloads = (payload for record in records for payload in record.payloads.values())
             carried = sum(len(payload) for payload in payloads if isinstance(payload, bytes))
             self._in_flight.append((self._pool.submit(self._prepare, records), carried, places))
             self._records_in_flight += len(records)

@@ -3,7 +3,6 @@ error rows grouped by type, and a training run's scores."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -43,9 +42,7 @@ def read_json(path: str) -> Any | None:
     """A JSON file's content, or None where there is no such file."""
     fs, fs_path = url_to_fs(path)
     try:
-        return json.loads(fs.cat_file(fs_path))
-    except FileNotFoundError:
-        return None
+        return outputs.read_json(fs, fs_path)
     except ValueError as exc:  # not JSON, or not UTF-8
         raise ReportError(f"{redact(path)} is not JSON: {exc}") from None
 

@@ -6,14 +6,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mmfeatures import outputs, storage
+from fsspec.core import url_to_fs
+
+from mmfeatures import outputs
 from mmfeatures.redaction import redact
 from mmfeatures.report.data import (
     SAMPLE_SEED,
     ReportError,
     digest_errors,
     digest_features,
-    read_json,
     read_train_metrics,
 )
 from mmfeatures.report.markup import Section, display, escape
@@ -56,12 +57,15 @@ class Report:
 
 def build_report(output: str, train_dir: str | None = None, seed: int = SAMPLE_SEED) -> Report:
     """The report of the run under ``output`` (a local folder or fsspec URL)."""
-    summary = read_json(storage.join(output, outputs.RUN_MANIFEST))
-    features = outputs.committed_table(storage.join(output, "features"))
-    errors = outputs.committed_table(storage.join(output, "errors"))
+    fs, root = url_to_fs(output)
+    try:
+        summary = outputs.run_manifest(fs, root.rstrip("/"))  # read once: both tables of one commit
+    except ValueError as exc:
+        raise ReportError(f"{redact(output)}: {exc}") from None
     if summary is None:
         raise ReportError(f"no run output in {redact(output)} (no _run.json: no run committed there)")
-    summary = summary if isinstance(summary, dict) else {}
+    tables = outputs.tables_of(summary, fs, root.rstrip("/"))
+    features, errors = tables.get("features"), tables.get("errors")
     metrics = read_train_metrics(train_dir) if train_dir else None
     plots = Plots()
     digest = digest_features(features, seed=seed)
