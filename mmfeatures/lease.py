@@ -5,9 +5,11 @@ by a hard link on a local disk, with ``If-None-Match: *`` on S3 and ``ifGenerati
 GCS. Of two runs racing for the next number exactly one creates it, so the highest number is
 the live lease. Its holder renews it (pushes its expiry on) from a thread of the launcher; a run
 that is killed stops renewing, and once its lease has expired the next run takes the next number,
-with a warning. The commit step checks that the highest lease is still its run's before it
-publishes anything (``confirm``), so a run whose lease was taken over fails instead of
-overwriting the new holder's tables.
+with a warning. A lease file is only ever rewritten before it expires, so every run that reads
+an expired one agrees it is free. The commit step confirms that the highest lease is still its
+run's before it publishes anything (``confirm``): a run whose lease was taken over fails instead
+of overwriting the new holder's tables, and one whose lease expired untaken takes it again under
+the next number, by the same exclusive create.
 """
 
 from __future__ import annotations
