@@ -97,9 +97,10 @@ def _down_mix(sound: soundfile.SoundFile) -> np.ndarray:
     block = np.empty((BLOCK_SAMPLES // sound.channels, sound.channels), np.float32)
     sound.seek(0)  # as soundfile.read does: without it, libmpg123 decodes some MP3s 1 ULP apart
     filled = 0
-    while len(samples := sound.read(out=block)):
-        np.mean(samples, axis=1, out=mono[filled : filled + len(samples)])
-        filled += len(samples)
+    with np.errstate(invalid="ignore"):  # Inf and -Inf mixed give NaN: ``decode_audio`` refuses it
+        while len(samples := sound.read(out=block)):
+            np.mean(samples, axis=1, out=mono[filled : filled + len(samples)])
+            filled += len(samples)
     return mono[:filled]
 
 
