@@ -34,7 +34,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures.errors import ConfigurationError
-from mmfeatures.outputs import write_atomically
+from mmfeatures.outputs import recover, write_atomically
 from mmfeatures.redaction import redact
 
 _LOG = logging.getLogger(__name__)
@@ -198,3 +198,20 @@ def held(output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Itera
         renewer.join()
         with contextlib.suppress(OSError, LeaseLost):
             lease.confirm().release()
+
+
+@contextlib.contextmanager
+def output_for_run(output: str, run: str, seconds: float = DEFAULT_LEASE_SECONDS) -> Iterator[Lease]:
+    """Hold ``output`` for run ``run`` for the block: its lease taken (``held``), then what runs
+    killed there left cleaned up (``recover``). If the block fails, the run undoes its own commit
+    and removes its staging, so the previous run's outputs stay as they were; a run that has
+    lost the lease leaves that to the run that took the output over."""
+    with held(output, run, seconds) as lease:
+        recover(output)
+        try:
+            yield lease
+        except BaseException:
+            with contextlib.suppress(LeaseLost):
+                lease.confirm()
+                recover(output, run)
+            raise

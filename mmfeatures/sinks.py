@@ -100,17 +100,10 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     return data
 
 
-class _WriteStagedFile(beam.DoFn):
-    def __init__(self, staging: str) -> None:
-        self.staging = staging
-
-    def process(self, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> Iterable[tuple[str, int]]:
-        if not rows:
-            return
-        yield self.write(rows_to_table(rows, schema)), len(rows)
-
-    def write(self, table: pa.Table) -> str:
-        return write_staged_part(self.staging, table)
+def _stage_rows(rows: Sequence[Mapping[str, Any]], staging: str, schema: pa.Schema) -> Iterable[tuple[str, int]]:
+    """One batch of rows staged as a part: its path and row count (nothing for an empty batch)."""
+    if rows:
+        yield write_staged_part(staging, rows_to_table(rows, schema)), len(rows)
 
 
 def _at_least_one_part(staged: list[tuple[str, int]], staging: str, schema: pa.Schema) -> list[tuple[str, int]]:
@@ -202,7 +195,7 @@ class StageParquetTable(beam.PTransform):
         return (
             rows
             | "Batch" >> beam.BatchElements(min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file)
-            | "WriteStaged" >> beam.ParDo(_WriteStagedFile(self.staging), schema)
+            | "WriteStaged" >> beam.FlatMap(_stage_rows, self.staging, schema)
             | "Gather" >> beam.combiners.ToList()
             | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema)
         )

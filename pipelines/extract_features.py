@@ -7,7 +7,6 @@ This file only wires library parts; run it with any Beam runner, e.g.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 
@@ -18,10 +17,9 @@ from mmfeatures import schema
 from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ERRORS_TAG, ConfigurationError
 from mmfeatures.job import Job
-from mmfeatures.lease import Lease, LeaseLost, held
+from mmfeatures.lease import Lease, output_for_run
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
-from mmfeatures.outputs import recover
 from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
@@ -80,20 +78,12 @@ def run(argv: list[str] | None = None) -> Job:
 
 
 def run_job(options: PipelineOptions) -> Job:
-    """Resolve the job from ``options`` (a ``ConfigurationError`` before any work), take the lease
-    on its output, clean up after runs that were killed there, then run it. A run that fails
-    leaves the previous run's outputs as they were and removes what it staged."""
+    """Resolve the job from ``options`` (a ``ConfigurationError`` before any work), then run it
+    holding its output (``output_for_run``: the lease, and clean-up after killed or failed runs)."""
     job = Job.from_options(options)
-    with held(job.output, job.run, job.lease_seconds) as lease:
-        recover(job.output)
-        try:
-            with beam.Pipeline(options=options) as pipeline:
-                build(pipeline, job, lease)
-        except BaseException:
-            with contextlib.suppress(LeaseLost):  # a run that took the output over cleans up instead
-                lease.confirm()
-                recover(job.output, job.run)
-            raise
+    with output_for_run(job.output, job.run, job.lease_seconds) as lease:
+        with beam.Pipeline(options=options) as pipeline:
+            build(pipeline, job, lease)
     return job
 
 

@@ -220,7 +220,7 @@ def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
 def test_embeddings_are_stored_plain_and_the_other_columns_with_dictionaries(tmp_path):
     features = schema.features_schema(DIMS, carried={"note": pa.string()}, metadata=METADATA)
     rows = [feature_row(i, image=True, note="same") for i in range(50)]
-    staged = sinks._WriteStagedFile(str(tmp_path)).write(sinks.rows_to_table(rows, features))
+    staged = sinks.write_staged_part(str(tmp_path), sinks.rows_to_table(rows, features))
     columns = pq.ParquetFile(staged).metadata.row_group(0)
     encodings = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(columns.num_columns)}
     for name in ("text_embedding", "image_embedding", "audio_embedding", "fused"):
