@@ -146,7 +146,7 @@ def _tiff_tags(tiff: bytes) -> dict[int, tuple[int, int]]:
             tag, kind = struct.unpack_from(order + "HH", tiff, entry)
             (value,) = struct.unpack_from(order + ("H" if kind == _SHORT else "I"), tiff, entry + value_at)
             tags.setdefault(tag, (kind, value))
-    except struct.error:
+    except (struct.error, OverflowError):  # an offset past the end; a BigTIFF one past any index
         pass
     return tags
 

@@ -588,6 +588,9 @@ def test_images_exactly_at_the_pixel_limit_pass(data: bytes) -> None:
         pytest.param(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, UNREADABLE, id="png-signature-only"),
         pytest.param(png_claiming(8, 8)[:20], UNREADABLE, id="png-IHDR-cut"),
         pytest.param(b"II*\x00" + bytes(4), UNREADABLE, id="tiff-empty-IFD"),
+        pytest.param(
+            b"II+\x00" + struct.pack("<HHQ", 8, 0, 2**63) + bytes(16), UNREADABLE, id="bigtiff-IFD-past-any-index"
+        ),
         pytest.param(b"MM\x00+" + bytes(12), UNREADABLE, id="bigtiff-empty-IFD"),
         pytest.param(b"PF\n12", UNREADABLE, id="pfm-cut"),
     ],
