@@ -16,12 +16,10 @@ import numpy as np
 import soundfile
 import soxr
 import torch
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor, WhisperModel
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor
 
 from mmfeatures.encoders.frozen import frozen
 from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
-from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
-from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
 from mmfeatures.errors import DecodeError, PreprocessError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
@@ -252,6 +250,13 @@ class WaveformAudioEncoder(AudioEncoder):
 
 
 def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEncoder:
+    # Whisper's model classes take seconds to import: only a process that embeds audio pays for
+    # them, not the launcher, nor a run without audio.
+    from transformers import WhisperModel
+
+    from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
+    from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
+
     resolved = preprocessor.resolved
     dimension = audio_dimension(preprocessor)
     if resolved.bundled:
