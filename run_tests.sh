@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/setup_env.sh --tests
+./scripts/setup_feast_env.sh
 echo "ruff check, ruff format --check, mypy..."
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .

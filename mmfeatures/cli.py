@@ -1,5 +1,6 @@
 """The ``mmfeatures`` command: ``extract`` runs the feature job, ``sample`` builds a sample set,
-``train`` trains fusion classifiers on a feature table, ``report`` writes a run's HTML report.
+``train`` trains fusion classifiers on a feature table, ``report`` writes a run's HTML report,
+``feast`` writes and applies a Feast feature repository for a run's table and loads its online store.
 
 ``mmfeatures extract`` takes the same options as ``python -m pipelines.extract_features``, Beam's
 own included (e.g. ``--runner``); run ``mmfeatures extract --help`` for the job's options.
@@ -34,8 +35,16 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
     )
     for name, counts in summary["modalities"].items():
         print(
-            f"  {name:<6} present {counts['present']:>6}  embedded {counts['embedded']:>6}  "
-            f"failed {counts['failed']:>6}  absent {counts['absent']:>6}"
+            f"  {name:<6} present {counts['present']:>6}  embedded {counts['embedded']:>6} "
+            f"(shared {counts['shared']:>6})  kept {counts['kept']:>6}  failed {counts['failed']:>6}  "
+            f"absent {counts['absent']:>6}"
+        )
+    changes = summary["incremental"]
+    if changes is not None:
+        print(
+            f"rows of the previous table {changes['previous_rows']}: unchanged {changes['unchanged']}, "
+            f"replaced {changes['replaced']}, dropped {changes['dropped']}, kept though absent "
+            f"{changes['kept_absent']}; added {changes['added']}"
         )
     print(
         f"feature rows {summary['feature_rows']}, error rows {summary['error_rows']}, "
@@ -107,6 +116,7 @@ COMMANDS = {
     "sample": sample,
     "train": _delegate("mmfeatures.train"),
     "report": _delegate("mmfeatures.report"),
+    "feast": _delegate("mmfeatures.feast"),
 }
 
 

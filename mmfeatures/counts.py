@@ -28,6 +28,8 @@ class ModalityCounts:
 
     present: int = 0
     embedded: int = 0
+    shared: int = 0  # of those embedded, how many took the vector of another record with the same content
+    kept: int = 0  # an incremental run kept the record's row: its vector is the previous table's
     failed: int = 0
 
 
@@ -42,20 +44,42 @@ class RunCounts:
     rejected_rows: int = 0  # error rows of whole input rows; the others are one modality's
     modalities: dict[str, ModalityCounts] = field(default_factory=dict)
     errors_by_type: dict[str, int] = field(default_factory=dict)  # "stage/error_type" -> rows
+    # What became of the rows of the table the run replaces (see ``Job.summary``).
+    rows_unchanged: int = 0
+    rows_added: int = 0
+    rows_replaced: int = 0
+    rows_dropped: int = 0
+    rows_kept_absent: int = 0
 
     @classmethod
-    def of_record(cls, record: Record, embedded: Iterable[str], failed: Iterable[str]) -> RunCounts:
-        """One accepted record's part: it holds each modality that it has or that failed."""
+    def of_record(cls, record: Record, embedded: Iterable[str], failed: Iterable[str], replacing: bool) -> RunCounts:
+        """One accepted, embedded record's part: it holds each modality that it has or that
+        failed. Its row is added, or, ``replacing`` a previous row, replaces it (or drops it,
+        when every modality failed)."""
         embedded, failed = set(embedded), set(failed)
         modalities = {
             name: ModalityCounts(
                 present=int(record.payload(name) is not None or name in failed),
                 embedded=int(name in embedded),
+                shared=int(name in embedded and name in record.embedded_elsewhere),
                 failed=int(name in failed),
             )
             for name in MODALITY_COLUMNS
         }
-        return cls(records_accepted=1, records_with_features=int(bool(embedded)), modalities=modalities)
+        return cls(
+            records_accepted=1,
+            records_with_features=int(bool(embedded)),
+            modalities=modalities,
+            rows_added=int(bool(embedded) and not replacing),
+            rows_replaced=int(bool(embedded) and replacing),
+            rows_dropped=int(not embedded and replacing),
+        )
+
+    @classmethod
+    def of_kept(cls, record: Record) -> RunCounts:
+        """One accepted record that kept its row, each modality it holds counted as kept."""
+        modalities = {name: ModalityCounts(present=1, kept=1) for name in record.modalities()}
+        return cls(records_accepted=1, records_with_features=1, modalities=modalities, rows_unchanged=1)
 
     @classmethod
     def of_error(cls, row: dict[str, object]) -> RunCounts:
@@ -73,10 +97,17 @@ class RunCounts:
         self.records_with_features += other.records_with_features
         self.error_rows += other.error_rows
         self.rejected_rows += other.rejected_rows
+        self.rows_unchanged += other.rows_unchanged
+        self.rows_added += other.rows_added
+        self.rows_replaced += other.rows_replaced
+        self.rows_dropped += other.rows_dropped
+        self.rows_kept_absent += other.rows_kept_absent
         for name, counts in other.modalities.items():
             mine = self.modalities.setdefault(name, ModalityCounts())
             mine.present += counts.present
             mine.embedded += counts.embedded
+            mine.shared += counts.shared
+            mine.kept += counts.kept
             mine.failed += counts.failed
         for key, rows in other.errors_by_type.items():
             self.errors_by_type[key] = self.errors_by_type.get(key, 0) + rows

@@ -19,12 +19,13 @@ from mmfeatures import __version__, outputs, schema, storage
 from mmfeatures.counts import RunCounts
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.fusion import Fusion, parse_weights
+from mmfeatures.incremental import PreviousTable, settings_fingerprint
 from mmfeatures.limits import Limits
 from mmfeatures.modalities import MODALITIES, Preprocessor
 from mmfeatures.options import IN_PROCESS_RUNNERS, ExtractOptions, check_options, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
-from mmfeatures.settings import InferenceSettings
+from mmfeatures.settings import InferenceSettings, device_type
 from mmfeatures.sources import Input, ReadOptions, checked_delimiter, checked_encoding, find_inputs
 
 
@@ -38,6 +39,11 @@ class Job:
     fusion: Fusion
     rows_per_file: int
     lease_seconds: int
+    fingerprint: str  # of every setting that changes a vector (``incremental.settings_fingerprint``)
+    incremental: bool
+    drop_missing: bool
+    previous: PreviousTable | None  # with --incremental: the table committed at OUTPUT, if any
+    partition_by: str | None
     spread_records: bool  # shuffle records over the workers: not on an in-process runner
     limits: Limits
     location_policy: storage.LocationPolicy
@@ -93,13 +99,18 @@ class Job:
             )
             for name in MODALITY_COLUMNS
         }
+        columns = parse_column_map(extract.columns or "")
         read_options = ReadOptions(
             max_member_bytes=limits.max_bytes,
             csv_encoding=checked_encoding(extract.csv_encoding),
             csv_delimiter=checked_delimiter(extract.csv_delimiter),
             label_from_folder=extract.label_from_folder,
-            columns=parse_column_map(extract.columns or ""),
+            columns=columns,
+            timestamp_column=_checked_timestamp_column(extract.timestamp_column, columns),
         )
+        _check_partition_column(extract.partition_by)
+        if extract.drop_missing and not extract.incremental:
+            raise ValueError("--drop-missing drops the rows of an incremental run's absent records: add --incremental")
         check_output(extract.output)  # before the preprocessors read their models' settings
         inputs = find_inputs(extract.input)  # a format no reader takes is refused here, not by a worker
         location_policy = storage.LocationPolicy.from_roots(_allowed_roots(extract.allowed_roots or [], inputs))
@@ -115,6 +126,15 @@ class Job:
             projection_dim=extract.fusion_dim,
             seed=extract.fusion_seed,
         )
+        fingerprint = settings_fingerprint(models, fusion.describe(), extract.precision, device_type(extract.device))
+        previous = PreviousTable.at(extract.output, fingerprint) if extract.incremental else None
+        if previous is not None and not previous.usable and not extract.drop_missing:
+            raise ValueError(
+                f"--incremental: the table at {extract.output} was made with other settings (models, "
+                "preprocessing, fusion, precision or device), so every row is computed again, and the rows "
+                "of records absent from this run's inputs cannot be kept: add --drop-missing, or run without "
+                "--incremental"
+            )
         recorded = extract_option_values(options)
         recorded["runner"] = str(options.view_as(StandardOptions).runner)
         recorded["micro_batch_size"] = ",".join(f"{name}={s.micro_batch_size}" for name, s in settings.items())
@@ -128,6 +148,11 @@ class Job:
             fusion=fusion,
             rows_per_file=extract.rows_per_file,
             lease_seconds=extract.lease_seconds,
+            fingerprint=fingerprint,
+            incremental=extract.incremental,
+            drop_missing=extract.drop_missing,
+            previous=previous,
+            partition_by=extract.partition_by,
             spread_records=recorded["runner"] not in IN_PROCESS_RUNNERS,
             limits=limits,
             location_policy=location_policy,
@@ -156,13 +181,25 @@ class Job:
             "schema_version": schema.SCHEMA_VERSION,
             "modalities": self.models,
             "fusion": self.fusion.describe(),
+            "fingerprint": self.fingerprint,
             "created": self.started.isoformat(),
         }
+
+    @property
+    def keepable(self) -> PreviousTable | None:
+        """The previous table where its rows may be kept (written with this run's settings)."""
+        return self.previous if self.previous is not None and self.previous.usable else None
 
     def features_schema(self, carried: Mapping[str, pa.DataType]) -> pa.Schema:
         dims = {name: model["dimension"] for name, model in self.models.items()}
         dims["fused"] = self.fusion.output_dim
-        return schema.features_schema(dims, carried, self.metadata())
+        table = schema.features_schema(dims, carried, self.metadata())
+        if self.partition_by is not None:
+            try:
+                schema.partition_column(table, self.partition_by)
+            except ValueError as exc:  # known only once the inputs' columns are: a run fails here
+                raise ConfigurationError(f"--partition-by: {exc}") from None
+        return table
 
     def summary(self, *, counts: RunCounts, features: Mapping[str, int], errors: Mapping[str, int]) -> dict[str, Any]:
         """``_run.json``: every count comes from the data the run produced and wrote. Every string
@@ -175,6 +212,8 @@ class Job:
             modalities[name] = {
                 "present": modality.present,
                 "embedded": modality.embedded,
+                "shared": modality.shared,
+                "kept": modality.kept,
                 "failed": modality.failed,
                 "absent": accepted - modality.present,
             }
@@ -187,10 +226,20 @@ class Job:
         }
         checks = {
             "every_row_accounted_for": records["read"] == records["rejected"] + accepted,
-            "feature_rows_match": features["rows"] == counts.records_with_features,
+            "feature_rows_match": features["rows"] == counts.records_with_features + counts.rows_kept_absent,
             "error_rows_match": errors["rows"] == counts.error_rows,
-            "modalities_reconcile": all(c["present"] == c["embedded"] + c["failed"] for c in modalities.values()),
+            "modalities_reconcile": all(
+                c["present"] == c["embedded"] + c["kept"] + c["failed"] for c in modalities.values()
+            ),
         }
+        changes = self._changes(counts) if self.incremental else None
+        if changes is not None:
+            checks["previous_rows_accounted_for"] = changes["previous_rows"] == sum(
+                changes[kind] for kind in ("unchanged", "replaced", "dropped", "kept_absent")
+            )
+            checks["feature_rows_accounted_for"] = features["rows"] == sum(
+                changes[kind] for kind in ("unchanged", "added", "replaced", "kept_absent")
+            )
         return redact_all(
             {
                 "records": records,
@@ -199,10 +248,12 @@ class Job:
                 "error_rows": errors["rows"],
                 "errors_by_type": dict(sorted(counts.errors_by_type.items())),
                 "modalities": modalities,
+                "incremental": changes,
                 "reconciles": all(checks.values()),
                 "checks": checks,
                 "models": self.models,
                 "fusion": self.fusion.describe(),
+                "fingerprint": self.fingerprint,
                 "options": self.options,
                 "inputs": [source.path for source in self.inputs],
                 "outputs": {"features": self.path("features"), "errors": self.path("errors")},
@@ -210,6 +261,43 @@ class Job:
                 "package_version": __version__,
             }
         )
+
+    def _changes(self, counts: RunCounts) -> dict[str, Any]:
+        """What an incremental run did to the table it replaces, row by row: each previous row is
+        unchanged (kept), replaced, dropped or kept though its record is absent; each row of the
+        new table is unchanged, added, replaced or kept absent."""
+        previous = self.previous
+        return {
+            "previous_commit": previous.commit if previous else None,
+            "previous_rows": previous.rows if previous else 0,
+            "unchanged": counts.rows_unchanged,
+            "added": counts.rows_added,
+            "replaced": counts.rows_replaced,
+            "dropped": counts.rows_dropped,
+            "kept_absent": counts.rows_kept_absent,
+        }
+
+
+def _check_partition_column(column: str | None) -> None:
+    """``--partition-by``: refused before any work where no input could give the table such a
+    column (``schema.check_partition_name``); its presence and type are known only from the data."""
+    if column is not None:
+        try:
+            schema.check_partition_name(column)
+        except ValueError as exc:
+            raise ValueError(f"--partition-by: {exc}") from None
+
+
+def _checked_timestamp_column(column: str | None, mapped: Mapping[str, str]) -> str | None:
+    """``--timestamp-column``: a manifest column of its own, not one of the record's fields."""
+    if column is None:
+        return None
+    if not column.strip() or column in schema.reserved_record_columns() or column in mapped.values():
+        raise ValueError(
+            f"--timestamp-column {column!r}: name a manifest column of its own, not a field of the record "
+            f"({', '.join(sorted(schema.reserved_record_columns()))}) or a column --columns maps"
+        )
+    return column
 
 
 def check_output(output: str) -> None:

@@ -221,6 +221,40 @@ class ExtractOptions(PipelineOptions):
             "it every third of this): another run on the same --output is refused while it lasts, "
             "and may take the output over once a killed run's lease has expired.",
         )
+        add(
+            "--incremental",
+            dest="incremental",
+            action="store_true",
+            default=False,
+            help="Update the table at --output in place: a record whose id, content (its text and media "
+            "bytes) and settings match a row of it keeps that row, without being decoded or embedded; "
+            "new records are added, changed ones recomputed. Records absent from the inputs keep their "
+            "rows unless --drop-missing.",
+        )
+        add(
+            "--drop_missing",
+            dest="drop_missing",
+            action="store_true",
+            default=False,
+            help="With --incremental: drop the rows of records absent from this run's inputs.",
+        )
+        add(
+            "--timestamp_column",
+            dest="timestamp_column",
+            default=None,
+            help="A manifest column holding each record's own event time (ISO 8601 text, or a "
+            "timestamp or date column): it becomes the row's event_timestamp. A record without a "
+            "valid one is an error row (invalid_timestamp). Default: the start of the run that "
+            "computed the row.",
+        )
+        add(
+            "--partition_by",
+            dest="partition_by",
+            default=None,
+            help="Write the feature table in Hive-style folders (features/split=train/...) by this "
+            "column: split, label, a carried manifest column, or event_date (the UTC date of "
+            "event_timestamp).",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:

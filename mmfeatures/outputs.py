@@ -2,7 +2,8 @@
 run may replace or clean up.
 
     OUTPUT/_run.json          the commit: the run's summary and the parts of both tables
-    OUTPUT/features/          Parquet parts only, so any reader takes the folder whole
+    OUTPUT/features/          Parquet parts only, so any reader takes the folder whole; with
+                              --partition-by, in Hive-style folders (features/split=train/)
     OUTPUT/errors/            likewise
     OUTPUT/_staging/<run>/    a run's staged parts, and the intent of a commit in progress
     OUTPUT/_lease/            which run is writing here (``lease.py``)
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
@@ -35,11 +37,38 @@ STAGING = "_staging"
 INTENT = "commit.json"  # in a run's staging folder, written before its parts move in
 PART_PREFIX = "part-"  # a committed Parquet part: part-<commit>-00000-of-00003.parquet
 RUN_NAME = re.compile(r"run-[0-9a-f]{32}")  # a run's staging folder; nothing else there is removed
-# The only files a run ever deletes: a part, by a name only a commit gives, in one of the tables.
-# A name read from a manifest or an intent is taken only in this form, never with "..".
-PART_NAME = re.compile(r"(features|errors)/part-[A-Za-z0-9_-]+(-[A-Za-z0-9_-]+)*\.parquet")
+# A column a table can be partitioned by, as its folders spell it: readers take the name unescaped
+# (pyarrow writes it so) and skip folders whose name starts with "_" or ".".
+PARTITION_COLUMN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"  # the folder of a null value, as Hive and pyarrow name it
+# A Hive-style partition folder, ``<column>=<value>``, the value percent-encoded (``partition_folder``):
+# one path segment, which its "=" keeps from ever being "." or "..".
+PARTITION = re.compile(PARTITION_COLUMN.pattern + r"=([A-Za-z0-9_.~-]|%[0-9A-F]{2})*")
+# The only files a run ever deletes: a part, by a name only a commit gives, in one of the tables
+# (in one level of partition folders in features/). A name read from a manifest or an intent is
+# taken only in this form, so it never leaves the table.
+PART_NAME = re.compile(rf"(features/({PARTITION.pattern}/)?|errors/)part-[A-Za-z0-9_-]+(-[A-Za-z0-9_-]+)*\.parquet")
 # Where earlier releases kept each table's manifest; a run takes these over and deletes them.
 _LEGACY_MANIFESTS = ("_{table}_manifest.json", "{table}/_manifest.json")
+
+
+def partition_folder(column: str, value: str | None) -> str:
+    """The folder of the rows whose ``column`` reads ``value`` (as text), named as pyarrow's
+    ``write_dataset`` names it, so that every Hive-style reader prunes by it: all but unreserved
+    URI characters percent-encoded (``a/b=c d%`` as ``a%2Fb%3Dc%20d%25``), null as ``NULL_PARTITION``."""
+    return f"{column}={NULL_PARTITION if value is None else quote(value, safe='')}"
+
+
+def partition_of(path: str) -> str | None:
+    """The partition folder (``split=train``) that holds the part at ``path``, or None."""
+    folder = posixpath.basename(posixpath.dirname(path))
+    return folder if PARTITION.fullmatch(folder) else None
+
+
+def partition_value(folder: str) -> tuple[str, str | None]:
+    """The column and the value (as text, or None) that a partition folder names."""
+    column, _, text = folder.partition("=")
+    return column, None if text == NULL_PARTITION else unquote(text)
 
 
 def read_json(fs: AbstractFileSystem, path: str) -> Any:
@@ -224,13 +253,22 @@ def recover(output: str, run: str | None = None) -> list[str]:
                 doomed = _parts(intent["old"], root, legacy=True)
             else:
                 doomed = _parts(intent["new"], root)
-            for path in sorted(doomed - keep):
+            stale = sorted(doomed - keep)
+            for path in stale:
                 if fs.exists(path):
                     fs.rm_file(path)
+            _remove_empty_folders(fs, {posixpath.dirname(path) for path in stale if partition_of(path)})
         fs.rm(run_folder, recursive=True)
         removed.append(run_folder)
-    try:
-        fs.rmdir(f"{root}/{STAGING}")
-    except OSError:  # still holds something that is not a run's (object stores keep no folders)
-        pass
+    _remove_empty_folders(fs, {f"{root}/{STAGING}"})  # unless it holds something that is not a run's
     return removed
+
+
+def _remove_empty_folders(fs: AbstractFileSystem, folders: Iterable[str]) -> None:
+    """Remove those of ``folders`` that are empty: a partition whose parts a commit replaced, or
+    the staging folder. Object stores keep no folders, so there is nothing to remove there."""
+    for folder in sorted(folders):
+        try:
+            fs.rmdir(folder)
+        except OSError:  # not empty (a part of the new commit, or the user's), or no such folder
+            pass

@@ -2,9 +2,12 @@
 and the types of their carried columns.
 
 Each input is read twice, so that media bytes (tar members, binary columns) need not cross a
-shuffle. The first pass sends on only each record's id and place, with the error rows, the counts
-and the column types; duplicate ids are settled on those. The second pass reads each input again
-and sends on its records that won as it reads them. On a cluster they are then spread over the
+shuffle. The first pass sends on only each record's id, place and content digests (``content``),
+with the error rows, the counts and the column types; duplicate ids are settled on those, which
+records share content (embedded once, for all of them), and, in an incremental run, which
+records keep the previous table's row (``incremental``: their content hashes, grouped by id with
+the table's). The second pass reads each input again and sends on its records that won as it
+reads them, those that keep their rows apart. On a cluster they are then spread over the
 workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
 runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can
 hold GBs of members, so there the records go straight on to the next stages, and a worker holds
@@ -14,25 +17,29 @@ records those stages are working on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from fsspec.core import url_to_fs
 
+from mmfeatures import storage
 from mmfeatures.column_types import add_value_types
+from mmfeatures.content import SERVED_TAG, SHARES_TAG, HashContent, ShareContent, Sharing, pending_content
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, ManifestError, Stage, ValidationError
-from mmfeatures.records import Record, map_columns, parse_record, reported_id
+from mmfeatures.incremental import PreviousKeys, PreviousTable
+from mmfeatures.records import Record, content_hash, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
 from mmfeatures.sources import HEADED_FORMATS, MEDIA_FOLDER, Input, ReadOptions, declared_column_types, read_input
 
 COLUMN_TYPES_TAG = "column_types"
+KEPT_TAG = "kept"  # records that keep the previous table's row, not embedded again
 _READ_TAG = "read"  # each input that holds records: its index, the input, how many, its fingerprint
-
-Place = tuple[int, int]  # a row's input (its index among the inputs) and position in it
+_CONTENT_TAG = "content"  # ((modality, digest), (place, id, source)) of each record to embed
 
 
 def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record | ErrorRow]]:
@@ -61,6 +68,7 @@ def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record
                     manifest_dir=source.folder,
                     rejected=item.rejected,
                     default_id=source.derived_id(item.source),
+                    timestamp_column=options.timestamp_column,
                 ),
             )
         except ValidationError as exc:
@@ -68,9 +76,9 @@ def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record
 
 
 class _ReadManifest(beam.DoFn):
-    """The first pass over one input: each record's id and place, the input's error rows, its
-    counts (``rows_read``), the types of its carried columns (its own schema for Parquet and
-    Arrow), and, when it holds records, how many for the second pass."""
+    """The first pass over one input: each record's id, place and what hashing its content needs,
+    the input's error rows, its counts (``rows_read``), the types of its carried columns (its own
+    schema for Parquet and Arrow), and, when it holds records, how many for the second pass."""
 
     def __init__(self, options: ReadOptions):
         self.options = options
@@ -89,7 +97,7 @@ class _ReadManifest(beam.DoFn):
             if declared is None:
                 add_value_types(inferred, outcome.carried)
             records += 1
-            yield outcome.id, ((file_index, position), outcome.source)
+            yield outcome.id, ((file_index, position), outcome.source, pending_content(outcome))
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
         if records:
@@ -112,15 +120,64 @@ def _unmapped(source: Input, unmapped: list[str], row: dict[str, Any]) -> ErrorR
     return ErrorRow.from_exception(error, record_id=None, modality=None, source=source.path)
 
 
-def _first_wins(keyed: tuple[str, Iterable[tuple[Place, str]]]) -> Iterator[Any]:
-    """Duplicate ids: the first occurrence (by input order) is kept; each other is an error row,
-    and its place is left out of the second pass."""
-    record_id, occurrences = keyed
-    (_, first), *duplicates = sorted(occurrences)
-    for place, source in duplicates:
-        message = f"id {record_id!r} first appears at {first}"
+def _settle(keyed: tuple[str, Mapping[str, Iterable[Any]]]) -> Iterator[Any]:
+    """One id's occurrences: the first (by input order) is kept; each other is an error row, and
+    its place is left out of the second pass. The first keeps the previous table's row
+    (``kept``) when its content hash is that row's; otherwise its digests go on to find the
+    content it shares with other records (``content.ShareContent``)."""
+    record_id, groups = keyed
+    occurrences = sorted(groups["places"])
+    if not occurrences:  # an id only the previous table holds: the join keeps or drops its row
+        return
+    (first, first_source, digests), *duplicates = occurrences
+    for place, source, _ in duplicates:
+        message = f"id {record_id!r} first appears at {first_source}"
         yield error_output(ErrorRow(record_id, None, Stage.VALIDATE, "duplicate_id", message, source))
         yield place
+    if digests is None:  # rejected while read, or a fetch that failed: embedded alone, to report why
+        return
+    if content_hash(dict(digests)) in groups["previous"]:
+        yield beam.pvalue.TaggedOutput(KEPT_TAG, first)
+        return
+    for modality_digest in digests:
+        yield beam.pvalue.TaggedOutput(_CONTENT_TAG, (modality_digest, (first, record_id, first_source)))
+
+
+class _Positions(beam.CombineFn):
+    """One input's positions as a bitmap, one bit a row: what the second pass must know of each
+    row stays small however many rows are kept or dropped."""
+
+    def create_accumulator(self) -> np.ndarray:
+        return np.zeros(0, np.uint8)
+
+    def add_input(self, bits: np.ndarray, position: int) -> np.ndarray:
+        bits = _grown(bits, position // 8 + 1)
+        bits[position // 8] |= 1 << (position % 8)
+        return bits
+
+    def merge_accumulators(self, accumulators: Iterable[np.ndarray]) -> np.ndarray:
+        merged = np.zeros(0, np.uint8)
+        for bits in accumulators:
+            merged = _grown(merged, len(bits))
+            merged[: len(bits)] |= bits
+        return merged
+
+    def extract_output(self, bits: np.ndarray) -> np.ndarray:
+        return bits
+
+
+def _grown(bits: np.ndarray, size: int) -> np.ndarray:
+    """``bits`` with room for ``size`` bytes, doubling so that adding n positions costs O(n)."""
+    if len(bits) >= size:
+        return bits
+    grown = np.zeros(max(size, 2 * len(bits)), np.uint8)
+    grown[: len(bits)] = bits
+    return grown
+
+
+def _holds(bitmaps: Iterable[np.ndarray], position: int) -> bool:
+    """Whether the bitmap among ``bitmaps`` (one or none) has ``position``."""
+    return any(position // 8 < len(bits) and bits[position // 8] >> (position % 8) & 1 for bits in bitmaps)
 
 
 def fingerprint(source: Input) -> str | None:
@@ -137,8 +194,10 @@ def fingerprint(source: Input) -> str | None:
 
 
 class _ReadAgain(beam.DoFn):
-    """The second pass over one input: its records but the duplicates, each kept record followed
-    by the error rows of its rejected modalities (a duplicate's never count)."""
+    """The second pass over one input: its records but the duplicates, each followed by the error
+    rows of its rejected modalities (a duplicate's never count), and marked with the content it
+    shares with other records (``content.Sharing``). A record that keeps the previous table's row
+    goes to ``kept``, without its media, as only the join needs it."""
 
     def __init__(self, options: ReadOptions):
         self.options = options
@@ -146,35 +205,54 @@ class _ReadAgain(beam.DoFn):
     def process(self, joined: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[Any]:
         _, parts = joined
         ((source, records, first),) = parts[_READ_TAG]  # dropped places come only from inputs with records
+        sharing = Sharing(parts[SHARES_TAG], parts[SERVED_TAG])
         if fingerprint(source) != first:  # its places no longer say which records are duplicates
             message = f"the file changed between its two reads: none of its {records} records is sent"
             yield error_output(ErrorRow(None, None, Stage.READ, "input_changed", message, source.path))
+            yield from map(error_output, sharing.unsent(source.path))
             return
-        dropped = set(parts["dropped"])
-        sent = 0
+        dropped, kept = list(parts["dropped"]), list(parts[KEPT_TAG])
+        sent = skipped = 0
         for position, outcome in _outcomes(source, self.options):
-            if isinstance(outcome, Record) and position not in dropped:
-                sent += 1
-                yield outcome
-                for rejected in outcome.rejected:
-                    yield error_output(rejected)
-        if sent != records - len(dropped):
-            message = (
-                f"the file changed while it was read: {records - len(dropped)} records were to be sent, not {sent}"
-            )
+            if not isinstance(outcome, Record):
+                continue
+            if _holds(dropped, position):
+                skipped += 1
+                continue
+            sent += 1
+            if _holds(kept, position):
+                yield beam.pvalue.TaggedOutput(KEPT_TAG, outcome.without_content())
+                continue
+            yield sharing.mark(outcome, position)
+            for rejected in outcome.rejected:
+                yield error_output(rejected)
+        if sent != records - skipped:
+            message = f"the file changed while it was read: {records - skipped} records were to be sent, not {sent}"
             yield error_output(ErrorRow(None, None, Stage.READ, "input_changed", message, source.path))
+        yield from map(error_output, sharing.unsent(source.path))
 
 
 class ReadRecords(beam.PTransform):
     """Inputs (already found by ``sources.find_inputs``) to unique, validated ``Record``s, read
     with ``options`` (column mapping, CSV encoding and delimiter, size limit), and shuffled over
-    the workers where ``spread`` (see above)."""
+    the workers where ``spread`` (see above). Media are fetched, to hash them, as
+    ``location_policy`` allows. With ``previous`` (an incremental run over a table whose rows may
+    be kept), the records whose content is unchanged come out as ``kept``."""
 
-    def __init__(self, inputs: list[Input], options: ReadOptions | None = None, spread: bool = True):
+    def __init__(
+        self,
+        inputs: list[Input],
+        options: ReadOptions | None = None,
+        spread: bool = True,
+        location_policy: storage.LocationPolicy | None = None,
+        previous: PreviousTable | None = None,
+    ):
         super().__init__()
         self.inputs = inputs
         self.options = options or ReadOptions()
         self.spread = spread
+        self.location_policy = location_policy or storage.LocationPolicy()
+        self.previous = previous
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         read = (
@@ -186,20 +264,31 @@ class ReadRecords(beam.PTransform):
                 ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"
             )
         )
-        deduplicated = (
-            read.places
-            | "GroupById" >> beam.GroupByKey()
-            | "FirstWins" >> beam.FlatMap(_first_wins).with_outputs(ERRORS_TAG, main="dropped")
+        hashed = read.places | "HashContent" >> HashContent(self.location_policy, self.options.max_member_bytes)
+        if self.previous is None:
+            previous = pbegin | "NoPreviousTable" >> beam.Create([])
+        else:
+            previous = pbegin | "PreviousKeys" >> PreviousKeys(self.previous)
+        settled = (
+            {"places": hashed, "previous": previous}
+            | "GroupById" >> beam.CoGroupByKey()
+            | "Settle" >> beam.FlatMap(_settle).with_outputs(ERRORS_TAG, KEPT_TAG, _CONTENT_TAG, main="dropped")
         )
+        positions = {
+            name: settled[name] | f"{name.title()}Positions" >> beam.CombinePerKey(_Positions())
+            for name in ("dropped", KEPT_TAG)
+        }
+        shared = settled[_CONTENT_TAG] | "ShareContent" >> ShareContent()
         again = (
-            {_READ_TAG: read[_READ_TAG], "dropped": deduplicated.dropped}
+            {_READ_TAG: read[_READ_TAG], **positions, SHARES_TAG: shared[SHARES_TAG], SERVED_TAG: shared[SERVED_TAG]}
             | "ByInput" >> beam.CoGroupByKey()
-            | "ReadAgain" >> beam.ParDo(_ReadAgain(self.options)).with_outputs(ERRORS_TAG, main="records")
+            | "ReadAgain" >> beam.ParDo(_ReadAgain(self.options)).with_outputs(ERRORS_TAG, KEPT_TAG, main="records")
         )
-        errors = (read[ERRORS_TAG], deduplicated[ERRORS_TAG], again[ERRORS_TAG]) | "Errors" >> beam.Flatten()
+        errors = (read[ERRORS_TAG], settled[ERRORS_TAG], again[ERRORS_TAG]) | "Errors" >> beam.Flatten()
         records = again.records | "SpreadRecords" >> beam.Reshuffle() if self.spread else again.records
         return {
             "records": records,
+            KEPT_TAG: again[KEPT_TAG],
             ERRORS_TAG: errors,
             COUNTS_TAG: read[COUNTS_TAG],
             COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +33,12 @@ class Record:
     # Modalities rejected while reading (a value of the wrong type, an oversized tar member): they
     # count as present and failed, and their error rows are emitted once the record is kept.
     rejected: tuple[ErrorRow, ...] = ()
+    event_time: datetime.datetime | None = None  # from --timestamp-column, in UTC
+    # Content shared with other records of the run (the same photo under two ids) is embedded
+    # once: ``copies`` names, per modality, the records (id, source) that take this record's
+    # vector; ``embedded_elsewhere`` the modalities whose vector this record takes from another.
+    copies: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    embedded_elsewhere: frozenset[str] = frozenset()
 
     def modalities(self) -> list[str]:
         """The modalities this record holds, in a fixed order."""
@@ -44,7 +52,40 @@ class Record:
         """This record with inline media bytes emptied: what the join needs, without shuffling
         images and audio a second time."""
         payloads = {m: (b"" if isinstance(v, bytes) else v) for m, v in self.payloads.items()}
-        return replace(self, payloads=payloads)
+        return replace(self, payloads=payloads, copies={})
+
+
+def media_digest(data: Payload) -> str:
+    """The sha256 (hex) of a modality's content: media bytes, or text as UTF-8."""
+    return hashlib.sha256(data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def content_hash(digests: Mapping[str, str]) -> str:
+    """A record's content hash: one sha256 over each modality it holds (``digests``: modality ->
+    ``media_digest``), by name, so that the same bytes under another modality hash apart."""
+    lines = "".join(f"{name}:{digests[name]}\n" for name in MODALITY_COLUMNS if name in digests)
+    return hashlib.sha256(lines.encode("ascii")).hexdigest()
+
+
+def parse_event_time(value: Any, column: str) -> datetime.datetime:
+    """A record's own event time from its ``--timestamp-column`` value, in UTC: ISO 8601 text, a
+    timestamp or a date (read as midnight); a time without a zone is taken as UTC. Numbers are
+    refused: seconds, milliseconds and microseconds since 1970 cannot be told apart."""
+    when: Any = value
+    if isinstance(value, str):
+        try:
+            when = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            when = None
+    elif isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        when = datetime.datetime.combine(value, datetime.time())
+    if not isinstance(when, datetime.datetime):
+        shown = "no value" if _is_missing(value) else f"{type(value).__name__} {str(value)[:40]!r}"
+        message = f"--timestamp-column {column!r}: the record has {shown}, not an ISO 8601 time, a timestamp or a date"
+        raise ValidationError(message, error_type="invalid_timestamp")
+    if when.tzinfo is None:
+        return when.replace(tzinfo=datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc)
 
 
 CARRIED_PREFIX = "manifest_"
@@ -201,10 +242,12 @@ def parse_record(
     manifest_dir: str,
     rejected: Mapping[str, RecordError] | None = None,
     default_id: str | None = None,
+    timestamp_column: str | None = None,
 ) -> Record:
     """Validate one manifest row, as ``map_columns`` shapes it (fields under their names, other
     columns under their carried names); raises ``ValidationError`` with a stable code when it is
-    unusable. A row without an ``id`` column is named ``default_id``, or else by its ``source``.
+    unusable. A row without an ``id`` column is named ``default_id``, or else by its ``source``;
+    ``timestamp_column`` (a manifest column's name) holds its event time.
 
     A modality whose value is unusable (wrong type, or in ``rejected`` by the reader) fails alone:
     the record keeps its other modalities, and is accepted even when all of them failed, so that
@@ -232,6 +275,9 @@ def parse_record(
             payloads[modality] = value
     if not payloads and not failures:
         raise ValidationError(f"the record has none of {', '.join(MODALITY_COLUMNS)}", error_type="no_modality")
+    event_time = None
+    if timestamp_column is not None:
+        event_time = parse_event_time(row.get(carried_column_name(timestamp_column)), timestamp_column)
     return Record(
         id=record_id,
         source=source,
@@ -245,4 +291,5 @@ def parse_record(
             for m in MODALITY_COLUMNS
             if m in failures
         ),
+        event_time=event_time,
     )

@@ -6,15 +6,20 @@ that the written files cannot drift from the documented contract.
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from importlib import resources
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from fsspec.core import url_to_fs
 
-from mmfeatures.outputs import committed_table
+from mmfeatures.outputs import PARTITION_COLUMN, committed_table, partition_of, partition_value
 
 SCHEMA_VERSION = "v1"
 METADATA_KEY = b"mmfeatures"
@@ -63,26 +68,151 @@ def embedding_dimension(field: pa.Field) -> int | None:
     return None
 
 
-def read_features(path: str, **kwargs: Any) -> pa.Table:
-    """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``.
+_READERS = 16  # parts read at once: an object store's latency, not its bandwidth, bounds one read
 
-    A committed table folder is read from the parts its run's ``_run.json`` lists only: the
-    folder may also hold parts of a commit that was cut short. A ``filesystem`` passed in must be
-    an fsspec one, with ``path`` in its terms.
+
+def read_features(
+    path: str, columns: Sequence[str] | None = None, filesystem: AbstractFileSystem | None = None
+) -> pa.Table:
+    """Read a feature table (a folder, file or URL) with embedding columns as ``fixed_size_list``,
+    and the column a partitioned table's folders name back in its place (``read_part``).
+
+    A committed table folder is read from the parts its run's ``_run.json`` lists only (a few at
+    once): the folder may also hold parts of a commit that was cut short. A single part is read as
+    ``read_part`` reads it; another folder as pyarrow reads it. A ``filesystem`` passed in must be
+    an fsspec one, with ``path`` in its terms; ``columns`` picks columns.
     """
-    import pyarrow.parquet as pq
-
-    committed = committed_table(path, kwargs.get("filesystem"))
-    if committed is None:
-        table = pq.read_table(path, **kwargs)
+    fs, fs_path = (filesystem, path) if filesystem else url_to_fs(path)
+    committed = committed_table(fs_path, fs)
+    if committed is not None:
+        with ThreadPoolExecutor(max_workers=min(_READERS, len(committed.parts))) as pool:
+            table = pa.concat_tables(
+                list(pool.map(lambda part: read_part(committed.fs, part, columns), committed.parts))
+            )
+    elif fs.isfile(fs_path):
+        table = read_part(fs, fs_path, columns)
     else:
-        table = pq.read_table(committed.parts, **{**kwargs, "filesystem": committed.fs})
+        table = pq.read_table(fs_path, columns=columns, filesystem=fs)
     for index, field in enumerate(table.schema):
         dim = embedding_dimension(field)
         if dim is not None:
             fixed = pa.field(field.name, pa.list_(pa.float32(), dim), field.nullable, field.metadata)
             table = table.set_column(index, fixed, table.column(index).cast(fixed.type))
     return table
+
+
+# The column a partitioned table's parts leave to their folders' names, recorded in each part's
+# schema metadata (its place and its Arrow field, IPC-serialised) so that reading gives it back.
+PARTITION_KEY = b"mmfeatures.partition"
+EVENT_DATE = "event_date"  # --partition-by's derived column: the UTC date of event_timestamp
+PARTITION_FIELDS = ("split", "label")  # the only declared columns whose values many rows share
+# Types whose Arrow text is a plain value that casts back to it exactly.
+_PARTITION_TYPES = (
+    pa.types.is_string,
+    pa.types.is_large_string,
+    pa.types.is_integer,
+    pa.types.is_boolean,
+    pa.types.is_date,
+)
+_PARTITION_RULE = (
+    f"partition by {' or '.join(PARTITION_FIELDS)}, a carried column of text, integers, booleans or dates, "
+    f"or {EVENT_DATE} (the UTC date of event_timestamp)"
+)
+
+
+def check_partition_name(column: str) -> None:
+    """``ValueError`` for a column that no feature table can be partitioned by, whatever its
+    inputs hold, so that a run can refuse it before any work: a name that readers would skip or
+    misread as a folder's, or a declared column or record field other than split and label (one
+    value a row, a vector, a time, a payload)."""
+    if not PARTITION_COLUMN.fullmatch(column):
+        raise ValueError(
+            f"cannot partition by {column!r}: a partition column's name must be letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit, since readers take folder names as they are"
+        )
+    if column in {*field_names("features"), *reserved_record_columns()} - set(PARTITION_FIELDS):
+        raise ValueError(f"cannot partition by {column}: {_PARTITION_RULE}")
+
+
+def partition_column(schema: pa.Schema, column: str) -> tuple[pa.Field, str]:
+    """The field that reading a table of ``schema`` partitioned by ``column`` gives back, and the
+    stored column its values come from: the table's own column, or, for ``event_date``, always
+    ``event_timestamp`` (a date column of that name is the one an earlier partitioned run's rows
+    bring back). ``ValueError`` for a column that cannot name folders (``check_partition_name``),
+    one the table has not, or one of a type whose text is not a plain, exact value (floats,
+    timestamps, lists)."""
+    check_partition_name(column)
+    if column == EVENT_DATE:
+        if column in schema.names and schema.field(column).type != pa.date32():
+            raise ValueError(
+                f"cannot partition by {EVENT_DATE}, the UTC date of event_timestamp: the table carries a "
+                f"{schema.field(column).type} column of that name"
+            )
+        return pa.field(EVENT_DATE, pa.date32()), "event_timestamp"
+    if column not in schema.names:
+        declared = set(field_names("features"))
+        carried = ", ".join(name for name in schema.names if name not in declared) or "none"
+        raise ValueError(f"cannot partition by {column}: the feature table has no such column (carried: {carried})")
+    field = schema.field(column)
+    if not any(test(field.type) for test in _PARTITION_TYPES):
+        raise ValueError(f"cannot partition by {column}, a {field.type} column: {_PARTITION_RULE}")
+    return field, column
+
+
+def partition_values(table: pa.Table, column: str) -> pa.ChunkedArray:
+    """Each row's value of the partition column ``column`` as the text its folder names (Arrow's
+    text of the value, which casts back to it)."""
+    field, source = partition_column(table.schema, column)
+    return table.column(source).cast(field.type).cast(pa.string())
+
+
+def partition_part(table: pa.Table, column: str) -> pa.Table:
+    """``table``, the rows of one partition, as its part stores them: without the partition
+    column, which the part's folder names (as Spark and pyarrow's ``write_dataset`` leave it, so
+    no reader meets it twice), and with that column's field and place recorded for reading back.
+    A derived ``event_date`` goes last, where Hive-style readers put partition columns, unless
+    the table carries it already."""
+    field, _ = partition_column(table.schema, column)
+    index = table.schema.get_field_index(field.name)
+    if index < 0:
+        index = table.num_columns
+    else:
+        table = table.remove_column(index)
+    record = {"index": index, "field": base64.b64encode(pa.schema([field]).serialize()).decode()}
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), PARTITION_KEY: json.dumps(record).encode()})
+
+
+def read_part(fs: AbstractFileSystem, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """One committed part (``path`` in ``fs``'s terms) with the schema the job gave its rows: a
+    partitioned table's partition column is back, in its place and with its type, from the name
+    of the part's folder; embeddings are ``list<float32>``, as stored. ``columns`` picks columns,
+    in the table's order. ``ValueError`` for a part of a partitioned table outside its folder."""
+    with fs.open(path, "rb") as handle:
+        stored = pq.ParquetFile(handle)
+        names = stored.schema_arrow.names
+        partition = recorded_partition(stored.schema_arrow)
+        column = partition[1].name if partition else None
+        table = stored.read(columns=None if columns is None else [name for name in columns if name != column])
+    if partition is not None:
+        index, field = partition
+        folder = partition_of(path)
+        if folder is None or partition_value(folder)[0] != field.name:
+            raise ValueError(f"{path}: a part of a table partitioned by {field.name}, outside a {field.name}= folder")
+        names.insert(index, field.name)
+        if columns is None or field.name in columns:
+            text = partition_value(folder)[1]
+            table = table.append_column(field, pa.array([text] * table.num_rows, pa.string()).cast(field.type))
+        table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != PARTITION_KEY})
+    return table.select([name for name in names if name in table.column_names])
+
+
+def recorded_partition(stored: pa.Schema) -> tuple[int, pa.Field] | None:
+    """The place and field of the partition column a part's schema records, or None."""
+    recorded = (stored.metadata or {}).get(PARTITION_KEY)
+    if recorded is None:
+        return None
+    record = json.loads(recorded)
+    return record["index"], pa.ipc.read_schema(pa.py_buffer(base64.b64decode(record["field"]))).field(0)
 
 
 def features_schema(

@@ -4,6 +4,8 @@ Tables are written the way Beam's file sinks are: each batch of rows becomes one
 the run's staging folder, and a single commit step, which runs once every row of both tables is
 written, moves the files into place and writes ``_run.json``, which lists them (see
 ``outputs``). A retried bundle leaves only orphans in staging, never duplicate rows in a table.
+A table partitioned by a column is staged, and committed, in one Hive-style folder per value
+(``features/split=train/``), each part holding the rows of one partition.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import posixpath
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import apache_beam as beam
@@ -28,7 +30,7 @@ from mmfeatures import outputs, storage
 from mmfeatures.column_types import conform_value, merge_column_types
 from mmfeatures.lease import Lease
 from mmfeatures.outputs import PART_PREFIX
-from mmfeatures.schema import embedding_dimension
+from mmfeatures.schema import embedding_dimension, partition_column, partition_part, partition_values
 
 
 def _filesystem(path: str) -> tuple[AbstractFileSystem, str]:
@@ -75,8 +77,17 @@ def dictionary_columns(table_schema: pa.Schema) -> list[str]:
     ]
 
 
-def write_staged_part(staging: str, table: pa.Table) -> str:
-    """Write ``table`` as one Parquet file under a new name in ``staging``; returns its path."""
+def write_staged_part(staging: str, table: pa.Table, partition_by: str | None = None) -> str:
+    """Write ``table`` as one Parquet file under a new name in ``staging``; returns its path. A
+    table partitioned by the column ``partition_by`` holds one partition's rows (null's, where it
+    has none), and goes to that partition's folder (``staging/split=train/``), whose name is what
+    ``publish`` gives the committed part's folder."""
+    if partition_by is not None:
+        values = partition_values(table, partition_by).unique().to_pylist() or [None]
+        if len(values) > 1:
+            raise ValueError(f"one part cannot hold rows of {len(values)} partitions by {partition_by}")
+        staging = storage.join(staging, outputs.partition_folder(partition_by, values[0]))
+        table = partition_part(table, partition_by)
     data = parquet_bytes(table)
     fs, fs_path = _filesystem(storage.join(staging, f"{uuid.uuid4().hex}.parquet"))
     with _open_for_write(fs, fs_path) as handle:
@@ -100,16 +111,32 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     return data
 
 
-def _stage_rows(rows: Sequence[Mapping[str, Any]], staging: str, schema: pa.Schema) -> Iterable[tuple[str, int]]:
-    """One batch of rows staged as a part: its path and row count (nothing for an empty batch)."""
+def _by_partition(
+    rows: Sequence[Mapping[str, Any]], schema: pa.Schema, partition_by: str
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Each of a batch of rows keyed by its partition's folder, so that each part holds the rows
+    of one partition; the folders' values are computed for the batch at once."""
+    _, source = partition_column(schema, partition_by)
+    values = partition_values(rows_to_table(rows, pa.schema([schema.field(source)])), partition_by)
+    for row, value in zip(rows, values.to_pylist(), strict=True):
+        yield outputs.partition_folder(partition_by, value), row
+
+
+def _stage_rows(
+    rows: Sequence[Mapping[str, Any]], staging: str, schema: pa.Schema, partition_by: str | None = None
+) -> Iterable[tuple[str, int]]:
+    """One batch of rows (of one partition, where the table is partitioned) staged as a part: its
+    path and row count (nothing for an empty batch)."""
     if rows:
-        yield write_staged_part(staging, rows_to_table(rows, schema)), len(rows)
+        yield write_staged_part(staging, rows_to_table(rows, schema), partition_by), len(rows)
 
 
-def _at_least_one_part(staged: list[tuple[str, int]], staging: str, schema: pa.Schema) -> list[tuple[str, int]]:
-    """The staged parts in a fixed order; one empty part where there are none, so that even a
-    table of no rows reads with its schema."""
-    return sorted(staged) or [(write_staged_part(staging, schema.empty_table()), 0)]
+def _at_least_one_part(
+    staged: list[tuple[str, int]], staging: str, schema: pa.Schema, partition_by: str | None = None
+) -> list[tuple[str, int]]:
+    """The staged parts in a fixed order (by partition, then name); one empty part where there
+    are none, so that even a table of no rows reads with its schema."""
+    return sorted(staged) or [(write_staged_part(staging, schema.empty_table(), partition_by), 0)]
 
 
 def _move_in(fs: AbstractFileSystem, source: str, target: str) -> None:
@@ -126,7 +153,8 @@ def _move_in(fs: AbstractFileSystem, source: str, target: str) -> None:
 
 def publish(lease: Lease, commit: str, staged: Mapping[str, list[tuple[str, int]]], summary: dict) -> dict:
     """Commit the run that holds ``lease``: move each table's ``staged`` parts in under names of
-    their own (``features/part-<commit>-00000-of-00003.parquet``), then write ``_run.json``, the
+    their own (``features/part-<commit>-00000-of-00003.parquet``, in the partition folder a part
+    was staged in, ``features/split=train/part-...``), then write ``_run.json``, the
     summary with the parts of every table, as the one commit point, then delete what it replaced.
 
     Before any part moves, the commit writes its intent (the parts it adds and the files it will
@@ -142,7 +170,12 @@ def publish(lease: Lease, commit: str, staged: Mapping[str, list[tuple[str, int]
     tables: dict[str, dict[str, Any]] = {}
     moves: dict[str, str] = {}  # part name under root -> its staged file
     for table, parts in staged.items():
-        names = [f"{table}/{PART_PREFIX}{commit}-{i:05d}-of-{len(parts):05d}.parquet" for i in range(len(parts))]
+        names = [
+            posixpath.join(
+                table, outputs.partition_of(path) or "", f"{PART_PREFIX}{commit}-{i:05d}-of-{len(parts):05d}.parquet"
+            )
+            for i, (path, _) in enumerate(parts)
+        ]
         files = [{"path": name, "rows": rows} for name, (_, rows) in zip(names, parts, strict=True)]
         tables[table] = {"files": files, "rows": sum(rows for _, rows in parts)}
         moves.update((name, path) for name, (path, _) in zip(names, parts, strict=True))
@@ -180,24 +213,45 @@ class FeatureSchema(beam.PTransform):
 
 
 class StageParquetTable(beam.PTransform):
-    """Write dict rows as Parquet files in the folder ``staging``; outputs the list of staged
-    ``(path, rows)`` once every row is written (a singleton, for ``CommitRun``). ``schema`` is a
-    singleton PCollection, so it may depend on the data."""
+    """Write dict rows as Parquet files of at most ``rows_per_file`` rows in the folder
+    ``staging``; outputs the list of staged ``(path, rows)`` once every row is written (a
+    singleton, for ``CommitRun``). ``schema`` is a singleton PCollection, so it may depend on the
+    data. With ``partition_by`` (a column of ``schema`` of text, integers, booleans or dates, or
+    ``event_date``), each part holds one partition's rows, in the partition's folder."""
 
-    def __init__(self, staging: str, schema: beam.pvalue.PCollection, rows_per_file: int = 2000) -> None:
+    def __init__(
+        self,
+        staging: str,
+        schema: beam.pvalue.PCollection,
+        rows_per_file: int = 2000,
+        partition_by: str | None = None,
+    ) -> None:
         super().__init__()
         self.staging = staging
         self.schema = schema
         self.rows_per_file = rows_per_file
+        self.partition_by = partition_by
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         schema = beam.pvalue.AsSingleton(self.schema)
+        if self.partition_by is None:
+            batches = rows | "Batch" >> beam.BatchElements(
+                min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file
+            )
+        else:
+            batches = (
+                rows
+                | "BatchToKey" >> beam.BatchElements(max_batch_size=self.rows_per_file)
+                | "KeyByPartition"
+                >> beam.FlatMap(_by_partition, schema, self.partition_by).with_output_types(tuple[str, dict[str, Any]])
+                | "Batch" >> beam.GroupIntoBatches(self.rows_per_file)
+                | "Rows" >> beam.Values()
+            )
         return (
-            rows
-            | "Batch" >> beam.BatchElements(min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file)
-            | "WriteStaged" >> beam.FlatMap(_stage_rows, self.staging, schema)
+            batches
+            | "WriteStaged" >> beam.FlatMap(_stage_rows, self.staging, schema, self.partition_by)
             | "Gather" >> beam.combiners.ToList()
-            | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema)
+            | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema, self.partition_by)
         )
 
 

@@ -23,10 +23,12 @@ from mmfeatures.options import parse_options
 from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
+    KEPT_TAG,
     CommitRun,
     EmbedModality,
     FeatureSchema,
     JoinAndFuse,
+    PreviousRows,
     ReadRecords,
     StageParquetTable,
     sum_counts,
@@ -35,7 +37,9 @@ from mmfeatures.transforms import (
 
 def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     """Add the whole job to ``pipeline``; its commit confirms the run still holds ``lease``."""
-    read = pipeline | "ReadRecords" >> ReadRecords(job.inputs, job.read_options, job.spread_records)
+    read = pipeline | "ReadRecords" >> ReadRecords(
+        job.inputs, job.read_options, job.spread_records, job.location_policy, job.keepable
+    )
     records = read["records"]
     embedded = [
         records
@@ -44,9 +48,15 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     ]
     errors = [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
     embeddings = [branch["embeddings"] for branch in embedded] | "AllEmbeddings" >> beam.Flatten()
-    fused = {"records": records, "embeddings": embeddings, "errors": errors} | "JoinAndFuse" >> JoinAndFuse(
-        job.fusion, job.started
-    )
+    joined = {"records": records, "kept": read[KEPT_TAG], "embeddings": embeddings, "errors": errors}
+    column_types = [read[COLUMN_TYPES_TAG]]
+    if job.previous is not None:
+        joined["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous)
+        if job.previous.usable:  # its rows may be carried over, with their columns
+            column_types.append(
+                pipeline | "PreviousColumns" >> beam.Create([(len(job.inputs), job.previous.carried_types())])
+            )
+    fused = joined | "JoinAndFuse" >> JoinAndFuse(job.fusion, job.started, job.drop_missing)
 
     pipeline | "CommitRun" >> CommitRun(
         lease,
@@ -57,8 +67,9 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
         | "StageFeatures"
         >> StageParquetTable(
             job.staging("features"),
-            read[COLUMN_TYPES_TAG] | "FeatureSchema" >> FeatureSchema(job.features_schema),
+            column_types | "AllColumnTypes" >> beam.Flatten() | "FeatureSchema" >> FeatureSchema(job.features_schema),
             job.rows_per_file,
+            partition_by=job.partition_by,
         ),
         errors=errors
         | "StageErrors"

@@ -21,6 +21,7 @@ from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window
 from mmfeatures.modalities.image import IMAGE, ImageEncoder, ImagePreprocessor
 from mmfeatures.modalities.text import MINILM, TEXT, TextEncoder, TextPreprocessor
 from mmfeatures.settings import InferenceSettings
+from tests.jobs import png
 
 TINY_BERT_POSITIONS = 64
 TINY_WHISPER_MELS = 16
@@ -199,6 +200,19 @@ def tiny_model_options(tiny_bert_dir: Path, tiny_vit_dir: Path, tiny_whisper_dir
         "--audio-model",
         str(tiny_whisper_dir),
     ]
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> dict[str, Any]:
+    """Eight records of text and images, two of which share one photo's bytes."""
+    media = tmp_path / "media"
+    media.mkdir()
+    rows = []
+    for i in range(8):
+        image = media / f"{i}.png"
+        image.write_bytes(png(3 if i == 7 else i))  # r7's photo is r3's
+        rows.append({"id": f"r{i}", "text": f"record number {i}", "image": str(image), "label": "a"})
+    return {"folder": tmp_path, "rows": rows, "media": media}
 
 
 # -- helpers -----------------------------------------------------------------------------------

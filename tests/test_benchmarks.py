@@ -1,6 +1,7 @@
 """The throughput benchmark's smoke test, through ``benchmarks/gpu.sh --device cpu`` as a machine
 without a GPU runs it: ``--quick`` runs every measurement of every modality on a few records of each
-(real models, real generated files), prints the table and writes the JSON."""
+(real models, real generated files), prints the table and writes the JSON. The incremental
+benchmark's ``--quick`` runs its three jobs on a few images, each checked as the full run checks it."""
 
 from __future__ import annotations
 
@@ -82,3 +83,37 @@ def test_a_step_in_parts_counts_as_one_run_over_all_its_records() -> None:
     assert Measured.combined([first]) is first
     on_gpu = Measured(5, 1.0, peak_gpu_mb=300.0)
     assert Measured.combined([first, on_gpu]).peak_gpu_mb == 300.0
+
+
+def test_quick_incremental_benchmark_checks_each_run_and_writes_the_ratios(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.incremental", "--quick", "--workdir", str(tmp_path), "--json", str(results)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    report = json.loads(results.read_text())
+    records, changed = report["records"], report["changed_records"]
+    assert records >= 24 and changed >= 1
+    expected = {  # embedded, unchanged, added, replaced, rows whose vectors equal the first run's
+        "first": (records, 0, records, 0, 0),
+        "rerun": (0, records, 0, 0, records),
+        "changed rerun": (2 * changed, records - changed, changed, changed, records - changed),
+    }
+    for name, counts in expected.items():
+        figures = report["runs"][name]
+        changes = figures["incremental"]
+        found = (figures["embedded"], changes["unchanged"], changes["added"], changes["replaced"], figures["identical"])
+        assert found == counts, name
+        (row,) = [line for line in run.stdout.splitlines() if line.startswith(f"  {name:<15} ")]
+        assert tuple(int(value) for value in row[17:].split()[5:10]) == counts, name  # the printed row
+        assert figures["reconciles"] and figures["wall_seconds"] > 0 and figures["peak_rss_mb"] > 0, name
+    assert report["runs"]["rerun"]["models_loaded"] == []  # nothing to embed: no weights loaded
+    assert report["runs"]["first"]["models_loaded"] == ["image"]
+    assert all(ratio > 0 for ratio in report["ratios"].values())
+    assert "  rerun / first " in run.stdout and report["goal"]["rerun / first"] in run.stdout
+    assert "  changed rerun / first " in run.stdout

@@ -109,12 +109,21 @@ def test_run_summary_reconciles(output: str, sample: dict) -> None:
     assert summary["records"]["read"] == len(sample["records"])
     assert summary["feature_rows"] == len(sample["records"])
     assert summary["error_rows"] == len(sample["broken"])
+    folder = os.path.dirname(sample["manifest"])
     for modality in MODALITIES:
         present = sum(r.get(modality) is not None for r in records)
         failed = sum(m == modality for m in sample["broken"].values())
+        # Content that an earlier record holds too is embedded once, for both.
+        contents = [
+            r[modality].encode() if modality == "text" else open(os.path.join(folder, r[modality]), "rb").read()
+            for r in records
+            if r.get(modality) is not None and sample["broken"].get(r["id"]) != modality
+        ]
         assert summary["modalities"][modality] == {
             "present": present,
             "embedded": present - failed,
+            "shared": len(contents) - len(set(contents)),
+            "kept": 0,
             "failed": failed,
             "absent": len(sample["records"]) - present,
         }

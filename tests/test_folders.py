@@ -507,6 +507,8 @@ def test_the_job_embeds_a_media_folder(tmp_path: Path, tiny_model_options: list[
         assert summary["modalities"][modality] == {
             "present": present,
             "embedded": present,
+            "shared": 0,
+            "kept": 0,
             "failed": 0,
             "absent": 5 - present,
         }

@@ -182,7 +182,8 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _table(output: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[Any, ...]], dict[str, Any]]:
     features = read_features(str(output / "features")).to_pylist()
-    rows = {row.pop("id"): {k: v for k, v in row.items() if k != "event_timestamp"} for row in features}
+    times = ("event_timestamp", "created_timestamp")  # each run's own
+    rows = {row.pop("id"): {k: v for k, v in row.items() if k not in times} for row in features}
     errors = {(e["id"], e["modality"], e["error_type"]) for e in read_features(str(output / "errors")).to_pylist()}
     return rows, errors, json.loads((output / "_run.json").read_text())
 

@@ -296,7 +296,14 @@ def _assert_all_embedded(out: Path, n: int) -> None:
     assert summary["reconciles"] and all(summary["checks"].values())
     assert summary["records"]["read"] == summary["feature_rows"] == n and summary["error_rows"] == 0
     for modality in MODALITIES:
-        assert summary["modalities"][modality] == {"present": n, "embedded": n, "failed": 0, "absent": 0}
+        assert summary["modalities"][modality] == {
+            "present": n,
+            "embedded": n,
+            "shared": 0,
+            "kept": 0,
+            "failed": 0,
+            "absent": 0,
+        }
 
 
 @pytest.fixture(scope="module")

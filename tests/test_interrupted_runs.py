@@ -1,6 +1,6 @@
-"""A run killed part-way leaves no partial table behind; its lease keeps the next run off the
-output until it expires, and that run then removes what the killed one staged and completes the
-tables without duplicates."""
+"""A run killed part-way (a full run or an incremental one) leaves no partial table behind; its
+lease keeps the next run off the output until it expires, and that run then removes what the
+killed one staged and completes the tables without duplicates."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_sample_dataset(str(tmp_path_factory.mktemp("sample")), n=N, seed=5)
 
 
-def _start(manifest: str, output: str) -> subprocess.Popen:
+def _start(manifest: str, output: str, *options: str) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -39,6 +39,7 @@ def _start(manifest: str, output: str) -> subprocess.Popen:
         "3",
         "--lease_seconds",
         str(LEASE_SECONDS),
+        *options,
     ]
     return subprocess.Popen(
         command,
@@ -57,16 +58,17 @@ def _feature_ids(output: str) -> list[str] | None:
     return ids
 
 
-def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
+@pytest.mark.parametrize("options", [(), ("--incremental",)], ids=["full", "incremental"])
+def test_killed_while_writing_then_rerun(options: tuple[str, ...], manifest: str, tmp_path) -> None:
     output = str(tmp_path / "out")
     # A complete earlier run: the table a killed rerun must not damage.
-    assert _start(manifest, output).wait(timeout=300) == 0
+    assert _start(manifest, output, *options).wait(timeout=300) == 0
     complete = _feature_ids(output)
     assert complete is not None
     before = sorted(complete)
     assert len(before) == N
 
-    process = _start(manifest, output)
+    process = _start(manifest, output, *options)
     staged = os.path.join(output, "_staging", "run-*", "features", "*.parquet")
     deadline = time.monotonic() + 300
     while not glob.glob(staged) and process.poll() is None and time.monotonic() < deadline:
@@ -81,7 +83,7 @@ def test_killed_while_writing_then_rerun(manifest: str, tmp_path) -> None:
     assert after is None or sorted(after) == before
 
     time.sleep(max(0.0, killed + LEASE_SECONDS + 1 - time.monotonic()))  # until the killed run's lease expires
-    assert _start(manifest, output).wait(timeout=300) == 0
+    assert _start(manifest, output, *options).wait(timeout=300) == 0
     rerun = _feature_ids(output)
     assert rerun is not None
     assert sorted(rerun) == before and len(set(rerun)) == len(rerun)

@@ -22,8 +22,8 @@ def test_each_record_is_fused_once_and_counted_once_per_bundle_not_per_record() 
         parse_record({"id": f"r{i}", "text": f"text {i}", "image": f"{i}.png"}, source=f"m:{i}", manifest_dir="/data")
         for i in range(20)
     ]
-    embeddings = [(f"r{i}", ("text", np.full(3, i + 1, np.float32))) for i in range(20)]
-    embeddings += [(f"r{i}", ("image", np.ones(2, np.float32))) for i in range(0, 20, 2)]
+    embeddings = [(f"r{i}", ("text", np.full(3, i + 1, np.float32), None)) for i in range(20)]
+    embeddings += [(f"r{i}", ("image", np.ones(2, np.float32), None)) for i in range(0, 20, 2)]
     errors = [
         ErrorRow(f"r{i}", "image", Stage.DECODE, "corrupt_image", "bad", f"{i}.png").to_dict() for i in range(1, 20, 2)
     ]
@@ -55,6 +55,7 @@ def test_each_record_is_fused_once_and_counted_once_per_bundle_not_per_record() 
                             "image": ModalityCounts(present=20, embedded=10, failed=10),
                             "audio": ModalityCounts(present=0, embedded=0, failed=0),
                         },
+                        rows_added=20,
                     )
                 ]
             ),

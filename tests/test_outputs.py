@@ -17,13 +17,12 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from mmfeatures import __version__, outputs, schema, sinks, storage
 from mmfeatures.errors import ConfigurationError
 from mmfeatures.job import check_output
 from mmfeatures.lease import Lease
-from tests.committed_tables import commit_tables
+from tests.committed_tables import COMMIT_STEPS, commit_tables, cut_commit_short
 
 ERRORS = schema.errors_schema()
 
@@ -66,13 +65,6 @@ def listed(output: str) -> list[str]:
     return sorted(["_run.json"] + [part["path"] for table in manifest["tables"].values() for part in table["files"]])
 
 
-STEPS = [  # (what fails, on which call): each point of a commit that a kill or a fault can cut
-    ("move", 1),  # one part moved in, the others not
-    ("manifest", 0),  # every part moved in, _run.json not written
-    ("delete", 0),  # _run.json written, the replaced parts not yet deleted
-]
-
-
 @pytest.fixture(params=["local", "memory"])
 def output(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "local":
@@ -83,33 +75,16 @@ def output(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     fsspec.filesystem("memory").rm(url.split("://")[1].split("/")[0], recursive=True)
 
 
-@pytest.mark.parametrize("step, after", STEPS)
+@pytest.mark.parametrize("step, after", COMMIT_STEPS)
 def test_a_commit_cut_short_at_any_step_leaves_one_whole_run_and_the_next_run_cleans_up(
     output: str, step: str, after: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commit_run(output, range(0, 5))
     previous = json.loads(fsspec.open(storage.join(output, "_run.json")).open().read())
-    local = "://" not in output
-    owner, name = {
-        "move": (os, "rename") if local else (MemoryFileSystem, "copy"),
-        "manifest": (os, "replace") if local else (MemoryFileSystem, "pipe_file"),
-        "delete": (MemoryFileSystem if not local else fsspec.implementations.local.LocalFileSystem, "rm_file"),
-    }[step]
-    original = getattr(owner, name)
-    calls: list[Any] = []
-
-    def cut(*args: Any, **kwargs: Any) -> Any:
-        if step == "manifest" and not str(args[1]).endswith("_run.json"):
-            return original(*args, **kwargs)  # the intent and the lease, written atomically too
-        if len(calls) == after:
-            raise OSError("cut short")
-        calls.append(args)
-        return original(*args, **kwargs)
-
     run = f"run-{uuid.uuid4().hex}"
     lease = Lease.take(output, run)
     staged = stage(output, run, range(20, 26))
-    monkeypatch.setattr(owner, name, cut)
+    cut_commit_short(monkeypatch, output, step, after)
     with pytest.raises(OSError, match="cut short"):
         sinks.publish(lease, "new", staged, {"package_version": __version__})
     monkeypatch.undo()

@@ -4,16 +4,19 @@ import gzip
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.util import assert_that, equal_to
 
+from mmfeatures.content import SERVED_TAG, SHARES_TAG
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.reading import _READ_TAG, ReadRecords, _ReadAgain, fingerprint
+from mmfeatures.reading import _READ_TAG, KEPT_TAG, ReadRecords, _holds, _Positions, _ReadAgain, fingerprint
 from mmfeatures.records import Record
 from mmfeatures.sources import Input, ReadOptions, find_inputs
 from tests.tar_shards import Member, build_tar
@@ -226,6 +229,21 @@ def test_records_with_media_bytes_are_read_again_after_the_duplicates_are_settle
         assert_that(out[COUNTS_TAG], equal_to([RunCounts(rows_read=2), RunCounts(rows_read=2)]), label="RowsRead")
 
 
+def _positions(*positions: int) -> np.ndarray:
+    combine = _Positions()
+    bits = combine.create_accumulator()
+    for position in positions:
+        bits = combine.add_input(bits, position)
+    return bits
+
+
+def test_positions_merge_as_one_bitmap() -> None:
+    combine = _Positions()
+    merged = combine.merge_accumulators([_positions(3, 700), _positions(), _positions(9, 3)])
+    assert [p for p in range(800) if _holds([merged], p)] == [3, 9, 700]
+    assert not _holds([], 3) and merged.nbytes < 200
+
+
 def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
     """A file rewritten while the job ran: the records the second pass no longer finds are never
     silently missing, and where the file is not what the first pass read, none of its records is
@@ -235,17 +253,30 @@ def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
     source = Input(str(path), "jsonl")
     first = fingerprint(source)
     read_again = _ReadAgain(ReadOptions())
-    out = list(read_again.process((0, {_READ_TAG: [(source, 3, first)], "dropped": [1]})))
+    # The third record was to embed its text for record "c" of another input too.
+    shares = [(2, "text", (("c", "other.jsonl:1"),))]
+
+    def second_pass(records: int) -> list:
+        parts: dict[str, list[Any]] = {_READ_TAG: [(source, records, first)], "dropped": [_positions(1)], KEPT_TAG: []}
+        return list(read_again.process((0, {**parts, SHARES_TAG: shares, SERVED_TAG: []})))
+
+    out = second_pass(3)
     assert [item.id for item in out if isinstance(item, Record)] == ["a"]
-    (error,) = [item.value for item in out if isinstance(item, TaggedOutput)]
+    error, copy = [item.value for item in out if isinstance(item, TaggedOutput)]
     assert (error["id"], error["error_type"], error["source"]) == (None, "input_changed", str(path))
     assert "2 records were to be sent, not 1" in error["message"]
+    assert (copy["id"], copy["modality"], copy["error_type"], copy["source"]) == (
+        "c",
+        "text",
+        "input_changed",
+        "other.jsonl:1",
+    )
 
     path.write_text('{"id": "b", "text": "t"}\n{"id": "a", "text": "t"}\n')  # as many records, moved
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    out = list(read_again.process((0, {_READ_TAG: [(source, 2, first)], "dropped": [1]})))
-    (error,) = [item.value for item in out]
+    error, copy = [item.value for item in second_pass(2)]
     assert error["error_type"] == "input_changed" and "none of its 2 records is sent" in error["message"]
+    assert copy["id"] == "c"
 
 
 def _write_every_kind(tmp_path: Path, limit: int) -> list[str]:

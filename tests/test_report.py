@@ -175,7 +175,8 @@ def test_record_and_modality_counts_are_those_of_run_json(page: Page, run_summar
     modalities = page.sections["modalities"].rows_by_first_cell("present")
     assert set(modalities) == {"text", "image", "audio"}
     for name, counts in run_summary["modalities"].items():
-        assert modalities[name][:4] == [str(counts[k]) for k in ("present", "embedded", "failed", "absent")]
+        shown = ("present", "embedded", "shared", "kept", "failed", "absent")
+        assert modalities[name][: len(shown)] == [str(counts[k]) for k in shown]
 
 
 def test_coverage_counts_the_feature_rows_modalities(page: Page, real_run: Path) -> None:
@@ -270,6 +271,8 @@ def feature_row(
         "split": "train",
         "failed_modalities": [],
         "event_timestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        "created_timestamp": datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        "content_hash": None,
         "fused": _vector(DIMS["fused"], index + 1),
     }
     for name in ("text", "image", "audio"):

@@ -7,14 +7,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import apache_beam as beam
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmfeatures import __version__, column_types, lease, outputs, schema, sinks, storage
+from mmfeatures import column_types, schema, sinks, storage
+from tests.committed_tables import stage_and_commit
 
 DIMS = {"text": 3, "image": 2, "audio": 4, "fused": 5}
 WHEN = datetime.datetime(2024, 5, 1, 12, 30, tzinfo=datetime.timezone.utc)
@@ -38,6 +38,8 @@ def feature_row(
         "has_audio": audio,
         "failed_modalities": [] if text else ["text"],
         "event_timestamp": WHEN,
+        "created_timestamp": WHEN,
+        "content_hash": None,
     }
     row.update(carried)
     return row
@@ -249,34 +251,6 @@ def rows_for(ids: Iterable[int]) -> list[dict[str, Any]]:
     return [feature_row(i, text=i % 2 == 0, image=i % 2 == 1, audio=i % 3 == 0, score=i) for i in ids]
 
 
-def summary(counts: int, **written: Any) -> dict[str, Any]:
-    """The run summary a test commit publishes: what the commit step counted as staged."""
-    return {"package_version": __version__, "counts": counts, **written}
-
-
-def run_and_commit(output: str, rows: list[dict[str, Any]], rows_per_file: int) -> dict[str, Any]:
-    """One pipeline that stages ``rows`` as the feature table and no error rows, then commits
-    the run under ``output``, holding its lease as a run does; returns ``_run.json``."""
-    run = f"run-{uuid.uuid4().hex}"
-    with lease.held(output, run) as held:
-        with beam.Pipeline(runner="FnApiRunner") as p:
-            staged = {
-                name: p
-                | f"Rows[{name}]" >> beam.Create(table_rows, reshuffle=False)
-                | f"Stage[{name}]"
-                >> sinks.StageParquetTable(
-                    storage.join(output, outputs.STAGING, run, name),
-                    p | f"Schema[{name}]" >> beam.Create([table_schema]),
-                    rows_per_file,
-                )
-                for name, table_rows, table_schema in (("features", rows, FEATURES), ("errors", [], ERRORS))
-            }
-            counts = p | "Counts" >> beam.Create([len(rows)])
-            p | "Commit" >> sinks.CommitRun(held, f"test-{run[-8:]}", summary, 0.0, counts=counts, **staged)
-    fs, root = fsspec.core.url_to_fs(output)
-    return json.loads(fs.cat_file(f"{root.rstrip('/')}/_run.json"))
-
-
 def check_committed(output: str, rows: list[dict[str, Any]], rows_per_file: int) -> None:
     """The output holds one commit: each table folder holds exactly the parts _run.json lists,
     named after the commit, and they hold ``rows``; no staging is left."""
@@ -310,14 +284,14 @@ def read_rows(output: str, **kwargs: Any) -> list[dict[str, Any]]:
 def test_a_run_commits_both_tables_in_one_run_manifest_and_a_rerun_replaces_them(tmp_path, where):
     output = str(tmp_path / "out") if where == "local" else f"memory://sinks-{uuid.uuid4().hex}/out"
     rows = rows_for(range(7))
-    run_and_commit(output, rows, 3)
+    stage_and_commit(output, rows, FEATURES, 3)
     check_committed(output, rows, 3)
     read = schema.read_features(storage.join(output, "features"))
     assert read.schema.field("fused").type == pa.list_(pa.float32(), 5)
     assert all(schema.read_run_metadata(read.schema)[key] == value for key, value in METADATA.items())
 
     rerun = rows_for(range(10, 13))
-    run_and_commit(output, rerun, 2)
+    stage_and_commit(output, rerun, FEATURES, 2)
     check_committed(output, rerun, 2)  # no part of the first run is left
     if where == "local":
         assert pq.read_table(f"{output}/features").num_rows == 3  # a plain reader of the folder agrees

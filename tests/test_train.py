@@ -82,6 +82,8 @@ def feature_table(
         **{f"has_{m}": present[m].tolist() for m in DIMS},
         "failed_modalities": [[] for _ in range(n)],
         "event_timestamp": [datetime(2025, 1, 1, tzinfo=timezone.utc)] * n,
+        "created_timestamp": [datetime(2025, 1, 1, tzinfo=timezone.utc)] * n,
+        "content_hash": [None] * n,
     }
     schema = features_schema({**DIMS, "fused": fusion.output_dim}, carried=None, metadata=METADATA)
     table = pa.Table.from_pydict(columns, schema=schema)

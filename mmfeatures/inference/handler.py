@@ -37,6 +37,8 @@ class Outcome:
     source: str | None
     vector: np.ndarray | None = None
     error: RecordError | None = None
+    digest: str | None = None  # of the content embedded
+    copies: tuple[tuple[str, str], ...] = ()  # (id, source) of the records that take this outcome too
 
 
 class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
@@ -103,7 +105,7 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         record_id, prepared = item
         _LOG.warning("%s model failed on record %s: %s", self.modality.name, record_id, exc)
         error = EncodeError(f"the model failed: {exc!r}", error_type="model_error")
-        return Outcome(record_id, prepared.source, error=error)
+        return Outcome(record_id, prepared.source, error=error, copies=prepared.copies)
 
     def get_num_bytes(self, batch: Sequence[Keyed]) -> int:
         return sum(prepared.cost for _, prepared in batch) * 4
@@ -116,5 +118,7 @@ def _checked(item: Keyed, vector: np.ndarray) -> Outcome:
     record_id, prepared = item
     if not np.all(np.isfinite(vector)):
         error = EncodeError("the embedding holds NaN or Inf", error_type="non_finite_embedding")
-        return Outcome(record_id, prepared.source, error=error)
-    return Outcome(record_id, prepared.source, vector=vector.astype(np.float32))
+        return Outcome(record_id, prepared.source, error=error, copies=prepared.copies)
+    return Outcome(
+        record_id, prepared.source, vector=vector.astype(np.float32), digest=prepared.digest, copies=prepared.copies
+    )

@@ -13,12 +13,13 @@ import torch
 from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures import storage
+from mmfeatures.content import for_copies
 from mmfeatures.counts import error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow
 from mmfeatures.host import CPU_TURNS, available_cores, settle_worker_process
 from mmfeatures.limits import check_size
 from mmfeatures.modalities.base import Prepared, Preprocessor, Window
-from mmfeatures.records import Payload, Record
+from mmfeatures.records import Payload, Record, media_digest
 
 # Media bytes that records carry (tar members, binary columns) held ahead of the model, in files of
 # --max-bytes: a few at most, however many records ``ahead`` allows.
@@ -109,35 +110,41 @@ class Prepare(beam.DoFn):
             self._records_in_flight -= len(places)
             self._bytes_in_flight -= carried
             for result, (window, timestamp) in zip(future.result(), places, strict=True):
-                if isinstance(result, ErrorRow):
-                    error = error_output(result)  # counted here: metrics belong to the bundle's thread
-                    yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
+                if isinstance(result, list):  # the record's error row, and its copies'
+                    for row in result:
+                        error = error_output(row)  # counted here: metrics belong to the bundle's thread
+                        yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
                 else:
                     yield WindowedValue(result, timestamp, (window,))
 
-    def _prepare(self, records: list[Record]) -> list[tuple[str, Prepared] | ErrorRow]:
-        """Each record's windows, or its error row: any failure is the record's, never the run's."""
+    def _prepare(self, records: list[Record]) -> list[tuple[str, Prepared] | list[ErrorRow]]:
+        """Each record's windows, or its error row and its copies' (``Record.copies``): any failure
+        is the record's, never the run's."""
         name = self.preprocessor.name
         decoded = [self._decode(record) for record in records]
-        ready = [index for index, (_, raw) in enumerate(decoded) if not isinstance(raw, ErrorRow)]
+        ready = [index for index, (_, raw, _) in enumerate(decoded) if not isinstance(raw, ErrorRow)]
         CPU_TURNS.wait_for_cores()  # a model's turn may have begun while the group was decoded
         windows = dict(zip(ready, preprocess_each(self.preprocessor, [decoded[i][1] for i in ready]), strict=True))
-        results: list[tuple[str, Prepared] | ErrorRow] = []
-        for index, (record, (source, raw)) in enumerate(zip(records, decoded, strict=True)):
+        results: list[tuple[str, Prepared] | list[ErrorRow]] = []
+        for index, (record, (source, raw, digest)) in enumerate(zip(records, decoded, strict=True)):
             outcome = windows.get(index)
+            copies = record.copies.get(name, ())
             if isinstance(raw, ErrorRow):
-                results.append(raw)
+                results.append([raw, *for_copies(raw, copies)])
             elif isinstance(outcome, Exception):
-                results.append(ErrorRow.from_exception(outcome, record_id=record.id, modality=name, source=source))
+                error = ErrorRow.from_exception(outcome, record_id=record.id, modality=name, source=source)
+                results.append([error, *for_copies(error, copies)])
             else:
                 assert outcome is not None
-                results.append((record.id, Prepared(outcome, source)))
+                results.append((record.id, Prepared(outcome, source, digest, copies)))
         return results
 
-    def _decode(self, record: Record) -> tuple[str | None, Any]:
-        """The record's source and its decoded value, or the error row of its fetch or decode."""
+    def _decode(self, record: Record) -> tuple[str | None, Any, str | None]:
+        """The record's source, its decoded value (or the error row of its fetch or decode) and
+        the digest of the bytes or text it was decoded from."""
         preprocessor = self.preprocessor
         source: str | None = record.source
+        digest: str | None = None
         try:
             payload = record.payload(preprocessor.name)
             assert payload is not None  # records reach this step only for the modalities they hold
@@ -149,11 +156,12 @@ class Prepare(beam.DoFn):
             else:
                 source = storage.resolve_reference(payload, record.manifest_dir)
                 data = storage.read_bytes(source, preprocessor.limits.max_bytes, self.policy)
+            digest = media_digest(data)
             CPU_TURNS.wait_for_cores()  # fetching overlaps a CPU model; decoding takes turns with it
-            return source, preprocessor.decode(data)
+            return source, preprocessor.decode(data), digest
         except Exception as exc:  # noqa: BLE001 - any failure is this record's, never the run's
             error = ErrorRow.from_exception(exc, record_id=record.id, modality=preprocessor.name, source=source)
-            return source, error
+            return source, error, digest
 
 
 def preprocess_each(preprocessor: Preprocessor, raws: list[Any]) -> list[list[Window] | Exception]:

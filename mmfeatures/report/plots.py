@@ -24,7 +24,7 @@ DPI = 100
 MAX_LEGEND_LABELS = 20  # past this a legend hides the plot; colours alone still show clusters
 UMAP_MIN_POINTS = 16  # UMAP's neighbourhood graph needs more points than its 15 neighbours
 NO_LABEL_COLOUR = "#9e9e9e"
-COUNT_COLOURS = {"embedded": "#2e7d32", "failed": "#c62828", "absent": "#bdbdbd"}
+COUNT_COLOURS = {"embedded": "#2e7d32", "kept": "#81c784", "failed": "#c62828", "absent": "#bdbdbd"}
 METRIC_COLOURS = {"accuracy": "#1565c0", "macro_recall": "#6a1b9a", "macro_f1": "#ef6c00"}
 
 

@@ -64,15 +64,29 @@ def modalities_section(summary: Mapping[str, Any], plots: Plots) -> Section:
             name,
             c.get("present"),
             c.get("embedded"),
+            c.get("shared", 0),
+            c.get("kept", 0),
             c.get("failed"),
             c.get("absent"),
             percent(c.get("present", 0), accepted),
-            percent(c.get("embedded", 0), c.get("present", 0)),
+            percent(c.get("embedded", 0) + c.get("kept", 0), c.get("present", 0)),
         ]
         for name, c in modalities.items()
     ]
-    headers = ["modality", "present", "embedded", "failed", "absent", "present / accepted", "embedded / present"]
-    alt = "Records per modality: embedded, failed and absent"
+    # shared: of those embedded, given another record's vector for the same content; kept: an
+    # incremental run kept the record's previous row. Summaries of earlier releases have neither.
+    headers = [
+        "modality",
+        "present",
+        "embedded",
+        "shared",
+        "kept",
+        "failed",
+        "absent",
+        "present / accepted",
+        "with a vector / present",
+    ]
+    alt = "Records per modality: embedded, kept, failed and absent"
     figure = plots.embed("modality-counts", modality_counts_figure(modalities), alt)
     return section("modalities", "Modalities", table(headers, rows), figure)
 

@@ -29,6 +29,7 @@ class ReadOptions:
     csv_delimiter: str | None = None  # None: sniffed from the header line
     label_from_folder: bool = False  # media folders: a file's top folder under the input is its label
     columns: Mapping[str, str] = field(default_factory=dict)  # --columns: field -> input column
+    timestamp_column: str | None = None  # --timestamp-column: the input column of each record's event time
 
 
 def row_error(exc: ManifestError, source: str, record_id: str | None = None) -> ErrorRow:

@@ -170,7 +170,14 @@ def test_a_toy_fourth_modality_runs_end_to_end(tmp_path: Path) -> None:
     ]
     summary = json.loads((output / "_run.json").read_text())
     assert summary["reconciles"] is True
-    assert summary["modalities"]["sensor"] == {"present": 3, "embedded": 2, "failed": 1, "absent": 1}
+    assert summary["modalities"]["sensor"] == {
+        "present": 3,
+        "embedded": 2,
+        "shared": 0,
+        "kept": 0,
+        "failed": 1,
+        "absent": 1,
+    }
     assert summary["models"]["sensor"]["dimension"] == DIMENSION
     assert summary["models"]["sensor"]["preprocessing"] == {"readings": READINGS, "padding": "zeros"}
 

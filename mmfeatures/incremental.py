@@ -1,0 +1,145 @@
+"""Incremental runs (``--incremental``): which records keep the row that the table at ``--output``
+already holds, and that table's rows for the join.
+
+A record keeps its row when its id, its content hash (``records.content_hash``: its text and
+media bytes) and the run's settings fingerprint (every setting that changes a vector) match the
+row's, and the row has no failed modality (a failure is tried again). Deciding it needs only
+small keys: each record's place and content hash (``content``), grouped by id with the previous
+table's ``(id, content hash)``, so no record crosses a shuffle for it (``reading.ReadRecords`` reads the
+inputs again and sends the kept records on past the models). The previous rows meet this run's
+records in the join (``join.JoinAndFuse``) as embeddings do, and the run commits a whole new
+table, so a plain Parquet reader of the folder sees the current rows and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from mmfeatures import outputs, schema
+
+
+def settings_fingerprint(models: Mapping[str, Any], fusion: Mapping[str, Any], precision: str, device: str) -> str:
+    """The sha256 of every setting that changes a vector: each model's weights (sha256),
+    dimension and preprocessing, the fusion, the precision, the device class and the runtime. A
+    model's folder or URL is left out: the same weights read from elsewhere give the same vectors."""
+    described = {
+        "models": {name: {k: v for k, v in model.items() if k != "model_id"} for name, model in models.items()},
+        "fusion": fusion,
+        "precision": precision,
+        "device": device,
+        "runtime": "torch",
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class PreviousTable:
+    """The feature table committed at ``--output`` when an incremental run starts: its parts (in
+    ``fs``'s terms), rows and commit, and whether its rows may be kept (``usable``: written with
+    this run's settings fingerprint)."""
+
+    fs: Any  # an fsspec file system
+    parts: tuple[str, ...]
+    rows: int
+    commit: str
+    fingerprint: str | None
+    usable: bool
+    carried: pa.Schema  # its carried columns, which rows it carries over hold
+
+    @classmethod
+    def at(cls, output: str, fingerprint: str) -> PreviousTable | None:
+        """The table committed at ``output``, or None where no run has committed one."""
+        fs, root = url_to_fs(output)
+        root = root.rstrip("/")
+        manifest = outputs.run_manifest(fs, root)
+        table = outputs.tables_of(manifest, fs, root).get("features")
+        if manifest is None or table is None:
+            return None
+        previous = manifest.get("fingerprint")
+        fields: list[pa.Field] = []
+        if table.parts:
+            with fs.open(table.parts[0], "rb") as handle:
+                stored = pq.read_schema(handle)
+            fields = list(stored)
+            partition = schema.recorded_partition(stored)
+            # A partition column is the records' own, but event_date, derived from event_timestamp.
+            if partition is not None and partition[1].name != schema.EVENT_DATE:
+                fields.insert(*partition)
+        declared = set(schema.field_names("features"))
+        carried = pa.schema([field for field in fields if field.name not in declared])
+        return cls(fs, tuple(table.parts), table.rows, manifest["commit"], previous, previous == fingerprint, carried)
+
+    def carried_types(self) -> dict[str, pa.DataType]:
+        return {field.name: field.type for field in self.carried}
+
+
+def _read_batches(fs: Any, part: str, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    """One part's rows (a partition column back in its place) in batches, so a part is never held
+    whole as Python values; a part holds at most ``--rows-per-file`` rows, so Arrow may hold it."""
+    yield from schema.read_part(fs, part, columns).to_batches(max_chunksize=1024)
+
+
+def _kept_keys(part: str, previous: PreviousTable) -> Iterator[tuple[str, str]]:
+    """``(id, content hash)`` of each row of ``part`` that a record may keep: one with a content
+    hash and no failed modality."""
+    for batch in _read_batches(previous.fs, part, ["id", "content_hash", "failed_modalities"]):
+        ids, hashes, failed = (batch.column(name).to_pylist() for name in ("id", "content_hash", "failed_modalities"))
+        yield from ((i, h) for i, h, f in zip(ids, hashes, failed, strict=True) if h is not None and not f)
+
+
+def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(id, row)`` of each row of ``part``, embeddings as numpy arrays (None where absent). A
+    table whose rows cannot be kept gives ids alone: the join counts what it drops or replaces."""
+    columns = None if previous.usable else ["id"]
+    for batch in _read_batches(previous.fs, part, columns):
+        values: dict[str, list[Any]] = {}
+        for name, column in zip(batch.schema.names, batch.columns, strict=True):
+            if schema.embedding_dimension(batch.schema.field(name)) is not None:
+                values[name] = list(column.to_numpy(zero_copy_only=False))
+            else:
+                values[name] = column.to_pylist()
+        for index, record_id in enumerate(values["id"]):
+            yield record_id, {name: column[index] for name, column in values.items()}
+
+
+class PreviousKeys(beam.PTransform):
+    """The previous table's ``(id, content hash)`` of every row a record may keep (none when the
+    table's settings differ from this run's)."""
+
+    def __init__(self, previous: PreviousTable):
+        super().__init__()
+        self.previous = previous
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        parts = list(self.previous.parts) if self.previous.usable else []
+        return (
+            pbegin
+            | "Parts" >> beam.Create(parts)
+            | "Spread" >> beam.Reshuffle()
+            | "Keys" >> beam.FlatMap(_kept_keys, self.previous)
+        )
+
+
+class PreviousRows(beam.PTransform):
+    """The previous table's rows, keyed by id, for the join to keep, carry over or drop."""
+
+    def __init__(self, previous: PreviousTable):
+        super().__init__()
+        self.previous = previous
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "Parts" >> beam.Create(list(self.previous.parts))
+            | "Spread" >> beam.Reshuffle()
+            | "Rows" >> beam.FlatMap(_rows, self.previous)
+        )
