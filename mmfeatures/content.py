@@ -5,7 +5,7 @@ The digests serve twice. An incremental run keeps a record's previous row when t
 content hash (``records.content_hash`` of its digests) is the row's (``incremental``). And content
 that several records share (the same photo under two ids, the same caption) is embedded once:
 ``ShareContent`` groups the records to embed by (modality, digest), and the first of each group
-(by input order) embeds it for the others. Like the duplicate-id check, this moves only small
+(by input order) embeds it for the others (for ``MOST_COPIES`` of them at most). Like the duplicate-id check, this moves only small
 keys (an id, its place and source), never a record, and its result is small too: only records
 that share content are named in it.
 
@@ -33,6 +33,10 @@ Pending = tuple[tuple[str, str, str], ...]  # (modality, "digest" | "fetch", dig
 Digests = tuple[tuple[str, str], ...]  # (modality, digest), in the record's modality order
 Place = tuple[int, int]  # a row's input (its index among the inputs) and position in it
 Copies = tuple[tuple[str, str], ...]  # the (id, source) of records that take another's vector
+
+# Records one embedding is given to: content that a million records hold (a placeholder image) is
+# embedded once per thousand of them, so that no record carries a million ids through the model.
+MOST_COPIES = 1000
 
 SHARES_TAG = "shares"  # per input: (position, modality, copies) of a record that embeds for copies
 SERVED_TAG = "served"  # per input: (position, modality) whose vector another record embeds
@@ -112,16 +116,19 @@ class HashContent(beam.PTransform):
 
 
 def _share(keyed: tuple[tuple[str, str], Iterable[tuple[Place, str, str]]]) -> Iterator[Any]:
-    """The records of one (modality, digest): the first by place embeds it for the others."""
+    """The records of one (modality, digest): the first by place embeds it for the next
+    ``MOST_COPIES``, the first after them for the next, and so on."""
     (modality, _), members = keyed
-    first, *copies = sorted(members)
-    if not copies:
-        return
-    (file_index, position), _, _ = first
-    named: Copies = tuple((record_id, source) for _, record_id, source in copies)
-    yield beam.pvalue.TaggedOutput(SHARES_TAG, (file_index, (position, modality, named)))
-    for (copy_index, copy_position), _, _ in copies:
-        yield beam.pvalue.TaggedOutput(SERVED_TAG, (copy_index, (copy_position, modality)))
+    ordered = sorted(members)
+    for start in range(0, len(ordered), MOST_COPIES + 1):
+        first, *copies = ordered[start : start + MOST_COPIES + 1]
+        if not copies:
+            return
+        (file_index, position), _, _ = first
+        named: Copies = tuple((record_id, source) for _, record_id, source in copies)
+        yield beam.pvalue.TaggedOutput(SHARES_TAG, (file_index, (position, modality, named)))
+        for (copy_index, copy_position), _, _ in copies:
+            yield beam.pvalue.TaggedOutput(SERVED_TAG, (copy_index, (copy_position, modality)))
 
 
 class ShareContent(beam.PTransform):

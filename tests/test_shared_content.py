@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.pvalue import TaggedOutput
 
+from mmfeatures import content
 from mmfeatures.content import SERVED_TAG, SHARES_TAG, Sharing, _share, for_copies
 from mmfeatures.errors import ErrorRow, Stage
 from mmfeatures.records import Record
@@ -26,6 +27,17 @@ def test_the_first_record_by_place_embeds_for_the_others() -> None:
         (SERVED_TAG, (1, (0, "image"))),
     ]
     assert list(_share((("image", "d2"), [((0, 1), "z", "one.jsonl:2")]))) == []  # content of one record
+
+
+def test_content_that_very_many_records_share_is_embedded_once_per_thousand(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(content, "MOST_COPIES", 2)
+    members = [((0, i), f"r{i}", f"m:{i + 1}") for i in range(7)]
+    out = list(_share((("text", "d"), members)))
+    assert [item.value for item in out if item.tag == SHARES_TAG] == [
+        (0, (0, "text", (("r1", "m:2"), ("r2", "m:3")))),
+        (0, (3, "text", (("r4", "m:5"), ("r5", "m:6")))),
+    ]  # and r6, first of a group of its own, embeds for itself alone
+    assert [item.value for item in out if item.tag == SERVED_TAG] == [(0, (i, "text")) for i in (1, 2, 4, 5)]
 
 
 def test_sharing_marks_records_and_accounts_for_copies_whose_record_was_not_sent() -> None:
