@@ -5,9 +5,9 @@ The digests serve twice. An incremental run keeps a record's previous row when t
 content hash (``records.content_hash`` of its digests) is the row's (``incremental``). And content
 that several records share (the same photo under two ids, the same caption) is embedded once:
 ``ShareContent`` groups the records to embed by (modality, digest), and the first of each group
-(by input order) embeds it for the others (for ``MOST_COPIES`` of them at most). Like the duplicate-id check, this moves only small
-keys (an id, its place and source), never a record, and its result is small too: only records
-that share content are named in it.
+(by input order) embeds it for the others (for ``MOST_COPIES`` of them at most). Like the
+duplicate-id check, this moves only small keys (an id, its place and source), never a record, and
+its result is small too: only records that share content are named in it.
 
 Hashing a referenced file means fetching it here and again when it is embedded; local and
 cached reads cost little beside the model, and the docs give the measured cost.
