@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.inputs import InputSet
-from benchmarks.throughput import Settings, _build_inputs, _log, _processor_name
+from benchmarks.throughput import Settings, add_run_arguments, build_inputs, log_path, processor_name
 from mmfeatures.host import available_cores
 from mmfeatures.schema import read_features
 
@@ -95,7 +95,7 @@ class Run:
 def run_job(name: str, manifest: Path, output: Path, records: int, settings: Settings, expected: Expected) -> Run:
     """``mmfeatures extract`` in a process of its own, timed from start to exit; its ``_run.json``
     checked against ``expected``."""
-    log = _log(settings, f"incremental-{name.replace(' ', '-')}")
+    log = log_path(settings, f"incremental-{name.replace(' ', '-')}")
     argv = [sys.executable, "-m", "mmfeatures.cli", "extract", *settings.job_argv(manifest, output)]
     with open(log, "wb") as handle:
         start = time.perf_counter()
@@ -216,7 +216,7 @@ def run_benchmark(records: int, settings: Settings, seed: int) -> list[Run]:
     """The three runs, in order, over one output folder."""
     changed = changed_records(records)
     print(f"building or finding {records + 2 * changed} images ...", flush=True)
-    inputs = _build_inputs(settings, MODALITY, records + 2 * changed, seed, "inputs-incremental")
+    inputs = build_inputs(settings, MODALITY, records + 2 * changed, seed, "inputs-incremental")
     scratch = ScratchSet.copied(inputs, records, changed, settings.workdir / "incremental" / "inputs")
     output = settings.workdir / "incremental" / "output"
     shutil.rmtree(output, ignore_errors=True)
@@ -281,7 +281,7 @@ def format_report(runs: list[Run], settings: Settings) -> str:
 def report_json(runs: list[Run], settings: Settings, started: float, quick: bool) -> dict[str, Any]:
     figures = ratios(runs)
     return {
-        "machine": {"cores": available_cores(), "processor": _processor_name()},
+        "machine": {"cores": available_cores(), "processor": processor_name()},
         "settings": {
             "device": settings.device,
             "precision": settings.precision,
@@ -306,16 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--count", type=int, default=None, help=f"Images (default: {RECORDS}).")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_RECORDS} images: a smoke test.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("out/benchmarks"),
-        help="Inputs (kept for the next run, shared with benchmarks.throughput), job outputs and logs.",
-    )
-    parser.add_argument(
-        "--json", type=Path, default=None, help="Where to write the results (default: WORKDIR/incremental.json)."
-    )
+    add_run_arguments(parser, "incremental.json")
     return parser
 
 

@@ -472,21 +472,21 @@ def _verdict(device: str, figure: str, value: float, modality: str | None = None
     return f"{'pass' if met else 'FAIL'} ({direction} {bound:g})"
 
 
-def _build_inputs(settings: Settings, modality: str, count: int, seed: int, log_name: str) -> InputSet:
+def build_inputs(settings: Settings, modality: str, count: int, seed: int, log_name: str) -> InputSet:
     """``count`` records of ``modality``, built (or found kept) in a child process."""
     folder = _inputs_folder(settings, modality, seed)
-    return _in_child(build_input_set, _log(settings, log_name), modality, folder, count, seed)
+    return _in_child(build_input_set, log_path(settings, log_name), modality, folder, count, seed)
 
 
 def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
-    inputs = _build_inputs(settings, modality, count, seed, f"inputs-{modality}")
+    inputs = build_inputs(settings, modality, count, seed, f"inputs-{modality}")
     parts: dict[str, list[Measured]] = {step: [] for step in STEPS}
     for step, part in _run_order(count):
         what = STEP_TITLES[step] if part is None else f"{STEP_TITLES[step]}, records {part.start} to {part.stop}"
         print(f"  {modality}: {what} ...", flush=True)
         name = f"{step}-{modality}" if part is None else f"{step}-{modality}-{part.start}"
         args = (inputs, settings) if part is None else (inputs, settings, part)
-        parts[step].append(_in_child(MEASUREMENTS[step], _log(settings, name), *args))
+        parts[step].append(_in_child(MEASUREMENTS[step], log_path(settings, name), *args))
     steps = {step: Measured.combined(parts[step]) for step in STEPS}
     rule = "slower" if device_type(settings.device) == "cuda" else "combined"
     return ModalityReport(modality, count, inputs.source, steps, rule)
@@ -514,8 +514,8 @@ def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dic
     runs = {}
     for records in (count, SCALING_FACTOR * count):
         print(f"  scaling: the job on {records} {modality} records ...", flush=True)
-        inputs = _build_inputs(settings, modality, records, seed, f"inputs-scaling-{records}")
-        runs[records] = _in_child(measure_job, _log(settings, f"scaling-{records}"), inputs, settings)
+        inputs = build_inputs(settings, modality, records, seed, f"inputs-scaling-{records}")
+        runs[records] = _in_child(measure_job, log_path(settings, f"scaling-{records}"), inputs, settings)
     small, large = runs[count], runs[SCALING_FACTOR * count]
     return {
         "modality": modality,
@@ -530,7 +530,7 @@ def _inputs_folder(settings: Settings, modality: str, seed: int) -> Path:
     return settings.workdir / "inputs" / f"{modality}-seed{seed}"
 
 
-def _log(settings: Settings, name: str) -> Path:
+def log_path(settings: Settings, name: str) -> Path:
     folder = settings.workdir / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}.log"
@@ -593,7 +593,7 @@ def report_json(
     return {
         "machine": {
             "cores": available_cores(),
-            "processor": _processor_name(),
+            "processor": processor_name(),
             "python": platform.python_version(),
             "torch": torch.__version__,
             "beam": beam.__version__,
@@ -611,7 +611,7 @@ def report_json(
     }
 
 
-def _processor_name() -> str:
+def processor_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -651,17 +651,23 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"N of the scaling run (default: {SCALING_RECORDS['cpu']} on cpu).",
     )
+    add_run_arguments(parser, "throughput.json")
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, results: str) -> None:
+    """The options every benchmark takes: the seed of its generated inputs, its working folder and
+    where its results go."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--workdir",
         type=Path,
         default=Path("out/benchmarks"),
-        help="Inputs (kept for the next run), job outputs and logs.",
+        help="Inputs (kept for the next run, shared between the benchmarks), job outputs and logs.",
     )
     parser.add_argument(
-        "--json", type=Path, default=None, help="Where to write the results (default: WORKDIR/throughput.json)."
+        "--json", type=Path, default=None, help=f"Where to write the results (default: WORKDIR/{results})."
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
