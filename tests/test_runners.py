@@ -58,6 +58,21 @@ def _environment() -> dict[str, str]:
     return env
 
 
+def _spawn(module_and_arguments: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m`` a module in a process group of its own (so that it can be stopped with every
+    worker it starts), its output to ``log``."""
+    with open(log, "wb") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", *module_and_arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=handle,
+            cwd=REPO,
+            env=_environment(),
+            start_new_session=True,
+        )
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -87,16 +102,7 @@ class Server:
     def __init__(self, name: str, arguments: list[str], port: int, folder: Path) -> None:
         self.name, self.port = name, port
         self.log = folder / f"{name}.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", *arguments],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=REPO,
-                env=_environment(),
-                start_new_session=True,
-            )
+        self.process = _spawn(arguments, self.log)
         try:
             self._wait_until_listening()
         except BaseException:
@@ -142,17 +148,8 @@ def _run_job(
     A run that fails or outlasts ``JOB_TIMEOUT_S`` fails the test with the end of its output and
     of the ``servers``' (a worker that cannot start says why only in its pool's log)."""
     log, described = _log(output), " ".join(runner) or "the default runner"
-    command = [sys.executable, "-m", "mmfeatures.cli", "extract", "--input", manifest, "--output", str(output)]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [*command, *model_options, *COMMON_OPTIONS, *runner],
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=handle,
-            cwd=REPO,
-            env=_environment(),
-            start_new_session=True,
-        )
+    command = ["mmfeatures.cli", "extract", "--input", manifest, "--output", str(output)]
+    process = _spawn([*command, *model_options, *COMMON_OPTIONS, *runner], log)
     try:
         process.wait(timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
