@@ -39,7 +39,7 @@ if __name__ != "__main__":  # run as a script, this is the Feast environment's s
 
     from mmfeatures import outputs, storage
     from mmfeatures.redaction import redact
-    from mmfeatures.schema import embedding_dimension, load_contract, read_part
+    from mmfeatures.schema import embedding_dimension, load_contract, part_schema, read_part
 
 VIEW = "features"  # the feature view; its features are read as "features:<column>"
 ENTITY = "record"  # the entity, joined on the table's ``id``
@@ -184,7 +184,7 @@ def read_commit(output: str) -> Committed:
         raise FeastCommandError(f"{redact(output)}: no committed feature table ({outputs.RUN_MANIFEST} lists none)")
     if not table.parts:
         raise FeastCommandError(f"{redact(output)}: the committed feature table has no parts to describe")
-    stored = read_part(fs, table.parts[0]).schema  # every part of one commit has the same schema
+    stored = part_schema(fs, table.parts[0])  # every part of one commit has the same schema
     missing = {"id", "event_timestamp", "created_timestamp"} - set(stored.names)
     if missing:
         raise FeastCommandError(
@@ -370,13 +370,8 @@ def read_state(repo: Path) -> dict[str, Any] | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all, through a kill or a crash."""
-    written = path.with_name(f".{path.name}.tmp")
-    with open(written, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(written, path)
+    """Write ``path`` (in the repository) whole or not at all, through a kill or a crash."""
+    outputs.write_atomically(LocalFileSystem(), str(path), text.encode("utf-8"), scratch=str(path.parent))
 
 
 def _send_rows(stdin: IO[bytes], table: Committed, load: Load) -> None:

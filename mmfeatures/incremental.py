@@ -21,7 +21,6 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from mmfeatures import outputs, schema
@@ -65,16 +64,11 @@ class PreviousTable:
         if manifest is None or table is None:
             return None
         previous = manifest.get("fingerprint")
-        fields: list[pa.Field] = []
-        if table.parts:
-            with fs.open(table.parts[0], "rb") as handle:
-                stored = pq.read_schema(handle)
-            fields = list(stored)
-            partition = schema.recorded_partition(stored)
-            # A partition column is the records' own, but event_date, derived from event_timestamp.
-            if partition is not None and partition[1].name != schema.EVENT_DATE:
-                fields.insert(*partition)
-        declared = set(schema.field_names("features"))
+        fields = list(schema.part_schema(fs, table.parts[0])) if table.parts else []
+        # A partition column is the records' own, but event_date, derived from event_timestamp.
+        folder = outputs.partition_of(table.parts[0]) if table.parts else None
+        derived = folder is not None and outputs.partition_value(folder)[0] == schema.EVENT_DATE
+        declared = {*schema.field_names("features"), *([schema.EVENT_DATE] if derived else [])}
         carried = pa.schema([field for field in fields if field.name not in declared])
         return cls(fs, tuple(table.parts), table.rows, manifest["commit"], previous, previous == fingerprint, carried)
 

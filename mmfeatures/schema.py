@@ -189,24 +189,38 @@ def read_part(fs: AbstractFileSystem, path: str, columns: Sequence[str] | None =
     in the table's order. ``ValueError`` for a part of a partitioned table outside its folder."""
     with fs.open(path, "rb") as handle:
         stored = pq.ParquetFile(handle)
-        names = stored.schema_arrow.names
-        partition = recorded_partition(stored.schema_arrow)
-        column = partition[1].name if partition else None
-        table = stored.read(columns=None if columns is None else [name for name in columns if name != column])
-    if partition is not None:
-        index, field = partition
+        restored, field = _as_read(stored.schema_arrow)
+        stored_columns = None if columns is None else [name for name in columns if field is None or name != field.name]
+        table = stored.read(columns=stored_columns)
+    if field is not None:
         folder = partition_of(path)
         if folder is None or partition_value(folder)[0] != field.name:
             raise ValueError(f"{path}: a part of a table partitioned by {field.name}, outside a {field.name}= folder")
-        names.insert(index, field.name)
         if columns is None or field.name in columns:
             text = partition_value(folder)[1]
             table = table.append_column(field, pa.array([text] * table.num_rows, pa.string()).cast(field.type))
-        table = table.replace_schema_metadata({k: v for k, v in table.schema.metadata.items() if k != PARTITION_KEY})
-    return table.select([name for name in names if name in table.column_names])
+        table = table.replace_schema_metadata(restored.metadata)
+    return table.select([name for name in restored.names if name in table.column_names])
 
 
-def recorded_partition(stored: pa.Schema) -> tuple[int, pa.Field] | None:
+def part_schema(fs: AbstractFileSystem, path: str) -> pa.Schema:
+    """The schema ``read_part`` gives one part, read from its footer alone."""
+    with fs.open(path, "rb") as handle:
+        return _as_read(pq.read_schema(handle))[0]
+
+
+def _as_read(stored: pa.Schema) -> tuple[pa.Schema, pa.Field | None]:
+    """A part's stored schema as ``read_part`` gives it (a recorded partition column back in its
+    place, the record of it dropped), and that column's field, or None."""
+    partition = _recorded_partition(stored)
+    if partition is None:
+        return stored, None
+    index, field = partition
+    metadata = {key: value for key, value in (stored.metadata or {}).items() if key != PARTITION_KEY}
+    return stored.insert(index, field).with_metadata(metadata), field
+
+
+def _recorded_partition(stored: pa.Schema) -> tuple[int, pa.Field] | None:
     """The place and field of the partition column a part's schema records, or None."""
     recorded = (stored.metadata or {}).get(PARTITION_KEY)
     if recorded is None:
