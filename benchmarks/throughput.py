@@ -27,6 +27,11 @@ imports, so its peak memory (ru_maxrss, plus its worker processes') is its own a
 garbage never weighs on the next; its output goes to a log file beside the results.
 Then the scaling run: the job on N and 10 x N records of one modality, to show that wall time grows
 with the input and memory does not. It prints the tables and writes JSON (``--json``).
+
+``--scale`` runs the scale case alone: the job on 2,000, 20,000 and 60,000 records of text and of
+images (``--scale-records``), each run's records, seconds and peak memory, and the ratio of the
+largest run's peak memory to the smallest's, which the batch and look-ahead settings should bound
+whatever the record count.
 """
 
 from __future__ import annotations
@@ -58,12 +63,13 @@ import pipelines.extract_features  # noqa: F401 - imported before any step is fo
 from benchmarks.inputs import MODALITIES, InputSet, build_input_set
 from mmfeatures import cli, storage
 from mmfeatures.host import available_cores, settle_worker_process
-from mmfeatures.inference.batching import CostBatcher
+from mmfeatures.inference.batching import CostBatcher, Keyed
 from mmfeatures.inference.handler import EmbeddingModelHandler
 from mmfeatures.job import Job
 from mmfeatures.modalities import MODALITIES as REGISTRY
 from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window
 from mmfeatures.options import parse_options
+from mmfeatures.records import Record
 from mmfeatures.settings import device_type
 
 STEPS = ("prepare", "model", "job", "stock", "naive")
@@ -88,6 +94,8 @@ NAIVE_SHARE = 8  # the naive loop runs over the first 1/NAIVE_SHARE of the recor
 QUICK_SCALING_RECORDS = 4
 SCALING_FACTOR = 10
 SCALING_ROWS_PER_FILE = 100
+SCALE_RECORDS = (2000, 20_000, 60_000)
+SCALE_MODALITIES = ("text", "image")
 TARGETS: dict[
     str, dict[str, tuple[str, float | dict[str, float]]]
 ] = {  # (figure, at least or at most, bound): the issue's targets for each device type
@@ -97,6 +105,7 @@ TARGETS: dict[
         "job / stock": (">=", {"text": 1.3, "image": 1.0, "audio": 1.0}),
         "wall time ratio": ("<=", 11.0),
         "peak memory ratio": ("<=", 1.25),
+        "scale: peak memory ratio": ("<=", 1.15),
     },
     "cuda": {"job / ceiling": (">=", 0.8)},
 }
@@ -242,13 +251,18 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     embedder = handler.load_model()
     batcher = CostBatcher(preprocessor, inference)
     windows_per_record = _prepare_all(inputs.modality, _payload_references(inputs, part))
-    records = [(str(index), Prepared(windows)) for index, windows in enumerate(windows_per_record)]
+    records: list[Keyed] = [
+        (Record(str(index), source="", manifest_dir=""), Prepared(windows))
+        for index, windows in enumerate(windows_per_record)
+    ]
     batches = [batch for item in records for batch in batcher.add(item)] + list(batcher.flush())
     batch_count = len(batches)
     passes = [
         tensors
         for batch in batches
-        for _, tensors in embedder.micro_batches([window for _, prepared in batch for window in prepared.windows])
+        for _, tensors in embedder.micro_batches(
+            [window for _, prepared in batch if prepared is not None for window in prepared.windows]
+        )
     ]
     record_count, windows = len(windows_per_record), sum(len(w) for w in windows_per_record)
     del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
@@ -505,25 +519,32 @@ def _run_order(count: int) -> list[tuple[str, slice | None]]:
     ]
 
 
-def run_scaling(modality: str, count: int, settings: Settings, seed: int) -> dict[str, Any]:
-    """The job on ``count`` and ``SCALING_FACTOR`` x ``count`` records, writing files of
-    ``SCALING_ROWS_PER_FILE`` rows: the feature sink holds one file's rows at a time (2000 by
-    default), and both runs must fill it for the ratio to show how memory grows with the input
-    rather than how full that buffer got."""
-    settings = replace(settings, job_options=(*settings.job_options, "--rows_per_file", str(SCALING_ROWS_PER_FILE)))
+def run_scaling(modality: str, counts: list[int], settings: Settings, seed: int, case: str) -> dict[str, Any]:
+    """The job on each of ``counts`` records of ``modality``, smallest first; the largest run's
+    wall time and peak memory over the smallest's. Every run must fill the feature sink's buffer
+    of one file's rows (``--rows_per_file``) for the ratio to show how memory grows with the
+    input rather than how full that buffer got."""
     runs = {}
-    for records in (count, SCALING_FACTOR * count):
-        print(f"  scaling: the job on {records} {modality} records ...", flush=True)
-        inputs = build_inputs(settings, modality, records, seed, f"inputs-scaling-{records}")
-        runs[records] = _in_child(measure_job, log_path(settings, f"scaling-{records}"), inputs, settings)
-    small, large = runs[count], runs[SCALING_FACTOR * count]
+    for records in sorted(counts):
+        print(f"  {case}: the job on {records} {modality} records ...", flush=True)
+        inputs = build_inputs(settings, modality, records, seed, f"inputs-{case}-{modality}-{records}")
+        runs[records] = _in_child(measure_job, log_path(settings, f"{case}-{modality}-{records}"), inputs, settings)
+    small, large = runs[min(counts)], runs[max(counts)]
     return {
+        "case": case,
         "modality": modality,
-        "records": [count, SCALING_FACTOR * count],
+        "records": sorted(counts),
         "runs": {str(records): asdict(measured) for records, measured in runs.items()},
         "wall_time_ratio": large.seconds / small.seconds,
         "peak_memory_ratio": large.peak_rss_mb / small.peak_rss_mb,
     }
+
+
+def _ratio_figures(scaling: dict[str, Any]) -> dict[str, float]:
+    """The figures of a scaling run that have targets, by target name."""
+    if scaling["case"] == "scale":
+        return {"scale: peak memory ratio": scaling["peak_memory_ratio"]}
+    return {"wall time ratio": scaling["wall_time_ratio"], "peak memory ratio": scaling["peak_memory_ratio"]}
 
 
 def _inputs_folder(settings: Settings, modality: str, seed: int) -> Path:
@@ -537,7 +558,7 @@ def log_path(settings: Settings, name: str) -> Path:
 
 
 # -- the report ----------------------------------------------------------------------------------
-def format_report(reports: list[ModalityReport], scaling: dict[str, Any] | None, settings: Settings) -> str:
+def format_report(reports: list[ModalityReport], scalings: list[dict[str, Any]], settings: Settings) -> str:
     lines = []
     for report in reports:
         lines += [
@@ -560,16 +581,24 @@ def format_report(reports: list[ModalityReport], scaling: dict[str, Any] | None,
         for figure, value in report.ratios.items():
             verdict = _verdict(settings.device, figure, value, report.modality)
             lines.append(f"  {figure:<22} {value:>10.2f}   {verdict}")
-    if scaling is not None:
-        small, large = scaling["records"]
-        lines += ["", f"scaling: the job on {small} and {large} {scaling['modality']} records"]
-        for figure, key in (("wall time ratio", "wall_time_ratio"), ("peak memory ratio", "peak_memory_ratio")):
-            lines.append(f"  {figure:<22} {scaling[key]:>10.2f}   {_verdict(settings.device, figure, scaling[key])}")
+    for scaling in scalings:
+        lines += [
+            "",
+            f"{scaling['case']}: the job on {scaling['modality']} records",
+            f"  {'records':>10} {'seconds':>9} {'records/s':>10} {'peak MB':>9} {'load':>6}",
+        ]
+        for records, run in scaling["runs"].items():
+            lines.append(
+                f"  {records:>10} {run['seconds']:>9.1f} {int(records) / run['seconds']:>10.1f} "
+                f"{run['peak_rss_mb']:>9.0f} {run['load_average']:>6.1f}"
+            )
+        for figure, value in _ratio_figures(scaling).items():
+            lines.append(f"  {figure:<26} {value:>6.2f}   {_verdict(settings.device, figure, value)}")
     return "\n".join(lines)
 
 
 def report_json(
-    reports: list[ModalityReport], scaling: dict[str, Any] | None, settings: Settings, started: float, quick: bool
+    reports: list[ModalityReport], scalings: list[dict[str, Any]], settings: Settings, started: float, quick: bool
 ) -> dict[str, Any]:
     modalities = {}
     for report in reports:
@@ -585,10 +614,9 @@ def report_json(
                 for figure, value in report.ratios.items()
             },
         }
-    if scaling is not None:
+    for scaling in scalings:
         scaling["targets"] = {
-            figure: _verdict(settings.device, figure, scaling[key])
-            for figure, key in (("wall time ratio", "wall_time_ratio"), ("peak memory ratio", "peak_memory_ratio"))
+            figure: _verdict(settings.device, figure, value) for figure, value in _ratio_figures(scaling).items()
         }
     return {
         "machine": {
@@ -607,7 +635,7 @@ def report_json(
         },
         "wall_seconds": time.perf_counter() - started,
         "modalities": modalities,
-        "scaling": scaling,
+        "scaling": scalings,
     }
 
 
@@ -651,6 +679,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"N of the scaling run (default: {SCALING_RECORDS['cpu']} on cpu).",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="Run the scale case alone: the job on --scale-records text and image records, its peak memory.",
+    )
+    parser.add_argument(
+        "--scale-records",
+        default=",".join(map(str, SCALE_RECORDS)),
+        help="Comma-separated record counts of the scale case (default: %(default)s).",
+    )
     add_run_arguments(parser, "throughput.json")
     return parser
 
@@ -683,17 +721,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown modalities: {sorted(unknown)}")
     sizes = QUICK_RECORDS if args.quick else RECORDS[kind]
     print(f"benchmark on {available_cores()} cores, {args.device}, {precision}; logs in {settings.workdir / 'logs'}")
-    reports = []
-    for modality in modalities:
-        count = getattr(args, f"{modality}_records") or sizes[modality]
-        reports.append(run_modality(modality, count, settings, args.seed))
-    scaling = None
-    if args.scaling_modality != "none":
-        count = args.scaling_records or (QUICK_SCALING_RECORDS if args.quick else SCALING_RECORDS[kind])
-        scaling = run_scaling(args.scaling_modality, count, settings, args.seed)
-    print(format_report(reports, scaling, settings))
-    results = report_json(reports, scaling, settings, started, args.quick)
-    path = args.json or settings.workdir / "throughput.json"
+    reports, scalings = [], []
+    if args.scale:
+        counts = [int(count) for count in args.scale_records.split(",")]
+        scalings = [run_scaling(modality, counts, settings, args.seed, "scale") for modality in SCALE_MODALITIES]
+    else:
+        for modality in modalities:
+            count = getattr(args, f"{modality}_records") or sizes[modality]
+            reports.append(run_modality(modality, count, settings, args.seed))
+        if args.scaling_modality != "none":
+            count = args.scaling_records or (QUICK_SCALING_RECORDS if args.quick else SCALING_RECORDS[kind])
+            rows_per_file = ("--rows_per_file", str(SCALING_ROWS_PER_FILE))
+            scaling_settings = replace(settings, job_options=(*settings.job_options, *rows_per_file))
+            counts = [count, SCALING_FACTOR * count]
+            scalings = [run_scaling(args.scaling_modality, counts, scaling_settings, args.seed, "scaling")]
+    print(format_report(reports, scalings, settings))
+    results = report_json(reports, scalings, settings, started, args.quick)
+    path = args.json or settings.workdir / ("scale.json" if args.scale else "throughput.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nresults: {path} ({results['wall_seconds']:.0f} s)")

@@ -6,8 +6,8 @@ media bytes) and the run's settings fingerprint (every setting that changes a ve
 row's, and the row has no failed modality (a failure is tried again). Deciding it needs only
 small keys: each record's place and content hash (``content``), grouped by id with the previous
 table's ``(id, content hash)``, so no record crosses a shuffle for it (``reading.ReadRecords`` reads the
-inputs again and sends the kept records on past the models). The previous rows meet this run's
-records in the join (``join.JoinAndFuse``) as embeddings do, and the run commits a whole new
+inputs again and sends the kept records on past the models). The previous rows meet the kept
+records, and the ids this run replaces, in ``join.JoinShared``, and the run commits a whole new
 table, so a plain Parquet reader of the folder sees the current rows and nothing else.
 """
 
@@ -82,12 +82,17 @@ def _read_batches(fs: Any, part: str, columns: list[str] | None) -> Iterator[pa.
     yield from schema.read_part(fs, part, columns).to_batches(max_chunksize=1024)
 
 
-def _kept_keys(part: str, previous: PreviousTable) -> Iterator[tuple[str, str]]:
-    """``(id, content hash)`` of each row of ``part`` that a record may keep: one with a content
-    hash and no failed modality."""
+def _keys(part: str, previous: PreviousTable) -> Iterator[tuple[str, str | None]]:
+    """``(id, content hash)`` of each row of ``part``; the hash is None where no record may keep
+    the row: one without a content hash or with a failed modality, or any row of a table written
+    with other settings."""
+    if not previous.usable:
+        for batch in _read_batches(previous.fs, part, ["id"]):
+            yield from ((record_id, None) for record_id in batch.column("id").to_pylist())
+        return
     for batch in _read_batches(previous.fs, part, ["id", "content_hash", "failed_modalities"]):
         ids, hashes, failed = (batch.column(name).to_pylist() for name in ("id", "content_hash", "failed_modalities"))
-        yield from ((i, h) for i, h, f in zip(ids, hashes, failed, strict=True) if h is not None and not f)
+        yield from ((i, None if f else h) for i, h, f in zip(ids, hashes, failed, strict=True))
 
 
 def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -106,20 +111,19 @@ def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, A
 
 
 class PreviousKeys(beam.PTransform):
-    """The previous table's ``(id, content hash)`` of every row a record may keep (none when the
-    table's settings differ from this run's)."""
+    """The previous table's ``(id, content hash)`` of every row, the hash None where no record may
+    keep the row: what tells a record that keeps its row from one that replaces it."""
 
     def __init__(self, previous: PreviousTable):
         super().__init__()
         self.previous = previous
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        parts = list(self.previous.parts) if self.previous.usable else []
         return (
             pbegin
-            | "Parts" >> beam.Create(parts)
+            | "Parts" >> beam.Create(list(self.previous.parts))
             | "Spread" >> beam.Reshuffle()
-            | "Keys" >> beam.FlatMap(_kept_keys, self.previous)
+            | "Keys" >> beam.FlatMap(_keys, self.previous)
         )
 
 

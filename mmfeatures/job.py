@@ -185,11 +185,6 @@ class Job:
             "created": self.started.isoformat(),
         }
 
-    @property
-    def keepable(self) -> PreviousTable | None:
-        """The previous table where its rows may be kept (written with this run's settings)."""
-        return self.previous if self.previous is not None and self.previous.usable else None
-
     def features_schema(self, carried: Mapping[str, pa.DataType]) -> pa.Schema:
         dims = {name: model["dimension"] for name, model in self.models.items()}
         dims["fused"] = self.fusion.output_dim

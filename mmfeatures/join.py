@@ -1,4 +1,7 @@
-"""``JoinAndFuse``: each record joined with its embeddings and failures, fused into its feature row."""
+"""Fusion: each embedded record to its feature row. ``FuseRecords`` fuses records as they come
+out of ``EmbedRecords``; ``JoinShared`` joins by id the few records that wait for something
+from elsewhere - a vector embedded by the record whose content they share, or, in an
+incremental run, the previous table's row they keep - and the previous rows themselves."""
 
 from __future__ import annotations
 
@@ -16,17 +19,16 @@ from mmfeatures.fusion import Fusion
 from mmfeatures.progress import Progress
 from mmfeatures.records import MODALITY_COLUMNS, Record, content_hash
 
+AWAITING_TAG = "awaiting"  # (id, record) of a record that takes a vector from another record
 
-class _Fuse(beam.DoFn):
-    """A record joined with its embeddings and failures, or with the previous table's row it
-    keeps, to its feature row; a previous row alone is carried over or dropped. Its counts are
-    summed per bundle and window, and leave once at the bundle's end, rather than one value per
-    record pickled across the stage boundary."""
 
-    def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool):
+class _CountingFuse(beam.DoFn):
+    """Fuses records into feature rows. Counts are summed per bundle and window, and leave once at
+    the bundle's end, rather than one value per record pickled across the stage boundary."""
+
+    def __init__(self, fusion: Fusion, created: datetime.datetime):
         self.fusion = fusion
         self.created = created
-        self.drop_missing = drop_missing
         self._progress = Progress("records fused", every=1000)
 
     def start_bundle(self) -> None:
@@ -36,41 +38,18 @@ class _Fuse(beam.DoFn):
         for window, counts in self._counts.items():
             yield beam.pvalue.TaggedOutput(COUNTS_TAG, WindowedValue(counts, window.max_timestamp(), (window,)))
 
-    def process(
-        self, joined: tuple[str, Mapping[str, Iterable[Any]]], window: Any = beam.DoFn.WindowParam
-    ) -> Iterator[dict[str, Any]]:
-        _, groups = joined
+    def _fused(self, record: Record, failed: Iterable[str], window: Any) -> Iterator[dict[str, Any]]:
+        """``record``'s row, from its vectors (none when every modality failed: its error rows
+        alone account for it), and its counts; ``failed``: modalities that failed besides its own."""
         self._progress.add()
-        counts = self._counts[window]
-        previous: dict[str, Any] | None = next(iter(groups["previous"]), None)
-        kept: Record | None = next(iter(groups["kept"]), None)
-        if kept is not None:
-            assert previous is not None  # a record is kept only for a previous row
-            counts.add(RunCounts.of_kept(kept))
-            yield self._kept_row(kept, previous)
+        rejected = {row.modality for row in record.rejected if row.modality is not None}
+        failed = sorted(record.failed | rejected | set(failed))
+        self._counts[window].add(RunCounts.of_record(record, record.vectors, failed, replacing=record.replaces))
+        if not record.vectors:
             return
-        records = list(groups["record"])
-        if not records:
-            if previous is None:
-                # A vector or failure shared with a record whose input changed before its second
-                # read: that input's error row accounts for the record.
-                return
-            # an id the previous table alone holds
-            if self.drop_missing:
-                counts.add(RunCounts(rows_dropped=1))
-            else:
-                counts.add(RunCounts(rows_kept_absent=1))
-                yield previous
-            return
-        (record,) = records
-        embedded = {modality: (vector, digest) for modality, vector, digest in groups["embeddings"]}
-        failed = sorted(set(groups["failed"]))
-        counts.add(RunCounts.of_record(record, embedded, failed, replacing=previous is not None))
-        if not embedded:  # every modality failed: the error rows alone account for the record
-            return
-        vectors = {modality: vector for modality, (vector, _) in embedded.items()}
-        digests = {modality: digest for modality, (_, digest) in embedded.items() if digest is not None}
-        complete = not failed and len(digests) == len(embedded)
+        vectors = {modality: vector for modality, (vector, _) in record.vectors.items()}
+        digests = {modality: digest for modality, (_, digest) in record.vectors.items() if digest is not None}
+        complete = not failed and len(digests) == len(vectors)
         yield _row(
             record,
             vectors,
@@ -80,6 +59,55 @@ class _Fuse(beam.DoFn):
             created_timestamp=self.created,
             content_hash=content_hash(digests) if complete else None,
         )
+
+
+class _FuseRecord(_CountingFuse):
+    def process(self, record: Record, window: Any = beam.DoFn.WindowParam) -> Iterator[Any]:
+        if record.embedded_elsewhere:
+            yield beam.pvalue.TaggedOutput(AWAITING_TAG, (record.id, record.without_content()))
+            return
+        yield from self._fused(record, (), window)
+
+
+class _FuseJoined(_CountingFuse):
+    """One id's join: a record with the vectors and failures it takes from the records it shares
+    content with, a record with the previous row it keeps, or a previous row alone, which is
+    carried over, dropped (``drop_missing``), or left out where this run replaced it."""
+
+    def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool):
+        super().__init__(fusion, created)
+        self.drop_missing = drop_missing
+
+    def process(
+        self, joined: tuple[str, Mapping[str, Iterable[Any]]], window: Any = beam.DoFn.WindowParam
+    ) -> Iterator[dict[str, Any]]:
+        _, groups = joined
+        counts = self._counts[window]
+        previous: dict[str, Any] | None = next(iter(groups["previous"]), None)
+        kept: Record | None = next(iter(groups["kept"]), None)
+        if kept is not None:
+            assert previous is not None  # a record is kept only for a previous row
+            self._progress.add()
+            counts.add(RunCounts.of_kept(kept))
+            yield self._kept_row(kept, previous)
+            return
+        records = list(groups["record"])
+        if records:
+            (record,) = records
+            for modality, vector, digest in groups["shared"]:
+                record = record.with_vector(modality, vector, digest)
+            yield from self._fused(record, groups["failed"], window)
+            return
+        # No record: a vector or failure shared with a record whose input changed before its
+        # second read (that input's error row accounts for the record), a failure of a record
+        # fused as it came, or a previous row.
+        if previous is None or any(True for _ in groups["replaced"]):
+            return
+        if self.drop_missing:  # an id the previous table alone holds
+            counts.add(RunCounts(rows_dropped=1))
+        else:
+            counts.add(RunCounts(rows_kept_absent=1))
+            yield previous
 
     @staticmethod
     def _kept_row(record: Record, previous: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,11 +140,31 @@ def _row(
     return row
 
 
-class JoinAndFuse(beam.PTransform):
-    """Join each record with its embeddings and failures by id, and, in an incremental run, the
-    records that keep their rows with the previous table's rows (``kept``, ``previous``); emit
-    feature rows and the records' counts (``RunCounts``), summed per bundle. Rows computed now
-    carry ``created`` as their creation time, and as their event time unless the record has its own."""
+class FuseRecords(beam.PTransform):
+    """Embedded records (``EmbedRecords``) to feature rows, one by one as they come, with their
+    counts (``RunCounts``, summed per bundle); a record that takes a vector from another goes to
+    ``AWAITING_TAG`` instead, for ``JoinShared``. Rows carry ``created`` as their creation time,
+    and as their event time unless the record has its own."""
+
+    def __init__(self, fusion: Fusion, created: datetime.datetime):
+        super().__init__()
+        self.fusion = fusion
+        self.created = created
+
+    def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
+        fused = records | "Fuse" >> beam.ParDo(_FuseRecord(self.fusion, self.created)).with_outputs(
+            COUNTS_TAG, AWAITING_TAG, main="features"
+        )
+        return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG], AWAITING_TAG: fused[AWAITING_TAG]}
+
+
+class JoinShared(beam.PTransform):
+    """Join by id what ``FuseRecords`` cannot fuse alone: the ``awaiting`` records with the
+    ``shared`` vectors (``(id, (modality, vector, digest))``) and the ``errors`` of the content
+    they take, and, in an incremental run, the records that keep their rows (``kept``) with the
+    ``previous`` table's rows, whose ids this run ``replaced`` (``(id, None)``) or holds no more
+    (carried over, or dropped with ``drop_missing``). Emits feature rows and their counts. Only
+    these cross the shuffle: records that share content, and previous rows with their keys."""
 
     def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool = False):
         super().__init__()
@@ -125,28 +173,30 @@ class JoinAndFuse(beam.PTransform):
         self.drop_missing = drop_missing
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
-        keyed_records = inputs["records"] | "KeyRecords" >> beam.Map(
-            lambda record: (record.id, record.without_content())
-        )
+        pipeline = inputs["awaiting"].pipeline
         failed = (
             inputs["errors"]
             | "ModalityFailures" >> beam.Filter(lambda row: row["modality"] is not None and row["id"] is not None)
             | "KeyFailures" >> beam.Map(lambda row: (row["id"], row["modality"]))
         )
-        pipeline = inputs["records"].pipeline
-        kept = inputs.get("kept") or pipeline | "NoKeptRecords" >> beam.Create([])
-        previous = inputs.get("previous") or pipeline | "NoPreviousRows" >> beam.Create([])
+
+        def given(name: str) -> beam.PCollection:
+            return inputs.get(name) or pipeline | f"No{name.title()}" >> beam.Create([])
+
         joined = {
-            "record": keyed_records,
-            "embeddings": inputs["embeddings"],
+            "record": inputs["awaiting"],
+            "shared": inputs["shared"],
             "failed": failed,
-            "kept": kept | "KeyKept" >> beam.Map(lambda record: (record.id, record)),
-            "previous": previous,
+            "kept": given("kept") | "KeyKept" >> beam.Map(lambda record: (record.id, record)),
+            "previous": given("previous"),
+            "replaced": given("replaced"),
         }
         fused = (
             joined
             | "Join" >> beam.CoGroupByKey()
             | "Fuse"
-            >> beam.ParDo(_Fuse(self.fusion, self.created, self.drop_missing)).with_outputs(COUNTS_TAG, main="features")
+            >> beam.ParDo(_FuseJoined(self.fusion, self.created, self.drop_missing)).with_outputs(
+                COUNTS_TAG, main="features"
+            )
         )
         return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG]}

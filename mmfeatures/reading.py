@@ -5,8 +5,8 @@ Each input is read twice, so that media bytes (tar members, binary columns) need
 shuffle. The first pass sends on only each record's id, place and content digests (``content``),
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
 records share content (embedded once, for all of them), and, in an incremental run, which
-records keep the previous table's row (``incremental``: their content hashes, grouped by id with
-the table's). The second pass reads each input again and sends on its records that won as it
+records keep the previous table's row and which replace it (``incremental``: their content
+hashes, grouped by id with the table's). The second pass reads each input again and sends on its records that won as it
 reads them, those that keep their rows apart. On a cluster they are then spread over the
 workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
 runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can
@@ -18,6 +18,7 @@ records those stages are working on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
@@ -38,8 +39,10 @@ from mmfeatures.sources import HEADED_FORMATS, MEDIA_FOLDER, Input, ReadOptions,
 
 COLUMN_TYPES_TAG = "column_types"
 KEPT_TAG = "kept"  # records that keep the previous table's row, not embedded again
+REPLACED_TAG = "replaced"  # (id, None) of each previous row that a record of this run replaces
 _READ_TAG = "read"  # each input that holds records: its index, the input, how many, its fingerprint
 _CONTENT_TAG = "content"  # ((modality, digest), (place, id, source)) of each record to embed
+_REPLACING_TAG = "replacing"  # the place of each record that replaces a previous row
 
 
 def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record | ErrorRow]]:
@@ -123,8 +126,9 @@ def _unmapped(source: Input, unmapped: list[str], row: dict[str, Any]) -> ErrorR
 def _settle(keyed: tuple[str, Mapping[str, Iterable[Any]]]) -> Iterator[Any]:
     """One id's occurrences: the first (by input order) is kept; each other is an error row, and
     its place is left out of the second pass. The first keeps the previous table's row
-    (``kept``) when its content hash is that row's; otherwise its digests go on to find the
-    content it shares with other records (``content.ShareContent``)."""
+    (``kept``) when its content hash is that row's, or else replaces it (``replacing``, and the
+    row's id to ``REPLACED_TAG``); its digests go on to find the content it shares with other
+    records (``content.ShareContent``)."""
     record_id, groups = keyed
     occurrences = sorted(groups["places"])
     if not occurrences:  # an id only the previous table holds: the join keeps or drops its row
@@ -134,10 +138,14 @@ def _settle(keyed: tuple[str, Mapping[str, Iterable[Any]]]) -> Iterator[Any]:
         message = f"id {record_id!r} first appears at {first_source}"
         yield error_output(ErrorRow(record_id, None, Stage.VALIDATE, "duplicate_id", message, source))
         yield place
-    if digests is None:  # rejected while read, or a fetch that failed: embedded alone, to report why
-        return
-    if content_hash(dict(digests)) in groups["previous"]:
+    previous = list(groups["previous"])
+    if previous and digests is not None and content_hash(dict(digests)) in previous:
         yield beam.pvalue.TaggedOutput(KEPT_TAG, first)
+        return
+    if previous:
+        yield beam.pvalue.TaggedOutput(_REPLACING_TAG, first)
+        yield beam.pvalue.TaggedOutput(REPLACED_TAG, (record_id, None))
+    if digests is None:  # rejected while read, or a fetch that failed: embedded alone, to report why
         return
     for modality_digest in digests:
         yield beam.pvalue.TaggedOutput(_CONTENT_TAG, (modality_digest, (first, record_id, first_source)))
@@ -211,7 +219,7 @@ class _ReadAgain(beam.DoFn):
             yield error_output(ErrorRow(None, None, Stage.READ, "input_changed", message, source.path))
             yield from map(error_output, sharing.unsent(source.path))
             return
-        dropped, kept = list(parts["dropped"]), list(parts[KEPT_TAG])
+        dropped, kept, replacing = (list(parts[name]) for name in ("dropped", KEPT_TAG, _REPLACING_TAG))
         sent = skipped = 0
         for position, outcome in _outcomes(source, self.options):
             if not isinstance(outcome, Record):
@@ -223,6 +231,8 @@ class _ReadAgain(beam.DoFn):
             if _holds(kept, position):
                 yield beam.pvalue.TaggedOutput(KEPT_TAG, outcome.without_content())
                 continue
+            if _holds(replacing, position):
+                outcome = replace(outcome, replaces=True)
             yield sharing.mark(outcome, position)
             for rejected in outcome.rejected:
                 yield error_output(rejected)
@@ -236,8 +246,9 @@ class ReadRecords(beam.PTransform):
     """Inputs (already found by ``sources.find_inputs``) to unique, validated ``Record``s, read
     with ``options`` (column mapping, CSV encoding and delimiter, size limit), and shuffled over
     the workers where ``spread`` (see above). Media are fetched, to hash them, as
-    ``location_policy`` allows. With ``previous`` (an incremental run over a table whose rows may
-    be kept), the records whose content is unchanged come out as ``kept``."""
+    ``location_policy`` allows. With ``previous`` (the table an incremental run updates), the
+    records whose content and settings are unchanged come out as ``kept``, the others that have a
+    row there are marked as replacing it, and that row's id comes out as ``replaced``."""
 
     def __init__(
         self,
@@ -272,11 +283,14 @@ class ReadRecords(beam.PTransform):
         settled = (
             {"places": hashed, "previous": previous}
             | "GroupById" >> beam.CoGroupByKey()
-            | "Settle" >> beam.FlatMap(_settle).with_outputs(ERRORS_TAG, KEPT_TAG, _CONTENT_TAG, main="dropped")
+            | "Settle"
+            >> beam.FlatMap(_settle).with_outputs(
+                ERRORS_TAG, KEPT_TAG, _REPLACING_TAG, REPLACED_TAG, _CONTENT_TAG, main="dropped"
+            )
         )
         positions = {
             name: settled[name] | f"{name.title()}Positions" >> beam.CombinePerKey(_Positions())
-            for name in ("dropped", KEPT_TAG)
+            for name in ("dropped", KEPT_TAG, _REPLACING_TAG)
         }
         shared = settled[_CONTENT_TAG] | "ShareContent" >> ShareContent()
         again = (
@@ -289,6 +303,7 @@ class ReadRecords(beam.PTransform):
         return {
             "records": records,
             KEPT_TAG: again[KEPT_TAG],
+            REPLACED_TAG: settled[REPLACED_TAG],
             ERRORS_TAG: errors,
             COUNTS_TAG: read[COUNTS_TAG],
             COLUMN_TYPES_TAG: read[COLUMN_TYPES_TAG],

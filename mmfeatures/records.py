@@ -39,6 +39,12 @@ class Record:
     # vector; ``embedded_elsewhere`` the modalities whose vector this record takes from another.
     copies: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     embedded_elsewhere: frozenset[str] = frozenset()
+    # Whether the record's row replaces one of the previous table (an incremental run).
+    replaces: bool = False
+    # What embedding has made of it so far, modality by modality: its vectors (with the digest of
+    # the content each was computed from) and the modalities that failed.
+    vectors: Mapping[str, tuple[Any, str | None]] = field(default_factory=dict)
+    failed: frozenset[str] = frozenset()
 
     def modalities(self) -> list[str]:
         """The modalities this record holds, in a fixed order."""
@@ -48,11 +54,23 @@ class Record:
         """The inline text, media reference or media content of one modality, None when absent."""
         return self.payloads.get(modality)
 
+    def embeds(self, modality: str) -> bool:
+        """Whether this record holds ``modality`` and embeds it, rather than take another record's vector."""
+        return modality in self.payloads and modality not in self.embedded_elsewhere
+
     def without_content(self) -> Record:
         """This record with inline media bytes emptied: what the join needs, without shuffling
         images and audio a second time."""
         payloads = {m: (b"" if isinstance(v, bytes) else v) for m, v in self.payloads.items()}
         return replace(self, payloads=payloads, copies={})
+
+    def with_vector(self, modality: str, vector: Any, digest: str | None) -> Record:
+        """This record with ``modality`` embedded as ``vector``, computed from content of ``digest``."""
+        return replace(self, vectors={**self.vectors, modality: (vector, digest)})
+
+    def with_failure(self, modality: str) -> Record:
+        """This record with ``modality`` failed (its error row is reported where it failed)."""
+        return replace(self, failed=self.failed | {modality})
 
 
 def media_digest(data: Payload) -> str:

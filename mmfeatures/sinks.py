@@ -215,9 +215,11 @@ class FeatureSchema(beam.PTransform):
 class StageParquetTable(beam.PTransform):
     """Write dict rows as Parquet files of at most ``rows_per_file`` rows in the folder
     ``staging``; outputs the list of staged ``(path, rows)`` once every row is written (a
-    singleton, for ``CommitRun``). ``schema`` is a singleton PCollection, so it may depend on the
-    data. With ``partition_by`` (a column of ``schema`` of text, integers, booleans or dates, or
-    ``event_date``), each part holds one partition's rows, in the partition's folder."""
+    singleton, for ``CommitRun``). The rows may come as one PCollection or a tuple of them, each
+    written as it comes rather than gathered into one first. ``schema`` is a singleton
+    PCollection, so it may depend on the data. With ``partition_by`` (a column of ``schema`` of
+    text, integers, booleans or dates, or ``event_date``), each part holds one partition's rows,
+    in the partition's folder."""
 
     def __init__(
         self,
@@ -232,8 +234,32 @@ class StageParquetTable(beam.PTransform):
         self.rows_per_file = rows_per_file
         self.partition_by = partition_by
 
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
+    def expand(self, rows: beam.PCollection | tuple[beam.PCollection, ...]) -> beam.PCollection:
         schema = beam.pvalue.AsSingleton(self.schema)
+        streams = rows if isinstance(rows, tuple) else (rows,)
+        staged = [
+            stream | f"Write[{index}]" >> _WriteParts(self.staging, schema, self.rows_per_file, self.partition_by)
+            for index, stream in enumerate(streams)
+        ]
+        return (
+            staged
+            | "Staged" >> beam.Flatten(pipeline=streams[0].pipeline)
+            | "Gather" >> beam.combiners.ToList()
+            | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema, self.partition_by)
+        )
+
+
+class _WriteParts(beam.PTransform):
+    """Rows to staged parts, ``(path, rows)`` each (see ``StageParquetTable``)."""
+
+    def __init__(self, staging: str, schema: Any, rows_per_file: int, partition_by: str | None) -> None:
+        super().__init__()
+        self.staging = staging
+        self.schema = schema
+        self.rows_per_file = rows_per_file
+        self.partition_by = partition_by
+
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         if self.partition_by is None:
             batches = rows | "Batch" >> beam.BatchElements(
                 min_batch_size=self.rows_per_file, max_batch_size=self.rows_per_file
@@ -243,16 +269,13 @@ class StageParquetTable(beam.PTransform):
                 rows
                 | "BatchToKey" >> beam.BatchElements(max_batch_size=self.rows_per_file)
                 | "KeyByPartition"
-                >> beam.FlatMap(_by_partition, schema, self.partition_by).with_output_types(tuple[str, dict[str, Any]])
+                >> beam.FlatMap(_by_partition, self.schema, self.partition_by).with_output_types(
+                    tuple[str, dict[str, Any]]
+                )
                 | "Batch" >> beam.GroupIntoBatches(self.rows_per_file)
                 | "Rows" >> beam.Values()
             )
-        return (
-            batches
-            | "WriteStaged" >> beam.FlatMap(_stage_rows, self.staging, schema, self.partition_by)
-            | "Gather" >> beam.combiners.ToList()
-            | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema, self.partition_by)
-        )
+        return batches | "WriteStaged" >> beam.FlatMap(_stage_rows, self.staging, self.schema, self.partition_by)
 
 
 class CommitRun(beam.PTransform):

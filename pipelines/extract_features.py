@@ -21,13 +21,17 @@ from mmfeatures.lease import Lease, output_for_run
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
 from mmfeatures.transforms import (
+    AWAITING_TAG,
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
     KEPT_TAG,
+    REPLACED_TAG,
+    SHARED_TAG,
     CommitRun,
-    EmbedModality,
+    EmbedRecords,
     FeatureSchema,
-    JoinAndFuse,
+    FuseRecords,
+    JoinShared,
     PreviousRows,
     ReadRecords,
     StageParquetTable,
@@ -38,32 +42,35 @@ from mmfeatures.transforms import (
 def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     """Add the whole job to ``pipeline``; its commit confirms the run still holds ``lease``."""
     read = pipeline | "ReadRecords" >> ReadRecords(
-        job.inputs, job.read_options, job.spread_records, job.location_policy, job.keepable
+        job.inputs, job.read_options, job.spread_records, job.location_policy, job.previous
     )
-    records = read["records"]
-    embedded = [
-        records
-        | f"Embed[{name}]" >> EmbedModality(MODALITIES[name], preprocessor, job.settings[name], job.location_policy)
-        for name, preprocessor in job.preprocessors.items()
-    ]
-    errors = [read[ERRORS_TAG]] + [branch[ERRORS_TAG] for branch in embedded] | "AllErrors" >> beam.Flatten()
-    embeddings = [branch["embeddings"] for branch in embedded] | "AllEmbeddings" >> beam.Flatten()
-    joined = {"records": records, "kept": read[KEPT_TAG], "embeddings": embeddings, "errors": errors}
+    embedded = read["records"] | "Embed" >> EmbedRecords(
+        MODALITIES, job.preprocessors, job.settings, job.location_policy
+    )
+    fused = embedded["records"] | "Fuse" >> FuseRecords(job.fusion, job.started)
+    errors = (read[ERRORS_TAG], embedded[ERRORS_TAG]) | "AllErrors" >> beam.Flatten()
+    waiting = {
+        "awaiting": fused[AWAITING_TAG],
+        "shared": embedded[SHARED_TAG],
+        "errors": errors,
+        "kept": read[KEPT_TAG],
+        "replaced": read[REPLACED_TAG],
+    }
     column_types = [read[COLUMN_TYPES_TAG]]
     if job.previous is not None:
-        joined["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous)
+        waiting["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous)
         if job.previous.usable:  # its rows may be carried over, with their columns
             column_types.append(
                 pipeline | "PreviousColumns" >> beam.Create([(len(job.inputs), job.previous.carried_types())])
             )
-    fused = joined | "JoinAndFuse" >> JoinAndFuse(job.fusion, job.started, job.drop_missing)
+    joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing)
 
     pipeline | "CommitRun" >> CommitRun(
         lease,
         job.commit,
         job.summary,
         job.started.timestamp(),
-        features=fused["features"]
+        features=(fused["features"], joined["features"])
         | "StageFeatures"
         >> StageParquetTable(
             job.staging("features"),
@@ -78,7 +85,12 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
             pipeline | "ErrorSchema" >> beam.Create([schema.errors_schema()]),
             job.rows_per_file,
         ),
-        counts=[read[COUNTS_TAG], fused[COUNTS_TAG], errors | "TallyErrors" >> beam.Map(RunCounts.of_error)]
+        counts=[
+            read[COUNTS_TAG],
+            fused[COUNTS_TAG],
+            joined[COUNTS_TAG],
+            errors | "TallyErrors" >> beam.Map(RunCounts.of_error),
+        ]
         | "AllCounts" >> beam.Flatten()
         | "SumCounts" >> beam.CombineGlobally(sum_counts),
     )

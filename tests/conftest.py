@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.inference.batching import Keyed
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.inference.torch_runtime import TorchRuntime
 from mmfeatures.modalities import MODALITIES
@@ -20,6 +21,7 @@ from mmfeatures.modalities.audio import AUDIO, AudioEncoder, AudioPreprocessor
 from mmfeatures.modalities.base import Encoder, Prepared, Preprocessor, Window
 from mmfeatures.modalities.image import IMAGE, ImageEncoder, ImagePreprocessor
 from mmfeatures.modalities.text import MINILM, TEXT, TextEncoder, TextPreprocessor
+from mmfeatures.records import Record
 from mmfeatures.settings import InferenceSettings
 from tests.jobs import png
 
@@ -227,10 +229,15 @@ def handler_for(preprocessor: Preprocessor, **settings: Any) -> EmbeddingModelHa
     return EmbeddingModelHandler(MODALITIES[preprocessor.name], preprocessor, defaults)
 
 
+def keyed(record_id: str, prepared: Prepared | None) -> Keyed:
+    """``prepared`` as the model input of a record of id ``record_id`` (and source), for the batcher and handler."""
+    return Record(record_id, source=record_id, manifest_dir=""), prepared
+
+
 def embed_all(preprocessor: Preprocessor, encoder: Encoder[Any], payloads: list[bytes | str]) -> list[Outcome]:
     """Every payload embedded in one batch through the real model handler."""
     handler = handler_for(preprocessor, max_batch_cost=10**9)
-    batch = [(f"r{i}", prepare(preprocessor, payload)) for i, payload in enumerate(payloads)]
+    batch = [keyed(f"r{i}", prepare(preprocessor, payload)) for i, payload in enumerate(payloads)]
     return list(handler.run_inference(batch, handler.embedder(encoder)))
 
 

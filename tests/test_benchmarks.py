@@ -49,9 +49,33 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path
             parts = figures["steps"][step]["parts"]
             assert len(parts) == 2 and sum(part["records"] for part in parts) == figures["records"], (modality, step)
         assert set(figures["ratios"]) == {"job / ceiling", "job / naive", "job / stock"}
-    scaling = report["scaling"]
+    (scaling,) = report["scaling"]
     assert scaling["records"][1] == 10 * scaling["records"][0]
     assert scaling["wall_time_ratio"] > 0 and scaling["peak_memory_ratio"] > 0
+
+
+def test_the_scale_case_runs_the_job_on_each_count_of_text_and_images(tmp_path: Path) -> None:
+    results = tmp_path / "scale.json"
+    argv = ["--scale", "--scale-records", "6,3", "--workdir", str(tmp_path), "--json", str(results)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", *argv],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("scale: peak memory ratio") == 2
+    report = json.loads(results.read_text())
+    assert report["modalities"] == {}
+    assert [(scale["modality"], scale["records"]) for scale in report["scaling"]] == [
+        ("text", [3, 6]),
+        ("image", [3, 6]),
+    ]
+    for scale in report["scaling"]:
+        runs = scale["runs"]
+        assert [runs[count]["records"] for count in ("3", "6")] == [3, 6]
+        assert scale["peak_memory_ratio"] == runs["6"]["peak_rss_mb"] / runs["3"]["peak_rss_mb"]
 
 
 def test_the_ceiling_steps_run_in_halves_either_side_of_the_job() -> None:

@@ -16,7 +16,16 @@ from apache_beam.testing.util import assert_that, equal_to
 from mmfeatures.content import SERVED_TAG, SHARES_TAG
 from mmfeatures.counts import COUNTS_TAG, ModalityCounts, RunCounts, sum_counts
 from mmfeatures.errors import ERRORS_TAG, Stage
-from mmfeatures.reading import _READ_TAG, KEPT_TAG, ReadRecords, _holds, _Positions, _ReadAgain, fingerprint
+from mmfeatures.reading import (
+    _READ_TAG,
+    _REPLACING_TAG,
+    KEPT_TAG,
+    ReadRecords,
+    _holds,
+    _Positions,
+    _ReadAgain,
+    fingerprint,
+)
 from mmfeatures.records import Record
 from mmfeatures.sources import Input, ReadOptions, find_inputs
 from tests.tar_shards import Member, build_tar
@@ -257,7 +266,12 @@ def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
     shares = [(2, "text", (("c", "other.jsonl:1"),))]
 
     def second_pass(records: int) -> list:
-        parts: dict[str, list[Any]] = {_READ_TAG: [(source, records, first)], "dropped": [_positions(1)], KEPT_TAG: []}
+        parts: dict[str, list[Any]] = {
+            _READ_TAG: [(source, records, first)],
+            "dropped": [_positions(1)],
+            KEPT_TAG: [],
+            _REPLACING_TAG: [],
+        }
         return list(read_again.process((0, {**parts, SHARES_TAG: shares, SERVED_TAG: []})))
 
     out = second_pass(3)

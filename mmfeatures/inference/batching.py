@@ -11,18 +11,22 @@ import apache_beam as beam
 from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures.modalities.base import Prepared, Preprocessor
+from mmfeatures.records import Record
 from mmfeatures.settings import InferenceSettings
 
-Keyed = tuple[str, Prepared]
+Keyed = tuple[Record, Prepared | None]  # a record and its model input; None: it passes on
 
 # The batcher holds at most this many batches' cost across its length buckets: memory stays
 # bounded by the batch size, whatever the input's size or spread of lengths.
 BUFFERED_BATCHES = 4
+# Records that pass on without the model go out this many at a time, for RunInference's own
+# cost per batch to weigh little.
+PASSING_BATCH = 64
 
 
 @dataclass
 class _Bucket:
-    items: list[Keyed] = field(default_factory=list)
+    items: list[tuple[Record, Prepared]] = field(default_factory=list)
     cost: int = 0
     windows: int = 0
 
@@ -34,8 +38,9 @@ class CostBatcher:
     one length and its micro-batches are full rows, not padding; a bucket goes out once it holds
     ``max_batch_cost`` or ``micro_batches_per_batch`` micro-batches (and at least one), cut to a
     whole number of micro-batches with the rest kept for the next batch. When all buckets together
-    hold more than ``BUFFERED_BATCHES`` batches' worth, the fullest goes out early. ``flush``
-    empties every bucket.
+    hold more than ``BUFFERED_BATCHES`` batches' worth, the fullest goes out early. Records with
+    nothing to embed go out in batches of their own (``PASSING_BATCH``). ``flush`` empties every
+    bucket.
     """
 
     def __init__(self, preprocessor: Preprocessor, settings: InferenceSettings):
@@ -45,13 +50,20 @@ class CostBatcher:
         self.micro_batches_per_batch = settings.micro_batches_per_batch
         self._buckets: dict[int, _Bucket] = defaultdict(_Bucket)
         self._buffered_cost = 0
+        self._passing: list[Keyed] = []
 
     def add(self, item: Keyed) -> Iterator[list[Keyed]]:
         """Buffer one record; yield the batches it completes."""
         prepared = item[1]
+        if prepared is None:
+            self._passing.append(item)
+            if len(self._passing) >= PASSING_BATCH:
+                yield self._passing
+                self._passing = []
+            return
         length = max(self.preprocessor.padded_length(window) for window in prepared.windows)
         bucket = self._buckets[length]
-        bucket.items.append(item)
+        bucket.items.append((item[0], prepared))
         bucket.cost += prepared.cost
         bucket.windows += len(prepared.windows)
         self._buffered_cost += prepared.cost
@@ -64,10 +76,13 @@ class CostBatcher:
 
     def flush(self) -> Iterator[list[Keyed]]:
         """Every buffered record, one batch per bucket."""
+        if self._passing:
+            yield self._passing
+            self._passing = []
         for length in sorted(self._buckets):
             bucket = self._buckets.pop(length)
             self._buffered_cost -= bucket.cost
-            yield bucket.items
+            yield list(bucket.items)
 
     def _cut(self, length: int) -> list[Keyed]:
         """The bucket's oldest records that fill whole micro-batches (all of them if none do)."""
@@ -84,7 +99,7 @@ class CostBatcher:
         self._buffered_cost -= cost
         if not bucket.items:
             del self._buckets[length]
-        return batch
+        return list(batch)
 
 
 class _BatchByCostFn(beam.DoFn):
@@ -110,7 +125,7 @@ class _BatchByCostFn(beam.DoFn):
 
 
 class BatchByCost(beam.PTransform):
-    """``(id, Prepared)`` pairs to batches of them (see ``CostBatcher``)."""
+    """``(record, Prepared or None)`` pairs to batches of them (see ``CostBatcher``)."""
 
     def __init__(self, preprocessor: Preprocessor, settings: InferenceSettings):
         super().__init__()

@@ -1,8 +1,9 @@
-"""``EmbedModality``: the composite that embeds one modality of the records that hold it."""
+"""``EmbedRecords``: each record's modalities embedded one after another, the record carrying its
+vectors on, so that no stage holds the run's records or vectors to join them up again."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -17,34 +18,38 @@ from mmfeatures.inference.batching import BatchByCost
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.inference.prepare import Prepare
 from mmfeatures.modalities.base import Modality, Preprocessor
-from mmfeatures.records import Record
 from mmfeatures.settings import InferenceSettings
 
+# (copy id, (modality, vector, digest)): a vector that a record embedded for a record holding the
+# same content (``Record.copies``), which takes it in ``join.JoinShared``.
+SHARED_TAG = "shared"
 
-def _split_outcome(outcome: Outcome, modality: str) -> Iterator[Any]:
-    """A record's outcome as its embedding or error row, and the same for each of its copies."""
+
+def _attach(outcome: Outcome, modality: str) -> Iterator[Any]:
+    """The record with its vector or failure for ``modality`` (as it was, where it had nothing to
+    embed); the error rows of a failure, its copies' too; the vector each copy takes."""
+    record = outcome.record
+    copies = record.copies.get(modality, ())
     if outcome.error is not None:
-        row = ErrorRow.from_exception(
-            outcome.error, record_id=outcome.record_id, modality=modality, source=outcome.source
-        )
-        yield from map(error_output, [row, *for_copies(row, outcome.copies)])
+        row = ErrorRow.from_exception(outcome.error, record_id=record.id, modality=modality, source=outcome.source)
+        yield from map(error_output, [row, *for_copies(row, copies)])
+        yield record.with_failure(modality)
+        return
+    if outcome.vector is None:
+        yield record
         return
     Metrics.counter(NAMESPACE, f"{modality}_embedded").inc()
-    Metrics.counter(NAMESPACE, f"{modality}_shared").inc(len(outcome.copies))
-    for record_id in [outcome.record_id, *(copy_id for copy_id, _ in outcome.copies)]:
-        yield record_id, (modality, outcome.vector, outcome.digest)
-
-
-def _embeds(record: Record, modality: str) -> bool:
-    """Whether ``record`` holds ``modality`` and embeds it, rather than take another record's vector."""
-    return record.payload(modality) is not None and modality not in record.embedded_elsewhere
+    Metrics.counter(NAMESPACE, f"{modality}_shared").inc(len(copies))
+    yield record.with_vector(modality, outcome.vector, outcome.digest)
+    for copy_id, _ in copies:
+        yield beam.pvalue.TaggedOutput(SHARED_TAG, (copy_id, (modality, outcome.vector, outcome.digest)))
 
 
 class EmbedModality(beam.PTransform):
-    """Records holding ``modality`` to ``(id, (modality, vector, digest))``, and error rows (content
-    that several records share is embedded once, by the record that ``copies`` names them in): prepared
-    in a pool of threads, batched by cost one length bucket at a time, and embedded by
-    RunInference, with ``preprocessor``'s model, as ``settings`` say."""
+    """Records to the same records with ``modality`` embedded (or failed) where they hold it and
+    embed it, with error rows and the vectors their copies take (``SHARED_TAG``): prepared in a
+    pool of threads, batched by cost one length bucket at a time, and embedded by RunInference,
+    with ``preprocessor``'s model, as ``settings`` say. Every record comes out, once."""
 
     def __init__(
         self,
@@ -60,18 +65,48 @@ class EmbedModality(beam.PTransform):
         self.handler = EmbeddingModelHandler(modality, preprocessor, settings)
 
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
-        name = self.preprocessor.name
         prepare = Prepare(self.preprocessor, self.location_policy, self.settings.prepare_ahead)
-        prepared = (
-            records
-            | "Holding" >> beam.Filter(_embeds, name)
-            | "Prepare" >> beam.ParDo(prepare).with_outputs(ERRORS_TAG, main="prepared")
-        )
+        prepared = records | "Prepare" >> beam.ParDo(prepare).with_outputs(ERRORS_TAG, main="prepared")
         embedded = (
             prepared.prepared
             | "BatchByCost" >> BatchByCost(self.preprocessor, self.settings)
             | "RunInference" >> RunInference(self.handler)
-            | "Split" >> beam.FlatMap(_split_outcome, name).with_outputs(ERRORS_TAG, main="embeddings")
+            | "Attach"
+            >> beam.FlatMap(_attach, self.preprocessor.name).with_outputs(ERRORS_TAG, SHARED_TAG, main="records")
         )
         errors = (prepared[ERRORS_TAG], embedded[ERRORS_TAG]) | "Errors" >> beam.Flatten()
-        return {"embeddings": embedded.embeddings, ERRORS_TAG: errors}
+        return {"records": embedded.records, ERRORS_TAG: errors, SHARED_TAG: embedded[SHARED_TAG]}
+
+
+class EmbedRecords(beam.PTransform):
+    """Records through ``EmbedModality`` for each of ``preprocessors`` in turn (with the
+    ``modalities`` and ``settings`` of the same names): out come the records with their vectors
+    and failures, the error rows and the vectors shared with copies, of every modality."""
+
+    def __init__(
+        self,
+        modalities: Mapping[str, Modality],
+        preprocessors: Mapping[str, Preprocessor],
+        settings: Mapping[str, InferenceSettings],
+        location_policy: storage.LocationPolicy | None = None,
+    ):
+        super().__init__()
+        self.modalities = modalities
+        self.preprocessors = preprocessors
+        self.settings = settings
+        self.location_policy = location_policy
+
+    def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
+        errors, shared = [], []
+        for name, preprocessor in self.preprocessors.items():
+            step = EmbedModality(self.modalities[name], preprocessor, self.settings[name], self.location_policy)
+            embedded = records | name.title() >> step
+            records = embedded["records"]
+            errors.append(embedded[ERRORS_TAG])
+            shared.append(embedded[SHARED_TAG])
+        pipeline = records.pipeline
+        return {
+            "records": records,
+            ERRORS_TAG: errors | "Errors" >> beam.Flatten(pipeline=pipeline),
+            SHARED_TAG: shared | "Shared" >> beam.Flatten(pipeline=pipeline),
+        }

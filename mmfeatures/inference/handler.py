@@ -21,8 +21,9 @@ from mmfeatures.host import settle_worker_process
 from mmfeatures.inference.batching import Keyed
 from mmfeatures.inference.embedder import Embedder
 from mmfeatures.inference.torch_runtime import TorchRuntime
-from mmfeatures.modalities.base import Encoder, Modality, Preprocessor
+from mmfeatures.modalities.base import Encoder, Modality, Prepared, Preprocessor
 from mmfeatures.progress import Progress
+from mmfeatures.records import Record
 from mmfeatures.redaction import redact
 from mmfeatures.settings import InferenceSettings
 
@@ -31,19 +32,19 @@ _LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """One record's result: an embedding, or the error that stopped it."""
+    """One record's result: an embedding, the error that stopped it, or neither for a record that
+    had nothing to embed."""
 
-    record_id: str
-    source: str | None
+    record: Record
+    source: str | None = None
     vector: np.ndarray | None = None
     error: RecordError | None = None
     digest: str | None = None  # of the content embedded
-    copies: tuple[tuple[str, str], ...] = ()  # (id, source) of the records that take this outcome too
 
 
 class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
-    """Embeds batches of ``(record_id, Prepared)`` pairs with ``modality``'s encoder, loaded for
-    ``preprocessor``'s model and run as ``settings`` say."""
+    """Embeds batches of ``(record, Prepared)`` pairs with ``modality``'s encoder, loaded for
+    ``preprocessor``'s model and run as ``settings`` say; a record paired with None passes through."""
 
     def __init__(self, modality: Modality, preprocessor: Preprocessor, settings: InferenceSettings):
         if not isinstance(preprocessor, modality.preprocessor):
@@ -90,6 +91,10 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[Outcome]:
         """``model``: what ``load_model`` returned, or its proxy."""
+        passing = [Outcome(record) for record, prepared in batch if prepared is None]
+        return passing + self._embed([(r, p) for r, p in batch if p is not None], model)
+
+    def _embed(self, batch: list[tuple[Record, Prepared]], model: Embedder) -> list[Outcome]:
         if not batch:
             return []
         self._progress.add(len(batch))
@@ -97,28 +102,24 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
             vectors = model.embed([prepared for _, prepared in batch])
         except Exception as exc:  # noqa: BLE001 - retried one by one so only the poison record fails
             if len(batch) == 1:
-                return [self._failure(batch[0], exc)]
-            return [outcome for item in batch for outcome in self.run_inference([item], model)]
-        return [_checked(item, vector) for item, vector in zip(batch, vectors, strict=True)]
+                return [self._failure(*batch[0], exc)]
+            return [outcome for item in batch for outcome in self._embed([item], model)]
+        return [_checked(*item, vector) for item, vector in zip(batch, vectors, strict=True)]
 
-    def _failure(self, item: Keyed, exc: Exception) -> Outcome:
-        record_id, prepared = item
-        _LOG.warning("%s model failed on record %s: %s", self.modality.name, record_id, exc)
+    def _failure(self, record: Record, prepared: Prepared, exc: Exception) -> Outcome:
+        _LOG.warning("%s model failed on record %s: %s", self.modality.name, record.id, exc)
         error = EncodeError(f"the model failed: {exc!r}", error_type="model_error")
-        return Outcome(record_id, prepared.source, error=error, copies=prepared.copies)
+        return Outcome(record, prepared.source, error=error)
 
     def get_num_bytes(self, batch: Sequence[Keyed]) -> int:
-        return sum(prepared.cost for _, prepared in batch) * 4
+        return sum(prepared.cost for _, prepared in batch if prepared is not None) * 4
 
     def get_metrics_namespace(self) -> str:
         return f"mmfeatures.{self.modality.name}"
 
 
-def _checked(item: Keyed, vector: np.ndarray) -> Outcome:
-    record_id, prepared = item
+def _checked(record: Record, prepared: Prepared, vector: np.ndarray) -> Outcome:
     if not np.all(np.isfinite(vector)):
         error = EncodeError("the embedding holds NaN or Inf", error_type="non_finite_embedding")
-        return Outcome(record_id, prepared.source, error=error, copies=prepared.copies)
-    return Outcome(
-        record_id, prepared.source, vector=vector.astype(np.float32), digest=prepared.digest, copies=prepared.copies
-    )
+        return Outcome(record, prepared.source, error=error)
+    return Outcome(record, prepared.source, vector=vector.astype(np.float32), digest=prepared.digest)

@@ -33,7 +33,9 @@ def default_prepare_threads() -> int:
 
 
 class Prepare(beam.DoFn):
-    """Fetch (for media), decode and preprocess one modality of each record.
+    """Fetch (for media), decode and preprocess one modality of each record that embeds it, to
+    ``(record, Prepared)``, or, where that fails, its error rows (and its copies') and ``(record``
+    with the modality failed, ``None)``; any other record passes on at once as ``(record, None)``.
 
     The work runs in a pool of threads (``default_prepare_threads``) that keeps about ``ahead``
     records in flight, so remote fetches wait side by side, and decoding and preprocessing
@@ -75,6 +77,9 @@ class Prepare(beam.DoFn):
     def process(
         self, record: Record, window: Any = beam.DoFn.WindowParam, timestamp: Any = beam.DoFn.TimestampParam
     ) -> Iterator[Any]:
+        if not record.embeds(self.preprocessor.name):  # passes on at once, for the next modality
+            yield record, None
+            return
         self._grouping.append((record, window, timestamp))
         if len(self._grouping) >= self.preprocessor.preprocess_batch_size:
             self._submit_group()
@@ -109,34 +114,35 @@ class Prepare(beam.DoFn):
             future, carried, places = self._in_flight.popleft()
             self._records_in_flight -= len(places)
             self._bytes_in_flight -= carried
-            for result, (window, timestamp) in zip(future.result(), places, strict=True):
-                if isinstance(result, list):  # the record's error row, and its copies'
-                    for row in result:
+            for (record, result), (window, timestamp) in zip(future.result(), places, strict=True):
+                if isinstance(result, ErrorRow):
+                    for row in [result, *for_copies(result, record.copies.get(self.preprocessor.name, ()))]:
                         error = error_output(row)  # counted here: metrics belong to the bundle's thread
                         yield beam.pvalue.TaggedOutput(ERRORS_TAG, WindowedValue(error.value, timestamp, (window,)))
+                    yield WindowedValue((record.with_failure(self.preprocessor.name), None), timestamp, (window,))
                 else:
-                    yield WindowedValue(result, timestamp, (window,))
+                    yield WindowedValue((record, result), timestamp, (window,))
 
-    def _prepare(self, records: list[Record]) -> list[tuple[str, Prepared] | list[ErrorRow]]:
-        """Each record's windows, or its error row and its copies' (``Record.copies``): any failure
-        is the record's, never the run's."""
+    def _prepare(self, records: list[Record]) -> list[tuple[Record, Prepared | ErrorRow]]:
+        """Each record with its windows, or with the error row that says why it has none: any
+        failure is the record's, never the run's."""
         name = self.preprocessor.name
         decoded = [self._decode(record) for record in records]
         ready = [index for index, (_, raw, _) in enumerate(decoded) if not isinstance(raw, ErrorRow)]
         CPU_TURNS.wait_for_cores()  # a model's turn may have begun while the group was decoded
         windows = dict(zip(ready, preprocess_each(self.preprocessor, [decoded[i][1] for i in ready]), strict=True))
-        results: list[tuple[str, Prepared] | list[ErrorRow]] = []
+        results: list[tuple[Record, Prepared | ErrorRow]] = []
         for index, (record, (source, raw, digest)) in enumerate(zip(records, decoded, strict=True)):
             outcome = windows.get(index)
-            copies = record.copies.get(name, ())
             if isinstance(raw, ErrorRow):
-                results.append([raw, *for_copies(raw, copies)])
+                results.append((record, raw))
             elif isinstance(outcome, Exception):
-                error = ErrorRow.from_exception(outcome, record_id=record.id, modality=name, source=source)
-                results.append([error, *for_copies(error, copies)])
+                results.append(
+                    (record, ErrorRow.from_exception(outcome, record_id=record.id, modality=name, source=source))
+                )
             else:
                 assert outcome is not None
-                results.append((record.id, Prepared(outcome, source, digest, copies)))
+                results.append((record, Prepared(outcome, source, digest)))
         return results
 
     def _decode(self, record: Record) -> tuple[str | None, Any, str | None]:

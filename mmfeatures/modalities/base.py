@@ -61,7 +61,6 @@ class Prepared:
     windows: list[Window]
     source: str | None = None  # where the input came from, for error rows
     digest: str | None = None  # the content's sha256 (``records.media_digest``), for the row's content hash
-    copies: tuple[tuple[str, str], ...] = ()  # (id, source) of the records that take this vector too
 
     @property
     def cost(self) -> int:

@@ -22,14 +22,14 @@ from apache_beam.testing.util import assert_that, equal_to
 from mmfeatures.encoders import mobilenet_v2
 from mmfeatures.errors import EncodeError, Stage
 from mmfeatures.host import CPU_TURNS
-from mmfeatures.inference.batching import BUFFERED_BATCHES, BatchByCost, CostBatcher
+from mmfeatures.inference.batching import BUFFERED_BATCHES, BatchByCost, CostBatcher, Keyed
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.modalities.audio import AudioPreprocessor
 from mmfeatures.modalities.base import Batch, Prepared, Preprocessor
 from mmfeatures.modalities.image import IMAGE, ImageEncoder, ImagePreprocessor, MobileNetV2Encoder
 from mmfeatures.modalities.text import TextEncoder, TextPreprocessor, tokenizer_for
 from mmfeatures.settings import InferenceSettings
-from tests.conftest import handler_for
+from tests.conftest import handler_for, keyed
 
 TEXTS = {
     "short": "a photo of a cat",
@@ -50,7 +50,7 @@ def summary(outcome: Outcome) -> tuple[str, str | None, str | None, int | None]:
     if vector is not None:
         assert vector.dtype == np.float32 and np.all(np.isfinite(vector))
     return (
-        outcome.record_id,
+        outcome.record.id,
         outcome.source,
         outcome.error.error_type if outcome.error is not None else None,
         None if vector is None else int(vector.shape[0]),
@@ -64,7 +64,7 @@ def only_vector(outcomes: Iterable[Outcome]) -> np.ndarray:
     return outcome.vector
 
 
-def run_pipeline(handler: EmbeddingModelHandler, items: list[tuple[str, Prepared]], expected: list[tuple]) -> None:
+def run_pipeline(handler: EmbeddingModelHandler, items: list[Keyed], expected: list[tuple]) -> None:
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
         batches = pipeline | beam.Create(items) | BatchByCost(handler.preprocessor, handler.settings)
         outcomes = batches | RunInference(handler) | beam.Map(summary)
@@ -76,9 +76,12 @@ def run_pipeline(handler: EmbeddingModelHandler, items: list[tuple[str, Prepared
 def test_text_records_in_a_beam_pipeline_give_one_outcome_each(
     tiny_text: TextPreprocessor, prepared, max_batch_cost: int
 ) -> None:
-    items = [(key, Prepared(prepared(tiny_text, text).windows, source=f"{key}.txt")) for key, text in TEXTS.items()]
-    items.append(("poison", poison_text(tiny_text)))
-    expected = [(key, f"{key}.txt", None, 32) for key in TEXTS] + [("poison", "poison.txt", "model_error", None)]
+    items = [
+        keyed(key, Prepared(prepared(tiny_text, text).windows, source=f"{key}.txt")) for key, text in TEXTS.items()
+    ]
+    items += [keyed("poison", poison_text(tiny_text)), keyed("no text", None)]
+    expected: list[tuple] = [(key, f"{key}.txt", None, 32) for key in TEXTS]
+    expected += [("poison", "poison.txt", "model_error", None), ("no text", None, None, None)]
     run_pipeline(handler_for(tiny_text, max_batch_cost=max_batch_cost), items, expected)
 
 
@@ -105,7 +108,7 @@ def test_image_and_audio_records_in_a_beam_pipeline(
     else:
         preprocessor = AudioPreprocessor(model=str(tiny_whisper_dir))
         payloads = [_wav(0.5, 16000), _wav(2.0, 8000), _wav(1.2, 44100)]
-    items = [(f"{kind}{i}", prepared(preprocessor, payload)) for i, payload in enumerate(payloads)]
+    items = [keyed(f"{kind}{i}", prepared(preprocessor, payload)) for i, payload in enumerate(payloads)]
     expected = [(f"{kind}{i}", None, None, 32) for i in range(len(payloads))]
     run_pipeline(handler_for(preprocessor, max_batch_cost=10**9), items, expected)
 
@@ -117,12 +120,12 @@ def test_a_poison_record_fails_alone_and_the_others_are_embedded(
     handler = handler_for(tiny_text, max_batch_cost=10**9)
     embedder = handler.embedder(tiny_text_encoder)
     good = {key: prepared(tiny_text, text) for key, text in TEXTS.items()}
-    alone = {key: only_vector(handler.run_inference([(key, p)], embedder)) for key, p in good.items()}
+    alone = {key: only_vector(handler.run_inference([keyed(key, p)], embedder)) for key, p in good.items()}
 
-    batch = [("short", good["short"]), ("poison", poison_text(tiny_text)), ("long", good["long"])]
+    batch = [keyed("short", good["short"]), keyed("poison", poison_text(tiny_text)), keyed("long", good["long"])]
     outcomes = list(handler.run_inference(batch, embedder))
 
-    assert [o.record_id for o in outcomes] == ["short", "poison", "long"]
+    assert [o.record.id for o in outcomes] == ["short", "poison", "long"]
     poison = outcomes[1]
     assert poison.vector is None
     assert isinstance(poison.error, EncodeError)
@@ -132,12 +135,12 @@ def test_a_poison_record_fails_alone_and_the_others_are_embedded(
     assert poison.source == "poison.txt"
     for outcome in (outcomes[0], outcomes[2]):
         assert outcome.error is None and outcome.vector is not None
-        np.testing.assert_allclose(outcome.vector, alone[outcome.record_id], atol=1e-5)
+        np.testing.assert_allclose(outcome.vector, alone[outcome.record.id], atol=1e-5)
 
 
 def test_a_batch_of_one_poison_record_gives_one_error(tiny_text: TextPreprocessor, tiny_text_encoder) -> None:
     handler = handler_for(tiny_text, max_batch_cost=10**9)
-    (outcome,) = handler.run_inference([("p", poison_text(tiny_text))], handler.embedder(tiny_text_encoder))
+    (outcome,) = handler.run_inference([keyed("p", poison_text(tiny_text))], handler.embedder(tiny_text_encoder))
     assert outcome.error is not None and outcome.error.error_type == "model_error"
 
 
@@ -154,9 +157,9 @@ def test_a_non_finite_embedding_is_an_error_not_a_feature(
 
     handler = handler_for(tiny_text, max_batch_cost=10**9)
     batch = [
-        ("clean", prepared(tiny_text, "a photo of a cat")),
-        ("nan", prepared(tiny_text, "a photo of a zebra")),
-        ("also clean", prepared(tiny_text, "quarterly tax report")),
+        keyed("clean", prepared(tiny_text, "a photo of a cat")),
+        keyed("nan", prepared(tiny_text, "a photo of a zebra")),
+        keyed("also clean", prepared(tiny_text, "quarterly tax report")),
     ]
     outcomes = list(handler.run_inference(batch, handler.embedder(broken)))
     assert [summary(o)[2] for o in outcomes] == [None, "non_finite_embedding", None]
@@ -178,7 +181,9 @@ def test_an_infinite_embedding_is_an_error_too(tiny_vit_dir: Path, prepared) -> 
         dense.bias[0] = float("inf")
         pooler.activation = torch.nn.Identity()  # keep the Inf past the tanh
     handler = handler_for(preprocessor, max_batch_cost=10**9)
-    (outcome,) = handler.run_inference([("img", prepared(preprocessor, _png(3, (32, 32))))], handler.embedder(encoder))
+    (outcome,) = handler.run_inference(
+        [keyed("img", prepared(preprocessor, _png(3, (32, 32))))], handler.embedder(encoder)
+    )
     assert outcome.error is not None and outcome.error.error_type == "non_finite_embedding"
 
 
@@ -192,9 +197,9 @@ def test_multi_window_records_are_mean_pooled(tiny_text: TextPreprocessor, tiny_
     embedder = handler.embedder(tiny_text_encoder)
     record = prepared(tiny_text, TEXTS["long"])
     assert len(record.windows) > 1
-    (outcome,) = handler.run_inference([("long", record)], embedder)
+    (outcome,) = handler.run_inference([keyed("long", record)], embedder)
     per_window = [
-        only_vector(handler.run_inference([(str(i), Prepared([window]))], embedder))
+        only_vector(handler.run_inference([keyed(str(i), Prepared([window]))], embedder))
         for i, window in enumerate(record.windows)
     ]
     assert outcome.vector is not None
@@ -261,7 +266,7 @@ def test_an_unknown_precision_is_refused(tiny_text: TextPreprocessor) -> None:
 def test_bf16_autocast_gives_nearly_the_fp32_embedding(
     tiny_text: TextPreprocessor, tiny_text_encoder, prepared
 ) -> None:
-    batch = [(key, prepared(tiny_text, text)) for key, text in TEXTS.items()]
+    batch = [keyed(key, prepared(tiny_text, text)) for key, text in TEXTS.items()]
     fp32 = handler_for(tiny_text, max_batch_cost=10**9)
     full = fp32.run_inference(batch, fp32.embedder(tiny_text_encoder))
     bf16 = handler_for(tiny_text, max_batch_cost=10**9, precision="bf16")
@@ -274,6 +279,13 @@ def test_bf16_autocast_gives_nearly_the_fp32_embedding(
 
 
 # -- batching ------------------------------------------------------------------------------------
+def inputs(batch: list[Keyed]) -> list[Prepared]:
+    """A batch's model inputs (every record of these batches has one)."""
+    prepared = [p for _, p in batch if p is not None]
+    assert len(prepared) == len(batch)
+    return prepared
+
+
 def _text_of_tokens(tokens: int) -> Prepared:
     """A one-window text record of ``tokens`` tokens (its cost)."""
     return Prepared([{"input_ids": np.ones(tokens, dtype=np.int64)}])
@@ -284,13 +296,13 @@ def test_batches_hold_one_length_bucket_in_whole_micro_batches(tiny_text: TextPr
     micro-batches of 4 once it holds 100 tokens; the rest waits for the next batch or the flush."""
     settings = InferenceSettings(max_batch_cost=100, micro_batch_size=4, micro_batches_per_batch=8)
     batcher = CostBatcher(tiny_text, settings)
-    records = [(f"r{i}", _text_of_tokens(5 if i % 2 else 30)) for i in range(40)]
+    records = [keyed(f"r{i}", _text_of_tokens(5 if i % 2 else 30)) for i in range(40)]
     batches = [batch for item in records for batch in batcher.add(item)]
     flushed = list(batcher.flush())
 
-    assert all(len({tiny_text.padded_length(p.windows[0]) for _, p in batch}) == 1 for batch in batches + flushed)
-    assert batches and all(len(batch) % 4 == 0 and sum(p.cost for _, p in batch) >= 100 for batch in batches)
-    assert sorted(key for batch in batches + flushed for key, _ in batch) == sorted(key for key, _ in records)
+    assert all(len({tiny_text.padded_length(p.windows[0]) for p in inputs(batch)}) == 1 for batch in batches + flushed)
+    assert batches and all(len(batch) % 4 == 0 and sum(p.cost for p in inputs(batch)) >= 100 for batch in batches)
+    assert sorted(r.id for batch in batches + flushed for r, _ in batch) == sorted(r.id for r, _ in records)
 
 
 def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_text: TextPreprocessor) -> None:
@@ -298,7 +310,7 @@ def test_short_records_go_out_once_they_fill_the_micro_batches_of_a_batch(tiny_t
     ``micro_batches_per_batch`` full micro-batches instead, so the model does not wait for them."""
     settings = InferenceSettings(max_batch_cost=10_000, micro_batch_size=4, micro_batches_per_batch=3)
     batcher = CostBatcher(tiny_text, settings)
-    batches = [batch for i in range(100) for batch in batcher.add((f"r{i}", _text_of_tokens(1)))]
+    batches = [batch for i in range(100) for batch in batcher.add(keyed(f"r{i}", _text_of_tokens(1)))]
     assert [len(batch) for batch in batches] == [12] * (100 // 12)
 
 
@@ -335,17 +347,17 @@ def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextPreproce
     for i in range(2000):
         record = _text_of_tokens(1 + i % 60)
         held += record.cost
-        for batch in batcher.add((f"r{i}", record)):
-            held -= sum(p.cost for _, p in batch)
+        for batch in batcher.add(keyed(f"r{i}", record)):
+            held -= sum(p.cost for p in inputs(batch))
         assert held <= BUFFERED_BATCHES * 64
-    assert sum(p.cost for batch in batcher.flush() for _, p in batch) == held
+    assert sum(p.cost for batch in batcher.flush() for p in inputs(batch)) == held
 
 
 def test_a_record_costs_its_input_values(tiny_text: TextPreprocessor, prepared) -> None:
     handler = handler_for(tiny_text, max_batch_cost=1234)
     record = prepared(tiny_text, TEXTS["long"])
     assert record.cost == sum(len(w["input_ids"]) for w in record.windows)
-    assert handler.get_num_bytes([("a", record), ("b", record)]) == 2 * record.cost * 4
+    assert handler.get_num_bytes([keyed("a", record), keyed("b", record)]) == 2 * record.cost * 4
     assert handler.get_metrics_namespace() == "mmfeatures.text"
 
 
@@ -357,15 +369,15 @@ def _rounded(vector: np.ndarray | None) -> list[float]:
 def test_a_model_shared_across_processes_gives_the_same_embeddings(tiny_vit_dir: Path, prepared) -> None:
     """``model_copies``: the model runs in a process of its own, behind Beam's proxy."""
     preprocessor = ImagePreprocessor(model=str(tiny_vit_dir))
-    items = [(f"image{i}", prepared(preprocessor, _png(i, (40, 40)))) for i in range(3)]
+    items = [keyed(f"image{i}", prepared(preprocessor, _png(i, (40, 40)))) for i in range(3)]
     local = handler_for(preprocessor, max_batch_cost=10**9)
-    expected = {o.record_id: o.vector for o in local.run_inference(items, local.load_model())}
+    expected = {o.record.id: o.vector for o in local.run_inference(items, local.load_model())}
     shared = handler_for(preprocessor, max_batch_cost=10**9, model_copies=1)
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
         batches = pipeline | beam.Create(items) | BatchByCost(shared.preprocessor, shared.settings)
         outcomes = batches | RunInference(shared)
         assert_that(
-            outcomes | beam.Map(lambda o: (o.record_id, _rounded(o.vector))),
+            outcomes | beam.Map(lambda o: (o.record.id, _rounded(o.vector))),
             equal_to([(key, _rounded(vector)) for key, vector in expected.items()]),
         )
 
@@ -384,7 +396,7 @@ def test_on_a_cpu_batches_are_stacked_before_the_models_turn(
 
     monkeypatch.setattr(tiny_text_encoder, "collate", collate_noting_the_turn)
     handler = handler_for(tiny_text, max_batch_cost=10**9, micro_batch_size=2)
-    items = [(text, prepared(tiny_text, text)) for text in TEXTS.values()]
+    items = [keyed(text, prepared(tiny_text, text)) for text in TEXTS.values()]
     outcomes = handler.run_inference(items, handler.embedder(tiny_text_encoder))
     assert [o.error for o in outcomes] == [None] * len(items)
     assert turns and not any(turns)

@@ -66,7 +66,7 @@ def test_records_leave_in_order_with_their_own_windows_a_bounded_number_ahead(ti
 
     assert most_in_flight <= AHEAD + 3
     assert all(isinstance(output, WindowedValue) for output in outputs)
-    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(60)]
+    assert [output.value[0].id for output in outputs] == [f"r{index}" for index in range(60)]
     assert [output.timestamp.micros // 10**6 for output in outputs] == list(range(60))
     assert [output.windows[0].start.micros // 10**6 for output in outputs] == list(range(60))
     for text, output in zip(texts, outputs, strict=True):  # the pool threads prepare as the preprocessor does here
@@ -87,7 +87,7 @@ def test_media_bytes_that_records_carry_are_held_in_flight_to_a_few_files_worth(
     noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     png = cv2.imencode(".png", noise)[1].tobytes()  # about 270 KB: incompressible
     outputs, most_in_flight, most_bytes = _run(Prepare(preprocessor, storage.LocationPolicy(), ahead=256), [png] * 40)
-    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(40)]
+    assert [output.value[0].id for output in outputs] == [f"r{index}" for index in range(40)]
     assert most_bytes <= CARRIED_FILES_AHEAD * (1 << 20) + len(png)
     assert most_in_flight < 40  # the bytes held it back, not the records ahead
 
@@ -95,11 +95,27 @@ def test_media_bytes_that_records_carry_are_held_in_flight_to_a_few_files_worth(
 def test_a_record_that_fails_to_prepare_is_a_tagged_error_in_its_place(tiny_text: TextPreprocessor) -> None:
     outputs, *_ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), ["fine", "   ", "also fine"])
 
-    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue]
+    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue, WindowedValue]
     error = outputs[1]
     assert error.tag == ERRORS_TAG
     assert error.value.timestamp.micros == 1_000_000
     assert (error.value.value["id"], error.value.value["error_type"]) == ("r1", "empty_text")
+    failed, prepared = outputs[2].value  # the record goes on, the modality failed, in its place
+    assert (failed.id, failed.failed, prepared, outputs[2].timestamp.micros) == ("r1", {"text"}, None, 1_000_000)
+
+
+def test_a_record_without_the_modality_passes_on_at_once(tiny_text: TextPreprocessor) -> None:
+    """It is not held behind the records in flight: the next modality's step gets it now."""
+    prepare = Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD)
+    prepare.setup()
+    prepare.start_bundle()
+    window = IntervalWindow(0, 1)
+    text = parse_record({"id": "t", "text": "words"}, source="m", manifest_dir="")
+    assert list(prepare.process(text, window=window, timestamp=0)) == []
+    image_only = parse_record({"id": "i", "image": "a.png"}, source="m", manifest_dir="")
+    assert list(prepare.process(image_only, window=window, timestamp=0)) == [(image_only, None)]
+    assert [output.value[0].id for output in prepare.finish_bundle()] == ["t"]
+    prepare.teardown()
 
 
 def test_records_are_preprocessed_in_groups_of_the_preprocessors_batch_size(
@@ -116,7 +132,7 @@ def test_records_are_preprocessed_in_groups_of_the_preprocessors_batch_size(
     grouped = _grouped(tiny_text, 4)
     outputs, *_ = _run(Prepare(grouped, storage.LocationPolicy(), ahead=AHEAD), [f"text {i}" for i in range(10)])
 
-    assert [output.value[0] for output in outputs] == [f"r{i}" for i in range(10)]
+    assert [output.value[0].id for output in outputs] == [f"r{i}" for i in range(10)]
     assert sorted(sizes) == [2, 4, 4]  # groups run side by side; the bundle's end sends the partial one
 
 
@@ -141,9 +157,10 @@ def test_a_text_that_fails_in_a_batched_call_fails_alone(
     texts = ["fine", "poison", "also fine", "fine again"]
     outputs, *_ = _run(Prepare(tiny_text, storage.LocationPolicy(), ahead=AHEAD), texts)
 
-    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, WindowedValue, WindowedValue]
+    assert [type(output) for output in outputs] == [WindowedValue, TaggedOutput, *[WindowedValue] * 3]
     assert (outputs[1].value.value["id"], outputs[1].value.value["error_type"]) == ("r1", "tokenizer_failed")
-    assert [len(output.value[1].windows) for i, output in enumerate(outputs) if i != 1] == [1, 1, 1]
+    assert outputs[2].value[1] is None and outputs[2].value[0].failed == {"text"}
+    assert [len(output.value[1].windows) for i, output in enumerate(outputs) if i not in (1, 2)] == [1, 1, 1]
 
 
 def test_each_pool_thread_uses_its_own_tokenizer(tiny_text: TextPreprocessor, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +179,7 @@ def test_each_pool_thread_uses_its_own_tokenizer(tiny_text: TextPreprocessor, mo
     texts = [f"sentence number {index}" for index in range(30)]
     outputs, *_ = _run(Prepare(_grouped(tiny_text, 3), storage.LocationPolicy(), ahead=AHEAD), texts)
 
-    assert [output.value[0] for output in outputs] == [f"r{index}" for index in range(30)]
+    assert [output.value[0].id for output in outputs] == [f"r{index}" for index in range(30)]
     tokenizers = {thread: {id(tokenizer) for t, tokenizer in used if t == thread} for thread, _ in used}
     assert threading.get_ident() not in tokenizers  # all the tokenizing ran in the pool
     assert len(tokenizers) >= 2, tokenizers  # several pool threads took part
