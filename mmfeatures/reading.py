@@ -1,12 +1,16 @@
 """``ReadRecords``: manifest files to unique, validated records, their error rows, the rows read,
 and the types of their carried columns.
 
-Each input is read twice, so that media bytes (tar members, binary columns) need not cross a
+A worker first cuts each input into parts (``sources.Part``: byte ranges of an uncompressed JSONL
+file, ranges of a Parquet file's row groups, any other input whole), which are then read apart,
+so that one large manifest is read by several workers; a row's place is its part's key
+``(input index, part index)`` and its position in the part, so places still sort in input order.
+Each part is read twice, so that media bytes (tar members, binary columns) need not cross a
 shuffle. The first pass sends on only each record's id, place and content digests (``content``),
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
 records share content (embedded once, for all of them), and, in an incremental run, which
 records keep the previous table's row and which replace it (``incremental``: their content
-hashes, grouped by id with the table's). The second pass reads each input again and sends on its records that won as it
+hashes, grouped by id with the table's). The second pass reads each part again and sends on its records that won as it
 reads them, those that keep their rows apart. On a cluster they are then spread over the
 workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
 runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can

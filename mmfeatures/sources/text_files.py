@@ -151,7 +151,10 @@ def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
     one part. CSV is never split: a quoted field may hold line breaks, so a line break need not
     end a row."""
     fs, fs_path = url_to_fs(path)
-    if path.lower().endswith(".gz") or fs.size(fs_path) <= part_bytes:
+    if path.lower().endswith(".gz"):
+        return []
+    size = fs.size(fs_path)  # None where the store does not say: read whole
+    if size is None or size <= part_bytes:
         return []
     cuts = [(0, 0)]  # where each part starts, and the lines before it
     position = lines = 0
