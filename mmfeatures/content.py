@@ -31,15 +31,16 @@ from mmfeatures.records import REFERENCE_COLUMNS, Record, media_digest
 # carries (inline text, media bytes), or the location of the media still to fetch.
 Pending = tuple[tuple[str, str, str], ...]  # (modality, "digest" | "fetch", digest or location)
 Digests = tuple[tuple[str, str], ...]  # (modality, digest), in the record's modality order
-Place = tuple[int, int]  # a row's input (its index among the inputs) and position in it
+PartKey = tuple[int, int]  # a part of an input: the input's index among the inputs, the part's among its parts
+Place = tuple[PartKey, int]  # a row's part and position in it: places sort in input order
 Copies = tuple[tuple[str, str], ...]  # the (id, source) of records that take another's vector
 
 # Records one embedding is given to: content that a million records hold (a placeholder image) is
 # embedded once per thousand of them, so that no record carries a million ids through the model.
 MOST_COPIES = 1000
 
-SHARES_TAG = "shares"  # per input: (position, modality, copies) of a record that embeds for copies
-SERVED_TAG = "served"  # per input: (position, modality) whose vector another record embeds
+SHARES_TAG = "shares"  # per part: (position, modality, copies) of a record that embeds for copies
+SERVED_TAG = "served"  # per part: (position, modality) whose vector another record embeds
 
 
 def pending_content(record: Record) -> Pending | None:
@@ -124,16 +125,16 @@ def _share(keyed: tuple[tuple[str, str], Iterable[tuple[Place, str, str]]]) -> I
         first, *copies = ordered[start : start + MOST_COPIES + 1]
         if not copies:
             return
-        (file_index, position), _, _ = first
+        (part, position), _, _ = first
         named: Copies = tuple((record_id, source) for _, record_id, source in copies)
-        yield beam.pvalue.TaggedOutput(SHARES_TAG, (file_index, (position, modality, named)))
-        for (copy_index, copy_position), _, _ in copies:
-            yield beam.pvalue.TaggedOutput(SERVED_TAG, (copy_index, (copy_position, modality)))
+        yield beam.pvalue.TaggedOutput(SHARES_TAG, (part, (position, modality, named)))
+        for (copy_part, copy_position), _, _ in copies:
+            yield beam.pvalue.TaggedOutput(SERVED_TAG, (copy_part, (copy_position, modality)))
 
 
 class ShareContent(beam.PTransform):
     """``((modality, digest), (place, id, source))`` of each record to embed, to what the second
-    read needs per input: ``shares`` and ``served`` (see above); both name only records that share."""
+    read needs per part of an input: ``shares`` and ``served`` (see above); both name only records that share."""
 
     def expand(self, content: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         return (
@@ -144,8 +145,8 @@ class ShareContent(beam.PTransform):
 
 
 class Sharing:
-    """One input's part of ``ShareContent``, for its second read: which of its records embed a
-    modality for copies, and which take a modality's vector from another record."""
+    """What ``ShareContent`` found for one part of an input, for its second read: which of its
+    records embed a modality for copies, and which take a modality's vector from another record."""
 
     def __init__(self, shares: Iterable[tuple[int, str, Copies]], served: Iterable[tuple[int, str]]):
         self._copies: dict[int, dict[str, Copies]] = {}
@@ -167,7 +168,7 @@ class Sharing:
 
     def unsent(self, source: str) -> Iterator[ErrorRow]:
         """An error row for each copy whose vector a record of this input was to embed but that
-        was not sent (the input changed before its second read): nothing else would account for it."""
+        was not sent (the part's input changed before its second read): nothing else would account for it."""
         for position, shared in self._copies.items():
             if position in self._sent:
                 continue

@@ -1,12 +1,16 @@
 """``ReadRecords``: manifest files to unique, validated records, their error rows, the rows read,
 and the types of their carried columns.
 
-Each input is read twice, so that media bytes (tar members, binary columns) need not cross a
+A worker first cuts each input into parts (``sources.Part``: byte ranges of an uncompressed JSONL
+file, ranges of a Parquet file's row groups, any other input whole), which are then read apart,
+so that one large manifest is read by several workers; a row's place is its part's key
+``(input index, part index)`` and its position in the part, so places still sort in input order.
+Each part is read twice, so that media bytes (tar members, binary columns) need not cross a
 shuffle. The first pass sends on only each record's id, place and content digests (``content``),
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
 records share content (embedded once, for all of them), and, in an incremental run, which
 records keep the previous table's row and which replace it (``incremental``: their content
-hashes, grouped by id with the table's). The second pass reads each input again and sends on its records that won as it
+hashes, grouped by id with the table's). The second pass reads each part again and sends on its records that won as it
 reads them, those that keep their rows apart. On a cluster they are then spread over the
 workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
 runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can
@@ -29,27 +33,38 @@ from fsspec.core import url_to_fs
 
 from mmfeatures import storage
 from mmfeatures.column_types import add_value_types
-from mmfeatures.content import SERVED_TAG, SHARES_TAG, HashContent, ShareContent, Sharing, pending_content
+from mmfeatures.content import SERVED_TAG, SHARES_TAG, HashContent, PartKey, ShareContent, Sharing, pending_content
 from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow, ManifestError, Stage, ValidationError
 from mmfeatures.incremental import PreviousKeys, PreviousTable
 from mmfeatures.records import Record, content_hash, map_columns, parse_record, reported_id
 from mmfeatures.schema import reserved_record_columns
-from mmfeatures.sources import HEADED_FORMATS, MEDIA_FOLDER, Input, ReadOptions, declared_column_types, read_input
+from mmfeatures.sources import (
+    HEADED_FORMATS,
+    MEDIA_FOLDER,
+    Input,
+    Part,
+    ReadOptions,
+    cut_input,
+    declared_column_types,
+    read_part,
+)
 
 COLUMN_TYPES_TAG = "column_types"
 KEPT_TAG = "kept"  # records that keep the previous table's row, not embedded again
 REPLACED_TAG = "replaced"  # (id, None) of each previous row that a record of this run replaces
-_READ_TAG = "read"  # each input that holds records: its index, the input, how many, its fingerprint
+_READ_TAG = "read"  # each part that holds records: its key, the part, how many, its input's fingerprint
 _CONTENT_TAG = "content"  # ((modality, digest), (place, id, source)) of each record to embed
 _REPLACING_TAG = "replacing"  # the place of each record that replaces a previous row
 
 
-def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record | ErrorRow]]:
-    """Each row ``source`` reads, by its position: its validated record, or its error row. A file
-    that lacks a column ``--columns`` maps is one error row, in place of its first row, and no more."""
+def _outcomes(part: Part, options: ReadOptions) -> Iterator[tuple[int, Record | ErrorRow]]:
+    """Each row ``part`` reads, by its position in the part: its validated record, or its error row.
+    A file that lacks a column ``--columns`` maps is one error row, in place of its first row (its
+    first part's), and no more."""
+    source = part.source
     headed = source.format in HEADED_FORMATS and bool(options.columns)
-    for position, item in enumerate(read_input(source, options)):
+    for position, item in enumerate(read_part(part, options)):
         if isinstance(item, ErrorRow):
             yield position, item
             continue
@@ -57,7 +72,8 @@ def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record
             headed = False
             unmapped = sorted(set(options.columns.values()) - set(item.data))
             if unmapped:
-                yield position, _unmapped(source, unmapped, item.data)
+                if part.index == 0:
+                    yield position, _unmapped(source, unmapped, item.data)
                 return
         data = map_columns(item.data, options.columns)
         if source.split is not None and data.get("split") is None:  # a DatasetDict's split
@@ -78,21 +94,38 @@ def _outcomes(source: Input, options: ReadOptions) -> Iterator[tuple[int, Record
             yield position, ErrorRow.from_exception(exc, record_id=reported_id(data), modality=None, source=item.source)
 
 
-class _ReadManifest(beam.DoFn):
-    """The first pass over one input: each record's id, place and what hashing its content needs,
-    the input's error rows, its counts (``rows_read``), the types of its carried columns (its own
-    schema for Parquet and Arrow), and, when it holds records, how many for the second pass."""
+class _CutInput(beam.DoFn):
+    """One input's parts (``sources.cut_input``), each keyed by ``(input index, part index)`` so
+    that keys sort in input order, with the input's fingerprint, taken before it is cut: a change
+    from then on shows when it is read again. Cut on a worker: finding a JSONL file's line breaks
+    reads it whole."""
 
     def __init__(self, options: ReadOptions):
         self.options = options
 
-    def process(self, indexed_input: tuple[int, Input]) -> Iterator[Any]:
+    def process(self, indexed_input: tuple[int, Input]) -> Iterator[tuple[PartKey, tuple[Part, str | None]]]:
         file_index, source = indexed_input
-        read_as = fingerprint(source)  # before reading: a change while it is read shows too
+        read_as = fingerprint(source)
+        for part in cut_input(source, self.options.part_bytes):
+            yield (file_index, part.index), (part, read_as)
+
+
+class _ReadManifest(beam.DoFn):
+    """The first pass over one part of an input: each record's id, place and what hashing its
+    content needs, the part's error rows, its counts (``rows_read``), the types of its carried
+    columns (the file's own schema for Parquet and Arrow), and, when it holds records, how many
+    for the second pass."""
+
+    def __init__(self, options: ReadOptions):
+        self.options = options
+
+    def process(self, keyed_part: tuple[PartKey, tuple[Part, str | None]]) -> Iterator[Any]:
+        key, (part, read_as) = keyed_part
+        source = part.source
         declared = declared_column_types(source)
         inferred: dict[str, pa.DataType | None] = {}
         rows = records = 0
-        for position, outcome in _outcomes(source, self.options):
+        for position, outcome in _outcomes(part, self.options):
             rows += 1
             if isinstance(outcome, ErrorRow):
                 yield error_output(outcome)
@@ -100,16 +133,17 @@ class _ReadManifest(beam.DoFn):
             if declared is None:
                 add_value_types(inferred, outcome.carried)
             records += 1
-            yield outcome.id, ((file_index, position), outcome.source, pending_content(outcome))
+            yield outcome.id, ((key, position), outcome.source, pending_content(outcome))
+        Metrics.counter(NAMESPACE, "parts_read").inc()
         Metrics.counter(NAMESPACE, "rows_read").inc(rows)
         yield beam.pvalue.TaggedOutput(COUNTS_TAG, RunCounts(rows_read=rows))
         if records:
-            yield beam.pvalue.TaggedOutput(_READ_TAG, (file_index, (source, records, read_as)))
+            yield beam.pvalue.TaggedOutput(_READ_TAG, (key, (part, records, read_as)))
         if declared is not None:
             reserved = reserved_record_columns()
             mapped = map_columns(declared, self.options.columns)
             inferred = {name: t for name, t in mapped.items() if name not in reserved}
-        yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (file_index, inferred))
+        yield beam.pvalue.TaggedOutput(COLUMN_TYPES_TAG, (key, inferred))
 
 
 def _unmapped(source: Input, unmapped: list[str], row: dict[str, Any]) -> ErrorRow:
@@ -152,7 +186,7 @@ def _settle(keyed: tuple[str, Mapping[str, Iterable[Any]]]) -> Iterator[Any]:
 
 
 class _Positions(beam.CombineFn):
-    """One input's positions as a bitmap, one bit a row: what the second pass must know of each
+    """One part's positions as a bitmap, one bit a row: what the second pass must know of each
     row stays small however many rows are kept or dropped."""
 
     def create_accumulator(self) -> np.ndarray:
@@ -202,7 +236,7 @@ def fingerprint(source: Input) -> str | None:
 
 
 class _ReadAgain(beam.DoFn):
-    """The second pass over one input: its records but the duplicates, each followed by the error
+    """The second pass over one part of an input: its records but the duplicates, each followed by the error
     rows of its rejected modalities (a duplicate's never count), and marked with the content it
     shares with other records (``content.Sharing``). A record that keeps the previous table's row
     goes to ``kept``, without its media, as only the join needs it."""
@@ -210,9 +244,10 @@ class _ReadAgain(beam.DoFn):
     def __init__(self, options: ReadOptions):
         self.options = options
 
-    def process(self, joined: tuple[int, dict[str, Iterable[Any]]]) -> Iterator[Any]:
+    def process(self, joined: tuple[PartKey, dict[str, Iterable[Any]]]) -> Iterator[Any]:
         _, parts = joined
-        ((source, records, first),) = parts[_READ_TAG]  # dropped places come only from inputs with records
+        ((part, records, first),) = parts[_READ_TAG]  # dropped places come only from parts with records
+        source = part.source
         sharing = Sharing(parts[SHARES_TAG], parts[SERVED_TAG])
         if fingerprint(source) != first:  # its places no longer say which records are duplicates
             message = f"the file changed between its two reads: none of its {records} records is sent"
@@ -221,7 +256,7 @@ class _ReadAgain(beam.DoFn):
             return
         dropped, kept, replacing = (list(parts[name]) for name in ("dropped", KEPT_TAG, _REPLACING_TAG))
         sent = skipped = 0
-        for position, outcome in _outcomes(source, self.options):
+        for position, outcome in _outcomes(part, self.options):
             if not isinstance(outcome, Record):
                 continue
             if _holds(dropped, position):
@@ -270,6 +305,8 @@ class ReadRecords(beam.PTransform):
             pbegin
             | "Inputs" >> beam.Create(list(enumerate(self.inputs)))
             | "Spread" >> beam.Reshuffle()
+            | "Cut" >> beam.ParDo(_CutInput(self.options))
+            | "SpreadParts" >> beam.Reshuffle()
             | "Parse"
             >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
                 ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"

@@ -197,7 +197,7 @@ def publish(lease: Lease, commit: str, staged: Mapping[str, list[tuple[str, int]
 
 
 class FeatureSchema(beam.PTransform):
-    """Per-manifest column types to the feature table's schema (a singleton): the declared
+    """Per-part column types to the feature table's schema (a singleton): the declared
     columns, then the carried ones in input order, each with one type over the whole run."""
 
     def __init__(self, build: Callable[[Mapping[str, pa.DataType]], pa.Schema]):

@@ -61,7 +61,7 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
         waiting["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous)
         if job.previous.usable:  # its rows may be carried over, with their columns
             column_types.append(
-                pipeline | "PreviousColumns" >> beam.Create([(len(job.inputs), job.previous.carried_types())])
+                pipeline | "PreviousColumns" >> beam.Create([((len(job.inputs), 0), job.previous.carried_types())])
             )
     joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing)
 

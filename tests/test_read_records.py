@@ -27,7 +27,7 @@ from mmfeatures.reading import (
     fingerprint,
 )
 from mmfeatures.records import Record
-from mmfeatures.sources import Input, ReadOptions, find_inputs
+from mmfeatures.sources import Input, Part, ReadOptions, find_inputs
 from tests.tar_shards import Member, build_tar
 
 
@@ -261,18 +261,19 @@ def test_a_file_that_changed_between_the_two_passes_is_an_error_row(tmp_path):
     path.write_text('{"id": "a", "text": "t"}\n{"id": "b", "text": "t"}\n')
     source = Input(str(path), "jsonl")
     first = fingerprint(source)
+    part = Part(source)
     read_again = _ReadAgain(ReadOptions())
     # The third record was to embed its text for record "c" of another input too.
     shares = [(2, "text", (("c", "other.jsonl:1"),))]
 
     def second_pass(records: int) -> list:
         parts: dict[str, list[Any]] = {
-            _READ_TAG: [(source, records, first)],
+            _READ_TAG: [(part, records, first)],
             "dropped": [_positions(1)],
             KEPT_TAG: [],
             _REPLACING_TAG: [],
         }
-        return list(read_again.process((0, {**parts, SHARES_TAG: shares, SERVED_TAG: []})))
+        return list(read_again.process(((0, 0), {**parts, SHARES_TAG: shares, SERVED_TAG: []})))
 
     out = second_pass(3)
     assert [item.id for item in out if isinstance(item, Record)] == ["a"]

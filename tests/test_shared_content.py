@@ -19,25 +19,31 @@ from tests.jobs import extract, feature_rows, png, write_manifest
 
 
 def test_the_first_record_by_place_embeds_for_the_others() -> None:
-    members = [((1, 0), "b", "two.jsonl:1"), ((0, 5), "a", "one.jsonl:6"), ((0, 9), "c", "one.jsonl:10")]
+    members = [
+        (((1, 0), 0), "b", "two.jsonl:1"),
+        (((0, 1), 0), "d", "one.jsonl:900"),  # the second part of one.jsonl
+        (((0, 0), 5), "a", "one.jsonl:6"),
+        (((0, 0), 9), "c", "one.jsonl:10"),
+    ]
     out = [(item.tag, item.value) for item in _share((("image", "d1"), members)) if isinstance(item, TaggedOutput)]
     assert out == [
-        (SHARES_TAG, (0, (5, "image", (("c", "one.jsonl:10"), ("b", "two.jsonl:1"))))),
-        (SERVED_TAG, (0, (9, "image"))),
-        (SERVED_TAG, (1, (0, "image"))),
+        (SHARES_TAG, ((0, 0), (5, "image", (("c", "one.jsonl:10"), ("d", "one.jsonl:900"), ("b", "two.jsonl:1"))))),
+        (SERVED_TAG, ((0, 0), (9, "image"))),
+        (SERVED_TAG, ((0, 1), (0, "image"))),
+        (SERVED_TAG, ((1, 0), (0, "image"))),
     ]
-    assert list(_share((("image", "d2"), [((0, 1), "z", "one.jsonl:2")]))) == []  # content of one record
+    assert list(_share((("image", "d2"), [(((0, 0), 1), "z", "one.jsonl:2")]))) == []  # content of one record
 
 
 def test_content_that_very_many_records_share_is_embedded_once_per_thousand(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(content, "MOST_COPIES", 2)
-    members = [((0, i), f"r{i}", f"m:{i + 1}") for i in range(7)]
+    members = [(((0, 0), i), f"r{i}", f"m:{i + 1}") for i in range(7)]
     out = list(_share((("text", "d"), members)))
     assert [item.value for item in out if item.tag == SHARES_TAG] == [
-        (0, (0, "text", (("r1", "m:2"), ("r2", "m:3")))),
-        (0, (3, "text", (("r4", "m:5"), ("r5", "m:6")))),
+        ((0, 0), (0, "text", (("r1", "m:2"), ("r2", "m:3")))),
+        ((0, 0), (3, "text", (("r4", "m:5"), ("r5", "m:6")))),
     ]  # and r6, first of a group of its own, embeds for itself alone
-    assert [item.value for item in out if item.tag == SERVED_TAG] == [(0, (i, "text")) for i in (1, 2, 4, 5)]
+    assert [item.value for item in out if item.tag == SERVED_TAG] == [((0, 0), (i, "text")) for i in (1, 2, 4, 5)]
 
 
 def test_sharing_marks_records_and_accounts_for_copies_whose_record_was_not_sent() -> None:

@@ -15,25 +15,28 @@ import pyarrow as pa
 
 from mmfeatures import storage
 from mmfeatures.errors import ErrorRow
-from mmfeatures.sources.base import MEDIA_FOLDER, Input, ManifestRow, ReadOptions
-from mmfeatures.sources.columnar import column_types, read_columnar, read_schema
+from mmfeatures.sources.base import MEDIA_FOLDER, Input, ManifestRow, Part, ReadOptions
+from mmfeatures.sources.columnar import column_types, parquet_parts, read_columnar, read_schema
 from mmfeatures.sources.folders import folder_inputs, read_media_folder
 from mmfeatures.sources.shards import read_tar
-from mmfeatures.sources.text_files import checked_delimiter, checked_encoding, read_csv, read_jsonl
+from mmfeatures.sources.text_files import checked_delimiter, checked_encoding, jsonl_parts, read_csv, read_jsonl
 
 __all__ = [
     "HEADED_FORMATS",
     "MEDIA_FOLDER",
     "Input",
     "ManifestRow",
+    "Part",
     "ReadOptions",
     "checked_delimiter",
     "checked_encoding",
+    "cut_input",
     "declared_column_types",
     "find_inputs",
     "manifest_format",
     "read_input",
     "read_manifest",
+    "read_part",
 ]
 
 # The formats whose every row holds every column of the file (its header or schema).
@@ -112,6 +115,26 @@ def declared_column_types(source: Input) -> dict[str, pa.DataType] | None:
 def read_input(source: Input, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
     """Stream the rows of one input."""
     return _READERS[source.format](source.path, options)
+
+
+def cut_input(source: Input, part_bytes: int) -> list[Part]:
+    """The parts of ``source`` that workers read apart (see ``Part``): a JSONL file is cut into
+    byte ranges, a Parquet file into ranges of row groups; any other input (gzipped, CSV, Arrow,
+    tar, a folder) is one part, as is a file not over ``part_bytes``."""
+    cut = {"jsonl": jsonl_parts, "parquet": parquet_parts}.get(source.format)
+    spans = [] if cut is None else cut(source.path, part_bytes)
+    if len(spans) < 2:
+        return [Part(source)]
+    return [Part(source, index, start, stop, first) for index, (start, stop, first) in enumerate(spans)]
+
+
+def read_part(part: Part, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+    """Stream the rows of one part of an input."""
+    if part.stop is None:
+        return read_input(part.source, options)
+    if part.source.format == "jsonl":
+        return read_jsonl(part.source.path, options, part.start, part.stop, part.first)
+    return read_columnar(part.source.path, options, range(part.start, part.stop), part.first)
 
 
 def read_manifest(path: str, options: ReadOptions | None = None) -> Iterator[ManifestRow | ErrorRow]:

@@ -18,6 +18,11 @@ class ManifestRow:
     rejected: Mapping[str, RecordError] = field(default_factory=dict)  # modalities refused while reading
 
 
+# About how much of one large manifest one worker reads: a part of an uncompressed JSONL file
+# holds at least this many bytes, one of a Parquet file row groups of about as many (see ``Part``).
+PART_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """How a run reads its inputs; plain values, so it pickles to workers unchanged."""
@@ -30,6 +35,7 @@ class ReadOptions:
     label_from_folder: bool = False  # media folders: a file's top folder under the input is its label
     columns: Mapping[str, str] = field(default_factory=dict)  # --columns: field -> input column
     timestamp_column: str | None = None  # --timestamp-column: the input column of each record's event time
+    part_bytes: int = PART_BYTES  # how large a part of a manifest one worker reads (see ``Part``)
 
 
 def row_error(exc: ManifestError, source: str, record_id: str | None = None) -> ErrorRow:
@@ -69,3 +75,19 @@ class Input:
         "path:position", as every reader writes it) after the input's name, so the id stays when
         the data set is moved (from a laptop to a bucket, say) and is read by the same pattern."""
         return (self.name or self.path) + row_source[len(self.path) :]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of an input that one worker reads, so that a large manifest is read by several, as
+    Beam's own text and Parquet sources split: the bytes ``[start, stop)`` of an uncompressed JSONL
+    file, which begin and end on line boundaries, or the row groups ``[start, stop)`` of a Parquet
+    file; ``first`` is the number of its first line or row in the whole file, so that its rows'
+    sources, and the ids derived from them, are those of a read of the whole file. ``stop`` None:
+    the whole input, the only part of any other input (see ``sources.cut_input``)."""
+
+    source: Input
+    index: int = 0  # its place among the input's parts
+    start: int = 0
+    stop: int | None = None
+    first: int = 1

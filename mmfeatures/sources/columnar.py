@@ -98,10 +98,12 @@ def _is_parquet(path: str) -> bool:
     return path.lower().endswith((".parquet", ".pq"))
 
 
-def _batches(handle: BinaryIO, path: str, limit: int | None) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+def _batches(
+    handle: BinaryIO, path: str, limit: int | None, groups: range | None
+) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     if _is_parquet(path):
         parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
-        return parquet.schema_arrow, _parquet_batches(parquet, limit)
+        return parquet.schema_arrow, _parquet_batches(parquet, limit, groups)
     reader = _open_arrow(handle)
     if isinstance(reader, pa.ipc.RecordBatchFileReader):
         batches: Iterator[pa.RecordBatch] = (reader.get_batch(i) for i in range(reader.num_record_batches))
@@ -110,10 +112,10 @@ def _batches(handle: BinaryIO, path: str, limit: int | None) -> tuple[pa.Schema,
     return reader.schema, map(_validated, batches)
 
 
-def _parquet_batches(parquet: pq.ParquetFile, limit: int | None) -> Iterator[pa.RecordBatch]:
-    """Each row group in batches of about ``limit`` bytes, as its size in the file's metadata says
-    its rows are on average (at least one row, at most ``_ROWS_PER_CHUNK``)."""
-    for index in range(parquet.num_row_groups):
+def _parquet_batches(parquet: pq.ParquetFile, limit: int | None, groups: range | None) -> Iterator[pa.RecordBatch]:
+    """Each row group (of ``groups``, None: all) in batches of about ``limit`` bytes, as its size in
+    the file's metadata says its rows are on average (at least one row, at most ``_ROWS_PER_CHUNK``)."""
+    for index in range(parquet.num_row_groups) if groups is None else groups:
         group = parquet.metadata.row_group(index)
         rows = _ROWS_PER_CHUNK
         if limit is not None:
@@ -138,15 +140,42 @@ def _validated(batch: pa.RecordBatch) -> pa.RecordBatch:
     return batch
 
 
-def read_columnar(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+def parquet_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
+    """The parts ``(first row group, row group after the last, first row)`` of a Parquet file:
+    row groups taken in turn until they hold ``part_bytes``, as the file's metadata sizes them.
+    Empty for a file whose metadata cannot be read (its read reports why)."""
+    fs, fs_path = url_to_fs(path)
+    with fs.open(fs_path, "rb") as handle:
+        try:
+            metadata = pq.ParquetFile(handle).metadata
+        except _UNREADABLE:
+            return []
+    parts: list[tuple[int, int, int]] = []
+    start = size = 0
+    first = row = 1
+    for index in range(metadata.num_row_groups):
+        group = metadata.row_group(index)
+        size += group.total_byte_size
+        row += group.num_rows
+        if size >= part_bytes or index == metadata.num_row_groups - 1:
+            parts.append((start, index + 1, first))
+            start, size, first = index + 1, 0, row
+    return parts
+
+
+def read_columnar(
+    path: str, options: ReadOptions, groups: range | None = None, first: int = 1
+) -> Iterator[ManifestRow | ErrorRow]:
+    """The rows of a Parquet or Arrow file, or of the Parquet row groups ``groups``, whose first row
+    is row ``first`` of the file (see ``parquet_parts``)."""
     fs, fs_path = url_to_fs(path)
     kind = "Parquet file" if _is_parquet(path) else "Arrow file"
     limit = options.max_member_bytes
     id_column = options.columns.get("id", "id")
     with fs.open(fs_path, "rb") as handle:
-        number = 0
+        number = first - 1
         try:
-            schema, batches = _batches(handle, path, limit)
+            schema, batches = _batches(handle, path, limit, groups)
             names = class_names(schema)
             for batch in batches:
                 for chunk, index, data in _rows(batch, limit):

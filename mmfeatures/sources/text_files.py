@@ -4,6 +4,7 @@ cannot be parsed or decoded an error row of its own."""
 from __future__ import annotations
 
 import _csv
+import contextlib
 import csv
 import gzip
 import io
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any, AnyStr, Generic
 
 import fsspec
+from fsspec.core import url_to_fs
 
 from mmfeatures.errors import ErrorRow, ManifestError
 from mmfeatures.sources.base import ManifestRow, ReadOptions, row_error, unreadable
@@ -29,6 +31,8 @@ _SNIFF_CHARS = 4096
 
 # How much of a line over the limit is read at a time, to find its end without holding it.
 _SKIP_CHUNK = 2**20
+# How much of a JSONL file is scanned for line breaks at a time, to cut it into parts.
+_SCAN_CHUNK = 2**22
 
 
 def checked_encoding(name: str | None) -> str | None:
@@ -60,13 +64,13 @@ class _Lines(Generic[AnyStr]):
     break (None: any length). Of a longer line no more than that is read: its rest is skipped a
     chunk at a time and ``next`` raises ``ManifestError`` ``line_too_long``, so that the line is
     never held whole, and the next call goes on with the line after it. ``number`` counts the
-    lines read, a line too long included."""
+    lines read, a line too long included, from the start of the file."""
 
-    def __init__(self, handle: Any, limit: int | None, unit: str) -> None:
+    def __init__(self, handle: Any, limit: int | None, unit: str, number: int = 0) -> None:
         self.handle = handle
         self.limit = limit
         self.unit = unit  # what ``limit`` counts, for the error's message
-        self.number = 0
+        self.number = number  # the lines before the first, in a part of a file
 
     def __iter__(self) -> _Lines[AnyStr]:
         return self
@@ -107,12 +111,78 @@ def _open_text_manifest(path: str) -> Any:
     return fsspec.open(path, "rb", compression="infer")
 
 
-def read_jsonl(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
-    with _open_text_manifest(path) as raw:
-        # A buffered reader's readline takes a limit; fsspec's remote files' does not. Not a second
-        # buffer over gzip's own: reading ahead, it would meet a bad checksum lines early.
-        buffered = raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw)
-        lines: _Lines[bytes] = _Lines(buffered, options.max_member_bytes, "bytes")
+class _Range(io.RawIOBase):
+    """The next ``size`` bytes of ``handle``, read as if they were the whole file."""
+
+    def __init__(self, handle: Any, size: int) -> None:
+        self.handle = handle
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.handle.read(min(len(buffer), self.left))
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+@contextlib.contextmanager
+def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.BufferedIOBase]:
+    """A JSONL manifest's bytes, or those of its part ``[start, stop)``, buffered: a buffered
+    reader's readline takes a limit; fsspec's remote files' does not. Not a second buffer over
+    gzip's own: reading ahead, it would meet a bad checksum lines early."""
+    if stop is None:
+        with _open_text_manifest(path) as raw:
+            yield raw if isinstance(raw, io.BufferedIOBase) else io.BufferedReader(raw)
+        return
+    fs, fs_path = url_to_fs(path)
+    with fs.open(fs_path, "rb") as raw:
+        raw.seek(start)
+        yield io.BufferedReader(_Range(raw, stop - start))
+
+
+def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` of an uncompressed JSONL file over ``part_bytes``:
+    each ends at the first line break at least ``part_bytes`` after its start, or at the file's
+    end. The whole file is scanned for line breaks, a chunk at a time, to number each part's first
+    line; a file not over ``part_bytes``, or gzipped (which cannot be read from the middle), is
+    one part. CSV is never split: a quoted field may hold line breaks, so a line break need not
+    end a row."""
+    fs, fs_path = url_to_fs(path)
+    if path.lower().endswith(".gz"):
+        return []
+    size = fs.size(fs_path)  # None where the store does not say: read whole
+    if size is None or size <= part_bytes:
+        return []
+    cuts = [(0, 0)]  # where each part starts, and the lines before it
+    position = lines = 0
+    with fs.open(fs_path, "rb") as handle:
+        while chunk := handle.read(_SCAN_CHUNK):
+            counted = 0
+            while (at := max(cuts[-1][0] + part_bytes - 1 - position, counted)) < len(chunk):
+                found = chunk.find(b"\n", at)
+                if found < 0:
+                    break
+                lines += chunk.count(b"\n", counted, found + 1)
+                counted = found + 1
+                cuts.append((position + counted, lines))
+            lines += chunk.count(b"\n", counted)
+            position += len(chunk)
+    if cuts[-1][0] == position:  # the last line break ends the file: no part after it
+        cuts.pop()
+    stops = [start for start, _ in cuts[1:]] + [position]
+    return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+
+
+def read_jsonl(
+    path: str, options: ReadOptions, start: int = 0, stop: int | None = None, first: int = 1
+) -> Iterator[ManifestRow | ErrorRow]:
+    """The rows of a JSONL manifest, or of its part ``[start, stop)`` whose first line is line
+    ``first`` of the file (see ``jsonl_parts``)."""
+    with _open_lines(path, start, stop) as buffered:
+        lines: _Lines[bytes] = _Lines(buffered, options.max_member_bytes, "bytes", first - 1)
         try:
             for raw_line in lines.each():
                 number = lines.number
