@@ -10,8 +10,8 @@ shuffle. The first pass sends on only each record's id, place and content digest
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
 records share content (embedded once, for all of them), and, in an incremental run, which
 records keep the previous table's row and which replace it (``incremental``: their content
-hashes, grouped by id with the table's). The second pass reads each part again and sends on its records that won as it
-reads them, those that keep their rows apart. On a cluster they are then spread over the
+hashes, grouped by id with the table's). The second pass reads each part again and sends on its
+records that won as it reads them, those that keep their rows apart. On a cluster they are then spread over the
 workers (``spread``), so that one large manifest is embedded by all of them; Beam's in-process
 runner holds every shuffle whole in memory (and copies of it), where a tar.gz of a few MB can
 hold GBs of members, so there the records go straight on to the next stages, and a worker holds
@@ -236,9 +236,9 @@ def fingerprint(source: Input) -> str | None:
 
 
 class _ReadAgain(beam.DoFn):
-    """The second pass over one part of an input: its records but the duplicates, each followed by the error
-    rows of its rejected modalities (a duplicate's never count), and marked with the content it
-    shares with other records (``content.Sharing``). A record that keeps the previous table's row
+    """The second pass over one part of an input: its records but the duplicates, each followed by
+    the error rows of its rejected modalities (a duplicate's never count), and marked with the
+    content it shares with other records (``content.Sharing``). A record that keeps the previous table's row
     goes to ``kept``, without its media, as only the join needs it."""
 
     def __init__(self, options: ReadOptions):

@@ -3,6 +3,7 @@ records, sources, ids and error rows of a read of the whole file."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,15 @@ def test_gzip_csv_arrow_and_small_files_are_one_part(tmp_path: Path) -> None:
     """A gzip stream cannot be read from its middle, and a CSV's quoted fields may hold line breaks,
     so a line break need not end a row there."""
     (tmp_path / "m.csv").write_text('id,text\na,"two\nlines"\n' * 100)
-    (tmp_path / "m.jsonl.gz").write_bytes(b"")
+    (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a"}\n' * 1000))
+    table = pa.table({"id": [f"r{i}" for i in range(1000)]})
+    with pa.ipc.new_file(tmp_path / "m.arrow", table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=10):
+            writer.write_batch(batch)
     pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "small.parquet", row_group_size=1)
     (tmp_path / "small.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')
-    for name, part_bytes in [("m.csv", 1), ("m.jsonl.gz", 1), ("small.parquet", 2**20), ("small.jsonl", 2**20)]:
+    cases = [("m.csv", 1), ("m.jsonl.gz", 1), ("m.arrow", 1), ("small.parquet", 2**20), ("small.jsonl", 2**20)]
+    for name, part_bytes in cases:
         source = Input(str(tmp_path / name), "csv" if name.endswith(".csv") else name.split(".")[1])
         (part,) = cut_input(source, part_bytes)
         assert (part.index, part.start, part.stop, part.first) == (0, 0, None, 1)
