@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,34 +110,33 @@ def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, A
             yield record_id, {name: column[index] for name, column in values.items()}
 
 
-class PreviousKeys(beam.PTransform):
+class _EachPart(beam.PTransform):
+    """What ``read`` gives of each part of the previous table, the parts spread over the workers."""
+
+    def __init__(self, previous: PreviousTable, read: Callable[[str, PreviousTable], Iterator[Any]]):
+        super().__init__()
+        self.previous = previous
+        self.read = read
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (
+            pbegin
+            | "Parts" >> beam.Create(list(self.previous.parts))
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(self.read, self.previous)
+        )
+
+
+class PreviousKeys(_EachPart):
     """The previous table's ``(id, content hash)`` of every row, the hash None where no record may
     keep the row: what tells a record that keeps its row from one that replaces it."""
 
     def __init__(self, previous: PreviousTable):
-        super().__init__()
-        self.previous = previous
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
-            pbegin
-            | "Parts" >> beam.Create(list(self.previous.parts))
-            | "Spread" >> beam.Reshuffle()
-            | "Keys" >> beam.FlatMap(_keys, self.previous)
-        )
+        super().__init__(previous, _keys)
 
 
-class PreviousRows(beam.PTransform):
+class PreviousRows(_EachPart):
     """The previous table's rows, keyed by id, for the join to keep, carry over or drop."""
 
     def __init__(self, previous: PreviousTable):
-        super().__init__()
-        self.previous = previous
-
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
-            pbegin
-            | "Parts" >> beam.Create(list(self.previous.parts))
-            | "Spread" >> beam.Reshuffle()
-            | "Rows" >> beam.FlatMap(_rows, self.previous)
-        )
+        super().__init__(previous, _rows)
