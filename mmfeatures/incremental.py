@@ -111,32 +111,31 @@ def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, A
 
 
 class _EachPart(beam.PTransform):
-    """What ``read`` gives of each part of the previous table, the parts spread over the workers."""
+    """What ``read`` gives of each part of the previous table, the parts spread over the workers
+    where ``spread`` (not on an in-process runner: one worker reads them all there)."""
 
-    def __init__(self, previous: PreviousTable, read: Callable[[str, PreviousTable], Iterator[Any]]):
+    def __init__(self, previous: PreviousTable, read: Callable[[str, PreviousTable], Iterator[Any]], spread: bool):
         super().__init__()
         self.previous = previous
         self.read = read
+        self.spread = spread
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        return (
-            pbegin
-            | "Parts" >> beam.Create(list(self.previous.parts))
-            | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.FlatMap(self.read, self.previous)
-        )
+        parts = pbegin | "Parts" >> beam.Create(list(self.previous.parts))
+        parts = parts | "Spread" >> beam.Reshuffle() if self.spread else parts
+        return parts | "Read" >> beam.FlatMap(self.read, self.previous)
 
 
 class PreviousKeys(_EachPart):
     """The previous table's ``(id, content hash)`` of every row, the hash None where no record may
     keep the row: what tells a record that keeps its row from one that replaces it."""
 
-    def __init__(self, previous: PreviousTable):
-        super().__init__(previous, _keys)
+    def __init__(self, previous: PreviousTable, spread: bool = True):
+        super().__init__(previous, _keys, spread)
 
 
 class PreviousRows(_EachPart):
     """The previous table's rows, keyed by id, for the join to keep, carry over or drop."""
 
-    def __init__(self, previous: PreviousTable):
-        super().__init__(previous, _rows)
+    def __init__(self, previous: PreviousTable, spread: bool = True):
+        super().__init__(previous, _rows, spread)

@@ -3,8 +3,9 @@ and the types of their carried columns.
 
 A worker first cuts each input into parts (``sources.Part``: byte ranges of an uncompressed JSONL
 file, ranges of a Parquet file's row groups, any other input whole), which are then read apart,
-so that one large manifest is read by several workers; a row's place is its part's key
-``(input index, part index)`` and its position in the part, so places still sort in input order.
+spread over the workers on a cluster, so that one large manifest is read by several workers; a
+row's place is its part's key ``(input index, part index)`` and its position in the part, so
+places still sort in input order.
 Each part is read twice, so that media bytes (tar members, binary columns) need not cross a
 shuffle. The first pass sends on only each record's id, place and content digests (``content``),
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
@@ -301,22 +302,18 @@ class ReadRecords(beam.PTransform):
         self.previous = previous
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
-        read = (
-            pbegin
-            | "Inputs" >> beam.Create(list(enumerate(self.inputs)))
-            | "Spread" >> beam.Reshuffle()
-            | "Cut" >> beam.ParDo(_CutInput(self.options))
-            | "SpreadParts" >> beam.Reshuffle()
-            | "Parse"
-            >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
-                ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"
-            )
+        inputs = pbegin | "Inputs" >> beam.Create(list(enumerate(self.inputs)))
+        inputs = inputs | "Spread" >> beam.Reshuffle() if self.spread else inputs
+        parts = inputs | "Cut" >> beam.ParDo(_CutInput(self.options))
+        parts = parts | "SpreadParts" >> beam.Reshuffle() if self.spread else parts
+        read = parts | "Parse" >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
+            ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"
         )
         hashed = read.places | "HashContent" >> HashContent(self.location_policy, self.options.max_member_bytes)
         if self.previous is None:
             previous = pbegin | "NoPreviousTable" >> beam.Create([])
         else:
-            previous = pbegin | "PreviousKeys" >> PreviousKeys(self.previous)
+            previous = pbegin | "PreviousKeys" >> PreviousKeys(self.previous, self.spread)
         settled = (
             {"places": hashed, "previous": previous}
             | "GroupById" >> beam.CoGroupByKey()

@@ -58,7 +58,7 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     }
     column_types = [read[COLUMN_TYPES_TAG]]
     if job.previous is not None:
-        waiting["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous)
+        waiting["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous, job.spread_records)
         if job.previous.usable:  # its rows may be carried over, with their columns
             column_types.append(
                 pipeline | "PreviousColumns" >> beam.Create([((len(job.inputs), 0), job.previous.carried_types())])

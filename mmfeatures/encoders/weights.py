@@ -131,6 +131,20 @@ def _sha256_of_files(files: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def pretrained_kwargs() -> dict[str, Any]:
-    """Arguments for every ``from_pretrained`` call: safetensors only, no remote code."""
-    return {"use_safetensors": True, "trust_remote_code": False}
+def model_config(directory: str) -> Any:
+    """A Hugging Face model folder's configuration, as ``AutoConfig`` reads it. transformers is
+    imported here, on first use: it takes about a second, which a job with the bundled models does
+    not pay where it only resolves its settings."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(directory)
+
+
+def load_pretrained(model_class: Any, directory: str) -> Any:
+    """``model_class.from_pretrained(directory)`` as every Hugging Face model here loads: from
+    safetensors only (never a pickle), with no remote code, and with no progress bar (one per
+    worker and model is noise in job logs)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    return model_class.from_pretrained(directory, use_safetensors=True, trust_remote_code=False)

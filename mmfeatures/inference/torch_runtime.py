@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.utils import logging as transformers_logging
 
 from mmfeatures.host import available_cores
 from mmfeatures.inference.runtime import Runtime
@@ -36,7 +35,6 @@ class TorchRuntime(Runtime[torch.Tensor]):
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
             _LOG.info("torch runs %d threads in this worker process", threads)
-        transformers_logging.disable_progress_bar()  # one bar per worker and model is noise in job logs
 
     def to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         """On CUDA the host tensors are pinned and copied without blocking, overlapping the copy

@@ -16,10 +16,9 @@ import numpy as np
 import soundfile
 import soxr
 import torch
-from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, WhisperFeatureExtractor
 
 from mmfeatures.encoders.frozen import frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config, resolve_model
 from mmfeatures.errors import DecodeError, PreprocessError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
@@ -129,10 +128,12 @@ def split_windows(waveform: np.ndarray, window: int, min_tail: int) -> list[np.n
 @per_thread
 def feature_extractor_for(model: str) -> Any:
     """The model's feature extractor: Whisper's log-mel one, or a waveform model's own."""
+    from transformers import AutoFeatureExtractor, WhisperFeatureExtractor
+
     resolved = resolve_model(model, WHISPER_TINY_EN)
     if resolved.bundled:
         return WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
-    config = AutoConfig.from_pretrained(resolved.directory)
+    config = model_config(resolved.directory)
     if config.model_type != "whisper":
         return AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
     try:
@@ -146,16 +147,25 @@ class AudioPreprocessor(Preprocessor):
     default_model = WHISPER_TINY_EN
     batch_cost = 16 * 80 * 3000  # mel values: 16 windows of 30 s
 
+    mel_bins: int | None  # Whisper's log-mel features; None for a waveform model
+    hop_length: int | None
+
     def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
         super().__init__(model, limits)
-        resolved = self.resolved
+        if self.resolved.bundled:
+            # whisper-tiny.en's feature extractor, Whisper's defaults: 16 kHz, 30 s, 80 mel bins, 10 ms
+            # hops. Known here so that a job with it resolves its settings without importing
+            # transformers (about a second of every run's start); a test checks them.
+            self.is_whisper, self.sample_rate, self.window_samples = True, 16_000, 480_000
+            self.mel_bins, self.hop_length = 80, 160
+            return
         extractor = feature_extractor_for(model)
-        self.is_whisper = resolved.bundled or AutoConfig.from_pretrained(resolved.directory).model_type == "whisper"
+        self.is_whisper = model_config(self.resolved.directory).model_type == "whisper"
         self.sample_rate = int(extractor.sampling_rate)
         # Whisper reads at most its position table's worth (30 s); other models take 30 s too.
         self.window_samples = int(extractor.n_samples) if self.is_whisper else 30 * self.sample_rate
-        self.mel_bins: int | None = int(extractor.feature_size) if self.is_whisper else None
-        self.hop_length: int | None = int(extractor.hop_length) if self.is_whisper else None
+        self.mel_bins = int(extractor.feature_size) if self.is_whisper else None
+        self.hop_length = int(extractor.hop_length) if self.is_whisper else None
 
     def load_tools(self) -> None:
         feature_extractor_for(self.model)
@@ -250,9 +260,9 @@ class WaveformAudioEncoder(AudioEncoder):
 
 
 def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEncoder:
-    # Whisper's model classes take seconds to import: only a process that embeds audio pays for
+    # transformers' model classes take seconds to import: only a process that embeds audio pays for
     # them, not the launcher, nor a run without audio.
-    from transformers import WhisperModel
+    from transformers import AutoModel, WhisperModel
 
     from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
     from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
@@ -263,16 +273,16 @@ def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEnc
         whisper = load_whisper_from_ctranslate2(resolved.directory).model.encoder
         return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
     if preprocessor.is_whisper:
-        whisper = WhisperModel.from_pretrained(resolved.directory, **pretrained_kwargs()).encoder
+        whisper = load_pretrained(WhisperModel, resolved.directory).encoder
         return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
-    model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
+    model = load_pretrained(AutoModel, resolved.directory)
     return WaveformAudioEncoder(frozen(model, device), dimension)
 
 
 def audio_dimension(preprocessor: AudioPreprocessor) -> int:
     if preprocessor.resolved.bundled:
         return 384
-    config = AutoConfig.from_pretrained(preprocessor.resolved.directory)
+    config = model_config(preprocessor.resolved.directory)
     return int(config.d_model if config.model_type == "whisper" else config.hidden_size)
 
 

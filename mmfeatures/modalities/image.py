@@ -26,12 +26,11 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModel
 
 from mmfeatures.encoders import mobilenet_v2
 from mmfeatures.encoders.convolutions import optimize_convolutions
 from mmfeatures.encoders.frozen import Model, frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window
@@ -381,7 +380,9 @@ def load_image_encoder(preprocessor: ImagePreprocessor, device: str) -> ImageEnc
     if resolved.bundled:
         mobilenet = mobilenet_v2.load_mobilenet_v2(resolved.weight_files[0])
         return MobileNetV2Encoder(_ready(mobilenet, device), dimension)
-    model = AutoModel.from_pretrained(resolved.directory, **pretrained_kwargs())
+    from transformers import AutoModel  # seconds to import: only where a Hugging Face model loads
+
+    model = load_pretrained(AutoModel, resolved.directory)
     return ImageEncoder(_ready(model, device), dimension)
 
 
@@ -397,7 +398,7 @@ def _ready(model: Model, device: str) -> Model:
 def image_dimension(preprocessor: ImagePreprocessor) -> int:
     if preprocessor.resolved.bundled:
         return mobilenet_v2.FEATURE_DIM
-    config = AutoConfig.from_pretrained(preprocessor.resolved.directory)
+    config = model_config(preprocessor.resolved.directory)
     return int(getattr(config, "hidden_size", None) or config.hidden_sizes[-1])
 
 
@@ -415,8 +416,7 @@ def _hugging_face_image_settings(directory: str) -> tuple[int, int, list[float],
         size = {"shortest_edge": size}
     if isinstance(crop, int):
         crop = {"height": crop}
-    model_config = AutoConfig.from_pretrained(directory)
-    default_side = getattr(model_config, "image_size", mobilenet_v2.INPUT_SIZE)
+    default_side = getattr(model_config(directory), "image_size", mobilenet_v2.INPUT_SIZE)
     crop_side = crop.get("height") or size.get("height") or default_side
     return (
         size.get("shortest_edge") or crop_side,

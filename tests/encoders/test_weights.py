@@ -12,9 +12,10 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+import torch
 
 from mmfeatures.encoders import weights
-from mmfeatures.encoders.weights import resolve_model
+from mmfeatures.encoders.weights import load_pretrained, resolve_model
 from mmfeatures.modalities import MODALITIES
 from mmfeatures.modalities.image import MOBILENET_V2
 from mmfeatures.modalities.text import MINILM, TEXT, TextPreprocessor
@@ -147,8 +148,16 @@ def test_the_remote_copy_is_reused_from_the_cache(memory_copy: str) -> None:
     assert not (Path(first) / "marker").exists()
 
 
-def test_pretrained_kwargs_refuse_pickles_and_remote_code() -> None:
-    assert weights.pretrained_kwargs() == {"use_safetensors": True, "trust_remote_code": False}
+def test_load_pretrained_loads_safetensors_and_never_a_pickle(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    model = load_pretrained(AutoModel, str(tiny_bert_dir))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_bert_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_pretrained(AutoModel, str(pickled))
 
 
 def test_missing_weights_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,7 @@ from mmfeatures.modalities.audio import (
     WaveformAudioEncoder,
     WhisperAudioEncoder,
     decode_audio,
+    feature_extractor_for,
     split_windows,
 )
 from tests.conftest import forward
@@ -360,3 +361,17 @@ def test_silent_audio_is_a_decode_error(peak: float, silent: bool) -> None:
     else:
         waveform, rate = decode_audio(buffer.getvalue())
         assert rate == 16000 and np.allclose(waveform, peak)
+
+
+def test_the_bundled_model_settings_known_without_transformers_are_its_feature_extractor() -> None:
+    """The bundled whisper-tiny.en's sample rate, window, mel bins and hop, resolved at launch
+    without transformers, are what its feature extractor uses."""
+    preprocessor = AudioPreprocessor()
+    extractor = feature_extractor_for(preprocessor.model)
+    assert preprocessor.is_whisper
+    assert (preprocessor.sample_rate, preprocessor.window_samples, preprocessor.mel_bins, preprocessor.hop_length) == (
+        extractor.sampling_rate,
+        extractor.n_samples,
+        extractor.feature_size,
+        extractor.hop_length,
+    )

@@ -12,10 +12,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mmfeatures.encoders.weights import DEFAULT
 from mmfeatures.errors import DecodeError, Stage
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Prepared, Window
-from mmfeatures.modalities.text import TEXT, TextEncoder, TextPreprocessor, normalize_text, tokenizer_for
+from mmfeatures.modalities.text import (
+    MINILM_DIMENSION,
+    MINILM_PAD_TOKEN_ID,
+    MINILM_WINDOW,
+    TEXT,
+    TextEncoder,
+    TextPreprocessor,
+    _window_length,
+    normalize_text,
+    tokenizer_for,
+)
 from tests.conftest import forward, prepare
 
 LONG_TEXT = " ".join(f"word{i % 97} example{i % 13}" for i in range(500))  # 1000 words
@@ -276,3 +287,14 @@ def test_collate_pads_with_the_pad_id_and_masks_padding(tiny_text: TextPreproces
     pad = tokenizer_for(tiny_text.model).pad_token_id
     assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_the_bundled_model_settings_known_without_transformers_are_its_files() -> None:
+    """The bundled MiniLM's window, pad token and size, resolved at launch without transformers,
+    are what its tokenizer and configuration say."""
+    from transformers import AutoConfig
+
+    directory = TextPreprocessor().resolved.directory
+    tokenizer = tokenizer_for(DEFAULT)
+    assert (MINILM_WINDOW, MINILM_PAD_TOKEN_ID) == (_window_length(directory, tokenizer), tokenizer.pad_token_id)
+    assert MINILM_DIMENSION == AutoConfig.from_pretrained(directory).hidden_size
