@@ -43,6 +43,13 @@ class ExtractOptions(PipelineOptions):
             dashed = [flag.replace("_", "-") for flag in flags if "_" in flag]
             parser.add_argument(*flags, *dashed, **kwargs)
 
+        def add_switch(flag: str, help: str) -> None:
+            """An on/off option: on when given alone, or ``--flag=true`` / ``--flag=false``, as a
+            Dataflow Flex Template launch passes each of its parameters ``--name=value``."""
+            add(
+                flag, dest=flag[2:], nargs="?", const=True, default=False, type=_switch, metavar="true|false", help=help
+            )
+
         add(
             "--input",
             dest="input",
@@ -74,11 +81,8 @@ class ExtractOptions(PipelineOptions):
             help="The delimiter of CSV manifests, one character or 'tab', e.g. ';' (default: sniffed from the "
             "header line among , ; tab |).",
         )
-        add(
+        add_switch(
             "--label_from_folder",
-            dest="label_from_folder",
-            action="store_true",
-            default=False,
             help="Folders of media files: a file's top folder under the input is its record's label, "
             "as torchvision's ImageFolder reads photos/cat/1.jpg.",
         )
@@ -221,21 +225,15 @@ class ExtractOptions(PipelineOptions):
             "it every third of this): another run on the same --output is refused while it lasts, "
             "and may take the output over once a killed run's lease has expired.",
         )
-        add(
+        add_switch(
             "--incremental",
-            dest="incremental",
-            action="store_true",
-            default=False,
             help="Update the table at --output in place: a record whose id, content (its text and media "
             "bytes) and settings match a row of it keeps that row, without being decoded or embedded; "
             "new records are added, changed ones recomputed. Records absent from the inputs keep their "
             "rows unless --drop-missing.",
         )
-        add(
+        add_switch(
             "--drop_missing",
-            dest="drop_missing",
-            action="store_true",
-            default=False,
             help="With --incremental: drop the rows of records absent from this run's inputs.",
         )
         add(
@@ -255,6 +253,12 @@ class ExtractOptions(PipelineOptions):
             "column: split, label, a carried manifest column, or event_date (the UTC date of "
             "event_timestamp).",
         )
+
+
+def _switch(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{value!r} is neither true nor false")
+    return value.lower() == "true"
 
 
 def _parser() -> argparse.ArgumentParser:

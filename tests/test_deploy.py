@@ -113,7 +113,7 @@ def test_the_parameters_regexes_accept_only_values_the_job_accepts() -> None:
         name = parameter["name"]
         action = options[name]
         regexes = [re.compile(pattern) for pattern in parameter.get("regexes", [])]
-        if action.choices or action.type in (int, float):
+        if action.choices or action.type in (int, float) or action.nargs == "?":  # "?": an on/off switch
             assert regexes, f"{name}: no regex, though the job accepts only some values"
         if not regexes:
             continue
@@ -122,7 +122,7 @@ def test_the_parameters_regexes_accept_only_values_the_job_accepts() -> None:
             must_match.append(str(action.default))
         for value in must_match:
             assert all(regex.fullmatch(value) for regex in regexes), f"{name}: its regexes refuse {value!r}"
-        for value in ("bogus", "-1", "1.5", "12", "", "cpu", "fp32", "concat", "1e3"):
+        for value in ("bogus", "-1", "1.5", "12", "", "cpu", "fp32", "concat", "1e3", "true", "False", "yes"):
             if all(regex.fullmatch(value) for regex in regexes):
                 try:
                     _parsed([f"--{name}={value}"])

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -60,6 +61,43 @@ def test_help_does_not_import_the_models_libraries() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--fusion_weights" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_job_with_the_bundled_models_does_not_import_transformers(tmp_path: Path) -> None:
+    """transformers takes about a second to import: a job with the bundled models resolves its
+    settings without it, and so does a worker whose model handlers embed nothing (an incremental
+    rerun's kept records)."""
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "text": "a cat"}\n')
+    code = (
+        "import sys\n"
+        "from mmfeatures.inference.handler import EmbeddingModelHandler\n"
+        "from mmfeatures.job import Job\n"
+        "from mmfeatures.modalities import MODALITIES\n"
+        "from mmfeatures.options import parse_options\n"
+        f"argv = ['--input', {str(manifest)!r}, '--output', {str(tmp_path / 'out')!r}]\n"
+        "job = Job.from_options(parse_options(argv))\n"
+        "for name, preprocessor in job.preprocessors.items():\n"
+        "    EmbeddingModelHandler(MODALITIES[name], preprocessor, job.settings[name]).load_model()\n"
+        "print(sorted(job.preprocessors), 'transformers' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "['audio', 'image', 'text'] False"
+
+
+@pytest.mark.parametrize(
+    ("argv", "on"),
+    [([], False), (["--incremental"], True), (["--incremental=true"], True), (["--incremental=False"], False)],
+)
+def test_an_on_off_option_is_on_alone_or_takes_true_or_false(argv: list[str], on: bool) -> None:
+    """As a Dataflow Flex Template launch passes every parameter: ``--name=value``."""
+    extract = parse_options([*argv, "--drop-missing=true"]).view_as(ExtractOptions)
+    assert (extract.incremental, extract.drop_missing) == (on, True)
+
+
+def test_an_on_off_option_refuses_any_other_value() -> None:
+    with pytest.raises(ConfigurationError, match="--label-from-folder: 'yes' is neither true nor false"):
+        parse_options(["--label-from-folder=yes"])
 
 
 def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
