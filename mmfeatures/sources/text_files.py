@@ -11,7 +11,7 @@ import io
 import itertools
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, AnyStr, Generic
 
 import fsspec
@@ -31,7 +31,7 @@ _SNIFF_CHARS = 4096
 
 # How much of a line over the limit is read at a time, to find its end without holding it.
 _SKIP_CHUNK = 2**20
-# How much of a JSONL file is scanned for line breaks at a time, to cut it into parts.
+# How much of a JSONL or CSV file is scanned for line breaks at a time, to cut it into parts.
 _SCAN_CHUNK = 2**22
 
 
@@ -130,7 +130,7 @@ class _Range(io.RawIOBase):
 
 @contextlib.contextmanager
 def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.BufferedIOBase]:
-    """A JSONL manifest's bytes, or those of its part ``[start, stop)``, buffered: a buffered
+    """A JSONL or CSV manifest's bytes, or those of its part ``[start, stop)``, buffered: a buffered
     reader's readline takes a limit; fsspec's remote files' does not. Not a second buffer over
     gzip's own: reading ahead, it would meet a bad checksum lines early."""
     if stop is None:
@@ -143,13 +143,20 @@ def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.Buffered
         yield io.BufferedReader(_Range(raw, stop - start))
 
 
-def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
-    """The parts ``(start, stop, first line)`` of an uncompressed JSONL file over ``part_bytes``:
-    each ends at the first line break at least ``part_bytes`` after its start, or at the file's
-    end. The whole file is scanned for line breaks, a chunk at a time, to number each part's first
-    line; a file not over ``part_bytes``, or gzipped (which cannot be read from the middle), is
-    one part. CSV is never split: a quoted field may hold line breaks, so a line break need not
-    end a row."""
+# Bytes that may come before a CSV's quotes and line breaks: every byte, and the shifts of the
+# stateful encodings (ISO-2022, UTF-7, HZ), after which those bytes may be halves of other characters.
+_ENCODING_PROBES = [bytes([byte]) for byte in range(256)] + [b"\x1b$B", b"\x1b$)C\x0e", b"+", b"~{"]
+
+
+def _line_parts(
+    path: str, part_bytes: int, line_ends: Callable[[bytes, int, int], int], ends_row: Callable[[int], bool]
+) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` of an uncompressed file over ``part_bytes``: each
+    ends at the first line break at least ``part_bytes`` after its start where ``ends_row`` (given
+    the count of quotes before it) says a row ends, or at the file's end. The whole file is scanned,
+    a chunk at a time, to number each part's first line as the reader counts lines (``line_ends``
+    of ``chunk[start:stop]``); a file not over ``part_bytes``, or gzipped (which cannot be read
+    from the middle), is one part."""
     fs, fs_path = url_to_fs(path)
     if path.lower().endswith(".gz"):
         return []
@@ -157,23 +164,55 @@ def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
     if size is None or size <= part_bytes:
         return []
     cuts = [(0, 0)]  # where each part starts, and the lines before it
-    position = lines = 0
+    position = lines = quotes = 0
     with fs.open(fs_path, "rb") as handle:
         while chunk := handle.read(_SCAN_CHUNK):
+            if chunk.endswith(b"\r"):  # "\r\n" is one line end: never split it between chunks
+                chunk += handle.read(1)
             counted = 0
             while (at := max(cuts[-1][0] + part_bytes - 1 - position, counted)) < len(chunk):
                 found = chunk.find(b"\n", at)
                 if found < 0:
                     break
-                lines += chunk.count(b"\n", counted, found + 1)
+                lines += line_ends(chunk, counted, found + 1)
+                quotes += chunk.count(b'"', counted, found + 1)
                 counted = found + 1
-                cuts.append((position + counted, lines))
-            lines += chunk.count(b"\n", counted)
+                if ends_row(quotes):
+                    cuts.append((position + counted, lines))
+            lines += line_ends(chunk, counted, len(chunk))
+            quotes += chunk.count(b'"', counted)
             position += len(chunk)
     if cuts[-1][0] == position:  # the last line break ends the file: no part after it
         cuts.pop()
     stops = [start for start, _ in cuts[1:]] + [position]
     return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+
+
+def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
+    """The parts of a JSONL file (see ``_line_parts``): every line break ends a row."""
+    return _line_parts(path, part_bytes, lambda chunk, start, stop: chunk.count(b"\n", start, stop), lambda _: True)
+
+
+def _text_line_ends(chunk: bytes, start: int, stop: int) -> int:
+    """The line ends in ``chunk[start:stop]`` as text read with universal newlines counts them:
+    "\n", "\r\n" and a lone "\r"."""
+    return chunk.count(b"\n", start, stop) + chunk.count(b"\r", start, stop) - chunk.count(b"\r\n", start, stop)
+
+
+def csv_parts(path: str, part_bytes: int, encoding: str | None) -> list[tuple[int, int, int]]:
+    """The parts of a CSV file (see ``_line_parts``). A line break ends a row only outside quotes:
+    as quotes are ``"`` (the reader's only quote character) and a quote within a quoted field is
+    doubled, that is where an even number of ``"`` comes before it. Cut only where ``"`` and line
+    breaks are those bytes whatever comes before them (UTF-8, single-byte code pages, Shift-JIS and
+    the like; not UTF-16 or -32, nor UTF-7 or ISO-2022): a file in any other encoding is one part.
+    A file whose quotes are not well formed (a ``"`` inside an unquoted field, which the reader
+    takes as it is), or with a line over the limit inside a quoted field (the reader starts a new
+    row after it), may be cut inside a row as the reader sees it, and its parts then read otherwise
+    than the whole file."""
+    encoding = encoding or "utf-8-sig"
+    if not all((probe + b'"\r\n').decode(encoding, "replace").endswith('"\r\n') for probe in _ENCODING_PROBES):
+        return []
+    return _line_parts(path, part_bytes, _text_line_ends, lambda quotes: quotes % 2 == 0)
 
 
 def read_jsonl(
@@ -214,23 +253,61 @@ def read_jsonl(
             yield _unreadable_gzip(path, exc, lines.number)
 
 
-def read_csv(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+def read_csv(
+    path: str, options: ReadOptions, start: int = 0, stop: int | None = None, first: int = 1
+) -> Iterator[ManifestRow | ErrorRow]:
+    """The rows of a CSV manifest, or of its part ``[start, stop)`` whose first line is line
+    ``first`` of the file (see ``csv_parts``). A part after the first takes the header and the
+    delimiter from the file's start, as the rows of a read of the whole file do, and reports no
+    error of the header: the first part does."""
     encoding = options.csv_encoding or "utf-8-sig"
-    with _open_text_manifest(path) as raw:
-        # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
-        # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
-        text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
-        lines: _Lines[str] = _Lines(text, options.max_member_bytes, "characters")
+    with _open_lines(path, 0, stop if start == 0 else None) as buffered:
+        lines: _Lines[str] = _Lines(_decoded(buffered, encoding), options.max_member_bytes, "characters")
         try:
-            header_line = next(lines.each(), "")
-            if isinstance(header_line, ManifestError):
-                yield row_error(header_line, f"{path}:1")
+            header = _csv_header(lines, options.csv_delimiter, path, encoding)
+            if isinstance(header, ErrorRow):
+                if start == 0:
+                    yield header
                 return
-            delimiter = options.csv_delimiter or _sniff_delimiter(header_line)
-            reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter)
-            yield from _csv_rows(reader, lines, path, encoding)
+            reader, columns = header
+            if start == 0:
+                yield from _csv_rows(reader, lines, columns, path, encoding)
+                return
         except _UNREADABLE_GZIP as exc:
             yield _unreadable_gzip(path, exc, lines.number)
+            return
+    with _open_lines(path, start, stop) as buffered:
+        # Not utf-8-sig: a U+FEFF that begins a part is a character of its row, not a byte-order mark.
+        text = _decoded(buffered, "utf-8" if encoding == "utf-8-sig" else encoding)
+        lines = _Lines(text, options.max_member_bytes, "characters", first - 1)
+        yield from _csv_rows(csv.reader(lines, reader.dialect), lines, columns, path, encoding)
+
+
+def _decoded(buffered: Any, encoding: str) -> io.TextIOWrapper:
+    # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
+    # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
+    return io.TextIOWrapper(buffered, encoding=encoding, errors="surrogateescape", newline="")
+
+
+def _csv_header(
+    lines: _Lines[str], delimiter: str | None, path: str, encoding: str
+) -> tuple[_csv.Reader, list[str]] | ErrorRow:
+    """The reader of a CSV's rows, its delimiter sniffed from the header line unless given, and
+    the header's columns; or the error row of a header that cannot be read, which ends the file."""
+    header_line = next(lines.each(), "")
+    if isinstance(header_line, ManifestError):
+        return row_error(header_line, f"{path}:1")
+    reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter or _sniff_delimiter(header_line))
+    try:
+        columns = next(reader, [])  # an empty file has no columns, and no rows
+    except csv.Error as exc:
+        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
+        return row_error(error, f"{path}:{lines.number}")
+    reason = _not_decodable(columns, encoding)
+    if reason is not None:
+        consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
+        return row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{lines.number}")
+    return reader, columns
 
 
 def _sniff_delimiter(header_line: str) -> str:
@@ -260,22 +337,13 @@ def _encoding_error(what: str, reason: str, encoding: str, consequence: str = ""
     return ManifestError(f"{what} is not valid {name}{consequence}: {reason}", error_type="invalid_utf8")
 
 
-def _csv_rows(reader: _csv.Reader, lines: _Lines[str], path: str, encoding: str) -> Iterator[ManifestRow | ErrorRow]:
+def _csv_rows(
+    reader: _csv.Reader, lines: _Lines[str], header: list[str], path: str, encoding: str
+) -> Iterator[ManifestRow | ErrorRow]:
     # csv.Error (a field over csv.field_size_limit(), 128 KiB) and a line over the limit (raised
     # by ``lines`` through the reader) make that row an error row, and the read goes on with the
-    # next line; a header that cannot be parsed or decoded ends the file. A row's source is the
-    # line it ends on, as ``lines`` counts them: the reader does not count a line that raised.
-    try:
-        header = next(reader, [])  # an empty file has no columns, and no rows
-    except csv.Error as exc:
-        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
-        yield row_error(error, f"{path}:{lines.number}")
-        return
-    reason = _not_decodable(header, encoding)
-    if reason is not None:
-        consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
-        yield row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{lines.number}")
-        return
+    # next line. A row's source is the line it ends on, as ``lines`` counts them: the reader does
+    # not count a line that raised.
     while True:
         try:
             cells = next(reader)
