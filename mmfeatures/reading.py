@@ -97,8 +97,8 @@ def _outcomes(part: Part, options: ReadOptions) -> Iterator[tuple[int, Record | 
 class _CutInput(beam.DoFn):
     """One input's parts (``sources.cut_input``), each keyed by ``(input index, part index)`` so
     that keys sort in input order, with the input's fingerprint, taken before it is cut: a change
-    from then on shows when it is read again. Cut on a worker: finding a JSONL or CSV file's line
-    breaks reads it whole."""
+    from then on shows when it is read again. Cut on a worker: finding where a JSONL file's lines
+    or a CSV file's rows end reads it whole."""
 
     def __init__(self, options: ReadOptions):
         self.options = options

@@ -3,8 +3,12 @@ records, sources, ids and error rows of a read of the whole file."""
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import gzip
+import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mmfeatures.counts import COUNTS_TAG
-from mmfeatures.errors import ERRORS_TAG
+from mmfeatures.errors import ERRORS_TAG, ErrorRow
 from mmfeatures.reading import ReadRecords
-from mmfeatures.sources import Input, ReadOptions, cut_input, find_inputs, read_manifest, read_part, text_files
+from mmfeatures.sources import Input, ReadOptions, cut_input, find_inputs, read_manifest, read_part
 
 LIMIT = 300  # --max-bytes
 
@@ -146,8 +152,9 @@ def test_a_split_jsonl_file_gives_the_records_and_error_rows_of_the_whole_file(t
 
 def _write_csv(path: Path, delimiter: str = ",") -> bytes:
     """A few thousand rows ending in "\\r\\n" after a byte-order mark: quoted fields holding line
-    breaks ("\\n", "\\r\\n", a lone "\\r") and doubled quotes, rows with empty ids (error rows
-    that name the line they end on), blank lines, rows with a field too many, rows over ``LIMIT``, ids
+    breaks ("\\n", "\\r\\n", a lone "\\r") and doubled quotes, stray quotes inside unquoted fields
+    (``5" screen``, which the reader keeps as they are), rows with empty ids (error rows that name
+    the line they end on), blank lines, rows with a field too many, rows over ``LIMIT``, ids
     repeated far apart, and no line break at the end."""
     rows = ["id,text,n"]
     for number in range(1, 2501):
@@ -158,6 +165,8 @@ def _write_csv(path: Path, delimiter: str = ",") -> bytes:
             rows.append(f"c{number},one,field,too many")
         elif number % 307 == 0:
             rows.append(f'{record_id},"{"x" * 2 * LIMIT} ""long"""')
+        elif number % 401 == 0:
+            rows.append(f'{record_id},5" screen,{number}')
         elif number % 3 == 0:
             rows.append(f'{record_id},"row {number}\nits ""second""\r\nline\rand more",{number}')
         else:
@@ -167,22 +176,34 @@ def _write_csv(path: Path, delimiter: str = ",") -> bytes:
     return data
 
 
-@pytest.mark.parametrize("scan_chunk", [7, 2**22])  # 7: rows, and "\\r\\n", across the scan's chunks
-def test_csv_parts_cover_every_byte_once_and_start_on_a_row(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan_chunk: int
-) -> None:
-    monkeypatch.setattr(text_files, "_SCAN_CHUNK", scan_chunk)
+def _row_ends(data: bytes) -> dict[int, int]:
+    """Where Python's csv reader ends each row of UTF-8 ``data`` read whole, in bytes, and the
+    lines read by then."""
+    ends: dict[int, int] = {}
+    offset = lines = 0
+
+    def each_line() -> Iterator[str]:
+        nonlocal offset, lines
+        for line in io.StringIO(data.decode(), newline=""):
+            offset, lines = offset + len(line.encode()), lines + 1
+            yield line
+
+    for _ in csv.reader(each_line()):
+        ends[offset] = lines
+    return ends
+
+
+def test_csv_parts_cover_every_byte_once_and_start_on_a_row(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     data = _write_csv(path)
+    ends = _row_ends(data)
     for part_bytes in (1, 1000, 4096, len(data) // 2):
         parts = cut_input(Input(str(path), "csv"), ReadOptions(part_bytes=part_bytes))
         assert len(parts) > 1 and [part.index for part in parts] == list(range(len(parts)))
         assert parts[0].start == 0 and parts[-1].stop == len(data)
         for part, after in zip(parts, parts[1:], strict=False):
             assert part.stop == after.start and part.stop is not None and part.stop - part.start >= part_bytes
-            before = data[: after.start]
-            assert before.endswith(b"\r\n") and before.count(b'"') % 2 == 0
-            assert after.first == len(before.decode("utf-8-sig").splitlines()) + 1
+            assert after.first == ends[after.start] + 1
 
 
 def test_the_parts_of_a_csv_file_read_as_the_whole_file(tmp_path: Path) -> None:
@@ -204,14 +225,14 @@ def test_a_split_csv_file_gives_the_records_and_error_rows_of_the_whole_file(tmp
     assert {error[3] for error in whole["errors"]} == {"malformed_csv", "line_too_long", "duplicate_id", "missing_id"}
     # A row's source is the line it ends on: row 3 spans lines 4 to 7 (the header is line 1).
     assert [r[2] for r in whole["records"] if r[1] == f"{path}:7"] == ['row 3\nits "second"\r\nline\rand more']
+    assert [r[2] for r in whole["records"] if r[0] == "c401"] == ['5" screen']
     # A row with an empty id is an error row that names the line it ends on: the last, in the last part.
     last = len(data.decode("utf-8-sig").splitlines())
     assert [error[3] for error in whole["errors"] if error[4] == f"{path}:{last}"] == ["missing_id"]
 
 
 def test_a_csv_file_with_another_delimiter_or_encoding_is_cut_as_it_is_read(tmp_path: Path) -> None:
-    """The delimiter, sniffed or given, the encoding and the header's error are those of the file's
-    start in every part; a file in UTF-16, whose quotes and line breaks are not single bytes, is one part."""
+    """The delimiter, sniffed or given, and the encoding are those of the file's start in every part."""
     path = tmp_path / "m.csv"
     _write_csv(path, ";")
     for delimiter in (None, ";"):
@@ -220,12 +241,166 @@ def test_a_csv_file_with_another_delimiter_or_encoding_is_cut_as_it_is_read(tmp_
         )
     path.write_bytes("id;text\r\n".encode("cp1252") + 'é1;"café\r\nau lait"\r\n'.encode("cp1252") * 200)
     _same_rows(Input(str(path), "csv"), ReadOptions(csv_encoding="cp1252", part_bytes=100))
-    path.write_bytes(b"id,t\xe9xt\r\n" + b"a,b\r\n" * 200)  # a header not in UTF-8: one error row, from the first part
-    _same_rows(Input(str(path), "csv"), ReadOptions(part_bytes=100))
-    path.write_bytes(("id,text\r\n" + 'a,"two\r\nlines"\r\n' * 200).encode("utf-16"))
-    for encoding in ("utf-16", "utf-32", "iso2022_jp", "utf-7"):
-        (part,) = cut_input(Input(str(path), "csv"), ReadOptions(csv_encoding=encoding, part_bytes=1))
+
+
+def _field_over_csv_limit() -> str:
+    """A quoted field over ``csv.field_size_limit()``: the reader raises on its first line and goes
+    on with the next one, in the middle of the field, as with a row of its own."""
+    return 'a,"' + "x" * (csv.field_size_limit() + 1) + '\n"more,b\nc,d\n'
+
+
+# Files whose parts must read as the whole file: (bytes, options, the error types of a whole read).
+_TRICKY_CSVS: dict[str, tuple[bytes, ReadOptions, set[str]]] = {
+    "quoted line breaks and doubled quotes, CRLF, BOM": (
+        ("\ufeffid,text,n\r\n" + 'a,"two\nlines, ""quoted""",1\r\nb,"crlf\r\nin it",2\r\nc,"lone\rcr",3\r\n' * 6)
+        .rstrip("\r\n")
+        .encode(),
+        ReadOptions(),
+        set(),
+    ),
+    "stray quotes in unquoted fields": (
+        ('id,text\na,5" screen\nb,"multi\nline"\nc,a"b"c\nd,"ab"cd\ne,"x""y" z\nf,3"\n' * 6).encode(),
+        ReadOptions(),
+        set(),
+    ),
+    "LF, CRLF and a lone CR ending rows, no line break at the end": (
+        ("id,text\r\n" + 'a,1\nb,"2\r\n2"\r\nc,3\rd,4\r\n' * 6 + 'e,"last\nrow"').encode(),
+        ReadOptions(),
+        set(),
+    ),
+    "a sniffed semicolon": (
+        ("id;text;n\n" + 'a;"x;y";1\nb;"multi\nline; here";2\n' * 6).encode(),
+        ReadOptions(),
+        set(),
+    ),
+    "a tab given": (
+        ("id\ttext\n" + 'a\t"x\ty"\nb\t"multi\nline"\n' * 6).encode(),
+        ReadOptions(csv_delimiter="\t"),
+        set(),
+    ),
+    "latin-1": (
+        ("id,text\r\n" + 'é1,"café\r\nau lait"\r\nß2,"ÿ\x80\x9f"\r\n' * 6).encode("latin-1"),
+        ReadOptions(csv_encoding="latin-1"),
+        set(),
+    ),
+    "cp1252 with a byte it does not have": (
+        b"id,text\r\n" + b'a,"caf\xe9\r\nx"\r\nb,bad \x81 byte\r\n' * 6,
+        ReadOptions(csv_encoding="cp1252"),
+        {"invalid_utf8"},
+    ),
+    "bytes that are not UTF-8": (
+        b"id,text\n" + b'a,"ok\nok"\nb,bad \xff byte\nc,"\xe2\x82"\n' * 6,
+        ReadOptions(),
+        {"invalid_utf8"},
+    ),
+    "blank lines and blank rows": (
+        ("id,text,n\n\n" + 'a,"x\n\ny",1\n\n,,\n \nb,y,2\n' * 6).encode(),
+        ReadOptions(),
+        {"malformed_csv"},
+    ),
+    "field counts that do not match, a NUL byte": (
+        ("id,text\n" + 'a,b,c\nb,"nul\x00 byte"\nc\n,x\n' * 6).encode(),
+        ReadOptions(),
+        {"malformed_csv"},
+    ),
+    "a field over the csv module's limit": (
+        ("id,text\n" + _field_over_csv_limit() * 3).encode(),
+        ReadOptions(),
+        {"malformed_csv"},
+    ),
+    "a line over --max-bytes inside a quoted field": (
+        ("id,text\n" + ('a,"short\n' + "y" * 30 + '\n",after\nc,d\n') * 6).encode(),
+        ReadOptions(max_member_bytes=20),
+        {"line_too_long", "malformed_csv"},
+    ),
+    "a quote never closed": (
+        ("id,text\n" + "a,b\n" * 20 + 'z,"never closed\nmore\nlines').encode(),
+        ReadOptions(),
+        set(),
+    ),
+    "UTF-16-LE": (
+        ("id,text\r\n" + 'a,"two\r\nlines ü"\r\n' * 6).encode("utf-16-le"),
+        ReadOptions(csv_encoding="utf-16-le"),
+        set(),
+    ),
+    "UTF-7": (
+        ("id,text\r\n" + 'a,"zwei\r\nZeilen ü"\r\n' * 6).encode("utf-7"),
+        ReadOptions(csv_encoding="utf-7"),
+        set(),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_TRICKY_CSVS))
+def test_a_tricky_csv_file_reads_in_parts_as_whole(tmp_path: Path, name: str) -> None:
+    data, options, error_types = _TRICKY_CSVS[name]
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    whole = list(read_manifest(str(path), options))
+    assert {row.error_type for row in whole if isinstance(row, ErrorRow)} == error_types
+    for part_bytes in (1, 7, 50):
+        _same_rows(Input(str(path), "csv"), dataclasses.replace(options, part_bytes=part_bytes))
+
+
+def test_split_tricky_csv_files_give_the_records_and_error_rows_of_whole_ones(tmp_path: Path) -> None:
+    """Ids taken from the rows' lines, duplicates across parts and files: those read with the
+    default options, in one run."""
+    paths = []
+    for number, (data, options, _) in enumerate(_TRICKY_CSVS.values()):
+        if options == ReadOptions():
+            paths.append(str(tmp_path / f"m{number}.csv"))
+            Path(paths[-1]).write_bytes(data)
+    whole, whole_parts = _read(paths, ReadOptions(), tmp_path / "whole")
+    split, split_parts = _read(paths, ReadOptions(part_bytes=7), tmp_path / "split")
+    assert whole_parts == len(paths) < split_parts
+    assert split == whole
+    assert {"duplicate_id", "missing_id", "malformed_csv"} <= {error[3] for error in whole["errors"]}
+
+
+def test_a_csv_file_that_cannot_be_cut_at_its_rows_is_one_part(tmp_path: Path) -> None:
+    """An encoding whose fresh decoder has a state of its own (UTF-16 and UTF-32 with their
+    byte-order marks, ISO-2022), a header a whole read stops at, and rows that all end in a lone
+    "\\r", which the text stream holds back."""
+    rows = "id,text\r\n" + 'a,"two\r\nlines"\r\n' * 50
+    cases = [
+        (rows.encode("utf-16"), ReadOptions(csv_encoding="utf-16")),
+        (rows.encode("utf-32"), ReadOptions(csv_encoding="utf-32")),
+        (rows.encode("iso2022_jp"), ReadOptions(csv_encoding="iso2022_jp")),
+        (b"id,t\xe9xt\r\n" + b"a,b\r\n" * 50, ReadOptions()),  # not UTF-8: one error row
+        (b"id,text," + b"x" * 50 + b"\r\n" + b"a,b\r\n" * 50, ReadOptions(max_member_bytes=20)),
+        (rows.replace("\r\n", "\r").encode(), ReadOptions()),
+    ]
+    path = tmp_path / "m.csv"
+    for data, options in cases:
+        path.write_bytes(data)
+        (part,) = cut_input(Input(str(path), "csv"), dataclasses.replace(options, part_bytes=1))
         assert (part.index, part.start, part.stop, part.first) == (0, 0, None, 1)
+        assert list(read_part(part, options)) == list(read_manifest(str(path), options))
+
+
+_CSV_FIELDS = st.text(st.sampled_from('ab,;"\r\n é\x00'), max_size=8)
+
+
+@st.composite
+def _csv_files(draw: st.DrawFn) -> bytes:
+    """A header, then rows of fields quoted as a writer quotes them or written as they are (stray
+    quotes, delimiters and line breaks in them), each ended by a line break or not."""
+    lines = ["\ufeffid,text\n" if draw(st.booleans()) else "id,text\n"]
+    for fields in draw(st.lists(st.lists(st.tuples(st.booleans(), _CSV_FIELDS), min_size=1, max_size=3), max_size=20)):
+        cells = ['"' + text.replace('"', '""') + '"' if quoted else text for quoted, text in fields]
+        lines.append(",".join(cells) + draw(st.sampled_from(["\n", "\r\n", "\r", ""])))
+    return "".join(lines).encode()
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_csv_files(), part_bytes=st.integers(1, 40), limit=st.sampled_from([None, 10, 20]))
+def test_any_csv_file_reads_in_parts_as_whole(tmp_path: Path, data: bytes, part_bytes: int, limit: int | None) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    options = ReadOptions(max_member_bytes=limit, part_bytes=part_bytes)
+    parts = cut_input(Input(str(path), "csv"), options)
+    assert parts[0].start == 0 and all(part.stop == after.start for part, after in zip(parts, parts[1:], strict=False))
+    assert [row for part in parts for row in read_part(part, options)] == list(read_manifest(str(path), options))
 
 
 def _write_parquet(path: Path) -> pa.Table:

@@ -127,10 +127,10 @@ def read_input(source: Input, options: ReadOptions) -> Iterator[ManifestRow | Er
 def cut_input(source: Input, options: ReadOptions) -> list[Part]:
     """The parts of ``source`` that workers read apart (see ``Part``): a JSONL or CSV file is cut
     into byte ranges of about ``options.part_bytes``, a Parquet file into ranges of row groups; any
-    other input (gzipped, a CSV in an encoding such as UTF-16, Arrow, tar, a folder) is one part,
-    as is a file not over ``part_bytes``."""
+    other input (gzipped, Arrow, tar, a folder) is one part, as is a file not over ``part_bytes``
+    and a CSV that ``csv_parts`` cannot cut (in UTF-16 with a byte-order mark, say)."""
     if source.format == "csv":
-        spans = csv_parts(source.path, options.part_bytes, options.csv_encoding)
+        spans = csv_parts(source.path, options)
     else:
         cut = {"jsonl": jsonl_parts, "parquet": parquet_parts}.get(source.format)
         spans = [] if cut is None else cut(source.path, options.part_bytes)

@@ -4,6 +4,7 @@ cannot be parsed or decoded an error row of its own."""
 from __future__ import annotations
 
 import _csv
+import codecs
 import contextlib
 import csv
 import gzip
@@ -11,7 +12,7 @@ import io
 import itertools
 import json
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, AnyStr, Generic
 
 import fsspec
@@ -31,7 +32,7 @@ _SNIFF_CHARS = 4096
 
 # How much of a line over the limit is read at a time, to find its end without holding it.
 _SKIP_CHUNK = 2**20
-# How much of a JSONL or CSV file is scanned for line breaks at a time, to cut it into parts.
+# How much of a JSONL file is scanned for line breaks at a time, to cut it into parts.
 _SCAN_CHUNK = 2**22
 
 
@@ -143,76 +144,99 @@ def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.Buffered
         yield io.BufferedReader(_Range(raw, stop - start))
 
 
-# Bytes that may come before a CSV's quotes and line breaks: every byte, and the shifts of the
-# stateful encodings (ISO-2022, UTF-7, HZ), after which those bytes may be halves of other characters.
-_ENCODING_PROBES = [bytes([byte]) for byte in range(256)] + [b"\x1b$B", b"\x1b$)C\x0e", b"+", b"~{"]
-
-
-def _line_parts(
-    path: str, part_bytes: int, line_ends: Callable[[bytes, int, int], int], ends_row: Callable[[int], bool]
-) -> list[tuple[int, int, int]]:
-    """The parts ``(start, stop, first line)`` of an uncompressed file over ``part_bytes``: each
-    ends at the first line break at least ``part_bytes`` after its start where ``ends_row`` (given
-    the count of quotes before it) says a row ends, or at the file's end. The whole file is scanned,
-    a chunk at a time, to number each part's first line as the reader counts lines (``line_ends``
-    of ``chunk[start:stop]``); a file not over ``part_bytes``, or gzipped (which cannot be read
-    from the middle), is one part."""
-    fs, fs_path = url_to_fs(path)
+def _worth_cutting(path: str, part_bytes: int) -> bool:
+    """Whether a JSONL or CSV file is cut into parts: not gzipped (a gzip stream cannot be read
+    from its middle), and over ``part_bytes``."""
     if path.lower().endswith(".gz"):
-        return []
+        return False
+    fs, fs_path = url_to_fs(path)
     size = fs.size(fs_path)  # None where the store does not say: read whole
-    if size is None or size <= part_bytes:
+    return size is not None and size > part_bytes
+
+
+def _spans(cuts: list[tuple[int, int]], end: int) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` from where each starts and the lines before it,
+    the last one stopping at ``end``, the file's size."""
+    if cuts[-1][0] == end:  # the last line or row ends the file: no part after it
+        cuts = cuts[:-1]
+    stops = [start for start, _ in cuts[1:]] + [end]
+    return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+
+
+def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` of an uncompressed JSONL file over ``part_bytes``:
+    each ends at the first line break at least ``part_bytes`` after its start, or at the file's
+    end. The whole file is scanned for line breaks, a chunk at a time, to number each part's first
+    line; a file not over ``part_bytes``, or gzipped, is one part."""
+    if not _worth_cutting(path, part_bytes):
         return []
+    fs, fs_path = url_to_fs(path)
     cuts = [(0, 0)]  # where each part starts, and the lines before it
-    position = lines = quotes = 0
+    position = lines = 0
     with fs.open(fs_path, "rb") as handle:
         while chunk := handle.read(_SCAN_CHUNK):
-            if chunk.endswith(b"\r"):  # "\r\n" is one line end: never split it between chunks
-                chunk += handle.read(1)
             counted = 0
             while (at := max(cuts[-1][0] + part_bytes - 1 - position, counted)) < len(chunk):
                 found = chunk.find(b"\n", at)
                 if found < 0:
                     break
-                lines += line_ends(chunk, counted, found + 1)
-                quotes += chunk.count(b'"', counted, found + 1)
+                lines += chunk.count(b"\n", counted, found + 1)
                 counted = found + 1
-                if ends_row(quotes):
-                    cuts.append((position + counted, lines))
-            lines += line_ends(chunk, counted, len(chunk))
-            quotes += chunk.count(b'"', counted)
+                cuts.append((position + counted, lines))
+            lines += chunk.count(b"\n", counted)
             position += len(chunk)
-    if cuts[-1][0] == position:  # the last line break ends the file: no part after it
-        cuts.pop()
-    stops = [start for start, _ in cuts[1:]] + [position]
-    return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+    return _spans(cuts, position)
 
 
-def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
-    """The parts of a JSONL file (see ``_line_parts``): every line break ends a row."""
-    return _line_parts(path, part_bytes, lambda chunk, start, stop: chunk.count(b"\n", start, stop), lambda _: True)
+# A text stream's ``tell`` below this is a plain byte offset: CPython packs the decoder's flags and
+# the bytes and characters it holds back above bit 64 of it (``_pyio.TextIOWrapper._pack_cookie``).
+_PLAIN_OFFSETS = 2**64
 
 
-def _text_line_ends(chunk: bytes, start: int, stop: int) -> int:
-    """The line ends in ``chunk[start:stop]`` as text read with universal newlines counts them:
-    "\n", "\r\n" and a lone "\r"."""
-    return chunk.count(b"\n", start, stop) + chunk.count(b"\r", start, stop) - chunk.count(b"\r\n", start, stop)
+def csv_parts(path: str, options: ReadOptions) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` of an uncompressed CSV file over
+    ``options.part_bytes``: each ends at the first end of a row at least ``part_bytes`` after its
+    start, or at the file's end; a file not over ``part_bytes``, or gzipped, is one part.
 
-
-def csv_parts(path: str, part_bytes: int, encoding: str | None) -> list[tuple[int, int, int]]:
-    """The parts of a CSV file (see ``_line_parts``). A line break ends a row only outside quotes:
-    as quotes are ``"`` (the reader's only quote character) and a quote within a quoted field is
-    doubled, that is where an even number of ``"`` comes before it. Cut only where ``"`` and line
-    breaks are those bytes whatever comes before them (UTF-8, single-byte code pages, Shift-JIS and
-    the like; not UTF-16 or -32, nor UTF-7 or ISO-2022): a file in any other encoding is one part.
-    A file whose quotes are not well formed (a ``"`` inside an unquoted field, which the reader
-    takes as it is), or with a line over the limit inside a quoted field (the reader starts a new
-    row after it), may be cut inside a row as the reader sees it, and its parts then read otherwise
-    than the whole file."""
-    encoding = encoding or "utf-8-sig"
-    if not all((probe + b'"\r\n').decode(encoding, "replace").endswith('"\r\n') for probe in _ENCODING_PROBES):
+    The rows' ends are found by reading the file as ``read_csv`` reads it whole: the same decoding,
+    lines and limit, header, dialect and ``csv`` reader, malformed rows included. A row ends where
+    that reader has just given it, or raised for it (the reader starts afresh on the next line
+    either way), so each part starts where the whole read's reader starts a row, whatever the
+    file's quotes. The offset there is the text stream's ``tell``, taken only where it is a plain
+    byte offset: the decoder then holds nothing back, so a part decoded from that byte with a fresh
+    decoder reads on as the whole file does. Hence UTF-8 (a part after the first is decoded as
+    UTF-8 without a byte-order mark), single-byte code pages, Shift-JIS and the like, UTF-16-LE/BE
+    and UTF-32-LE/BE are cut, and UTF-7 where its decoder is back in its first state. One part is a
+    file whose fresh decoder has a state of its own (UTF-16 and UTF-32, which take their byte order
+    from a byte-order mark; ISO-2022), one whose header cannot be read (a whole read ends there),
+    one on a store whose files cannot tell their position, and one whose rows all end in a lone
+    "\\r": the stream holds a "\\r" back to see whether "\\n" follows, so no offset after one is plain."""
+    if not _worth_cutting(path, options.part_bytes):
         return []
-    return _line_parts(path, part_bytes, _text_line_ends, lambda quotes: quotes % 2 == 0)
+    encoding = options.csv_encoding or "utf-8-sig"
+    if codecs.getincrementaldecoder(_part_encoding(encoding))().getstate() != (b"", 0):
+        return []
+    cuts = [(0, 0)]  # where each part starts, and the lines before it
+    with _open_lines(path, 0, None) as buffered:
+        text = _decoded(buffered, encoding)
+        lines: _Lines[str] = _Lines(text, options.max_member_bytes, "characters")
+        header = _csv_header(lines, options.csv_delimiter, path, encoding)
+        if isinstance(header, ErrorRow):
+            return []
+        reader, _ = header
+        for _ in _csv_records(reader, lines):
+            wanted = cuts[-1][0] + options.part_bytes
+            # The bytes the text stream has taken in, which it may not have read out yet: the
+            # exact (and slower) ``tell`` is only asked for once they reach the next part.
+            if buffered.tell() < wanted:
+                continue
+            try:
+                at = text.tell()
+            except OSError:  # a file that cannot tell its position
+                return []
+            if wanted <= at < _PLAIN_OFFSETS:
+                cuts.append((at, lines.number))
+        return _spans(cuts, buffered.tell())
 
 
 def read_jsonl(
@@ -277,10 +301,15 @@ def read_csv(
             yield _unreadable_gzip(path, exc, lines.number)
             return
     with _open_lines(path, start, stop) as buffered:
-        # Not utf-8-sig: a U+FEFF that begins a part is a character of its row, not a byte-order mark.
-        text = _decoded(buffered, "utf-8" if encoding == "utf-8-sig" else encoding)
+        text = _decoded(buffered, _part_encoding(encoding))
         lines = _Lines(text, options.max_member_bytes, "characters", first - 1)
         yield from _csv_rows(csv.reader(lines, reader.dialect), lines, columns, path, encoding)
+
+
+def _part_encoding(encoding: str) -> str:
+    """The encoding of a part after the first: not utf-8-sig, as a U+FEFF that begins a part is a
+    character of its row, not a byte-order mark."""
+    return "utf-8" if encoding == "utf-8-sig" else encoding
 
 
 def _decoded(buffered: Any, encoding: str) -> io.TextIOWrapper:
@@ -337,26 +366,34 @@ def _encoding_error(what: str, reason: str, encoding: str, consequence: str = ""
     return ManifestError(f"{what} is not valid {name}{consequence}: {reason}", error_type="invalid_utf8")
 
 
-def _csv_rows(
-    reader: _csv.Reader, lines: _Lines[str], header: list[str], path: str, encoding: str
-) -> Iterator[ManifestRow | ErrorRow]:
-    # csv.Error (a field over csv.field_size_limit(), 128 KiB) and a line over the limit (raised
-    # by ``lines`` through the reader) make that row an error row, and the read goes on with the
-    # next line. A row's source is the line it ends on, as ``lines`` counts them: the reader does
-    # not count a line that raised.
+def _csv_records(reader: _csv.Reader, lines: _Lines[str]) -> Iterator[list[str] | ManifestError]:
+    """Each row the reader gives, or the error of a malformed one: csv.Error (a field over
+    csv.field_size_limit(), 128 KiB) or a line over the limit (raised by ``lines`` through the
+    reader). After an error the reader starts afresh with the next line."""
     while True:
         try:
             cells = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-            yield row_error(error, f"{path}:{lines.number}")
+            yield ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
             continue
         except ManifestError as exc:
-            yield row_error(exc, f"{path}:{lines.number}")
+            yield exc
             continue
+        yield cells
+
+
+def _csv_rows(
+    reader: _csv.Reader, lines: _Lines[str], header: list[str], path: str, encoding: str
+) -> Iterator[ManifestRow | ErrorRow]:
+    # A row's source, and that of its error, is the line it ends on, as ``lines`` counts them: the
+    # reader does not count a line that raised.
+    for cells in _csv_records(reader, lines):
         source = f"{path}:{lines.number}"
+        if isinstance(cells, ManifestError):
+            yield row_error(cells, source)
+            continue
         if not any(cells):  # an empty line, or one of the blank rows ",,," spreadsheets append
             continue
         if len(cells) != len(header):
