@@ -2,10 +2,10 @@
 and the types of their carried columns.
 
 A worker first cuts each input into parts (``sources.Part``: byte ranges of an uncompressed JSONL
-file, ranges of a Parquet file's row groups, any other input whole), which are then read apart,
-spread over the workers on a cluster, so that one large manifest is read by several workers; a
-row's place is its part's key ``(input index, part index)`` and its position in the part, so
-places still sort in input order.
+or CSV file, ranges of a Parquet file's row groups, any other input whole), which are then read
+apart, spread over the workers on a cluster, so that one large manifest is read by several
+workers; a row's place is its part's key ``(input index, part index)`` and its position in the
+part, so places still sort in input order.
 Each part is read twice, so that media bytes (tar members, binary columns) need not cross a
 shuffle. The first pass sends on only each record's id, place and content digests (``content``),
 with the error rows, the counts and the column types; duplicate ids are settled on those, which
@@ -98,8 +98,8 @@ def _outcomes(part: Part, options: ReadOptions) -> Iterator[tuple[int, Record | 
 class _CutInput(beam.DoFn):
     """One input's parts (``sources.cut_input``), each keyed by ``(input index, part index)`` so
     that keys sort in input order, with the input's fingerprint, taken before it is cut: a change
-    from then on shows when it is read again. Cut on a worker: finding a JSONL file's line breaks
-    reads it whole."""
+    from then on shows when it is read again. Cut on a worker: finding where a JSONL file's lines
+    or a CSV file's rows end reads it whole."""
 
     def __init__(self, options: ReadOptions):
         self.options = options
@@ -107,7 +107,7 @@ class _CutInput(beam.DoFn):
     def process(self, indexed_input: tuple[int, Input]) -> Iterator[tuple[PartKey, tuple[Part, str | None]]]:
         file_index, source = indexed_input
         read_as = fingerprint(source)
-        for part in cut_input(source, self.options.part_bytes):
+        for part in cut_input(source, self.options):
             yield (file_index, part.index), (part, read_as)
 
 

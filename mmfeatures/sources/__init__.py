@@ -19,7 +19,14 @@ from mmfeatures.sources.base import MEDIA_FOLDER, Input, ManifestRow, Part, Read
 from mmfeatures.sources.columnar import column_types, parquet_parts, read_columnar, read_schema
 from mmfeatures.sources.folders import folder_inputs, read_media_folder
 from mmfeatures.sources.shards import read_tar
-from mmfeatures.sources.text_files import checked_delimiter, checked_encoding, jsonl_parts, read_csv, read_jsonl
+from mmfeatures.sources.text_files import (
+    checked_delimiter,
+    checked_encoding,
+    csv_parts,
+    jsonl_parts,
+    read_csv,
+    read_jsonl,
+)
 
 __all__ = [
     "HEADED_FORMATS",
@@ -117,12 +124,16 @@ def read_input(source: Input, options: ReadOptions) -> Iterator[ManifestRow | Er
     return _READERS[source.format](source.path, options)
 
 
-def cut_input(source: Input, part_bytes: int) -> list[Part]:
-    """The parts of ``source`` that workers read apart (see ``Part``): a JSONL file is cut into
-    byte ranges, a Parquet file into ranges of row groups; any other input (gzipped, CSV, Arrow,
-    tar, a folder) is one part, as is a file not over ``part_bytes``."""
-    cut = {"jsonl": jsonl_parts, "parquet": parquet_parts}.get(source.format)
-    spans = [] if cut is None else cut(source.path, part_bytes)
+def cut_input(source: Input, options: ReadOptions) -> list[Part]:
+    """The parts of ``source`` that workers read apart (see ``Part``): a JSONL or CSV file is cut
+    into byte ranges of about ``options.part_bytes``, a Parquet file into ranges of row groups; any
+    other input (gzipped, Arrow, tar, a folder) is one part, as is a file not over ``part_bytes``
+    and a CSV that ``csv_parts`` cannot cut (in UTF-16 with a byte-order mark, say)."""
+    if source.format == "csv":
+        spans = csv_parts(source.path, options)
+    else:
+        cut = {"jsonl": jsonl_parts, "parquet": parquet_parts}.get(source.format)
+        spans = [] if cut is None else cut(source.path, options.part_bytes)
     if len(spans) < 2:
         return [Part(source)]
     return [Part(source, index, start, stop, first) for index, (start, stop, first) in enumerate(spans)]
@@ -132,8 +143,9 @@ def read_part(part: Part, options: ReadOptions) -> Iterator[ManifestRow | ErrorR
     """Stream the rows of one part of an input."""
     if part.stop is None:
         return read_input(part.source, options)
-    if part.source.format == "jsonl":
-        return read_jsonl(part.source.path, options, part.start, part.stop, part.first)
+    ranged = {"jsonl": read_jsonl, "csv": read_csv}.get(part.source.format)
+    if ranged is not None:
+        return ranged(part.source.path, options, part.start, part.stop, part.first)
     return read_columnar(part.source.path, options, range(part.start, part.stop), part.first)
 
 

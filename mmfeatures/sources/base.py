@@ -18,8 +18,8 @@ class ManifestRow:
     rejected: Mapping[str, RecordError] = field(default_factory=dict)  # modalities refused while reading
 
 
-# About how much of one large manifest one worker reads: a part of an uncompressed JSONL file
-# holds at least this many bytes, one of a Parquet file row groups of about as many (see ``Part``).
+# About how much of one large manifest one worker reads: a part of an uncompressed JSONL or CSV
+# file holds at least this many bytes, one of a Parquet file row groups of about as many (see ``Part``).
 PART_BYTES = 64 * 2**20
 
 
@@ -81,10 +81,11 @@ class Input:
 class Part:
     """A piece of an input that one worker reads, so that a large manifest is read by several, as
     Beam's own text and Parquet sources split: the bytes ``[start, stop)`` of an uncompressed JSONL
-    file, which begin and end on line boundaries, or the row groups ``[start, stop)`` of a Parquet
-    file; ``first`` is the number of its first line or row in the whole file, so that its rows'
-    sources, and the ids derived from them, are those of a read of the whole file. ``stop`` None:
-    the whole input, the only part of any other input (see ``sources.cut_input``)."""
+    or CSV file, which begin and end on line boundaries (in a CSV, those that end rows), or the row
+    groups ``[start, stop)`` of a Parquet file; ``first`` is the number of its first line or row in
+    the whole file, so that its rows' sources, and the ids derived from them, are those of a read of
+    the whole file. ``stop`` None: the whole input, the only part of any other input (see
+    ``sources.cut_input``)."""
 
     source: Input
     index: int = 0  # its place among the input's parts

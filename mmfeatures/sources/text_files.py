@@ -4,6 +4,7 @@ cannot be parsed or decoded an error row of its own."""
 from __future__ import annotations
 
 import _csv
+import codecs
 import contextlib
 import csv
 import gzip
@@ -130,7 +131,7 @@ class _Range(io.RawIOBase):
 
 @contextlib.contextmanager
 def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.BufferedIOBase]:
-    """A JSONL manifest's bytes, or those of its part ``[start, stop)``, buffered: a buffered
+    """A JSONL or CSV manifest's bytes, or those of its part ``[start, stop)``, buffered: a buffered
     reader's readline takes a limit; fsspec's remote files' does not. Not a second buffer over
     gzip's own: reading ahead, it would meet a bad checksum lines early."""
     if stop is None:
@@ -143,19 +144,33 @@ def _open_lines(path: str, start: int, stop: int | None) -> Iterator[io.Buffered
         yield io.BufferedReader(_Range(raw, stop - start))
 
 
+def _worth_cutting(path: str, part_bytes: int) -> bool:
+    """Whether a JSONL or CSV file is cut into parts: not gzipped (a gzip stream cannot be read
+    from its middle), and over ``part_bytes``."""
+    if path.lower().endswith(".gz"):
+        return False
+    fs, fs_path = url_to_fs(path)
+    size = fs.size(fs_path)  # None where the store does not say: read whole
+    return size is not None and size > part_bytes
+
+
+def _spans(cuts: list[tuple[int, int]], end: int) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` from where each starts and the lines before it,
+    the last one stopping at ``end``, the file's size."""
+    if cuts[-1][0] == end:  # the last line or row ends the file: no part after it
+        cuts = cuts[:-1]
+    stops = [start for start, _ in cuts[1:]] + [end]
+    return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+
+
 def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
     """The parts ``(start, stop, first line)`` of an uncompressed JSONL file over ``part_bytes``:
     each ends at the first line break at least ``part_bytes`` after its start, or at the file's
     end. The whole file is scanned for line breaks, a chunk at a time, to number each part's first
-    line; a file not over ``part_bytes``, or gzipped (which cannot be read from the middle), is
-    one part. CSV is never split: a quoted field may hold line breaks, so a line break need not
-    end a row."""
+    line; a file not over ``part_bytes``, or gzipped, is one part."""
+    if not _worth_cutting(path, part_bytes):
+        return []
     fs, fs_path = url_to_fs(path)
-    if path.lower().endswith(".gz"):
-        return []
-    size = fs.size(fs_path)  # None where the store does not say: read whole
-    if size is None or size <= part_bytes:
-        return []
     cuts = [(0, 0)]  # where each part starts, and the lines before it
     position = lines = 0
     with fs.open(fs_path, "rb") as handle:
@@ -170,10 +185,58 @@ def jsonl_parts(path: str, part_bytes: int) -> list[tuple[int, int, int]]:
                 cuts.append((position + counted, lines))
             lines += chunk.count(b"\n", counted)
             position += len(chunk)
-    if cuts[-1][0] == position:  # the last line break ends the file: no part after it
-        cuts.pop()
-    stops = [start for start, _ in cuts[1:]] + [position]
-    return [(start, stop, before + 1) for (start, before), stop in zip(cuts, stops, strict=True)]
+    return _spans(cuts, position)
+
+
+# A text stream's ``tell`` below this is a plain byte offset: CPython packs the decoder's flags and
+# the bytes and characters it holds back above bit 64 of it (``_pyio.TextIOWrapper._pack_cookie``).
+_PLAIN_OFFSETS = 2**64
+
+
+def csv_parts(path: str, options: ReadOptions) -> list[tuple[int, int, int]]:
+    """The parts ``(start, stop, first line)`` of an uncompressed CSV file over
+    ``options.part_bytes``: each ends at the first end of a row at least ``part_bytes`` after its
+    start, or at the file's end; a file not over ``part_bytes``, or gzipped, is one part.
+
+    The rows' ends are found by reading the file as ``read_csv`` reads it whole: the same decoding,
+    lines and limit, header, dialect and ``csv`` reader, malformed rows included. A row ends where
+    that reader has just given it, or raised for it (the reader starts afresh on the next line
+    either way), so each part starts where the whole read's reader starts a row, whatever the
+    file's quotes. The offset there is the text stream's ``tell``, taken only where it is a plain
+    byte offset: the decoder then holds nothing back, so a part decoded from that byte with a fresh
+    decoder reads on as the whole file does. Hence UTF-8 (a part after the first is decoded as
+    UTF-8 without a byte-order mark), single-byte code pages, Shift-JIS and the like, UTF-16-LE/BE
+    and UTF-32-LE/BE are cut, and UTF-7 where its decoder is back in its first state. One part is a
+    file whose fresh decoder has a state of its own (UTF-16 and UTF-32, which take their byte order
+    from a byte-order mark; ISO-2022), one whose header cannot be read (a whole read ends there),
+    one on a store whose files cannot tell their position, and one whose rows all end in a lone
+    "\\r": the stream holds a "\\r" back to see whether "\\n" follows, so no offset after one is plain."""
+    if not _worth_cutting(path, options.part_bytes):
+        return []
+    encoding = options.csv_encoding or "utf-8-sig"
+    if codecs.getincrementaldecoder(_part_encoding(encoding))().getstate() != (b"", 0):
+        return []
+    cuts = [(0, 0)]  # where each part starts, and the lines before it
+    with _open_lines(path, 0, None) as buffered:
+        text = _decoded(buffered, encoding)
+        lines: _Lines[str] = _Lines(text, options.max_member_bytes, "characters")
+        header = _csv_header(lines, options.csv_delimiter, path, encoding)
+        if isinstance(header, ErrorRow):
+            return []
+        reader, _ = header
+        for _ in _csv_records(reader, lines):
+            wanted = cuts[-1][0] + options.part_bytes
+            # The bytes the text stream has taken in, which it may not have read out yet: the
+            # exact (and slower) ``tell`` is only asked for once they reach the next part.
+            if buffered.tell() < wanted:
+                continue
+            try:
+                at = text.tell()
+            except OSError:  # a file that cannot tell its position
+                return []
+            if wanted <= at < _PLAIN_OFFSETS:
+                cuts.append((at, lines.number))
+        return _spans(cuts, buffered.tell())
 
 
 def read_jsonl(
@@ -214,23 +277,66 @@ def read_jsonl(
             yield _unreadable_gzip(path, exc, lines.number)
 
 
-def read_csv(path: str, options: ReadOptions) -> Iterator[ManifestRow | ErrorRow]:
+def read_csv(
+    path: str, options: ReadOptions, start: int = 0, stop: int | None = None, first: int = 1
+) -> Iterator[ManifestRow | ErrorRow]:
+    """The rows of a CSV manifest, or of its part ``[start, stop)`` whose first line is line
+    ``first`` of the file (see ``csv_parts``). A part after the first takes the header and the
+    delimiter from the file's start, as the rows of a read of the whole file do, and reports no
+    error of the header: the first part does."""
     encoding = options.csv_encoding or "utf-8-sig"
-    with _open_text_manifest(path) as raw:
-        # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
-        # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
-        text = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape", newline="")
-        lines: _Lines[str] = _Lines(text, options.max_member_bytes, "characters")
+    with _open_lines(path, 0, stop if start == 0 else None) as buffered:
+        lines: _Lines[str] = _Lines(_decoded(buffered, encoding), options.max_member_bytes, "characters")
         try:
-            header_line = next(lines.each(), "")
-            if isinstance(header_line, ManifestError):
-                yield row_error(header_line, f"{path}:1")
+            header = _csv_header(lines, options.csv_delimiter, path, encoding)
+            if isinstance(header, ErrorRow):
+                if start == 0:
+                    yield header
                 return
-            delimiter = options.csv_delimiter or _sniff_delimiter(header_line)
-            reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter)
-            yield from _csv_rows(reader, lines, path, encoding)
+            reader, columns = header
+            if start == 0:
+                yield from _csv_rows(reader, lines, columns, path, encoding)
+                return
         except _UNREADABLE_GZIP as exc:
             yield _unreadable_gzip(path, exc, lines.number)
+            return
+    with _open_lines(path, start, stop) as buffered:
+        text = _decoded(buffered, _part_encoding(encoding))
+        lines = _Lines(text, options.max_member_bytes, "characters", first - 1)
+        yield from _csv_rows(csv.reader(lines, reader.dialect), lines, columns, path, encoding)
+
+
+def _part_encoding(encoding: str) -> str:
+    """The encoding of a part after the first: not utf-8-sig, as a U+FEFF that begins a part is a
+    character of its row, not a byte-order mark."""
+    return "utf-8" if encoding == "utf-8-sig" else encoding
+
+
+def _decoded(buffered: Any, encoding: str) -> io.TextIOWrapper:
+    # surrogateescape, not replace: a byte that is not in the encoding (a spreadsheet saved as
+    # cp1252 read as UTF-8) stays in its row as an escape, and ``_csv_rows`` refuses that row alone.
+    return io.TextIOWrapper(buffered, encoding=encoding, errors="surrogateescape", newline="")
+
+
+def _csv_header(
+    lines: _Lines[str], delimiter: str | None, path: str, encoding: str
+) -> tuple[_csv.Reader, list[str]] | ErrorRow:
+    """The reader of a CSV's rows, its delimiter sniffed from the header line unless given, and
+    the header's columns; or the error row of a header that cannot be read, which ends the file."""
+    header_line = next(lines.each(), "")
+    if isinstance(header_line, ManifestError):
+        return row_error(header_line, f"{path}:1")
+    reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter or _sniff_delimiter(header_line))
+    try:
+        columns = next(reader, [])  # an empty file has no columns, and no rows
+    except csv.Error as exc:
+        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
+        return row_error(error, f"{path}:{lines.number}")
+    reason = _not_decodable(columns, encoding)
+    if reason is not None:
+        consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
+        return row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{lines.number}")
+    return reader, columns
 
 
 def _sniff_delimiter(header_line: str) -> str:
@@ -260,35 +366,34 @@ def _encoding_error(what: str, reason: str, encoding: str, consequence: str = ""
     return ManifestError(f"{what} is not valid {name}{consequence}: {reason}", error_type="invalid_utf8")
 
 
-def _csv_rows(reader: _csv.Reader, lines: _Lines[str], path: str, encoding: str) -> Iterator[ManifestRow | ErrorRow]:
-    # csv.Error (a field over csv.field_size_limit(), 128 KiB) and a line over the limit (raised
-    # by ``lines`` through the reader) make that row an error row, and the read goes on with the
-    # next line; a header that cannot be parsed or decoded ends the file. A row's source is the
-    # line it ends on, as ``lines`` counts them: the reader does not count a line that raised.
-    try:
-        header = next(reader, [])  # an empty file has no columns, and no rows
-    except csv.Error as exc:
-        error = ManifestError(f"malformed CSV header: {exc}", error_type="malformed_csv")
-        yield row_error(error, f"{path}:{lines.number}")
-        return
-    reason = _not_decodable(header, encoding)
-    if reason is not None:
-        consequence = ", so no row of the file is read (save it as UTF-8, or name its encoding with --csv-encoding)"
-        yield row_error(_encoding_error("the CSV header", reason, encoding, consequence), f"{path}:{lines.number}")
-        return
+def _csv_records(reader: _csv.Reader, lines: _Lines[str]) -> Iterator[list[str] | ManifestError]:
+    """Each row the reader gives, or the error of a malformed one: csv.Error (a field over
+    csv.field_size_limit(), 128 KiB) or a line over the limit (raised by ``lines`` through the
+    reader). After an error the reader starts afresh with the next line."""
     while True:
         try:
             cells = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            error = ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
-            yield row_error(error, f"{path}:{lines.number}")
+            yield ManifestError(f"malformed CSV: {exc}", error_type="malformed_csv")
             continue
         except ManifestError as exc:
-            yield row_error(exc, f"{path}:{lines.number}")
+            yield exc
             continue
+        yield cells
+
+
+def _csv_rows(
+    reader: _csv.Reader, lines: _Lines[str], header: list[str], path: str, encoding: str
+) -> Iterator[ManifestRow | ErrorRow]:
+    # A row's source, and that of its error, is the line it ends on, as ``lines`` counts them: the
+    # reader does not count a line that raised.
+    for cells in _csv_records(reader, lines):
         source = f"{path}:{lines.number}"
+        if isinstance(cells, ManifestError):
+            yield row_error(cells, source)
+            continue
         if not any(cells):  # an empty line, or one of the blank rows ",,," spreadsheets append
             continue
         if len(cells) != len(header):
