@@ -26,16 +26,19 @@ from fsspec.core import url_to_fs
 from mmfeatures import outputs, schema
 
 
-def settings_fingerprint(models: Mapping[str, Any], fusion: Mapping[str, Any], precision: str, device: str) -> str:
+def settings_fingerprint(
+    models: Mapping[str, Any], fusion: Mapping[str, Any], precision: str, device: str, runtimes: Mapping[str, str]
+) -> str:
     """The sha256 of every setting that changes a vector: each model's weights (sha256),
-    dimension and preprocessing, the fusion, the precision, the device class and the runtime. A
+    dimension and preprocessing, the fusion, the precision, the device class and each modality's
+    runtime (one word where all run on torch, as tables made before ONNX Runtime recorded it). A
     model's folder or URL is left out: the same weights read from elsewhere give the same vectors."""
     described = {
         "models": {name: {k: v for k, v in model.items() if k != "model_id"} for name, model in models.items()},
         "fusion": fusion,
         "precision": precision,
         "device": device,
-        "runtime": "torch",
+        "runtime": "torch" if set(runtimes.values()) == {"torch"} else dict(runtimes),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 

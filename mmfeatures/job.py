@@ -96,6 +96,7 @@ class Job:
                 micro_batch_size=extract.micro_batch_size,
                 threads=extract.torch_threads,
                 model_copies=extract.model_copies,
+                runtime=MODALITIES[name].runtime(extract.runtime),
             )
             for name in MODALITY_COLUMNS
         }
@@ -126,7 +127,10 @@ class Job:
             projection_dim=extract.fusion_dim,
             seed=extract.fusion_seed,
         )
-        fingerprint = settings_fingerprint(models, fusion.describe(), extract.precision, device_type(extract.device))
+        runtimes = {name: s.runtime for name, s in settings.items()}
+        fingerprint = settings_fingerprint(
+            models, fusion.describe(), extract.precision, device_type(extract.device), runtimes
+        )
         previous = PreviousTable.at(extract.output, fingerprint) if extract.incremental else None
         if previous is not None and not previous.usable and not extract.drop_missing:
             raise ValueError(
@@ -138,6 +142,7 @@ class Job:
         recorded = extract_option_values(options)
         recorded["runner"] = str(options.view_as(StandardOptions).runner)
         recorded["micro_batch_size"] = ",".join(f"{name}={s.micro_batch_size}" for name, s in settings.items())
+        recorded["runtime"] = ",".join(f"{name}={runtime}" for name, runtime in runtimes.items())
         recorded.update({f"{name}_batch_cost": s.max_batch_cost for name, s in settings.items()})
         return cls(
             inputs=inputs,

@@ -15,7 +15,7 @@ from mmfeatures.fusion import FUSION_METHODS
 from mmfeatures.lease import DEFAULT_LEASE_SECONDS
 from mmfeatures.limits import Limits, check_option
 from mmfeatures.records import MODALITY_COLUMNS
-from mmfeatures.settings import MOST_BATCH_COST, MOST_MICRO_BATCH_SIZES, PRECISIONS, device_type
+from mmfeatures.settings import MOST_BATCH_COST, MOST_MICRO_BATCH_SIZES, PRECISIONS, RUNTIMES, device_type
 
 LOCAL_RUNNER = "FnApiRunner"  # Beam's in-process runner; DirectRunner would first try to download Prism
 # The runners that run every stage in this process, holding what passes between stages in memory.
@@ -154,11 +154,20 @@ class ExtractOptions(PipelineOptions):
             "GPUs' tensor cores; on a CPU only where it has bf16 instructions).",
         )
         add(
+            "--runtime",
+            dest="runtime",
+            default="torch",
+            choices=RUNTIMES,
+            help="Where the forward passes run: torch, or onnx (ONNX Runtime on an export of each "
+            "image and text encoder, made once per machine and cached; fp32 only; audio runs on torch).",
+        )
+        add(
             "--torch_threads",
             dest="torch_threads",
             type=int,
             default=None,
-            help="Torch threads per worker process (default: the cores the process may use). With "
+            help="The model runtime's threads per worker process (torch's, or ONNX Runtime's intra-op "
+            "threads; default: the cores the process may use). With "
             "several worker processes on one machine, give each its share of the cores.",
         )
         add(

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PRECISIONS = ("bf16", "fp16", "fp32")  # fp32 runs the model as loaded; the others under autocast
+# Where the forward passes run: PyTorch, or ONNX Runtime on an ONNX export of each encoder (fp32).
+RUNTIMES = ("torch", "onnx")
 
 # Rows in one forward pass, per device type and modality (others: "default"). A CPU runs short
 # sentences best a few at a time and a convolutional network fewer still, as larger activations
@@ -63,9 +65,9 @@ class InferenceSettings:
     ``max_batch_cost``: most input values in one batch; ``micro_batch_size``: rows in each forward
     pass (every pass has exactly this many, so an embedding never depends on its batch);
     ``micro_batches_per_batch``: most passes in one batch; ``prepare_ahead``: records prepared
-    ahead of the model; ``threads``: torch's threads in a worker process (None: one per core it
-    may use); ``model_copies``: copies of the model per machine, shared by its worker processes
-    (None: one per process).
+    ahead of the model; ``threads``: the runtime's threads in a worker process (None: one per core
+    it may use); ``model_copies``: copies of the model per machine, shared by its worker processes
+    (None: one per process); ``runtime``: where the forward passes run (``RUNTIMES``).
     """
 
     device: str = "cpu"
@@ -76,10 +78,15 @@ class InferenceSettings:
     prepare_ahead: int = PREPARE_AHEAD["cpu"]
     threads: int | None = None
     model_copies: int | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, not {self.runtime!r}")
+        if self.runtime == "onnx" and self.precision != "fp32":
+            raise ValueError(f"--runtime onnx runs fp32 only: --precision {self.precision} runs under --runtime torch")
         device_type(self.device)  # refuses a device of no known type
         for name in ("max_batch_cost", "micro_batch_size", "micro_batches_per_batch", "prepare_ahead"):
             if getattr(self, name) < 1:
@@ -97,6 +104,7 @@ class InferenceSettings:
         micro_batch_size: int | None = None,
         threads: int | None = None,
         model_copies: int | None = None,
+        runtime: str = "torch",
     ) -> InferenceSettings:
         """The settings of ``modality`` (whose preprocessor weighs ``batch_cost`` values to a batch
         on a CPU) on ``device``: the given values, and the defaults above for the others."""
@@ -114,4 +122,5 @@ class InferenceSettings:
             prepare_ahead=PREPARE_AHEAD[kind],
             threads=threads,
             model_copies=model_copies,
+            runtime=runtime,
         )

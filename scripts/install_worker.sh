@@ -47,6 +47,13 @@ pip_install "${torch_index[@]}" "$TORCH_SPEC"
 # The job brings requirements.txt's pins with it (setup.py's install_requires).
 pip_install "$@" "${flavour_packages[@]}"
 pip_install --no-deps "$IMAGE_WEIGHTS"
+# --runtime onnx on a GPU needs ONNX Runtime's CUDA build, a package of another name that
+# provides the same module: it replaces the CPU one that requirements.txt pins.
+if [ "$TORCH_VARIANT" != cpu ]; then
+  ort_version=$("$PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)')
+  "$PYTHON" -m pip uninstall --yes onnxruntime
+  pip_install "onnxruntime-gpu==$ort_version"
+fi
 
 # A broken install fails here, when the image is built, rather than on every worker at start-up:
 # the torch build must be the one asked for, the package must import from the environment (-I: not

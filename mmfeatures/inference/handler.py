@@ -20,6 +20,8 @@ from mmfeatures.errors import EncodeError, RecordError
 from mmfeatures.host import settle_worker_process
 from mmfeatures.inference.batching import Keyed
 from mmfeatures.inference.embedder import Embedder
+from mmfeatures.inference.onnx_runtime import OnnxRuntime
+from mmfeatures.inference.runtime import Runtime
 from mmfeatures.inference.torch_runtime import TorchRuntime
 from mmfeatures.modalities.base import Encoder, Modality, Prepared, Preprocessor
 from mmfeatures.progress import Progress
@@ -80,9 +82,20 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         return encoder
 
     def embedder(self, encoder: Encoder[Any] | Callable[[], Encoder[Any]]) -> Embedder:
-        """An embedder of ``encoder`` (or of what a function ``encoder`` loads) on this handler's runtime."""
-        runtime = TorchRuntime(self.settings.device, self.settings.precision)
-        return Embedder(self.preprocessor, encoder, runtime, self.settings.micro_batch_size)
+        """An embedder of ``encoder`` (or of what a function ``encoder`` loads) on this handler's
+        runtime, which makes it ready (``Runtime.compile``) when it is first used."""
+        runtime = self.runtime()
+
+        def compiled() -> Encoder[Any]:
+            loaded = encoder if isinstance(encoder, Encoder) else encoder()
+            return runtime.compile(loaded, self.preprocessor.resolved.weights_sha256())
+
+        return Embedder(self.preprocessor, compiled, runtime, self.settings.micro_batch_size)
+
+    def runtime(self) -> Runtime[Any]:
+        if self.settings.runtime == "onnx":
+            return OnnxRuntime(self.settings.device)
+        return TorchRuntime(self.settings.device, self.settings.precision)
 
     def run_inference(
         self,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,11 @@ class Runtime(ABC, Generic[_Array]):
     def prepare_process(self, threads: int | None) -> None:
         """Set up this worker process for the runtime: its device checked, ``threads`` compute
         threads (None: one per core the process may use)."""
+
+    def compile(self, encoder: Encoder[Any], weights_sha256: str) -> Encoder[_Array]:
+        """``encoder`` (as its modality loaded it, in torch) made ready for this runtime, once per
+        worker; ``weights_sha256`` names the weights for what the runtime keeps of them."""
+        return encoder
 
     @abstractmethod
     def to_device(self, batch: Batch) -> dict[str, _Array]:

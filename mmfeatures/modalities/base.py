@@ -137,6 +137,10 @@ class Encoder(ABC, Generic[_Array]):
     """
 
     dimension: int
+    # The axes of each input that vary between passes, by name (0, the rows, in every input):
+    # dynamic in an ONNX export, so that one file serves every micro-batch size and length. None:
+    # the encoder has no ONNX export, and its modality runs on torch.
+    export_axes: ClassVar[dict[str, dict[int, str]] | None] = None
 
     @abstractmethod
     def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
@@ -152,16 +156,22 @@ class Modality:
     """A registry entry: a modality's preprocessor and how its encoder is made.
 
     ``load_encoder(preprocessor, device)`` loads the weights and picks the encoder that serves the
-    model; ``dimension(preprocessor)`` is the embedding's length, known without loading them.
+    model; ``dimension(preprocessor)`` is the embedding's length, known without loading them;
+    ``runtimes``: the runtimes its encoders run on (those with ``export_axes`` run on ONNX Runtime too).
     """
 
     preprocessor: type[Preprocessor]
     load_encoder: Callable[[Any, str], Encoder[Any]]
     dimension: Callable[[Any], int]
+    runtimes: tuple[str, ...] = ("torch",)
 
     @property
     def name(self) -> str:
         return self.preprocessor.name
+
+    def runtime(self, asked: str) -> str:
+        """The runtime this modality runs on when ``asked`` is: torch where it has no other."""
+        return asked if asked in self.runtimes else "torch"
 
     def describe(self, preprocessor: Preprocessor) -> dict[str, Any]:
         """What the output records about this modality's model."""

@@ -347,6 +347,8 @@ class ImageEncoder(Encoder[torch.Tensor]):
     """An image model. Batches are channels-last in memory, like the windows ``normalize`` gives:
     a convolutional network is loaded in that layout (see ``optimize_convolutions``)."""
 
+    export_axes = {"pixel_values": {0: "rows"}}
+
     def __init__(self, model: torch.nn.Module, dimension: int):
         self.model = model
         self.dimension = dimension
@@ -432,4 +434,4 @@ def _per_channel(values: float | list[float]) -> list[float]:
     return values * 3 if len(values) == 1 else values
 
 
-IMAGE = Modality(ImagePreprocessor, load_image_encoder, image_dimension)
+IMAGE = Modality(ImagePreprocessor, load_image_encoder, image_dimension, runtimes=("torch", "onnx"))

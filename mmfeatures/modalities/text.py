@@ -149,6 +149,8 @@ class TextPreprocessor(Preprocessor):
 class TextEncoder(Encoder[torch.Tensor]):
     """A Hugging Face text encoder, mean-pooled over the tokens of each window."""
 
+    export_axes = {"input_ids": {0: "rows", 1: "tokens"}, "attention_mask": {0: "rows", 1: "tokens"}}
+
     def __init__(self, model: torch.nn.Module, pad_token_id: int, dimension: int):
         self.model = model
         self.pad_token_id = pad_token_id
@@ -198,4 +200,4 @@ def _window_length(directory: str, tokenizer: Any) -> int:
     return int(limit)
 
 
-TEXT = Modality(TextPreprocessor, load_text_encoder, text_dimension)
+TEXT = Modality(TextPreprocessor, load_text_encoder, text_dimension, runtimes=("torch", "onnx"))

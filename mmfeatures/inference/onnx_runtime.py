@@ -1,0 +1,212 @@
+"""ONNX Runtime as a runtime: an encoder's forward pass exported once to ONNX and run by
+``onnxruntime`` on the CPU (or CUDA) execution provider, fp32.
+
+The export is the encoder's whole ``forward`` (the model and its pooling), traced on the first
+micro-batch a worker runs, with the encoder's varying axes (``Encoder.export_axes``) left dynamic
+so that one file serves every micro-batch size and length bucket; micro-batches themselves keep
+their fixed shapes (see ``Embedder.micro_batches``). Exports are cached on the machine
+(``storage.cache_root()``/onnx), named by a key of everything that shapes them: the weights'
+sha256, the encoder, its axes, the opset and the versions of torch, onnx and onnxruntime. A file
+is written under a temporary name and renamed into place, so a killed export never leaves a
+half file that a later run would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mmfeatures import storage
+from mmfeatures.host import available_cores
+from mmfeatures.inference.runtime import Runtime
+from mmfeatures.modalities.base import Batch, Encoder, Window
+from mmfeatures.settings import device_type
+
+_LOG = logging.getLogger(__name__)
+
+OPSET = 17
+_OUTPUT = "embedding"
+# Most absolute difference of an export's embeddings from torch's on its checks: float32 kernels
+# that sum in another order differ by about 1e-6.
+EXPORT_TOLERANCE = 1e-4
+
+
+def export_key(encoder: Encoder[Any], weights_sha256: str) -> str:
+    """The name of ``encoder``'s export: a changed model, encoder, exporter or runtime exports again."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    described = {
+        "weights_sha256": weights_sha256,
+        "encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
+        "axes": encoder.export_axes,
+        "opset": OPSET,
+        "versions": [torch.__version__, onnx.__version__, onnxruntime.__version__],
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[str], Any]) -> None:
+    """Trace ``encoder.forward`` on ``inputs`` into an ONNX file at ``path``, atomically, once the
+    export (opened by ``session``) gives what torch gives on ``inputs`` and on ``inputs`` cut along
+    each dynamic axis: a trace keeps the branches its example took, so a model whose code branches
+    on its inputs' sizes must not pass for one that does not."""
+    import torch
+
+    axes = encoder.export_axes
+    assert axes is not None
+    names = list(inputs)
+
+    class Forward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = getattr(encoder, "model", None)  # registered, so its weights are the graph's
+
+        def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
+            return encoder.forward(dict(zip(names, arrays, strict=True)))
+
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=".export-", suffix=".onnx")
+    os.close(handle)
+    dynamic = {name: dict(axes.get(name, {0: "rows"})) for name in names}
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # The tracer warns of every Python branch it freezes; the check below is what tells.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                Forward().eval(),  # the exporter restores the module's mode after: the encoder's, eval
+                tuple(torch.from_numpy(inputs[name]) for name in names),
+                partial,
+                input_names=names,
+                output_names=[_OUTPUT],
+                dynamic_axes={**dynamic, _OUTPUT: {0: "rows"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+            exported = session(partial)
+            for example in [inputs, *_cuts(inputs, dynamic)]:
+                expected = encoder.forward({name: torch.from_numpy(array) for name, array in example.items()})
+                given = exported.run([_OUTPUT], example)[0]
+                if not np.allclose(given, expected.float().numpy(), rtol=0, atol=EXPORT_TOLERANCE):
+                    raise ValueError(
+                        f"the ONNX export of {type(encoder).__name__} differs from torch on inputs of shapes "
+                        f"{ {name: array.shape for name, array in example.items()} }: run it with --runtime torch"
+                    )
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _cuts(inputs: Batch, dynamic: Mapping[str, Mapping[int, str]]) -> list[Batch]:
+    """``inputs`` cut to half its size along each named dynamic axis in turn (every input that has
+    that axis), where the axis holds at least two."""
+    cuts = []
+    for axis_name in sorted({name for axes in dynamic.values() for name in axes.values()}):
+        cut = {}
+        for name, array in inputs.items():
+            axis = next((axis for axis, named in dynamic[name].items() if named == axis_name), None)
+            cut[name] = array if axis is None else np.take(array, range(max(1, array.shape[axis] // 2)), axis=axis)
+        if any(cut[name].shape != inputs[name].shape for name in inputs):
+            cuts.append(cut)
+    return cuts
+
+
+class OnnxEncoder(Encoder[np.ndarray]):
+    """``source``'s collate, and its forward pass run by an ONNX Runtime session, made from the
+    export at ``path`` (exported from the first batch when the file is not there yet)."""
+
+    def __init__(self, source: Encoder[Any], path: str, runtime: OnnxRuntime):
+        self.source = source
+        self.dimension = source.dimension
+        self.path = path
+        self.runtime = runtime
+        self._session: Any = None
+        self._failure: str | None = None  # why the export failed: once is enough to know
+        self._opening = threading.Lock()
+
+    def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
+        return self.source.collate(windows, length)
+
+    def forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        session = self._session or self._open(batch)
+        return session.run([_OUTPUT], batch)[0]
+
+    def _open(self, example: Mapping[str, np.ndarray]) -> Any:
+        """The session, exported from ``example`` if need be. An export that fails fails every
+        batch after it the same way, at once, rather than being tried again for each record."""
+        with self._opening:
+            if self._session is None and self._failure is None:
+                try:
+                    if not os.path.exists(self.path):
+                        _LOG.info("exporting %s to ONNX at %s", type(self.source).__name__, self.path)
+                        export(self.source, dict(example), self.path, self.runtime.session)
+                    self._session = self.runtime.session(self.path)
+                except Exception as exc:  # noqa: BLE001 - told in every record's error row
+                    self._failure = f"{type(self.source).__name__} cannot run on ONNX Runtime: {exc}"
+            if self._failure is not None:
+                raise RuntimeError(self._failure)
+        return self._session
+
+
+class OnnxRuntime(Runtime[np.ndarray]):
+    """ONNX Runtime on the CPU, or on CUDA through its CUDA execution provider; fp32 only."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.threads = available_cores()
+
+    @property
+    def provider(self) -> str:
+        return "CUDAExecutionProvider" if device_type(self.device) == "cuda" else "CPUExecutionProvider"
+
+    def prepare_process(self, threads: int | None) -> None:
+        import onnxruntime
+
+        if self.provider not in onnxruntime.get_available_providers():
+            raise RuntimeError(
+                f"--runtime onnx on {self.device} needs onnxruntime's {self.provider} "
+                "(onnxruntime-gpu for CUDA), which this worker's onnxruntime does not have"
+            )
+        self.threads = threads or available_cores()
+
+    def compile(self, encoder: Encoder[Any], weights_sha256: str) -> Encoder[Any]:
+        if encoder.export_axes is None:
+            raise ValueError(f"{type(encoder).__name__} does not export to ONNX: its modality runs on torch")
+        path = os.path.join(storage.cache_root(), "onnx", f"{export_key(encoder, weights_sha256)}.onnx")
+        return OnnxEncoder(encoder, path, self)
+
+    def session(self, path: str) -> Any:
+        """A session for the export at ``path``: every optimisation, the worker's cores as intra-op
+        threads that sleep rather than spin between passes (the preparing threads need the cores
+        then), and no memory arena or pattern, which would keep the largest length bucket's buffers."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return onnxruntime.InferenceSession(path, options, providers=[self.provider])
+
+    def to_device(self, batch: Batch) -> dict[str, np.ndarray]:
+        return dict(batch)
+
+    def forward(self, encoder: Encoder[np.ndarray], inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return encoder.forward(inputs)
+
+    def to_host(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(outputs).astype(np.float32, copy=False)
