@@ -6,16 +6,18 @@ media bytes) and the run's settings fingerprint (every setting that changes a ve
 row's, and the row has no failed modality (a failure is tried again). Deciding it needs only
 small keys: each record's place and content hash (``content``), grouped by id with the previous
 table's ``(id, content hash)``, so no record crosses a shuffle for it (``reading.ReadRecords`` reads the
-inputs again and sends the kept records on past the models). The previous rows meet the kept
-records, and the ids this run replaces, in ``join.JoinShared``, and the run commits a whole new
-table, so a plain Parquet reader of the folder sees the current rows and nothing else.
+inputs again and sends the kept records on past the models). Where each previous row lies
+(``PreviousLocations``) meets the kept records, and the ids this run replaces, in
+``join.JoinShared``, which then reads the rows it keeps or carries over from their parts, one part
+at a time, so that no row's vectors cross a shuffle. The run commits a whole new table, so a
+plain Parquet reader of the folder sees the current rows and nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,46 +87,62 @@ def _read_batches(fs: Any, part: str, columns: list[str] | None) -> Iterator[pa.
     yield from schema.read_part(fs, part, columns).to_batches(max_chunksize=1024)
 
 
-def _keys(part: str, previous: PreviousTable) -> Iterator[tuple[str, str | None]]:
-    """``(id, content hash)`` of each row of ``part``; the hash is None where no record may keep
+def _keys(part: tuple[int, str], previous: PreviousTable) -> Iterator[tuple[str, str | None]]:
+    """``(id, content hash)`` of each row of the part; the hash is None where no record may keep
     the row: one without a content hash or with a failed modality, or any row of a table written
     with other settings."""
+    _, path = part
     if not previous.usable:
-        for batch in _read_batches(previous.fs, part, ["id"]):
+        for batch in _read_batches(previous.fs, path, ["id"]):
             yield from ((record_id, None) for record_id in batch.column("id").to_pylist())
         return
-    for batch in _read_batches(previous.fs, part, ["id", "content_hash", "failed_modalities"]):
+    for batch in _read_batches(previous.fs, path, ["id", "content_hash", "failed_modalities"]):
         ids, hashes, failed = (batch.column(name).to_pylist() for name in ("id", "content_hash", "failed_modalities"))
         yield from ((i, None if f else h) for i, h, f in zip(ids, hashes, failed, strict=True))
 
 
-def _rows(part: str, previous: PreviousTable) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(id, row)`` of each row of ``part``, embeddings as numpy arrays (None where absent). A
-    table whose rows cannot be kept gives ids alone: the join counts what it drops or replaces."""
-    columns = None if previous.usable else ["id"]
-    for batch in _read_batches(previous.fs, part, columns):
-        values: dict[str, list[Any]] = {}
-        for name, column in zip(batch.schema.names, batch.columns, strict=True):
-            if schema.embedding_dimension(batch.schema.field(name)) is not None:
-                values[name] = list(column.to_numpy(zero_copy_only=False))
-            else:
-                values[name] = column.to_pylist()
-        for index, record_id in enumerate(values["id"]):
-            yield record_id, {name: column[index] for name, column in values.items()}
+def _locations(part: tuple[int, str], previous: PreviousTable) -> Iterator[tuple[str, tuple[int, int]]]:
+    """``(id, (part index, row index))`` of each row of the part: where the row is, so that the
+    join decides each row's fate by id without carrying the row (``rows_at`` reads it then)."""
+    index, path = part
+    position = 0
+    for batch in _read_batches(previous.fs, path, ["id"]):
+        for record_id in batch.column("id").to_pylist():
+            yield record_id, (index, position)
+            position += 1
+
+
+def rows_at(previous: PreviousTable, part: int, positions: Iterable[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(position, row)`` of the previous table's ``part`` at each of ``positions`` (row indices,
+    as ``PreviousLocations`` gives them), embeddings as numpy arrays (None where absent)."""
+    table = schema.read_part(previous.fs, previous.parts[part], None)
+    wanted = sorted(set(positions))
+    rows = table.take(pa.array(wanted, pa.int64()))
+    values: dict[str, list[Any]] = {}
+    for name, column in zip(rows.schema.names, rows.columns, strict=True):
+        if schema.embedding_dimension(rows.schema.field(name)) is not None:
+            values[name] = list(column.to_numpy(zero_copy_only=False))
+        else:
+            values[name] = column.to_pylist()
+    for index, position in enumerate(wanted):
+        yield position, {name: column[index] for name, column in values.items()}
 
 
 class _EachPart(beam.PTransform):
-    """What ``read`` gives of each part of the previous table, the parts spread over the workers
-    where ``spread`` (not on an in-process runner: one worker reads them all there)."""
+    """What ``read`` gives of each part of the previous table (``(part index, path)``), the parts
+    spread over the workers where ``spread`` (not on an in-process runner: one worker reads them
+    all there)."""
 
-    def __init__(self, previous: PreviousTable, read: Callable[[str, PreviousTable], Iterator[Any]], spread: bool):
+    def __init__(
+        self, previous: PreviousTable, read: Callable[[tuple[int, str], PreviousTable], Iterator[Any]], spread: bool
+    ):
         super().__init__()
         self.previous = previous
         self.read = read
         self.spread = spread
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
-        parts = pbegin | "Parts" >> beam.Create(list(self.previous.parts))
+        parts = pbegin | "Parts" >> beam.Create(list(enumerate(self.previous.parts)))
         parts = parts | "Spread" >> beam.Reshuffle() if self.spread else parts
         return parts | "Read" >> beam.FlatMap(self.read, self.previous)
 
@@ -137,8 +155,9 @@ class PreviousKeys(_EachPart):
         super().__init__(previous, _keys, spread)
 
 
-class PreviousRows(_EachPart):
-    """The previous table's rows, keyed by id, for the join to keep, carry over or drop."""
+class PreviousLocations(_EachPart):
+    """The previous table's ``(id, (part index, row index))`` of every row, for the join to keep,
+    carry over or drop each row by id; the rows themselves stay in their parts until then."""
 
     def __init__(self, previous: PreviousTable, spread: bool = True):
-        super().__init__(previous, _rows, spread)
+        super().__init__(previous, _locations, spread)

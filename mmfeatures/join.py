@@ -1,7 +1,8 @@
 """Fusion: each embedded record to its feature row. ``FuseRecords`` fuses records as they come
 out of ``EmbedRecords``; ``JoinShared`` joins by id the few records that wait for something
 from elsewhere - a vector embedded by the record whose content they share, or, in an
-incremental run, the previous table's row they keep - and the previous rows themselves."""
+incremental run, the previous table's row they keep - and the previous rows' locations, then
+reads the previous rows it keeps or carries over from their parts."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures.counts import COUNTS_TAG, RunCounts
 from mmfeatures.fusion import Fusion
+from mmfeatures.incremental import PreviousTable, rows_at
 from mmfeatures.progress import Progress
 from mmfeatures.records import MODALITY_COLUMNS, Record, content_hash
 
 AWAITING_TAG = "awaiting"  # (id, record) of a record that takes a vector from another record
+_PREVIOUS_TAG = "previous"  # (part, (position, record or None)) of a previous row kept or carried over
 
 
 class _CountingFuse(beam.DoFn):
@@ -72,7 +75,9 @@ class _FuseRecord(_CountingFuse):
 class _FuseJoined(_CountingFuse):
     """One id's join: a record with the vectors and failures it takes from the records it shares
     content with, a record with the previous row it keeps, or a previous row alone, which is
-    carried over, dropped (``drop_missing``), or left out where this run replaced it."""
+    carried over, dropped (``drop_missing``), or left out where this run replaced it. A previous
+    row is its location, ``(part, position)``: the rows kept and carried over go to
+    ``_PREVIOUS_TAG`` as ``(part, (position, record or None))``, to be read from their parts."""
 
     def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool):
         super().__init__(fusion, created)
@@ -80,16 +85,17 @@ class _FuseJoined(_CountingFuse):
 
     def process(
         self, joined: tuple[str, Mapping[str, Iterable[Any]]], window: Any = beam.DoFn.WindowParam
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Iterator[Any]:
         _, groups = joined
         counts = self._counts[window]
-        previous: dict[str, Any] | None = next(iter(groups["previous"]), None)
+        previous: tuple[int, int] | None = next(iter(groups["previous"]), None)
         kept: Record | None = next(iter(groups["kept"]), None)
         if kept is not None:
             assert previous is not None  # a record is kept only for a previous row
             self._progress.add()
             counts.add(RunCounts.of_kept(kept))
-            yield self._kept_row(kept, previous)
+            part, position = previous
+            yield beam.pvalue.TaggedOutput(_PREVIOUS_TAG, (part, (position, kept)))
             return
         records = list(groups["record"])
         if records:
@@ -107,21 +113,34 @@ class _FuseJoined(_CountingFuse):
             counts.add(RunCounts(rows_dropped=1))
         else:
             counts.add(RunCounts(rows_kept_absent=1))
-            yield previous
+            part, position = previous
+            yield beam.pvalue.TaggedOutput(_PREVIOUS_TAG, (part, (position, None)))
 
-    @staticmethod
-    def _kept_row(record: Record, previous: Mapping[str, Any]) -> dict[str, Any]:
-        """The record's row with the previous row's vectors and times: the record's own fields
-        (label, split, carried columns) are this run's."""
-        return _row(
-            record,
-            {m: previous[f"{m}_embedding"] for m in MODALITY_COLUMNS if previous.get(f"{m}_embedding") is not None},
-            previous["fused"],
-            [],
-            event_timestamp=previous["event_timestamp"],
-            created_timestamp=previous["created_timestamp"],
-            content_hash=previous["content_hash"],
-        )
+
+def _previous_rows(
+    located: tuple[int, Iterable[tuple[int, Record | None]]], previous: PreviousTable
+) -> Iterator[dict[str, Any]]:
+    """One part's rows that this run keeps (with the keeping record's own fields) or carries over
+    (as they are), read from the part at once."""
+    part, wanted = located
+    records = dict(wanted)
+    for position, row in rows_at(previous, part, records):
+        record = records[position]
+        yield row if record is None else _kept_row(record, row)
+
+
+def _kept_row(record: Record, previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's row with the previous row's vectors and times: the record's own fields
+    (label, split, carried columns) are this run's."""
+    return _row(
+        record,
+        {m: previous[f"{m}_embedding"] for m in MODALITY_COLUMNS if previous.get(f"{m}_embedding") is not None},
+        previous["fused"],
+        [],
+        event_timestamp=previous["event_timestamp"],
+        created_timestamp=previous["created_timestamp"],
+        content_hash=previous["content_hash"],
+    )
 
 
 def _row(
@@ -161,16 +180,25 @@ class FuseRecords(beam.PTransform):
 class JoinShared(beam.PTransform):
     """Join by id what ``FuseRecords`` cannot fuse alone: the ``awaiting`` records with the
     ``shared`` vectors (``(id, (modality, vector, digest))``) and the ``errors`` of the content
-    they take, and, in an incremental run, the records that keep their rows (``kept``) with the
-    ``previous`` table's rows, whose ids this run ``replaced`` (``(id, None)``) or holds no more
-    (carried over, or dropped with ``drop_missing``). Emits feature rows and their counts. Only
-    these cross the shuffle: records that share content, and previous rows with their keys."""
+    they take, and, in an incremental run, the records that keep their rows (``kept``) with where
+    the ``previous`` table's rows lie (``incremental.PreviousLocations``), whose ids this run
+    ``replaced`` (``(id, None)``) or holds no more (carried over, or dropped with
+    ``drop_missing``). The rows kept and carried over are then read from ``previous_table``, each
+    part once. Emits feature rows and their counts. Only these cross a shuffle: records that share
+    content, kept records, and the previous rows' ids and locations, never their vectors."""
 
-    def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool = False):
+    def __init__(
+        self,
+        fusion: Fusion,
+        created: datetime.datetime,
+        drop_missing: bool = False,
+        previous_table: PreviousTable | None = None,
+    ):
         super().__init__()
         self.fusion = fusion
         self.created = created
         self.drop_missing = drop_missing
+        self.previous_table = previous_table
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         pipeline = inputs["awaiting"].pipeline
@@ -196,7 +224,15 @@ class JoinShared(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "Fuse"
             >> beam.ParDo(_FuseJoined(self.fusion, self.created, self.drop_missing)).with_outputs(
-                COUNTS_TAG, main="features"
+                COUNTS_TAG, _PREVIOUS_TAG, main="features"
             )
         )
-        return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG]}
+        if self.previous_table is None:
+            return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG]}
+        previous_rows = (
+            fused[_PREVIOUS_TAG]
+            | "ByPart" >> beam.GroupByKey()
+            | "ReadPrevious" >> beam.FlatMap(_previous_rows, self.previous_table)
+        )
+        features = (fused.features, previous_rows) | "Features" >> beam.Flatten()
+        return {"features": features, COUNTS_TAG: fused[COUNTS_TAG]}

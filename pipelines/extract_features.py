@@ -32,7 +32,7 @@ from mmfeatures.transforms import (
     FeatureSchema,
     FuseRecords,
     JoinShared,
-    PreviousRows,
+    PreviousLocations,
     ReadRecords,
     StageParquetTable,
     sum_counts,
@@ -58,12 +58,12 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
     }
     column_types = [read[COLUMN_TYPES_TAG]]
     if job.previous is not None:
-        waiting["previous"] = pipeline | "PreviousRows" >> PreviousRows(job.previous, job.spread_records)
+        waiting["previous"] = pipeline | "PreviousLocations" >> PreviousLocations(job.previous, job.spread_records)
         if job.previous.usable:  # its rows may be carried over, with their columns
             column_types.append(
                 pipeline | "PreviousColumns" >> beam.Create([((len(job.inputs), 0), job.previous.carried_types())])
             )
-    joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing)
+    joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing, job.previous)
 
     pipeline | "CommitRun" >> CommitRun(
         lease,

@@ -12,12 +12,15 @@ Only safetensors weights are loaded from folders and ids, and never with ``trust
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from functools import cache
 from importlib import util as import_util
+from types import ModuleType
 from typing import Any
 
 from mmfeatures import storage
@@ -131,20 +134,27 @@ def _sha256_of_files(files: tuple[str, ...]) -> str:
     return digest.hexdigest()
 
 
-def model_config(directory: str) -> Any:
-    """A Hugging Face model folder's configuration, as ``AutoConfig`` reads it. transformers is
-    imported here, on first use: it takes about a second, which a job with the bundled models does
-    not pay where it only resolves its settings."""
-    from transformers import AutoConfig
+_IMPORTING_TRANSFORMERS = threading.Lock()
 
-    return AutoConfig.from_pretrained(directory)
+
+def transformers() -> ModuleType:
+    """The transformers package, imported on first use: it takes about a second, which a job with
+    the bundled models does not pay where it only resolves its settings, nor a worker that embeds
+    nothing. Imported under a lock: the package puts a lazy module in its own place in
+    ``sys.modules`` as its import ends, so a thread that imports it meanwhile (a preparing thread
+    loading its tokenizer beside another) would get the half-made package, without its names."""
+    with _IMPORTING_TRANSFORMERS:
+        return importlib.import_module("transformers")
+
+
+def model_config(directory: str) -> Any:
+    """A Hugging Face model folder's configuration, as ``AutoConfig`` reads it."""
+    return transformers().AutoConfig.from_pretrained(directory)
 
 
 def load_pretrained(model_class: Any, directory: str) -> Any:
     """``model_class.from_pretrained(directory)`` as every Hugging Face model here loads: from
     safetensors only (never a pickle), with no remote code, and with no progress bar (one per
     worker and model is noise in job logs)."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
+    transformers().utils.logging.disable_progress_bar()
     return model_class.from_pretrained(directory, use_safetensors=True, trust_remote_code=False)

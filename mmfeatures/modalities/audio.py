@@ -18,7 +18,14 @@ import soxr
 import torch
 
 from mmfeatures.encoders.frozen import frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config, resolve_model
+from mmfeatures.encoders.weights import (
+    DEFAULT,
+    BundledModel,
+    load_pretrained,
+    model_config,
+    resolve_model,
+    transformers,
+)
 from mmfeatures.errors import DecodeError, PreprocessError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
@@ -128,18 +135,17 @@ def split_windows(waveform: np.ndarray, window: int, min_tail: int) -> list[np.n
 @per_thread
 def feature_extractor_for(model: str) -> Any:
     """The model's feature extractor: Whisper's log-mel one, or a waveform model's own."""
-    from transformers import AutoFeatureExtractor, WhisperFeatureExtractor
-
+    library = transformers()
     resolved = resolve_model(model, WHISPER_TINY_EN)
     if resolved.bundled:
-        return WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
+        return library.WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
     config = model_config(resolved.directory)
     if config.model_type != "whisper":
-        return AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
+        return library.AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
     try:
-        return WhisperFeatureExtractor.from_pretrained(resolved.directory)
+        return library.WhisperFeatureExtractor.from_pretrained(resolved.directory)
     except OSError:  # a folder without preprocessor_config.json
-        return WhisperFeatureExtractor(feature_size=config.num_mel_bins)
+        return library.WhisperFeatureExtractor(feature_size=config.num_mel_bins)
 
 
 class AudioPreprocessor(Preprocessor):
@@ -261,9 +267,8 @@ class WaveformAudioEncoder(AudioEncoder):
 
 def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEncoder:
     # transformers' model classes take seconds to import: only a process that embeds audio pays for
-    # them, not the launcher, nor a run without audio.
-    from transformers import AutoModel, WhisperModel
-
+    # them, not the launcher, nor a run without audio (``transformers`` first: see why there).
+    library = transformers()
     from mmfeatures.encoders.whisper_clip import WhisperClipEncoder
     from mmfeatures.encoders.whisper_ctranslate2 import load_whisper_from_ctranslate2
 
@@ -273,9 +278,9 @@ def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEnc
         whisper = load_whisper_from_ctranslate2(resolved.directory).model.encoder
         return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
     if preprocessor.is_whisper:
-        whisper = load_pretrained(WhisperModel, resolved.directory).encoder
+        whisper = load_pretrained(library.WhisperModel, resolved.directory).encoder
         return WhisperAudioEncoder(frozen(WhisperClipEncoder(whisper), device), dimension)
-    model = load_pretrained(AutoModel, resolved.directory)
+    model = load_pretrained(library.AutoModel, resolved.directory)
     return WaveformAudioEncoder(frozen(model, device), dimension)
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from mmfeatures.encoders import mobilenet_v2
 from mmfeatures.encoders.convolutions import optimize_convolutions
 from mmfeatures.encoders.frozen import Model, frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config
+from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config, transformers
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window
@@ -382,9 +382,7 @@ def load_image_encoder(preprocessor: ImagePreprocessor, device: str) -> ImageEnc
     if resolved.bundled:
         mobilenet = mobilenet_v2.load_mobilenet_v2(resolved.weight_files[0])
         return MobileNetV2Encoder(_ready(mobilenet, device), dimension)
-    from transformers import AutoModel  # seconds to import: only where a Hugging Face model loads
-
-    model = load_pretrained(AutoModel, resolved.directory)
+    model = load_pretrained(transformers().AutoModel, resolved.directory)
     return ImageEncoder(_ready(model, device), dimension)
 
 

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from mmfeatures.encoders.frozen import frozen
-from mmfeatures.encoders.weights import DEFAULT, BundledModel, load_pretrained, model_config, resolve_model
+from mmfeatures.encoders.weights import (
+    DEFAULT,
+    BundledModel,
+    load_pretrained,
+    model_config,
+    resolve_model,
+    transformers,
+)
 from mmfeatures.errors import DecodeError
 from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
@@ -70,9 +77,9 @@ def _check_length(text: str, max_chars: int, form: str) -> None:
 @per_thread
 def tokenizer_for(model: str) -> Any:
     """The model's fast tokenizer: its windows of overflowing tokens, and batched calls, need one."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, MINILM).directory, trust_remote_code=False)
+    tokenizer = transformers().AutoTokenizer.from_pretrained(
+        resolve_model(model, MINILM).directory, trust_remote_code=False
+    )
     if not tokenizer.is_fast:
         raise ValueError(f"text model {model!r} has no fast tokenizer (tokenizer.json)")
     return tokenizer
@@ -173,9 +180,7 @@ class TextEncoder(Encoder[torch.Tensor]):
 
 
 def load_text_encoder(preprocessor: TextPreprocessor, device: str) -> TextEncoder:
-    from transformers import AutoModel
-
-    model = load_pretrained(AutoModel, preprocessor.resolved.directory)
+    model = load_pretrained(transformers().AutoModel, preprocessor.resolved.directory)
     return TextEncoder(frozen(model, device), preprocessor.pad_token_id, text_dimension(preprocessor))
 
 
