@@ -23,6 +23,7 @@ from mmfeatures.records import MODALITY_COLUMNS, Record, content_hash
 
 AWAITING_TAG = "awaiting"  # (id, record) of a record that takes a vector from another record
 _PREVIOUS_TAG = "previous"  # (part, (position, record or None)) of a previous row kept or carried over
+PREVIOUS_ROWS = "previous_rows"  # JoinShared's rows of the previous table, kept or carried over
 
 
 class _CountingFuse(beam.DoFn):
@@ -184,7 +185,7 @@ class JoinShared(beam.PTransform):
     the ``previous`` table's rows lie (``incremental.PreviousLocations``), whose ids this run
     ``replaced`` (``(id, None)``) or holds no more (carried over, or dropped with
     ``drop_missing``). The rows kept and carried over are then read from ``previous_table``, each
-    part once. Emits feature rows and their counts. Only these cross a shuffle: records that share
+    part once (``PREVIOUS_ROWS``). Emits feature rows and their counts. Only these cross a shuffle: records that share
     content, kept records, and the previous rows' ids and locations, never their vectors."""
 
     def __init__(
@@ -228,11 +229,13 @@ class JoinShared(beam.PTransform):
             )
         )
         if self.previous_table is None:
-            return {"features": fused.features, COUNTS_TAG: fused[COUNTS_TAG]}
-        previous_rows = (
-            fused[_PREVIOUS_TAG]
-            | "ByPart" >> beam.GroupByKey()
-            | "ReadPrevious" >> beam.FlatMap(_previous_rows, self.previous_table)
-        )
-        features = (fused.features, previous_rows) | "Features" >> beam.Flatten()
-        return {"features": features, COUNTS_TAG: fused[COUNTS_TAG]}
+            previous_rows = pipeline | "NoPreviousRows" >> beam.Create([])
+        else:
+            previous_rows = (
+                fused[_PREVIOUS_TAG]
+                | "ByPart" >> beam.GroupByKey()
+                | "ReadPrevious" >> beam.FlatMap(_previous_rows, self.previous_table)
+            )
+        # Apart from ``features``, for the sink to take as they come: flattened with them, the rows
+        # would be staged between stages, vectors and all.
+        return {"features": fused.features, PREVIOUS_ROWS: previous_rows, COUNTS_TAG: fused[COUNTS_TAG]}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from mmfeatures.counts import COUNTS_TAG, sum_counts
 from mmfeatures.incremental import PreviousLocations
 from mmfeatures.inference.embed import SHARED_TAG, EmbedRecords
-from mmfeatures.join import AWAITING_TAG, FuseRecords, JoinShared
+from mmfeatures.join import AWAITING_TAG, PREVIOUS_ROWS, FuseRecords, JoinShared
 from mmfeatures.reading import COLUMN_TYPES_TAG, KEPT_TAG, REPLACED_TAG, ReadRecords
 from mmfeatures.sinks import CommitRun, FeatureSchema, StageParquetTable
 
@@ -29,6 +29,7 @@ __all__ = [
     "FuseRecords",
     "JoinShared",
     "KEPT_TAG",
+    "PREVIOUS_ROWS",
     "PreviousLocations",
     "REPLACED_TAG",
     "ReadRecords",

@@ -25,6 +25,7 @@ from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
     KEPT_TAG,
+    PREVIOUS_ROWS,
     REPLACED_TAG,
     SHARED_TAG,
     CommitRun,
@@ -70,7 +71,7 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
         job.commit,
         job.summary,
         job.started.timestamp(),
-        features=(fused["features"], joined["features"])
+        features=(fused["features"], joined["features"], joined[PREVIOUS_ROWS])
         | "StageFeatures"
         >> StageParquetTable(
             job.staging("features"),
