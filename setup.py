@@ -20,6 +20,11 @@ REQUIREMENTS = [
     if line.strip() and not line.startswith("#")
 ]
 
+# ONNX Runtime (--runtime onnx) in each flavour: its CPU build, or its CUDA build, a package of
+# another name that provides the same module, so the two cannot both be required.
+ONNXRUNTIME = "1.30.0"
+FLAVOURS = {"cpu": [f"onnxruntime=={ONNXRUNTIME}"], "cuda": [f"onnxruntime-gpu=={ONNXRUNTIME}"]}
+
 setup(
     name="mmfeatures",
     version=VERSION,
@@ -30,5 +35,6 @@ setup(
     packages=find_packages(include=["mmfeatures", "mmfeatures.*", "pipelines", "schemas", "schemas.*"]),
     package_data={"schemas": ["v1/*.json"]},
     install_requires=["torch==2.13.0", *REQUIREMENTS],
+    extras_require=FLAVOURS,
     entry_points={"console_scripts": ["mmfeatures=mmfeatures.cli:main"]},
 )

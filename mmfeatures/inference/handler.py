@@ -88,11 +88,12 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
 
         def compiled() -> Encoder[Any]:
             loaded = encoder if isinstance(encoder, Encoder) else encoder()
-            return runtime.compile(loaded, self.preprocessor.resolved.weights_sha256())
+            return runtime.compile(loaded, self.preprocessor.resolved.weights_sha256)
 
         return Embedder(self.preprocessor, compiled, runtime, self.settings.micro_batch_size)
 
     def runtime(self) -> Runtime[Any]:
+        """The runtime that ``settings`` names, on their device."""
         if self.settings.runtime == "onnx":
             return OnnxRuntime(self.settings.device)
         return TorchRuntime(self.settings.device, self.settings.precision)

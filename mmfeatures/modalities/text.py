@@ -92,6 +92,8 @@ class TextPreprocessor(Preprocessor):
     batch_cost = 8192  # tokens
     # A fast tokenizer encodes a list of texts in one call, in parallel and without the GIL.
     preprocess_batch_size = 64
+    window: int  # tokens
+    pad_token_id: int
 
     def __init__(self, model: str = DEFAULT, limits: Limits | None = None):
         super().__init__(model, limits)
