@@ -5,10 +5,9 @@ The export is the encoder's whole ``forward`` (the model and its pooling), trace
 micro-batch a worker runs, with the encoder's varying axes (``Encoder.export_axes``) left dynamic
 so that one file serves every micro-batch size and length bucket; micro-batches themselves keep
 their fixed shapes (see ``Embedder.micro_batches``). Exports are cached on the machine
-(``storage.cache_root()``/onnx), named by a key of everything that shapes them: the weights'
-sha256, the encoder, its axes, the opset and the versions of torch, onnx and onnxruntime. A file
-is written under a temporary name and renamed into place, so a killed export never leaves a
-half file that a later run would load.
+(``storage.cache_root()``/onnx), named by a key of everything that shapes them (``export_key``).
+A file is written under a temporary name and renamed into place, so a killed export never leaves
+a half file that a later run would load.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[s
     class Forward(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = getattr(encoder, "model", None)  # registered, so its weights are the graph's
+            self.model = model  # registered, so its weights are the graph's
 
         def forward(self, *arrays: torch.Tensor) -> torch.Tensor:
             return encoder.forward(dict(zip(names, arrays, strict=True)))
