@@ -32,11 +32,11 @@ from transformers import WhisperFeatureExtractor
 
 from mmfeatures import train
 from mmfeatures.avmnist import build_avmnist
+from mmfeatures.column_types import rows_to_table
 from mmfeatures.fusion import Fusion
 from mmfeatures.modalities.audio import decode_audio
 from mmfeatures.modalities.image import decode_image
 from mmfeatures.schema import features_schema, read_features
-from mmfeatures.sinks import rows_to_table
 from pipelines.extract_features import run as run_job
 
 TARGET_GAIN = 0.05  # best fusion over best single modality, in accuracy

@@ -8,9 +8,10 @@ small keys: each record's place and content hash (``content``), grouped by id wi
 table's ``(id, content hash)``, so no record crosses a shuffle for it (``reading.ReadRecords`` reads the
 inputs again and sends the kept records on past the models). Where each previous row lies
 (``PreviousLocations``) meets the kept records, and the ids this run replaces, in
-``join.JoinShared``, which then reads the rows it keeps or carries over from their parts, one part
-at a time, so that no row's vectors cross a shuffle. The run commits a whole new table, so a
-plain Parquet reader of the folder sees the current rows and nothing else.
+``join.JoinShared``, which tells the rows kept and carried over; ``PreviousRows`` then reads them
+from their parts, one part at a time, as Arrow columns, so that no row's vectors cross a shuffle
+or become Python values. The run commits a whole new table, so a plain Parquet reader of the
+folder sees the current rows and nothing else.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import pyarrow as pa
 from fsspec.core import url_to_fs
 
 from mmfeatures import outputs, schema
+from mmfeatures.column_types import conform_table, rows_to_table
+from mmfeatures.records import MODALITY_COLUMNS, Record
+from mmfeatures.sinks import COLUMNAR_ROWS, WrittenPart
 
 
 def settings_fingerprint(
@@ -104,7 +108,7 @@ def _keys(part: tuple[int, str], previous: PreviousTable) -> Iterator[tuple[str,
 
 def _locations(part: tuple[int, str], previous: PreviousTable) -> Iterator[tuple[str, tuple[int, int]]]:
     """``(id, (part index, row index))`` of each row of the part: where the row is, so that the
-    join decides each row's fate by id without carrying the row (``rows_at`` reads it then)."""
+    join decides each row's fate by id without carrying the row (``PreviousRows`` reads it then)."""
     index, path = part
     position = 0
     for batch in _read_batches(previous.fs, path, ["id"]):
@@ -113,20 +117,50 @@ def _locations(part: tuple[int, str], previous: PreviousTable) -> Iterator[tuple
             position += 1
 
 
-def rows_at(previous: PreviousTable, part: int, positions: Iterable[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(position, row)`` of the previous table's ``part`` at each of ``positions`` (row indices,
-    as ``PreviousLocations`` gives them), embeddings as numpy arrays (None where absent)."""
-    table = schema.read_part(previous.fs, previous.parts[part], None)
-    wanted = sorted(set(positions))
-    rows = table.take(pa.array(wanted, pa.int64()))
-    values: dict[str, list[Any]] = {}
-    for name, column in zip(rows.schema.names, rows.columns, strict=True):
-        if schema.embedding_dimension(rows.schema.field(name)) is not None:
-            values[name] = list(column.to_numpy(zero_copy_only=False))
-        else:
-            values[name] = column.to_pylist()
-    for index, position in enumerate(wanted):
-        yield position, {name: column[index] for name, column in values.items()}
+# The columns a kept row takes from the previous row: what its content and the run's settings
+# gave, which matched. Its other columns are the keeping record's own (``Record.own_columns``).
+_KEPT_FROM_PREVIOUS = frozenset(
+    {"fused", "failed_modalities", "event_timestamp", "created_timestamp", "content_hash"}
+    | {f"{modality}_embedding" for modality in MODALITY_COLUMNS}
+    | {f"has_{modality}" for modality in MODALITY_COLUMNS}
+)
+
+
+def _rows_of_part(
+    located: tuple[int, Iterable[tuple[int, Record | None]]], previous: PreviousTable, table_schema: pa.Schema
+) -> Iterator[pa.Table | WrittenPart]:
+    """One part's rows that the run carries over (as they are) and keeps (with the keeping
+    records' own columns), read from the part at once, as tables of ``table_schema``: column by
+    column, so that no vector becomes a Python value. A part whose every row stays as it is
+    goes to the sink as the part (``WrittenPart``), unread but for its records' own columns."""
+    part, wanted = located
+    records = dict(wanted)
+    path = previous.parts[part]
+    positions = sorted(records)
+    kept = {index: record for index, position in enumerate(positions) if (record := records[position]) is not None}
+    own_schema = pa.schema([field for field in table_schema if field.name not in _KEPT_FROM_PREVIOUS])
+    own = rows_to_table([record.own_columns() for record in kept.values()], own_schema)
+    held = schema.read_part(previous.fs, path, own_schema.names)
+    # Every row of the part stays where there are as many as it holds: then the indices of the
+    # kept rows among ``positions`` are their row indices in the part.
+    indices = pa.array(list(kept), pa.int64())
+    if held.num_rows == len(positions) and conform_table(held.take(indices), own_schema).equals(own):
+        yield WrittenPart(path, held.num_rows)
+        return
+    rows = schema.read_part(previous.fs, path, None).take(pa.array(positions, pa.int64()))
+    carried = [index for index, position in enumerate(positions) if records[position] is None]
+    if carried:
+        yield conform_table(rows.take(carried), table_schema)
+    if kept:
+        yield _kept_rows(rows.take(indices), own, table_schema)
+
+
+def _kept_rows(previous: pa.Table, own: pa.Table, table_schema: pa.Schema) -> pa.Table:
+    """Rows with the vectors, times and content hash of ``previous``'s rows, and the other
+    columns of ``own``'s rows (the keeping records' own columns), row by row."""
+    taken = conform_table(previous, pa.schema([field for field in table_schema if field.name in _KEPT_FROM_PREVIOUS]))
+    columns = [(taken if field.name in _KEPT_FROM_PREVIOUS else own).column(field.name) for field in table_schema]
+    return pa.Table.from_arrays(columns, schema=table_schema)
 
 
 class _EachPart(beam.PTransform):
@@ -162,3 +196,28 @@ class PreviousLocations(_EachPart):
 
     def __init__(self, previous: PreviousTable, spread: bool = True):
         super().__init__(previous, _locations, spread)
+
+
+class PreviousRows(beam.PTransform):
+    """The previous table's rows that a run keeps or carries over, from where ``join.JoinShared``
+    says they lie (``(part, (position, record or None))``: kept by the record, or carried over
+    with None), as tables of the feature table's schema (``table_schema``, a singleton), each
+    part read once, or as the part itself where it keeps every row as it is: a rerun over
+    unchanged input copies the table's parts rather than write them again. The rows go to the
+    sink as columns, apart from the rows fused this run: flattened with them, they would be
+    staged between stages as Python values, vectors and all."""
+
+    def __init__(self, previous: PreviousTable, table_schema: beam.PCollection):
+        super().__init__()
+        self.previous = previous
+        self.table_schema = table_schema
+
+    def expand(self, located: beam.PCollection) -> beam.PCollection:
+        return (
+            located
+            | "ByPart" >> beam.GroupByKey()
+            | "Read"
+            >> beam.FlatMap(_rows_of_part, self.previous, beam.pvalue.AsSingleton(self.table_schema)).with_output_types(
+                COLUMNAR_ROWS
+            )
+        )

@@ -180,14 +180,15 @@ class Job:
         return f"{self.started:%Y%m%dT%H%M%SZ}-{self.run[-8:]}"
 
     def metadata(self) -> dict[str, Any]:
-        """The JSON every feature file carries under the ``mmfeatures`` key."""
+        """The JSON every feature file carries under the ``mmfeatures`` key: how its vectors were
+        made, the same for every run of the same settings, so that a part a later run keeps whole
+        is copied as it is. When a run made it is in ``_run.json``."""
         return {
             "package_version": __version__,
             "schema_version": schema.SCHEMA_VERSION,
             "modalities": self.models,
             "fusion": self.fusion.describe(),
             "fingerprint": self.fingerprint,
-            "created": self.started.isoformat(),
         }
 
     def features_schema(self, carried: Mapping[str, pa.DataType]) -> pa.Schema:

@@ -1,8 +1,8 @@
 """Fusion: each embedded record to its feature row. ``FuseRecords`` fuses records as they come
 out of ``EmbedRecords``; ``JoinShared`` joins by id the few records that wait for something
 from elsewhere - a vector embedded by the record whose content they share, or, in an
-incremental run, the previous table's row they keep - and the previous rows' locations, then
-reads the previous rows it keeps or carries over from their parts."""
+incremental run, the previous table's row they keep - and the previous rows' locations, and
+tells which previous rows are kept or carried over (``incremental.PreviousRows`` reads them)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from mmfeatures.counts import COUNTS_TAG, RunCounts
 from mmfeatures.fusion import Fusion
-from mmfeatures.incremental import PreviousTable, rows_at
 from mmfeatures.progress import Progress
 from mmfeatures.records import MODALITY_COLUMNS, Record, content_hash
 
 AWAITING_TAG = "awaiting"  # (id, record) of a record that takes a vector from another record
-_PREVIOUS_TAG = "previous"  # (part, (position, record or None)) of a previous row kept or carried over
-PREVIOUS_ROWS = "previous_rows"  # JoinShared's rows of the previous table, kept or carried over
+# (part, (position, record or None)) of a previous row kept (by the record) or carried over (None)
+PREVIOUS_TAG = "previous"
 
 
 class _CountingFuse(beam.DoFn):
@@ -78,7 +77,7 @@ class _FuseJoined(_CountingFuse):
     content with, a record with the previous row it keeps, or a previous row alone, which is
     carried over, dropped (``drop_missing``), or left out where this run replaced it. A previous
     row is its location, ``(part, position)``: the rows kept and carried over go to
-    ``_PREVIOUS_TAG`` as ``(part, (position, record or None))``, to be read from their parts."""
+    ``PREVIOUS_TAG`` as ``(part, (position, record or None))``, to be read from their parts."""
 
     def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool):
         super().__init__(fusion, created)
@@ -96,7 +95,7 @@ class _FuseJoined(_CountingFuse):
             self._progress.add()
             counts.add(RunCounts.of_kept(kept))
             part, position = previous
-            yield beam.pvalue.TaggedOutput(_PREVIOUS_TAG, (part, (position, kept)))
+            yield beam.pvalue.TaggedOutput(PREVIOUS_TAG, (part, (position, kept)))
             return
         records = list(groups["record"])
         if records:
@@ -115,33 +114,7 @@ class _FuseJoined(_CountingFuse):
         else:
             counts.add(RunCounts(rows_kept_absent=1))
             part, position = previous
-            yield beam.pvalue.TaggedOutput(_PREVIOUS_TAG, (part, (position, None)))
-
-
-def _previous_rows(
-    located: tuple[int, Iterable[tuple[int, Record | None]]], previous: PreviousTable
-) -> Iterator[dict[str, Any]]:
-    """One part's rows that this run keeps (with the keeping record's own fields) or carries over
-    (as they are), read from the part at once."""
-    part, wanted = located
-    records = dict(wanted)
-    for position, row in rows_at(previous, part, records):
-        record = records[position]
-        yield row if record is None else _kept_row(record, row)
-
-
-def _kept_row(record: Record, previous: Mapping[str, Any]) -> dict[str, Any]:
-    """The record's row with the previous row's vectors and times: the record's own fields
-    (label, split, carried columns) are this run's."""
-    return _row(
-        record,
-        {m: previous[f"{m}_embedding"] for m in MODALITY_COLUMNS if previous.get(f"{m}_embedding") is not None},
-        previous["fused"],
-        [],
-        event_timestamp=previous["event_timestamp"],
-        created_timestamp=previous["created_timestamp"],
-        content_hash=previous["content_hash"],
-    )
+            yield beam.pvalue.TaggedOutput(PREVIOUS_TAG, (part, (position, None)))
 
 
 def _row(
@@ -151,8 +124,8 @@ def _row(
     failed: list[str],
     **times_and_hash: Any,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = dict(record.carried)
-    row.update(id=record.id, label=record.label, split=record.split, fused=fused, failed_modalities=failed)
+    row = record.own_columns()
+    row.update(fused=fused, failed_modalities=failed)
     row.update(times_and_hash)
     for modality in MODALITY_COLUMNS:
         row[f"{modality}_embedding"] = vectors.get(modality)
@@ -184,22 +157,21 @@ class JoinShared(beam.PTransform):
     they take, and, in an incremental run, the records that keep their rows (``kept``) with where
     the ``previous`` table's rows lie (``incremental.PreviousLocations``), whose ids this run
     ``replaced`` (``(id, None)``) or holds no more (carried over, or dropped with
-    ``drop_missing``). The rows kept and carried over are then read from ``previous_table``, each
-    part once (``PREVIOUS_ROWS``). Emits feature rows and their counts. Only these cross a shuffle: records that share
-    content, kept records, and the previous rows' ids and locations, never their vectors."""
+    ``drop_missing``). Emits feature rows, their counts, and the locations of the previous rows
+    kept and carried over (``PREVIOUS_TAG``, for ``incremental.PreviousRows``). Only these cross a
+    shuffle: records that share content, kept records, and the previous rows' ids and locations,
+    never their vectors."""
 
     def __init__(
         self,
         fusion: Fusion,
         created: datetime.datetime,
         drop_missing: bool = False,
-        previous_table: PreviousTable | None = None,
     ):
         super().__init__()
         self.fusion = fusion
         self.created = created
         self.drop_missing = drop_missing
-        self.previous_table = previous_table
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> dict[str, beam.PCollection]:
         pipeline = inputs["awaiting"].pipeline
@@ -225,17 +197,7 @@ class JoinShared(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "Fuse"
             >> beam.ParDo(_FuseJoined(self.fusion, self.created, self.drop_missing)).with_outputs(
-                COUNTS_TAG, _PREVIOUS_TAG, main="features"
+                COUNTS_TAG, PREVIOUS_TAG, main="features"
             )
         )
-        if self.previous_table is None:
-            previous_rows = pipeline | "NoPreviousRows" >> beam.Create([])
-        else:
-            previous_rows = (
-                fused[_PREVIOUS_TAG]
-                | "ByPart" >> beam.GroupByKey()
-                | "ReadPrevious" >> beam.FlatMap(_previous_rows, self.previous_table)
-            )
-        # Apart from ``features``, for the sink to take as they come: flattened with them, the rows
-        # would be staged between stages, vectors and all.
-        return {"features": fused.features, PREVIOUS_ROWS: previous_rows, COUNTS_TAG: fused[COUNTS_TAG]}
+        return {"features": fused.features, PREVIOUS_TAG: fused[PREVIOUS_TAG], COUNTS_TAG: fused[COUNTS_TAG]}

@@ -58,6 +58,11 @@ class Record:
         """Whether this record holds ``modality`` and embeds it, rather than take another record's vector."""
         return modality in self.payloads and modality not in self.embedded_elsewhere
 
+    def own_columns(self) -> dict[str, Any]:
+        """The columns of this record's row that are its own, whatever its vectors: id, label,
+        split and carried columns."""
+        return {**self.carried, "id": self.id, "label": self.label, "split": self.split}
+
     def without_content(self) -> Record:
         """This record with inline media bytes emptied: what the join needs, without shuffling
         images and audio a second time."""

@@ -182,6 +182,14 @@ def partition_part(table: pa.Table, column: str) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), PARTITION_KEY: json.dumps(record).encode()})
 
 
+def stored_schema(table_schema: pa.Schema, partition_by: str | None) -> pa.Schema:
+    """The schema a part of a table of ``table_schema`` partitioned by ``partition_by`` (or
+    not: None) is stored with (see ``partition_part``)."""
+    if partition_by is None:
+        return table_schema
+    return partition_part(table_schema.empty_table(), partition_by).schema
+
+
 def read_part(fs: AbstractFileSystem, path: str, columns: Sequence[str] | None = None) -> pa.Table:
     """One committed part (``path`` in ``fs``'s terms) with the schema the job gave its rows: a
     partitioned table's partition column is back, in its place and with its type, from the name

@@ -16,21 +16,29 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from mmfeatures import outputs, storage
-from mmfeatures.column_types import conform_value, merge_column_types
+from mmfeatures.column_types import conform_table, merge_column_types, rows_to_table
 from mmfeatures.lease import Lease
 from mmfeatures.outputs import PART_PREFIX
-from mmfeatures.schema import embedding_dimension, partition_column, partition_part, partition_values
+from mmfeatures.schema import (
+    embedding_dimension,
+    partition_column,
+    partition_part,
+    partition_values,
+    read_part,
+    stored_schema,
+)
 
 
 def _filesystem(path: str) -> tuple[AbstractFileSystem, str]:
@@ -40,30 +48,6 @@ def _filesystem(path: str) -> tuple[AbstractFileSystem, str]:
 def _open_for_write(fs: AbstractFileSystem, fs_path: str) -> BinaryIO:
     fs.makedirs(posixpath.dirname(fs_path), exist_ok=True)
     return fs.open(fs_path, "wb")
-
-
-def embedding_array(vectors: Sequence[np.ndarray | Sequence[float] | None], dim: int) -> pa.ListArray:
-    """Vectors (or None) as a float32 list column, checking each holds exactly ``dim`` values."""
-    present = [v for v in vectors if v is not None]
-    if any(len(v) != dim for v in present):
-        raise ValueError(f"an embedding does not have the column's dimension {dim}")
-    lengths = np.array([0 if v is None else dim for v in vectors], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(present).astype(np.float32) if present else np.zeros(0, np.float32)
-    mask = pa.array([v is None for v in vectors], type=pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
-
-
-def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
-    columns = []
-    for f in schema:
-        values = [row.get(f.name) for row in rows]
-        dim = embedding_dimension(f)
-        if dim is not None:
-            columns.append(embedding_array(values, dim))
-        else:
-            columns.append(pa.array([conform_value(v, f.type) for v in values], type=f.type))
-    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def dictionary_columns(table_schema: pa.Schema) -> list[str]:
@@ -129,6 +113,89 @@ def _stage_rows(
     path and row count (nothing for an empty batch)."""
     if rows:
         yield write_staged_part(staging, rows_to_table(rows, schema), partition_by), len(rows)
+
+
+@dataclass(frozen=True)
+class WrittenPart:
+    """A Parquet file whose rows the table holds as they are: a part of an earlier run's table
+    that a run keeps whole. ``path`` is in the file system of the table's staging folder."""
+
+    path: str
+    rows: int
+
+
+# The element type of a PCollection of rows as columns: Arrow tables and parts already written.
+COLUMNAR_ROWS = beam.typehints.Union[pa.Table, WrittenPart]
+
+
+def _stage_columns(
+    rows: pa.Table | WrittenPart, staging: str, schema: pa.Schema, rows_per_file: int, partition_by: str | None = None
+) -> Iterator[tuple[str, int]]:
+    """Rows as columns staged as parts (``_stage_table``). A written part is copied as it is
+    (server-side, on object stores) where a part written now would be the same file: stored with
+    the same schema (the run's settings, the same carried columns and partitioning, so the same
+    partition's folder) and of at most ``rows_per_file`` rows; otherwise its rows are staged again."""
+    if isinstance(rows, pa.Table):
+        yield from _stage_table(rows, staging, schema, rows_per_file, partition_by)
+        return
+    fs, folder = _filesystem(staging)
+    with fs.open(rows.path, "rb") as handle:
+        stored = pq.read_schema(handle)
+    if rows.rows > rows_per_file or not _same_schema(stored, stored_schema(schema, partition_by)):
+        table = conform_table(read_part(fs, rows.path), schema)
+        yield from _stage_table(table, staging, schema, rows_per_file, partition_by)
+        return
+    partition = outputs.partition_of(rows.path)
+    target = posixpath.join(folder, *([partition] if partition else []), f"{uuid.uuid4().hex}.parquet")
+    _copy_in(fs, rows.path, target)
+    yield target, rows.rows
+
+
+def _copy_in(fs: AbstractFileSystem, source: str, target: str) -> None:
+    """Copy a committed part to a staged name: a hard link on a local disk (parts are never
+    written to once committed, so the two names may share the file), a server-side copy on object
+    stores."""
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        try:
+            os.link(source, target)
+            return
+        except OSError:  # a file system without hard links
+            pass
+    fs.copy(source, target)
+
+
+def _same_schema(stored: pa.Schema, expected: pa.Schema) -> bool:
+    """Whether a part stored with ``stored`` has the schema ``expected``, metadata and all. Types
+    compare as Arrow reads them back (Parquet names a list's items ``element``, Arrow ``item``)."""
+    return (
+        stored.equals(expected)
+        and stored.metadata == expected.metadata
+        and [field.metadata for field in stored] == [field.metadata for field in expected]
+    )
+
+
+def _stage_table(
+    table: pa.Table, staging: str, schema: pa.Schema, rows_per_file: int, partition_by: str | None = None
+) -> Iterator[tuple[str, int]]:
+    """A table of rows of ``schema`` staged as parts of at most ``rows_per_file`` rows (each of one
+    partition, where the table is partitioned): each part's path and row count."""
+    if not table.schema.equals(schema):
+        raise ValueError(f"rows to stage as a table of {table.schema.names} do not have its schema {schema.names}")
+    for rows in _partitions(table, partition_by):
+        for start in range(0, rows.num_rows, rows_per_file):
+            part = rows.slice(start, rows_per_file)
+            yield write_staged_part(staging, part, partition_by), part.num_rows
+
+
+def _partitions(table: pa.Table, partition_by: str | None) -> Iterator[pa.Table]:
+    """``table``'s rows of each partition by ``partition_by`` (all of them where it is None)."""
+    if partition_by is None:
+        yield table
+        return
+    values = partition_values(table, partition_by)
+    for value in values.unique().to_pylist():
+        yield table.filter(pc.is_null(values) if value is None else pc.equal(values, value))
 
 
 def _at_least_one_part(
@@ -213,10 +280,12 @@ class FeatureSchema(beam.PTransform):
 
 
 class StageParquetTable(beam.PTransform):
-    """Write dict rows as Parquet files of at most ``rows_per_file`` rows in the folder
-    ``staging``; outputs the list of staged ``(path, rows)`` once every row is written (a
-    singleton, for ``CommitRun``). The rows may come as one PCollection or a tuple of them, each
-    written as it comes rather than gathered into one first. ``schema`` is a singleton
+    """Write rows as Parquet files of at most ``rows_per_file`` rows in the folder ``staging``;
+    outputs the list of staged ``(path, rows)`` once every row is written (a singleton, for
+    ``CommitRun``). The rows may come as one PCollection or a tuple of them, each written as it
+    comes rather than gathered into one first: dict rows, or, in a PCollection whose element type
+    is ``COLUMNAR_ROWS`` (or either of its types), Arrow tables of the table's schema and parts
+    of an earlier run kept whole (``WrittenPart``). ``schema`` is a singleton
     PCollection, so it may depend on the data. With ``partition_by`` (a column of ``schema`` of
     text, integers, booleans or dates, or ``event_date``), each part holds one partition's rows,
     in the partition's folder."""
@@ -237,16 +306,18 @@ class StageParquetTable(beam.PTransform):
     def expand(self, rows: beam.PCollection | tuple[beam.PCollection, ...]) -> beam.PCollection:
         schema = beam.pvalue.AsSingleton(self.schema)
         streams = rows if isinstance(rows, tuple) else (rows,)
-        staged = [
-            stream | f"Write[{index}]" >> _WriteParts(self.staging, schema, self.rows_per_file, self.partition_by)
-            for index, stream in enumerate(streams)
-        ]
+        staged = [stream | f"Write[{index}]" >> self._writer(stream, schema) for index, stream in enumerate(streams)]
         return (
             staged
             | "Staged" >> beam.Flatten(pipeline=streams[0].pipeline)
             | "Gather" >> beam.combiners.ToList()
             | "AtLeastOnePart" >> beam.Map(_at_least_one_part, self.staging, schema, self.partition_by)
         )
+
+    def _writer(self, stream: beam.PCollection, schema: Any) -> beam.PTransform:
+        if stream.element_type in (pa.Table, WrittenPart, COLUMNAR_ROWS):
+            return beam.FlatMap(_stage_columns, self.staging, schema, self.rows_per_file, self.partition_by)
+        return _WriteParts(self.staging, schema, self.rows_per_file, self.partition_by)
 
 
 class _WriteParts(beam.PTransform):

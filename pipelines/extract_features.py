@@ -25,7 +25,7 @@ from mmfeatures.transforms import (
     COLUMN_TYPES_TAG,
     COUNTS_TAG,
     KEPT_TAG,
-    PREVIOUS_ROWS,
+    PREVIOUS_TAG,
     REPLACED_TAG,
     SHARED_TAG,
     CommitRun,
@@ -34,6 +34,7 @@ from mmfeatures.transforms import (
     FuseRecords,
     JoinShared,
     PreviousLocations,
+    PreviousRows,
     ReadRecords,
     StageParquetTable,
     sum_counts,
@@ -64,21 +65,22 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
             column_types.append(
                 pipeline | "PreviousColumns" >> beam.Create([((len(job.inputs), 0), job.previous.carried_types())])
             )
-    joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing, job.previous)
+    joined = waiting | "JoinShared" >> JoinShared(job.fusion, job.started, job.drop_missing)
+    feature_schema = (
+        column_types | "AllColumnTypes" >> beam.Flatten() | "FeatureSchema" >> FeatureSchema(job.features_schema)
+    )
+    features: tuple[beam.PCollection, ...] = (fused["features"], joined["features"])
+    if job.previous is not None:
+        features += (joined[PREVIOUS_TAG] | "PreviousRows" >> PreviousRows(job.previous, feature_schema),)
 
     pipeline | "CommitRun" >> CommitRun(
         lease,
         job.commit,
         job.summary,
         job.started.timestamp(),
-        features=(fused["features"], joined["features"], joined[PREVIOUS_ROWS])
+        features=features
         | "StageFeatures"
-        >> StageParquetTable(
-            job.staging("features"),
-            column_types | "AllColumnTypes" >> beam.Flatten() | "FeatureSchema" >> FeatureSchema(job.features_schema),
-            job.rows_per_file,
-            partition_by=job.partition_by,
-        ),
+        >> StageParquetTable(job.staging("features"), feature_schema, job.rows_per_file, partition_by=job.partition_by),
         errors=errors
         | "StageErrors"
         >> StageParquetTable(

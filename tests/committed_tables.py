@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -45,16 +45,18 @@ def stage_and_commit(
     features: pa.Schema,
     rows_per_file: int,
     partition_by: str | None = None,
+    tables: Sequence[pa.Table | sinks.WrittenPart] = (),
 ) -> dict[str, Any]:
     """One pipeline that stages ``rows`` as the feature table of schema ``features`` (and no
-    error rows) through ``StageParquetTable``, then commits the run under ``output``, holding its
-    lease as a run does; returns ``_run.json``."""
+    error rows) through ``StageParquetTable``, with ``tables`` (more rows as columns: Arrow
+    tables of that schema, or parts written before) beside them, then commits the run under
+    ``output``, holding its lease as a run does; returns ``_run.json``."""
     run = f"run-{uuid.uuid4().hex}"
     with held(output, run) as lease:
         with beam.Pipeline(runner="FnApiRunner") as p:
+            as_tables = p | "Tables" >> beam.Create(tables, reshuffle=False).with_output_types(sinks.COLUMNAR_ROWS)
             staged = {
-                name: p
-                | f"Rows[{name}]" >> beam.Create(table_rows, reshuffle=False)
+                name: (p | f"Rows[{name}]" >> beam.Create(table_rows, reshuffle=False), *streams)
                 | f"Stage[{name}]"
                 >> sinks.StageParquetTable(
                     storage.join(output, outputs.STAGING, run, name),
@@ -62,9 +64,9 @@ def stage_and_commit(
                     rows_per_file,
                     partition,
                 )
-                for name, table_rows, table_schema, partition in (
-                    ("features", rows, features, partition_by),
-                    ("errors", [], schema.errors_schema(), None),
+                for name, table_rows, streams, table_schema, partition in (
+                    ("features", rows, (as_tables,), features, partition_by),
+                    ("errors", [], (), schema.errors_schema(), None),
                 )
             }
             counts = p | "Counts" >> beam.Create([len(rows)])

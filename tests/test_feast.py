@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 
 from mmfeatures import feast, schema
-from mmfeatures.sinks import rows_to_table
+from mmfeatures.column_types import rows_to_table
 from tests.committed_tables import commit_tables
 from tests.jobs import extract, png, write_manifest
 

@@ -22,6 +22,12 @@ def _embedded(summary: dict[str, Any]) -> int:
     return sum(counts["embedded"] for counts in summary["modalities"].values())
 
 
+def _part_digests(output: str) -> list[str]:
+    """The sha256 of each part of the feature table, sorted."""
+    parts = Path(output, "features").glob("*.parquet")
+    return sorted(hashlib.sha256(part.read_bytes()).hexdigest() for part in parts)
+
+
 def test_a_rerun_keeps_unchanged_rows_and_recomputes_what_changed(
     corpus: dict[str, Any], tiny_model_options: list[str], tmp_path: Path
 ) -> None:
@@ -49,12 +55,14 @@ def test_a_rerun_keeps_unchanged_rows_and_recomputes_what_changed(
         }
         assert row["content_hash"] == content_hash(digests)
 
-    # Unchanged input: nothing is embedded, every row is kept as it was.
+    # Unchanged input: nothing is embedded, every row is kept as it was, in its part as it was.
+    parts = _part_digests(output)
     second = extract(manifest, output, tiny_model_options, "--incremental")
     assert second["incremental"]["unchanged"] == 8 and second["incremental"]["previous_commit"] == first["commit"]
     assert _embedded(second) == 0 and second["modalities"]["image"]["kept"] == 8
     assert second["reconciles"]
     assert feature_rows(output) == before
+    assert _part_digests(output) == parts
 
     # One text and one photo change, one record is new, one is gone, one has a new label.
     changed = [dict(row) for row in rows if row["id"] != "r5"]

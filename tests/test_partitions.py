@@ -21,7 +21,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from mmfeatures import __version__, outputs, schema, sinks, storage
+from mmfeatures import __version__, column_types, outputs, schema, sinks, storage
 from mmfeatures.lease import Lease, held
 from tests.committed_tables import COMMIT_STEPS, cut_commit_short, stage_and_commit
 
@@ -69,7 +69,7 @@ def stage_by_hand(output: str, run: str, parts: list[list[dict[str, Any]]], part
     """Stage ``parts`` (each of one partition's rows) as run ``run``'s feature table, one by one,
     and an empty error table; returns what ``publish`` takes."""
     staging = storage.join(output, outputs.STAGING, run)
-    features = [sinks.rows_to_table(rows, FEATURES) for rows in parts]
+    features = [column_types.rows_to_table(rows, FEATURES) for rows in parts]
     return {
         "features": [
             (sinks.write_staged_part(storage.join(staging, "features"), t, partition_by), t.num_rows) for t in features
@@ -171,6 +171,31 @@ def test_each_part_lies_in_its_partition_folder_named_by_the_commit(
     assert files_under(output) == listed(manifest)
     for part in parts:  # the column lies in the folder's name only, as Spark and write_dataset leave it
         assert "split" not in pq.read_schema(os.path.join(output, part["path"])).names
+
+
+def test_rows_given_as_tables_are_staged_by_partition_in_parts_of_at_most_rows_per_file(tmp_path: Path) -> None:
+    """An incremental run stages the previous rows it keeps as Arrow tables beside its dict rows:
+    a table of many partitions is cut into one partition's parts, none over ``rows_per_file``."""
+    output = str(tmp_path / "out")
+    rows = [row(i, split) for i, split in enumerate(SPLITS)]
+    as_tables = [row(i, split) for i, split in enumerate([ODD, "train", None, "train", "test", "train"], len(rows))]
+    tables = [column_types.rows_to_table(as_tables[:5], FEATURES), column_types.rows_to_table(as_tables[5:], FEATURES)]
+    manifest = stage_and_commit(output, rows, FEATURES, 2, "split", tables)
+    parts = manifest["tables"]["features"]["files"]
+    assert all(0 < part["rows"] <= 2 for part in parts)
+    fs, root = fsspec.core.url_to_fs(output)
+    for part in parts:
+        folder = part["path"].split("/")[1]
+        values = schema.read_part(fs, f"{root}/{part['path']}", ["split"]).column("split").to_pylist()
+        assert {outputs.partition_folder("split", value) for value in values} == {folder}
+    table = schema.read_features(os.path.join(output, "features"))
+    assert sorted(table.to_pylist(), key=lambda r: r["id"]) == expected(rows + as_tables)
+
+
+def test_rows_given_as_tables_must_have_the_tables_schema(tmp_path: Path) -> None:
+    narrow = column_types.rows_to_table([row(0)], pa.schema([field for field in FEATURES if field.name != "tags"]))
+    with pytest.raises(ValueError, match="do not have its schema"):
+        stage_and_commit(str(tmp_path / "out"), [], FEATURES, 2, None, [narrow])
 
 
 def test_read_features_gives_the_partition_column_back_in_its_place(
@@ -343,7 +368,7 @@ def test_a_column_no_folder_can_name_is_refused(tmp_path: Path, column: str, mes
     """Refused by the sink and by the schema; by its name alone (as a run checks its options,
     before any work) only where no input could give the table such a column."""
     with pytest.raises(ValueError, match=message):
-        sinks.write_staged_part(str(tmp_path), sinks.rows_to_table([row(0)], FEATURES), column)
+        sinks.write_staged_part(str(tmp_path), column_types.rows_to_table([row(0)], FEATURES), column)
     with pytest.raises(ValueError, match=message):
         schema.partition_column(FEATURES, column)
     if by_name:
@@ -358,7 +383,9 @@ def test_event_date_is_always_the_date_of_event_timestamp(tmp_path: Path) -> Non
     it back (empty in rows computed since), is replaced by the date of event_timestamp, in its
     place; one of another type is refused."""
     carrying = FEATURES.append(pa.field("event_date", pa.date32()))
-    table = sinks.rows_to_table([row(0, event_date=None), row(1, event_date=datetime.date(2000, 1, 1))], carrying)
+    table = column_types.rows_to_table(
+        [row(0, event_date=None), row(1, event_date=datetime.date(2000, 1, 1))], carrying
+    )
     assert schema.partition_part(table, schema.EVENT_DATE).schema.names == FEATURES.names
     written = sinks.write_staged_part(str(tmp_path), table, schema.EVENT_DATE)
     assert posixpath.basename(posixpath.dirname(written)) == "event_date=2024-05-01"
@@ -373,7 +400,7 @@ def test_event_date_is_always_the_date_of_event_timestamp(tmp_path: Path) -> Non
 def test_a_part_holds_the_rows_of_one_partition(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rows of 2 partitions by split"):
         sinks.write_staged_part(
-            str(tmp_path), sinks.rows_to_table([row(0, "train"), row(1, "test")], FEATURES), "split"
+            str(tmp_path), column_types.rows_to_table([row(0, "train"), row(1, "test")], FEATURES), "split"
         )
 
 

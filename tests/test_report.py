@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from mmfeatures import report, schema
+from mmfeatures.column_types import rows_to_table
 from mmfeatures.report import build_report, digest_features, main
 from mmfeatures.sample import build_sample_dataset
-from mmfeatures.sinks import rows_to_table
 from pipelines.extract_features import run
 from tests.committed_tables import commit_tables
 from tests.devtools import Chromium, DevTools, find_chromium, visit

@@ -231,9 +231,8 @@ def _errors(output: Path) -> list[tuple[Any, ...]]:
 
 
 def _metadata(output: Path) -> dict[str, Any]:
-    """The feature table's run metadata, less the run's start time."""
-    metadata = schema.read_run_metadata(schema.read_features(str(output / "features")).schema)
-    return {key: value for key, value in metadata.items() if key != "created"}
+    """The feature table's run metadata."""
+    return schema.read_run_metadata(schema.read_features(str(output / "features")).schema)
 
 
 def assert_same_tables(output: Path, baseline: Path, runner: str) -> None:

@@ -167,7 +167,7 @@ def test_carried_values_fit_unified_types():
 
 
 def test_embedding_array_with_nulls():
-    array = sinks.embedding_array([np.array([1, 2], np.float64), None, [3.0, 4.0], None], 2)
+    array = column_types.embedding_array([np.array([1, 2], np.float64), None, [3.0, 4.0], None], 2)
     assert array.type == pa.list_(pa.float32())
     assert array.to_pylist() == [[1.0, 2.0], None, [3.0, 4.0], None]
     assert array.null_count == 2
@@ -175,14 +175,14 @@ def test_embedding_array_with_nulls():
 
 
 def test_embedding_array_all_null_and_empty():
-    assert sinks.embedding_array([None, None], 3).to_pylist() == [None, None]
-    assert sinks.embedding_array([], 3).to_pylist() == []
+    assert column_types.embedding_array([None, None], 3).to_pylist() == [None, None]
+    assert column_types.embedding_array([], 3).to_pylist() == []
 
 
 @pytest.mark.parametrize("vectors", [[np.zeros(3), np.zeros(2)], [None, np.zeros(4)], [[1.0]]])
 def test_embedding_array_wrong_dimension(vectors):
     with pytest.raises(ValueError, match="dimension 3"):
-        sinks.embedding_array(vectors, 3)
+        column_types.embedding_array(vectors, 3)
 
 
 def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
@@ -194,7 +194,7 @@ def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
         feature_row(2, image=True, audio=True, note=None),
         feature_row(3, text=False, audio=True),
     ]
-    table = sinks.rows_to_table(rows, features)
+    table = column_types.rows_to_table(rows, features)
     assert table.schema == features
     path = tmp_path / "f.parquet"
     pq.write_table(table, path)
@@ -222,7 +222,7 @@ def test_rows_to_table_parquet_round_trip_keeps_nulls(tmp_path):
 def test_embeddings_are_stored_plain_and_the_other_columns_with_dictionaries(tmp_path):
     features = schema.features_schema(DIMS, carried={"note": pa.string()}, metadata=METADATA)
     rows = [feature_row(i, image=True, note="same") for i in range(50)]
-    staged = sinks.write_staged_part(str(tmp_path), sinks.rows_to_table(rows, features))
+    staged = sinks.write_staged_part(str(tmp_path), column_types.rows_to_table(rows, features))
     columns = pq.ParquetFile(staged).metadata.row_group(0)
     encodings = {columns.column(i).path_in_schema: columns.column(i).encodings for i in range(columns.num_columns)}
     for name in ("text_embedding", "image_embedding", "audio_embedding", "fused"):
@@ -236,7 +236,28 @@ def test_rows_to_table_rejects_wrong_embedding_dimension():
     row = feature_row(0)
     row["fused"] = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="dimension 5"):
-        sinks.rows_to_table([row], features)
+        column_types.rows_to_table([row], features)
+
+
+def test_an_earlier_tables_rows_conform_to_this_runs_schema_as_their_values_would() -> None:
+    """``conform_table`` makes an earlier run's columns fit this run's schema: the table it gives
+    is the one ``rows_to_table`` makes of the same rows as Python values."""
+    carried = {"score": pa.float64(), "note": pa.string(), "tags": pa.list_(pa.string()), "new": pa.int64()}
+    earlier = column_types.rows_to_table(
+        [
+            feature_row(0, score=1, note=7, tags=[], gone="x"),
+            feature_row(1, image=True, score=None, note=None, tags=[], gone="y"),
+        ],
+        schema.features_schema(
+            DIMS,
+            carried={"gone": pa.string(), "tags": pa.list_(pa.null()), "note": pa.int64(), "score": pa.int64()},
+        ),
+    )
+    features = schema.features_schema(DIMS, carried=carried, metadata=METADATA)
+    conformed = column_types.conform_table(earlier, features)
+    assert conformed.schema == features and conformed.schema.metadata == features.metadata
+    assert conformed.equals(column_types.rows_to_table(earlier.to_pylist(), features))
+    assert conformed.column("note").to_pylist() == ["7", None] and conformed.column("new").null_count == 2
 
 
 # -- StageParquetTable and CommitRun ---------------------------------------------------------
@@ -296,6 +317,41 @@ def test_a_run_commits_both_tables_in_one_run_manifest_and_a_rerun_replaces_them
     if where == "local":
         assert pq.read_table(f"{output}/features").num_rows == 3  # a plain reader of the folder agrees
         assert sorted(os.listdir(output)) == ["_lease", "_run.json", "errors", "features"]
+
+
+def test_a_part_written_before_is_copied_where_a_part_written_now_would_be_the_same(tmp_path):
+    """An incremental run hands the sink the parts it keeps whole: each is copied as it is when
+    it has the table's schema and fits a part, and its rows are written again otherwise."""
+    rows = rows_for(range(5))
+    first = stage_and_commit(str(tmp_path / "first"), rows, FEATURES, 5)
+    (listed,) = first["tables"]["features"]["files"]
+    source = tmp_path / "first" / listed["path"]
+    written = sinks.WrittenPart(str(source), 5)
+
+    copied = stage_and_commit(str(tmp_path / "copied"), [], FEATURES, 5, None, [written])
+    (part,) = copied["tables"]["features"]["files"]
+    assert (tmp_path / "copied" / part["path"]).read_bytes() == source.read_bytes()
+    # Copied unread: a part whose pages no longer decode (its footer intact) goes in as it is.
+    garbled = bytearray(source.read_bytes())
+    garbled[8:400] = bytes(392)
+    (tmp_path / "garbled.parquet").write_bytes(garbled)
+    with pytest.raises((OSError, pa.ArrowException)):
+        pq.read_table(tmp_path / "garbled.parquet")
+    unread = sinks.WrittenPart(str(tmp_path / "garbled.parquet"), 5)
+    (part,) = stage_and_commit(str(tmp_path / "unread"), [], FEATURES, 5, None, [unread])["tables"]["features"]["files"]
+    assert (tmp_path / "unread" / part["path"]).read_bytes() == garbled
+
+    cut = stage_and_commit(str(tmp_path / "cut"), [], FEATURES, 2, None, [written])
+    assert sorted(part["rows"] for part in cut["tables"]["features"]["files"]) == [1, 2, 2]
+    check_committed(str(tmp_path / "cut"), rows, 2)
+
+    other = schema.features_schema(DIMS, carried=CARRIED, metadata={**METADATA, "fingerprint": "another"})
+    rewritten = stage_and_commit(str(tmp_path / "rewritten"), [], other, 5, None, [written])
+    (part,) = rewritten["tables"]["features"]["files"]
+    assert (tmp_path / "rewritten" / part["path"]).read_bytes() != source.read_bytes()
+    table = schema.read_features(str(tmp_path / "rewritten" / "features"))
+    assert schema.read_run_metadata(table.schema)["fingerprint"] == "another"
+    assert sorted(table.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
 
 
 def test_a_part_that_would_not_read_back_fails_before_anything_is_staged(tmp_path):
