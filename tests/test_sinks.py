@@ -319,37 +319,43 @@ def test_a_run_commits_both_tables_in_one_run_manifest_and_a_rerun_replaces_them
         assert sorted(os.listdir(output)) == ["_lease", "_run.json", "errors", "features"]
 
 
-def test_a_part_written_before_is_copied_where_a_part_written_now_would_be_the_same(tmp_path):
-    """An incremental run hands the sink the parts it keeps whole: each is copied as it is when
-    it has the table's schema and fits a part, and its rows are written again otherwise."""
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_part_written_before_is_copied_where_a_part_written_now_would_be_the_same(tmp_path, where):
+    """An incremental run hands the sink the parts it keeps whole: each is copied as it is (a hard
+    link on a local disk, a copy elsewhere) when it has the table's schema and fits a part, and
+    its rows are written again otherwise."""
+    base = str(tmp_path) if where == "local" else f"memory://sinks-{uuid.uuid4().hex}"
+    fs, root = fsspec.core.url_to_fs(base)
+
+    def part_of(manifest: dict[str, Any], output: str) -> str:
+        (part,) = manifest["tables"]["features"]["files"]
+        return f"{root}/{output}/{part['path']}"
+
     rows = rows_for(range(5))
-    first = stage_and_commit(str(tmp_path / "first"), rows, FEATURES, 5)
-    (listed,) = first["tables"]["features"]["files"]
-    source = tmp_path / "first" / listed["path"]
-    written = sinks.WrittenPart(str(source), 5)
+    source = part_of(stage_and_commit(f"{base}/first", rows, FEATURES, 5), "first")
+    written = sinks.WrittenPart(source, 5)
+    copied = part_of(stage_and_commit(f"{base}/copied", [], FEATURES, 5, None, [written]), "copied")
+    assert fs.cat_file(copied) == fs.cat_file(source)
+    assert os.path.samefile(copied, source) if where == "local" else True
 
-    copied = stage_and_commit(str(tmp_path / "copied"), [], FEATURES, 5, None, [written])
-    (part,) = copied["tables"]["features"]["files"]
-    assert (tmp_path / "copied" / part["path"]).read_bytes() == source.read_bytes()
     # Copied unread: a part whose pages no longer decode (its footer intact) goes in as it is.
-    garbled = bytearray(source.read_bytes())
+    garbled = bytearray(fs.cat_file(source))
     garbled[8:400] = bytes(392)
-    (tmp_path / "garbled.parquet").write_bytes(garbled)
+    fs.pipe_file(f"{root}/garbled.parquet", bytes(garbled))
     with pytest.raises((OSError, pa.ArrowException)):
-        pq.read_table(tmp_path / "garbled.parquet")
-    unread = sinks.WrittenPart(str(tmp_path / "garbled.parquet"), 5)
-    (part,) = stage_and_commit(str(tmp_path / "unread"), [], FEATURES, 5, None, [unread])["tables"]["features"]["files"]
-    assert (tmp_path / "unread" / part["path"]).read_bytes() == garbled
+        pq.read_table(fs.open(f"{root}/garbled.parquet", "rb"))
+    unread = sinks.WrittenPart(f"{root}/garbled.parquet", 5)
+    unread_copy = part_of(stage_and_commit(f"{base}/unread", [], FEATURES, 5, None, [unread]), "unread")
+    assert fs.cat_file(unread_copy) == garbled
 
-    cut = stage_and_commit(str(tmp_path / "cut"), [], FEATURES, 2, None, [written])
+    cut = stage_and_commit(f"{base}/cut", [], FEATURES, 2, None, [written])
     assert sorted(part["rows"] for part in cut["tables"]["features"]["files"]) == [1, 2, 2]
-    check_committed(str(tmp_path / "cut"), rows, 2)
+    check_committed(f"{base}/cut", rows, 2)
 
     other = schema.features_schema(DIMS, carried=CARRIED, metadata={**METADATA, "fingerprint": "another"})
-    rewritten = stage_and_commit(str(tmp_path / "rewritten"), [], other, 5, None, [written])
-    (part,) = rewritten["tables"]["features"]["files"]
-    assert (tmp_path / "rewritten" / part["path"]).read_bytes() != source.read_bytes()
-    table = schema.read_features(str(tmp_path / "rewritten" / "features"))
+    rewritten = part_of(stage_and_commit(f"{base}/rewritten", [], other, 5, None, [written]), "rewritten")
+    assert fs.cat_file(rewritten) != fs.cat_file(source)
+    table = schema.read_features(f"{base}/rewritten/features")
     assert schema.read_run_metadata(table.schema)["fingerprint"] == "another"
     assert sorted(table.to_pylist(), key=lambda r: r["id"]) == [expected(r, CARRIED) for r in rows]
 
