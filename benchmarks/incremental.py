@@ -298,8 +298,10 @@ def report_json(runs: list[Run], settings: Settings, started: float, quick: bool
 
 
 def _parser() -> argparse.ArgumentParser:
+    # No abbreviations: an option this parser does not know goes to the job whole.
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.incremental",
+        allow_abbrev=False,
         description="The time of an incremental rerun over unchanged images, and over 1%% changed and "
         "1%% added, against the first run's.",
         epilog="Any other option is passed to `mmfeatures extract`.",

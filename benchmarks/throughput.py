@@ -9,7 +9,8 @@ second of:
 
 1. prepare: decode + preprocess alone (reading the local files), one single-threaded process per core;
 2. model: the forward passes alone, over the job's own batches already prepared, collated and on
-   the device, with the job's batch sizes, precision and torch threads;
+   the device, with the job's batch sizes, precision and threads, once for each runtime the
+   modality runs on (``--runtimes``: torch, and ONNX Runtime on the model's export);
 3. job: ``mmfeatures extract`` end to end on a manifest of that modality alone;
 4. stock: Beam's RunInference with its PyTorch keyed-tensor handler and default batching, fed the
    same prepared inputs (decoded and preprocessed in the pipeline, padded to the longest input of
@@ -17,8 +18,9 @@ second of:
 5. naive: a loop that reads, prepares and embeds one record at a time, over the first eighth of
    the records (a loop's rate does not depend on how many records there are).
 
-The ceiling that 1 and 2 imply: on a CPU both stages share the cores, so 1/(1/r1 + 1/r2); on a
-GPU the slower of the two. Steps 1 and 2 each run in two halves, over the first half of the records
+The ceiling that 1 and 2 imply, for each runtime: on a CPU both stages share the cores, so
+1/(1/r1 + 1/r2); on a GPU the slower of the two. The job (on its own ``--runtime``) is held to
+the faster runtime's. Steps 1 and 2 each run in two halves, over the first half of the records
 before the job and over the second half after it (in mirror order: 1, 2, job, 2, 1), and count as
 one: on a shared machine the speed drifts over the minutes a modality takes, and bracketing the job
 this way weighs a steady drift on the ceiling as on the job, rather than on one side of their
@@ -81,6 +83,9 @@ STEP_TITLES = {
     "stock": "4 stock RunInference",
     "naive": "5 naive loop",
 }
+# The model runtimes whose forward passes are measured side by side, each where the modality runs
+# on it: each gives a ceiling, and the job is held to the faster.
+RUNTIMES = ("torch", "onnx")
 # Records per device type: enough for the job's fixed costs (resolving the run, building the
 # pipeline, loading the model) to weigh little, and few enough for a whole run to fit a working
 # session on a small machine.
@@ -119,6 +124,7 @@ class Settings:
     precision: str
     job_options: tuple[str, ...]  # more `mmfeatures extract` options, passed through
     workdir: Path
+    runtimes: tuple[str, ...] = RUNTIMES  # whose model step is measured
 
     def job_argv(self, manifest: Path, output: Path) -> list[str]:
         return [
@@ -133,9 +139,19 @@ class Settings:
             *self.job_options,
         ]
 
-    def job(self, inputs: InputSet) -> Job:
-        """The job `mmfeatures extract` would run on these inputs, for its batch sizes and threads."""
-        return Job.from_options(parse_options(self.job_argv(inputs.manifest, self.workdir / "unused")))
+    def job(self, inputs: InputSet, runtime: str | None = None) -> Job:
+        """The job `mmfeatures extract` would run on these inputs (on ``runtime``, where given:
+        ONNX Runtime in fp32, the one precision it runs), for its batch sizes and threads."""
+        argv = self.job_argv(inputs.manifest, self.workdir / "unused")
+        if runtime is not None:
+            argv += ["--runtime", runtime, *(["--precision", "fp32"] if runtime == "onnx" else [])]
+        return Job.from_options(parse_options(argv))
+
+    def steps(self, modality: str) -> list[str]:
+        """The steps measured for ``modality``: the model step once per runtime it runs on
+        (``model torch``, ``model onnx``)."""
+        models = [f"model {runtime}" for runtime in self.runtimes if runtime in REGISTRY[modality].runtimes]
+        return ["prepare", *models, "job", "stock", "naive"]
 
 
 @dataclass
@@ -241,11 +257,11 @@ def measure_prepare(inputs: InputSet, settings: Settings, part: slice = slice(No
     return Measured(len(references), seconds, worker_processes=workers)
 
 
-def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None)) -> Measured:
-    """2: the job's forward passes alone, over the records in ``part``: its batches, micro-batches,
-    precision and threads, with every input already prepared, collated and on the device before
-    the clock starts."""
-    job = settings.job(inputs)
+def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None), runtime: str = "torch") -> Measured:
+    """2: the job's forward passes alone on ``runtime``, over the records in ``part``: its batches,
+    micro-batches, precision and threads, with every input already prepared, collated and on the
+    device before the clock starts (and, on ONNX Runtime, the model exported)."""
+    job = settings.job(inputs, runtime)
     preprocessor, inference = job.preprocessors[inputs.modality], job.settings[inputs.modality]
     handler = EmbeddingModelHandler(REGISTRY[inputs.modality], preprocessor, inference)
     embedder = handler.load_model()
@@ -266,12 +282,14 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     ]
     record_count, windows = len(windows_per_record), sum(len(w) for w in windows_per_record)
     del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
-    encoder, runtime = embedder.encoder, embedder.runtime
-    runtime.forward(encoder, passes[0])  # the first pass sets up the kernels; the job pays that once too
+    encoder, model_runtime = embedder.encoder, embedder.runtime
+    model_runtime.forward(
+        encoder, passes[0]
+    )  # the first pass sets up the kernels (or exports); the job pays that once too
     _synchronize(settings.device)
     start = time.perf_counter()
     for tensors in passes:
-        runtime.forward(encoder, tensors)
+        model_runtime.forward(encoder, tensors)
     _synchronize(settings.device)
     seconds = time.perf_counter() - start
     rows = len(passes) * inference.micro_batch_size
@@ -297,7 +315,7 @@ def measure_job(inputs: InputSet, settings: Settings) -> Measured:
     embedded = summary["modalities"][inputs.modality]["embedded"]
     if status != 0 or embedded != inputs.count:
         raise RuntimeError(f"the job exited {status} and embedded {embedded} of {inputs.count} records")
-    return Measured(inputs.count, seconds)
+    return Measured(inputs.count, seconds, notes={"runtime": settings.job(inputs).settings[inputs.modality].runtime})
 
 
 def _load_encoder(name: str) -> Encoder[torch.Tensor]:
@@ -457,9 +475,23 @@ class ModalityReport:
         return {step: measured.records_per_second for step, measured in self.steps.items()}
 
     @property
+    def ceilings(self) -> dict[str, float]:
+        """The ceiling that preparing and each runtime's model step imply, by runtime."""
+        prepare = self.rates["prepare"]
+        return {
+            step.split()[1]: min(prepare, model) if self.ceiling_rule == "slower" else 1 / (1 / prepare + 1 / model)
+            for step, model in self.rates.items()
+            if step.startswith("model ")
+        }
+
+    @property
+    def faster_runtime(self) -> str:
+        return max(self.ceilings, key=self.ceilings.__getitem__)
+
+    @property
     def ceiling(self) -> float:
-        prepare, model = self.rates["prepare"], self.rates["model"]
-        return min(prepare, model) if self.ceiling_rule == "slower" else 1 / (1 / prepare + 1 / model)
+        """The faster runtime's ceiling: the one the job is held to."""
+        return self.ceilings[self.faster_runtime]
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -492,30 +524,40 @@ def build_inputs(settings: Settings, modality: str, count: int, seed: int, log_n
     return _in_child(build_input_set, log_path(settings, log_name), modality, folder, count, seed)
 
 
+def step_title(step: str) -> str:
+    """``2 model forward, onnx`` for ``model onnx``: a step's title, with its runtime."""
+    kind, _, runtime = step.partition(" ")
+    return f"{STEP_TITLES[kind]}, {runtime}" if runtime else STEP_TITLES[kind]
+
+
 def run_modality(modality: str, count: int, settings: Settings, seed: int) -> ModalityReport:
     inputs = build_inputs(settings, modality, count, seed, f"inputs-{modality}")
-    parts: dict[str, list[Measured]] = {step: [] for step in STEPS}
-    for step, part in _run_order(count):
-        what = STEP_TITLES[step] if part is None else f"{STEP_TITLES[step]}, records {part.start} to {part.stop}"
+    steps = settings.steps(modality)
+    parts: dict[str, list[Measured]] = {step: [] for step in steps}
+    for step, part in _run_order(count, steps):
+        title = step_title(step)
+        what = title if part is None else f"{title}, records {part.start} to {part.stop}"
         print(f"  {modality}: {what} ...", flush=True)
-        name = f"{step}-{modality}" if part is None else f"{step}-{modality}-{part.start}"
-        args = (inputs, settings) if part is None else (inputs, settings, part)
-        parts[step].append(_in_child(MEASUREMENTS[step], log_path(settings, name), *args))
-    steps = {step: Measured.combined(parts[step]) for step in STEPS}
+        name = "-".join([*step.split(), modality, *([str(part.start)] if part is not None else [])])
+        kind, _, runtime = step.partition(" ")
+        args = (inputs, settings) if part is None else (inputs, settings, part, *([runtime] if runtime else []))
+        parts[step].append(_in_child(MEASUREMENTS[kind], log_path(settings, name), *args))
+    measured = {step: Measured.combined(parts[step]) for step in steps}
     rule = "slower" if device_type(settings.device) == "cuda" else "combined"
-    return ModalityReport(modality, count, inputs.source, steps, rule)
+    return ModalityReport(modality, count, inputs.source, measured, rule)
 
 
-def _run_order(count: int) -> list[tuple[str, slice | None]]:
-    """The steps of one modality in the order they run: the ceilings' first halves, the job, the
-    ceilings' second halves in mirror order, so that each step's halves lie as far from the job
-    (see the module docstring), then the baselines."""
+def _run_order(count: int, steps: list[str]) -> list[tuple[str, slice | None]]:
+    """The ``steps`` of one modality in the order they run: the ceilings' first halves, the job,
+    the ceilings' second halves in mirror order, so that each step's halves lie as far from the
+    job (see the module docstring), then the baselines."""
     halves = [slice(0, count // 2), slice(count // 2, count)] if count > 1 else [slice(0, count)]
+    ceilings = [step for step in steps if step.split()[0] in CEILING_STEPS]
     return [
-        *((step, halves[0]) for step in CEILING_STEPS),
+        *((step, halves[0]) for step in ceilings),
         ("job", None),
-        *((step, half) for half in halves[1:] for step in reversed(CEILING_STEPS)),
-        *((step, None) for step in STEPS if step not in CEILING_STEPS and step != "job"),
+        *((step, half) for half in halves[1:] for step in reversed(ceilings)),
+        *((step, None) for step in steps if step not in ceilings and step != "job"),
     ]
 
 
@@ -564,7 +606,7 @@ def format_report(reports: list[ModalityReport], scalings: list[dict[str, Any]],
         lines += [
             "",
             f"{report.modality}: {report.records} records ({report.inputs}), {settings.device}, {settings.precision}",
-            f"  {'step':<22} {'records/s':>10} {'seconds':>9} {'peak MB':>9} {'load':>6}",
+            f"  {'step':<28} {'records/s':>10} {'seconds':>9} {'peak MB':>9} {'load':>6}",
         ]
         for step, measured in report.steps.items():
             gpu = f"  (GPU {measured.peak_gpu_mb:.0f} MB)" if measured.peak_gpu_mb is not None else ""
@@ -573,14 +615,17 @@ def format_report(reports: list[ModalityReport], scalings: list[dict[str, Any]],
                 rates = ", ".join(f"{part.records_per_second:.1f}" for part in measured.parts)
                 halves = f"  (halves before and after the job: {rates})"
             lines.append(
-                f"  {STEP_TITLES[step]:<22} {measured.records_per_second:>10.1f} "
+                f"  {step_title(step):<28} {measured.records_per_second:>10.1f} "
                 f"{measured.seconds:>9.2f} {measured.peak_rss_mb:>9.0f} {measured.load_average:>6.1f}{gpu}{halves}"
             )
         rule = "slower of 1 and 2" if report.ceiling_rule == "slower" else "1/(1/r1 + 1/r2)"
-        lines.append(f"  {'ceiling, ' + rule:<22} {report.ceiling:>10.1f}")
+        for runtime, ceiling in report.ceilings.items():
+            lines.append(f"  {f'ceiling, {runtime}, {rule}':<28} {ceiling:>10.1f}")
+        lines.append(f"  {'job runs on':<28} {report.steps['job'].notes.get('runtime', '?'):>10}")
         for figure, value in report.ratios.items():
             verdict = _verdict(settings.device, figure, value, report.modality)
-            lines.append(f"  {figure:<22} {value:>10.2f}   {verdict}")
+            named = f"{figure} ({report.faster_runtime})" if figure == "job / ceiling" else figure
+            lines.append(f"  {named:<28} {value:>10.2f}   {verdict}")
     for scaling in scalings:
         lines += [
             "",
@@ -607,7 +652,12 @@ def report_json(
             "inputs": report.inputs,
             "records_per_second": report.rates,
             "steps": {step: asdict(measured) for step, measured in report.steps.items()},
-            "ceiling": {"records_per_second": report.ceiling, "rule": report.ceiling_rule},
+            "ceiling": {
+                "records_per_second": report.ceiling,
+                "runtime": report.faster_runtime,
+                "by_runtime": report.ceilings,
+                "rule": report.ceiling_rule,
+            },
             "ratios": report.ratios,
             "targets": {
                 figure: _verdict(settings.device, figure, value, report.modality)
@@ -649,8 +699,11 @@ def processor_name() -> str:
 
 # -- command line --------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
+    # No abbreviations: an option this parser does not know goes to the job whole (--runtime is
+    # not --runtimes).
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.throughput",
+        allow_abbrev=False,
         description="Records per second of the feature job per modality, against its ceilings "
         "(decode+preprocess alone, the model alone), stock Beam RunInference and a naive loop.",
         epilog="Any other option is passed to `mmfeatures extract` (e.g. --micro-batch-size 16).",
@@ -659,6 +712,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda.")
     parser.add_argument("--precision", default=None, help="fp32, bf16 or fp16 (default: bf16 on cuda, fp32 on cpu).")
     parser.add_argument("--modalities", default=",".join(MODALITIES), help="Comma-separated (default: all three).")
+    parser.add_argument(
+        "--runtimes",
+        default=",".join(RUNTIMES),
+        help="The model runtimes whose forward passes are measured, each where a modality runs on it "
+        "(default: %(default)s); the job runs on its own --runtime.",
+    )
     for modality in MODALITIES:
         parser.add_argument(
             f"--{modality}-records",
@@ -713,7 +772,10 @@ def main(argv: list[str] | None = None) -> int:
     args, job_options = _parser().parse_known_args(argv)
     kind = device_type(args.device)
     precision = args.precision or ("bf16" if kind == "cuda" else "fp32")
-    settings = Settings(args.device, precision, tuple(job_options), args.workdir.resolve())
+    runtimes = tuple(runtime.strip() for runtime in args.runtimes.split(",") if runtime.strip())
+    if not runtimes or set(runtimes) - set(RUNTIMES):
+        raise SystemExit(f"--runtimes: a comma-separated list of {', '.join(RUNTIMES)}, not {args.runtimes!r}")
+    settings = Settings(args.device, precision, tuple(job_options), args.workdir.resolve(), runtimes)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     unknown = set(modalities) - set(MODALITIES)

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.throughput import CEILING_STEPS, STEP_TITLES, STEPS, Measured, _run_order
+from benchmarks.throughput import RUNTIMES, STEP_TITLES, Measured, _run_order
+from mmfeatures.modalities import MODALITIES as REGISTRY
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 MODALITIES = ("text", "image", "audio")
@@ -33,19 +34,27 @@ def test_quick_benchmark_prints_the_table_and_writes_every_figure(tmp_path: Path
         assert f"\n{modality}: " in run.stdout
     for title in STEP_TITLES.values():
         assert run.stdout.count(title) >= len(MODALITIES)
-    assert run.stdout.count("ceiling, 1/(1/r1 + 1/r2)") == len(MODALITIES)
-    assert run.stdout.count("(halves before and after the job: ") == len(CEILING_STEPS) * len(MODALITIES)
+    runtimes = {modality: [r for r in RUNTIMES if r in REGISTRY[modality].runtimes] for modality in MODALITIES}
+    for runtime in RUNTIMES:
+        ceilings = sum(runtime in names for names in runtimes.values())
+        assert run.stdout.count(f"ceiling, {runtime}, 1/(1/r1 + 1/r2)") == ceilings
+    halves = sum(1 + len(names) for names in runtimes.values())  # prepare, and the model on each runtime
+    assert run.stdout.count("(halves before and after the job: ") == halves
     assert "wall time ratio" in run.stdout and "peak memory ratio" in run.stdout
 
     report = json.loads(results.read_text())
     assert (report["settings"]["device"], report["settings"]["precision"]) == ("cpu", "fp32")
     assert set(report["modalities"]) == set(MODALITIES)
     for modality, figures in report["modalities"].items():
-        assert set(figures["records_per_second"]) == set(STEPS), modality
+        models = [f"model {runtime}" for runtime in runtimes[modality]]
+        assert list(figures["records_per_second"]) == ["prepare", *models, "job", "stock", "naive"], modality
         assert all(rate > 0 for rate in figures["records_per_second"].values()), modality
         assert all(step["peak_rss_mb"] > 0 for step in figures["steps"].values()), modality
-        assert figures["ceiling"]["records_per_second"] > 0
-        for step in CEILING_STEPS:  # measured in two halves, one each side of the job
+        ceiling = figures["ceiling"]
+        assert set(ceiling["by_runtime"]) == set(runtimes[modality]) and ceiling["records_per_second"] > 0
+        assert ceiling["records_per_second"] == max(ceiling["by_runtime"].values())
+        assert ceiling["by_runtime"][ceiling["runtime"]] == ceiling["records_per_second"]
+        for step in ["prepare", *models]:  # measured in two halves, one each side of the job
             parts = figures["steps"][step]["parts"]
             assert len(parts) == 2 and sum(part["records"] for part in parts) == figures["records"], (modality, step)
         assert set(figures["ratios"]) == {"job / ceiling", "job / naive", "job / stock"}
@@ -79,17 +88,19 @@ def test_the_scale_case_runs_the_job_on_each_count_of_text_and_images(tmp_path: 
 
 
 def test_the_ceiling_steps_run_in_halves_either_side_of_the_job() -> None:
-    order = _run_order(11)
+    steps = ["prepare", "model torch", "model onnx", "job", "stock", "naive"]
+    ceiling_steps = steps[:3]
+    order = _run_order(11, steps)
     job = order.index(("job", None))
-    for step in CEILING_STEPS:
+    for step in ceiling_steps:
         assert [part for name, part in order[:job] if name == step] == [slice(0, 5)]
         assert [part for name, part in order[job:] if name == step] == [slice(5, 11)]
-    ceilings = [name for name, _ in order if name in CEILING_STEPS]
-    assert ceilings == [*CEILING_STEPS, *reversed(CEILING_STEPS)]  # mirrored: each as far from the job
-    assert sorted(name for name, _ in order) == sorted([*STEPS, *CEILING_STEPS])
-    assert _run_order(1) == [
+    ceilings = [name for name, _ in order if name in ceiling_steps]
+    assert ceilings == [*ceiling_steps, *reversed(ceiling_steps)]  # mirrored: each as far from the job
+    assert sorted(name for name, _ in order) == sorted([*steps, *ceiling_steps])
+    assert _run_order(1, ["prepare", "model torch", "job", "stock", "naive"]) == [
         ("prepare", slice(0, 1)),
-        ("model", slice(0, 1)),
+        ("model torch", slice(0, 1)),
         ("job", None),
         ("stock", None),
         ("naive", None),

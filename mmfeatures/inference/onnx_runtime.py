@@ -168,6 +168,9 @@ class OnnxEncoder(Encoder[np.ndarray]):
                         _LOG.info("exporting %s to ONNX at %s", type(self.source).__name__, self.path)
                         export(self.source, dict(example), self.path, self.runtime.session)
                     self._session = self.runtime.session(self.path)
+                    # The session holds the weights now: the torch model (which only exporting
+                    # needs) goes, so that a worker holds one copy of them, not two.
+                    vars(self.source).pop("model", None)
                 except Exception as exc:  # noqa: BLE001 - told in every record's error row
                     self._failure = f"{type(self.source).__name__} cannot run on ONNX Runtime: {exc}"
             if self._failure is not None:

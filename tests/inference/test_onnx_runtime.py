@@ -63,6 +63,18 @@ def test_onnx_embeddings_equal_torchs(modality: str, model: str, request: pytest
     assert len(list(cache.glob("*.onnx"))) == 1  # one export serves every batch size and length
 
 
+def test_the_torch_model_goes_once_the_session_runs(tiny_text: TextPreprocessor) -> None:
+    """The session holds the weights: a worker keeps one copy of them, not two."""
+    handler = handler_for(tiny_text, max_batch_cost=10**9, runtime="onnx")
+    embedder = handler.load_model()
+    embedder.embed([prepare(tiny_text, text) for text in TEXTS[:2]])
+    encoder = embedder.encoder
+    assert isinstance(encoder, OnnxEncoder) and not hasattr(encoder.source, "model")
+    np.testing.assert_array_equal(
+        embedder.embed([prepare(tiny_text, TEXTS[0])]), embedder.embed([prepare(tiny_text, TEXTS[0])])
+    )
+
+
 def test_the_export_is_reused_and_a_changed_model_exports_again(
     tiny_bert_dir: Path, tiny_text: TextPreprocessor, cache: Path
 ) -> None:
