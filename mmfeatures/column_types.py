@@ -88,6 +88,7 @@ def embedding_array(vectors: Sequence[np.ndarray | Sequence[float] | None], dim:
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Dict rows as a table of ``schema``: a column a row lacks is null, each value made to fit."""
     columns = []
     for f in schema:
         values = [row.get(f.name) for row in rows]
