@@ -315,7 +315,8 @@ def measure_job(inputs: InputSet, settings: Settings) -> Measured:
     embedded = summary["modalities"][inputs.modality]["embedded"]
     if status != 0 or embedded != inputs.count:
         raise RuntimeError(f"the job exited {status} and embedded {embedded} of {inputs.count} records")
-    return Measured(inputs.count, seconds, notes={"runtime": settings.job(inputs).settings[inputs.modality].runtime})
+    runtimes = dict(item.split("=") for item in summary["options"]["runtime"].split(","))
+    return Measured(inputs.count, seconds, notes={"runtime": runtimes[inputs.modality]})
 
 
 def _load_encoder(name: str) -> Encoder[torch.Tensor]:

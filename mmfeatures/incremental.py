@@ -53,11 +53,12 @@ def settings_fingerprint(
 @dataclass(frozen=True)
 class PreviousTable:
     """The feature table committed at ``--output`` when an incremental run starts: its parts (in
-    ``fs``'s terms), rows and commit, and whether its rows may be kept (``usable``: written with
-    this run's settings fingerprint)."""
+    ``fs``'s terms) and their rows, its rows and commit, and whether its rows may be kept
+    (``usable``: written with this run's settings fingerprint)."""
 
     fs: Any  # an fsspec file system
     parts: tuple[str, ...]
+    part_rows: tuple[int, ...]
     rows: int
     commit: str
     fingerprint: str | None
@@ -80,7 +81,16 @@ class PreviousTable:
         derived = folder is not None and outputs.partition_value(folder)[0] == schema.EVENT_DATE
         declared = {*schema.field_names("features"), *([schema.EVENT_DATE] if derived else [])}
         carried = pa.schema([field for field in fields if field.name not in declared])
-        return cls(fs, tuple(table.parts), table.rows, manifest["commit"], previous, previous == fingerprint, carried)
+        return cls(
+            fs,
+            tuple(table.parts),
+            tuple(table.part_rows),
+            table.rows,
+            manifest["commit"],
+            previous,
+            previous == fingerprint,
+            carried,
+        )
 
     def carried_types(self) -> dict[str, pa.DataType]:
         return {field.name: field.type for field in self.carried}
@@ -140,13 +150,14 @@ def _rows_of_part(
     kept = {index: record for index, position in enumerate(positions) if (record := records[position]) is not None}
     own_schema = pa.schema([field for field in table_schema if field.name not in _KEPT_FROM_PREVIOUS])
     own = rows_to_table([record.own_columns() for record in kept.values()], own_schema)
-    held = schema.read_part(previous.fs, path, own_schema.names)
+    indices = pa.array(list(kept), pa.int64())
     # Every row of the part stays where there are as many as it holds: then the indices of the
     # kept rows among ``positions`` are their row indices in the part.
-    indices = pa.array(list(kept), pa.int64())
-    if held.num_rows == len(positions) and conform_table(held.take(indices), own_schema).equals(own):
-        yield WrittenPart(path, held.num_rows)
-        return
+    if len(positions) == previous.part_rows[part]:
+        held = schema.read_part(previous.fs, path, own_schema.names)
+        if conform_table(held.take(indices), own_schema).equals(own):
+            yield WrittenPart(path, held.num_rows)
+            return
     rows = schema.read_part(previous.fs, path, None).take(pa.array(positions, pa.int64()))
     carried = [index for index, position in enumerate(positions) if records[position] is None]
     if carried:

@@ -162,12 +162,7 @@ class JoinShared(beam.PTransform):
     shuffle: records that share content, kept records, and the previous rows' ids and locations,
     never their vectors."""
 
-    def __init__(
-        self,
-        fusion: Fusion,
-        created: datetime.datetime,
-        drop_missing: bool = False,
-    ):
+    def __init__(self, fusion: Fusion, created: datetime.datetime, drop_missing: bool = False):
         super().__init__()
         self.fusion = fusion
         self.created = created

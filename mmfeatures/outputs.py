@@ -119,11 +119,12 @@ def run_manifest(fs: AbstractFileSystem, root: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class CommittedTable:
-    """A table as ``_run.json`` lists it: its parts (in ``fs``'s terms) and rows."""
+    """A table as ``_run.json`` lists it: its parts (in ``fs``'s terms), their rows and all its rows."""
 
     fs: Any  # an fsspec file system
     parts: list[str]
     rows: int
+    part_rows: list[int]
 
 
 def committed_table(path: str, filesystem: AbstractFileSystem | None = None) -> CommittedTable | None:
@@ -143,7 +144,12 @@ def tables_of(manifest: dict[str, Any] | None, fs: AbstractFileSystem, root: str
     """The tables one ``_run.json`` (read once, so they are of one commit) lists, by name."""
     tables = (manifest or {}).get("tables") or {}
     return {
-        name: CommittedTable(fs, [f"{root}/{part['path']}" for part in table["files"]], table["rows"])
+        name: CommittedTable(
+            fs,
+            [f"{root}/{part['path']}" for part in table["files"]],
+            table["rows"],
+            [part["rows"] for part in table["files"]],
+        )
         for name, table in tables.items()
     }
 
