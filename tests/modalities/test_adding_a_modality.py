@@ -1,5 +1,5 @@
-"""Adding a modality takes what the README's recipe says and nothing more: one module, one registry
-entry, and its columns in the two data contracts. Done here on a copy of the source tree, with a
+"""Adding a modality takes what the recipe in docs/adding-a-modality.md says and nothing more: one
+module, one registry entry, and its columns in the two data contracts. Done here on a copy of the source tree, with a
 toy modality (sensor readings embedded by a linear layer), and the job run end to end on it."""
 
 from __future__ import annotations
