@@ -39,6 +39,11 @@ def _print_summary(summary: dict[str, Any], output: str) -> None:
             f"(shared {counts['shared']:>6})  kept {counts['kept']:>6}  failed {counts['failed']:>6}  "
             f"absent {counts['absent']:>6}"
         )
+        if counts["fallback"] is not None:
+            print(
+                f"  {name:<6} {counts['fallback']['embedded']} embedded on torch instead of "
+                f"{counts['runtime']}: {counts['fallback']['reason']}"
+            )
     changes = summary["incremental"]
     if changes is not None:
         print(

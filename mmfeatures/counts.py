@@ -31,6 +31,9 @@ class ModalityCounts:
     shared: int = 0  # of those embedded, how many took the vector of another record with the same content
     kept: int = 0  # an incremental run kept the record's row: its vector is the previous table's
     failed: int = 0
+    # Of those embedded, how many on torch because the runtime asked could not take the model, and why.
+    on_torch_instead: int = 0
+    fallback: str | None = None
 
 
 @dataclass
@@ -82,6 +85,11 @@ class RunCounts:
         return cls(records_accepted=1, records_with_features=1, modalities=modalities, rows_unchanged=1)
 
     @classmethod
+    def of_fallback(cls, modality: str, records: int, reason: str) -> RunCounts:
+        """``records`` whose ``modality`` took a vector made on torch instead of the runtime asked, for ``reason``."""
+        return cls(modalities={modality: ModalityCounts(on_torch_instead=records, fallback=reason)})
+
+    @classmethod
     def of_error(cls, row: dict[str, object]) -> RunCounts:
         """One error row's part."""
         return cls(
@@ -109,6 +117,8 @@ class RunCounts:
             mine.shared += counts.shared
             mine.kept += counts.kept
             mine.failed += counts.failed
+            mine.on_torch_instead += counts.on_torch_instead
+            mine.fallback = mine.fallback or counts.fallback  # workers' reasons alike: one tells
         for key, rows in other.errors_by_type.items():
             self.errors_by_type[key] = self.errors_by_type.get(key, 0) + rows
         return self

@@ -25,7 +25,7 @@ from mmfeatures.modalities import MODALITIES, Preprocessor
 from mmfeatures.options import IN_PROCESS_RUNNERS, ExtractOptions, check_options, extract_option_values
 from mmfeatures.records import MODALITY_COLUMNS, parse_column_map
 from mmfeatures.redaction import redact, redact_all
-from mmfeatures.settings import InferenceSettings, device_type
+from mmfeatures.settings import InferenceSettings, default_runtime, device_type
 from mmfeatures.sources import Input, ReadOptions, checked_delimiter, checked_encoding, find_inputs
 
 
@@ -96,7 +96,7 @@ class Job:
                 micro_batch_size=extract.micro_batch_size,
                 threads=extract.torch_threads,
                 model_copies=extract.model_copies,
-                runtime=MODALITIES[name].runtime(extract.runtime),
+                runtime=MODALITIES[name].runtime(extract.runtime or default_runtime(extract.device, extract.precision)),
             )
             for name in MODALITY_COLUMNS
         }
@@ -207,7 +207,7 @@ class Job:
         in it is redacted (inputs, outputs, options, model references): no credential or signed
         URL is ever written there."""
         accepted = counts.records_accepted
-        modalities = {}
+        modalities: dict[str, dict[str, Any]] = {}
         for name in MODALITY_COLUMNS:
             modality = counts.modality(name)
             modalities[name] = {
@@ -217,6 +217,13 @@ class Job:
                 "kept": modality.kept,
                 "failed": modality.failed,
                 "absent": accepted - modality.present,
+                "runtime": self.settings[name].runtime,
+                # Where the runtime asked could not take the model: the records embedded on torch instead.
+                "fallback": (
+                    {"runtime": "torch", "embedded": modality.on_torch_instead, "reason": modality.fallback}
+                    if modality.on_torch_instead
+                    else None
+                ),
             }
         records = {
             "read": counts.rows_read,

@@ -7,6 +7,7 @@ measurements they rest on. Nothing here imports torch, so that ``--help`` stays 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 PRECISIONS = ("bf16", "fp16", "fp32")  # fp32 runs the model as loaded; the others under autocast
@@ -53,6 +54,15 @@ def device_type(device: str) -> str:
     return kind
 
 
+def default_runtime(device: str, precision: str) -> str:
+    """The runtime a run takes where ``--runtime`` is not given: ONNX Runtime on a CPU at fp32,
+    where it is installed (it embeds images and text faster there; see docs/throughput.md), torch
+    otherwise: ONNX Runtime runs fp32 only, and on a GPU it has not been measured against torch."""
+    if device_type(device) == "cpu" and precision == "fp32" and importlib.util.find_spec("onnxruntime"):
+        return "onnx"
+    return "torch"
+
+
 def _per_device_and_modality(table: dict[str, dict[str, int]], device: str, modality: str) -> int:
     values = table[device_type(device)]
     return values.get(modality, values["default"])
@@ -87,6 +97,10 @@ class InferenceSettings:
             raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, not {self.runtime!r}")
         if self.runtime == "onnx" and self.precision != "fp32":
             raise ValueError(f"--runtime onnx runs fp32 only: --precision {self.precision} runs under --runtime torch")
+        if self.runtime == "onnx" and not importlib.util.find_spec("onnxruntime"):
+            raise ValueError(
+                "--runtime onnx needs onnxruntime: install mmfeatures[cpu] (or [cuda]), or run --runtime torch"
+            )
         device_type(self.device)  # refuses a device of no known type
         for name in ("max_batch_cost", "micro_batch_size", "micro_batches_per_batch", "prepare_ahead"):
             if getattr(self, name) < 1:

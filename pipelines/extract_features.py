@@ -90,6 +90,7 @@ def build(pipeline: beam.Pipeline, job: Job, lease: Lease) -> None:
         ),
         counts=[
             read[COUNTS_TAG],
+            embedded[COUNTS_TAG],
             fused[COUNTS_TAG],
             joined[COUNTS_TAG],
             errors | "TallyErrors" >> beam.Map(RunCounts.of_error),

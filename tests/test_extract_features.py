@@ -1,4 +1,5 @@
-"""The whole job on the sample data set, on Beam's local runner, with the real default models."""
+"""The whole job on the sample data set, on Beam's local runner, with the real default models, on
+each runtime."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from mmfeatures import schema
 from mmfeatures.cli import main as cli_main
+from mmfeatures.modalities import MODALITIES as REGISTRY
 from mmfeatures.sample import build_sample_dataset
+from mmfeatures.settings import RUNTIMES
 from pipelines.extract_features import run
 
 MODALITIES = ("text", "image", "audio")
@@ -30,10 +33,16 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"manifest": manifest, "records": {r["id"]: r for r in records}, "broken": broken}
 
 
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    """Every test runs the job on each runtime."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def output(sample: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+def output(sample: dict, runtime: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(tmp_path_factory.mktemp("run1"))
-    assert cli_main(["extract", "--input", sample["manifest"], "--output", out]) == 0
+    assert cli_main(["extract", "--input", sample["manifest"], "--output", out, "--runtime", runtime]) == 0
     return out
 
 
@@ -102,7 +111,7 @@ def test_every_record_is_accounted_for(output: str, sample: dict) -> None:
         assert len(row["fused"]) == sum(DIMS.values())
 
 
-def test_run_summary_reconciles(output: str, sample: dict) -> None:
+def test_run_summary_reconciles(output: str, sample: dict, runtime: str) -> None:
     summary = _summary(output)
     records = sample["records"].values()
     assert summary["reconciles"] and all(summary["checks"].values())
@@ -126,6 +135,8 @@ def test_run_summary_reconciles(output: str, sample: dict) -> None:
             "kept": 0,
             "failed": failed,
             "absent": len(sample["records"]) - present,
+            "runtime": REGISTRY[modality].runtime(runtime),  # audio has no export: torch
+            "fallback": None,
         }
     assert summary["models"]["audio"]["model_id"] == "openai/whisper-tiny.en"
     assert summary["options"]["fusion"] == "concat" and summary["wall_seconds"] > 0
@@ -147,8 +158,8 @@ def test_embeddings_mean_something(output: str, modality: str) -> None:
     assert np.mean(same) > np.mean(different), (np.mean(same), np.mean(different))
 
 
-def test_two_runs_give_the_same_vectors(output: str, sample: dict, tmp_path) -> None:
-    run(["--input", sample["manifest"], "--output", str(tmp_path)])
+def test_two_runs_give_the_same_vectors(output: str, sample: dict, runtime: str, tmp_path) -> None:
+    run(["--input", sample["manifest"], "--output", str(tmp_path), "--runtime", runtime])
     first, second = _features(output), _features(str(tmp_path))
     assert first.keys() == second.keys()
     for record_id, row in first.items():
@@ -159,7 +170,7 @@ def test_two_runs_give_the_same_vectors(output: str, sample: dict, tmp_path) -> 
                 np.testing.assert_allclose(row[column], second[record_id][column], atol=1e-6, rtol=0)
 
 
-def test_mean_fusion_records_its_projection(sample: dict, tmp_path) -> None:
+def test_mean_fusion_records_its_projection(sample: dict, runtime: str, tmp_path) -> None:
     subset = tmp_path / "subset.jsonl"
     lines = open(sample["manifest"]).read().splitlines()[:8]
     manifest_dir = os.path.dirname(sample["manifest"])
@@ -171,14 +182,14 @@ def test_mean_fusion_records_its_projection(sample: dict, tmp_path) -> None:
                     record[key] = os.path.join(manifest_dir, record[key])
             handle.write(json.dumps(record) + "\n")
     out = tmp_path / "out"
-    run(["--input", str(subset), "--output", str(out), "--fusion", "mean", "--fusion_dim", "64"])
+    run(["--input", str(subset), "--output", str(out), "--fusion", "mean", "--fusion_dim", "64", "--runtime", runtime])
     table = schema.read_features(str(out / "features"))
     assert table.schema.field("fused").type.list_size == 64
     fusion = schema.read_run_metadata(table.schema)["fusion"]
     assert fusion["method"] == "mean" and fusion["projection"]["dimension"] == 64
 
 
-def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
+def test_parquet_and_csv_manifests_carry_their_columns(runtime: str, tmp_path) -> None:
     """Text-only records from a Parquet manifest (typed extra columns) and a CSV one."""
     import datetime
 
@@ -202,7 +213,7 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     )
     (tmp_path / "rows.csv").write_text("id,text,split,score\nc1,a yellow banana,test,7\n")
     out = tmp_path / "out"
-    run(["--input", str(tmp_path / "part.parquet"), "--output", str(out)])
+    run(["--input", str(tmp_path / "part.parquet"), "--output", str(out), "--runtime", runtime])
     table = schema.read_features(str(out / "features"))
     assert sorted(table.column("id").to_pylist()) == ["p1", "p2"]
     assert table.schema.field("score").type == "double"
@@ -218,7 +229,8 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
     assert [(e["id"], e["error_type"]) for e in errors] == [("p3", "no_modality")]
 
     both = tmp_path / "both"
-    run(["--input", str(tmp_path / "part.parquet"), "--input", str(tmp_path / "rows.csv"), "--output", str(both)])
+    inputs = ["--input", str(tmp_path / "part.parquet"), "--input", str(tmp_path / "rows.csv")]
+    run([*inputs, "--output", str(both), "--runtime", runtime])
     mixed = schema.read_features(str(both / "features"))
     assert mixed.num_rows == 3
     assert mixed.schema.field("score").type == "string"  # CSV has no types: a mixed column is text
@@ -226,7 +238,7 @@ def test_parquet_and_csv_manifests_carry_their_columns(tmp_path) -> None:
 
 
 def test_a_value_nested_too_deep_is_an_error_row_and_the_previous_table_stays_readable(
-    tmp_path, tiny_model_options: list[str]
+    tmp_path, tiny_model_options: list[str], runtime: str
 ) -> None:
     """A carried value 150 levels deep is written by Arrow but cannot be read back: the record is
     an error row, and the committed table (which replaces the previous one) reads."""
@@ -237,7 +249,7 @@ def test_a_value_nested_too_deep_is_an_error_row_and_the_previous_table_stays_re
     rows = [{"id": "ok", "text": "a fine text", "tree": [["leaf"]]}, {"id": "deep", "text": "words", "tree": deep}]
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
-    run(["--input", str(manifest), "--output", str(out), *tiny_model_options])
+    run(["--input", str(manifest), "--output", str(out), *tiny_model_options, "--runtime", runtime])
     table = schema.read_features(str(out / "features"))
     assert table.column("id").to_pylist() == ["ok"] and table.column("tree").to_pylist() == [[["leaf"]]]
     errors = schema.read_features(str(out / "errors")).to_pylist()

@@ -28,9 +28,11 @@ from fsspec.core import url_to_fs
 from mmfeatures import schema, storage
 from mmfeatures.errors import ErrorRow, FetchError, Stage
 from mmfeatures.job import Job
+from mmfeatures.modalities import MODALITIES
 from mmfeatures.options import parse_options
 from mmfeatures.reading import ReadRecords
 from mmfeatures.records import parse_record
+from mmfeatures.settings import default_runtime
 from mmfeatures.sources import Input, ManifestRow, ReadOptions, find_inputs, read_input
 from mmfeatures.sources.base import MEDIA_FOLDER
 from pipelines.extract_features import run
@@ -511,6 +513,8 @@ def test_the_job_embeds_a_media_folder(tmp_path: Path, tiny_model_options: list[
             "kept": 0,
             "failed": 0,
             "absent": 5 - present,
+            "runtime": MODALITIES[modality].runtime(default_runtime("cpu", "fp32")),
+            "fallback": None,
         }
     assert summary["inputs"] == [str(folder)]
 

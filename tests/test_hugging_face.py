@@ -28,7 +28,9 @@ from PIL import Image
 from mmfeatures import schema
 from mmfeatures.cli import main
 from mmfeatures.errors import ErrorRow
+from mmfeatures.modalities import MODALITIES as REGISTRY
 from mmfeatures.records import map_columns, parse_column_map, parse_record
+from mmfeatures.settings import default_runtime
 from mmfeatures.sources import (
     Input,
     ManifestRow,
@@ -303,6 +305,8 @@ def _assert_all_embedded(out: Path, n: int) -> None:
             "kept": 0,
             "failed": 0,
             "absent": 0,
+            "runtime": REGISTRY[modality].runtime(default_runtime("cpu", "fp32")),
+            "fallback": None,
         }
 
 

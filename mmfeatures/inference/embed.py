@@ -12,7 +12,7 @@ from apache_beam.ml.inference.base import RunInference
 
 from mmfeatures import storage
 from mmfeatures.content import for_copies
-from mmfeatures.counts import NAMESPACE, error_output
+from mmfeatures.counts import COUNTS_TAG, NAMESPACE, RunCounts, error_output
 from mmfeatures.errors import ERRORS_TAG, ErrorRow
 from mmfeatures.inference.batching import BatchByCost
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
@@ -27,7 +27,8 @@ SHARED_TAG = "shared"
 
 def _attach(outcome: Outcome, modality: str) -> Iterator[Any]:
     """The record with its vector or failure for ``modality`` (as it was, where it had nothing to
-    embed); the error rows of a failure, its copies' too; the vector each copy takes."""
+    embed); the error rows of a failure, its copies' too; the vector each copy takes; the count of
+    a vector made on torch instead of the runtime asked."""
     record = outcome.record
     copies = record.copies.get(modality, ())
     if outcome.error is not None:
@@ -41,13 +42,17 @@ def _attach(outcome: Outcome, modality: str) -> Iterator[Any]:
     Metrics.counter(NAMESPACE, f"{modality}_embedded").inc()
     Metrics.counter(NAMESPACE, f"{modality}_shared").inc(len(copies))
     yield record.with_vector(modality, outcome.vector, outcome.digest)
+    if outcome.fallback is not None:
+        counts = RunCounts.of_fallback(modality, 1 + len(copies), outcome.fallback)
+        yield beam.pvalue.TaggedOutput(COUNTS_TAG, counts)
     for copy_id, _ in copies:
         yield beam.pvalue.TaggedOutput(SHARED_TAG, (copy_id, (modality, outcome.vector, outcome.digest)))
 
 
 class EmbedModality(beam.PTransform):
     """Records to the same records with ``modality`` embedded (or failed) where they hold it and
-    embed it, with error rows and the vectors their copies take (``SHARED_TAG``): prepared in a
+    embed it, with error rows, the vectors their copies take (``SHARED_TAG``) and the counts of
+    vectors made on torch instead of the runtime asked (``COUNTS_TAG``): prepared in a
     pool of threads, batched by cost one length bucket at a time, and embedded by RunInference,
     with ``preprocessor``'s model, as ``settings`` say. Every record comes out, once."""
 
@@ -72,16 +77,23 @@ class EmbedModality(beam.PTransform):
             | "BatchByCost" >> BatchByCost(self.preprocessor, self.settings)
             | "RunInference" >> RunInference(self.handler)
             | "Attach"
-            >> beam.FlatMap(_attach, self.preprocessor.name).with_outputs(ERRORS_TAG, SHARED_TAG, main="records")
+            >> beam.FlatMap(_attach, self.preprocessor.name).with_outputs(
+                ERRORS_TAG, SHARED_TAG, COUNTS_TAG, main="records"
+            )
         )
         errors = (prepared[ERRORS_TAG], embedded[ERRORS_TAG]) | "Errors" >> beam.Flatten()
-        return {"records": embedded.records, ERRORS_TAG: errors, SHARED_TAG: embedded[SHARED_TAG]}
+        return {
+            "records": embedded.records,
+            ERRORS_TAG: errors,
+            SHARED_TAG: embedded[SHARED_TAG],
+            COUNTS_TAG: embedded[COUNTS_TAG],
+        }
 
 
 class EmbedRecords(beam.PTransform):
     """Records through ``EmbedModality`` for each of ``preprocessors`` in turn (with the
     ``modalities`` and ``settings`` of the same names): out come the records with their vectors
-    and failures, the error rows and the vectors shared with copies, of every modality."""
+    and failures, the error rows, the vectors shared with copies and the counts, of every modality."""
 
     def __init__(
         self,
@@ -97,16 +109,18 @@ class EmbedRecords(beam.PTransform):
         self.location_policy = location_policy
 
     def expand(self, records: beam.PCollection) -> dict[str, beam.PCollection]:
-        errors, shared = [], []
+        outputs: dict[str, list[beam.PCollection]] = {ERRORS_TAG: [], SHARED_TAG: [], COUNTS_TAG: []}
         for name, preprocessor in self.preprocessors.items():
             step = EmbedModality(self.modalities[name], preprocessor, self.settings[name], self.location_policy)
             embedded = records | name.title() >> step
             records = embedded["records"]
-            errors.append(embedded[ERRORS_TAG])
-            shared.append(embedded[SHARED_TAG])
+            for tag, collections in outputs.items():
+                collections.append(embedded[tag])
         pipeline = records.pipeline
         return {
             "records": records,
-            ERRORS_TAG: errors | "Errors" >> beam.Flatten(pipeline=pipeline),
-            SHARED_TAG: shared | "Shared" >> beam.Flatten(pipeline=pipeline),
+            **{
+                tag: collections | tag.title() >> beam.Flatten(pipeline=pipeline)
+                for tag, collections in outputs.items()
+            },
         }

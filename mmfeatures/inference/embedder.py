@@ -48,6 +48,11 @@ class Embedder:
         assert self._encoder is not None
         return self._encoder
 
+    def fallback(self) -> str | None:
+        """Why the encoder runs on torch instead of the runtime asked, where it does (known once it
+        has embedded a batch)."""
+        return None if self._encoder is None else self.runtime.fallback(self._encoder)
+
     def embed(self, records: Sequence[Prepared]) -> list[np.ndarray]:
         """Embed every window of every record, then mean-pool each record's windows.
 

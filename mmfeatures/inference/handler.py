@@ -42,6 +42,7 @@ class Outcome:
     vector: np.ndarray | None = None
     error: RecordError | None = None
     digest: str | None = None  # of the content embedded
+    fallback: str | None = None  # why the vector was made on torch instead of the runtime asked
 
 
 class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
@@ -118,7 +119,8 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
             if len(batch) == 1:
                 return [self._failure(*batch[0], exc)]
             return [outcome for item in batch for outcome in self._embed([item], model)]
-        return [_checked(*item, vector) for item, vector in zip(batch, vectors, strict=True)]
+        fallback = model.fallback()
+        return [_checked(*item, vector, fallback) for item, vector in zip(batch, vectors, strict=True)]
 
     def _failure(self, record: Record, prepared: Prepared, exc: Exception) -> Outcome:
         _LOG.warning("%s model failed on record %s: %s", self.modality.name, record.id, exc)
@@ -132,8 +134,9 @@ class EmbeddingModelHandler(ModelHandler[Keyed, Outcome, Embedder]):
         return f"mmfeatures.{self.modality.name}"
 
 
-def _checked(record: Record, prepared: Prepared, vector: np.ndarray) -> Outcome:
+def _checked(record: Record, prepared: Prepared, vector: np.ndarray, fallback: str | None) -> Outcome:
     if not np.all(np.isfinite(vector)):
         error = EncodeError("the embedding holds NaN or Inf", error_type="non_finite_embedding")
         return Outcome(record, prepared.source, error=error)
-    return Outcome(record, prepared.source, vector=vector.astype(np.float32), digest=prepared.digest)
+    vector = vector.astype(np.float32)
+    return Outcome(record, prepared.source, vector=vector, digest=prepared.digest, fallback=fallback)

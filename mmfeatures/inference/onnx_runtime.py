@@ -7,7 +7,8 @@ so that one file serves every micro-batch size and length bucket; micro-batches 
 their fixed shapes (see ``Embedder.micro_batches``). Exports are cached on the machine
 (``storage.cache_root()``/onnx), named by a key of everything that shapes them (``export_key``).
 A file is written under a temporary name and renamed into place, so a killed export never leaves
-a half file that a later run would load.
+a half file that a later run would load. A model that does not export, or whose export differs
+from torch, runs on torch instead (``OnnxEncoder.fallback`` says why, and the run's summary too).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from mmfeatures import __version__, storage
 from mmfeatures.host import available_cores
 from mmfeatures.inference.runtime import Runtime
+from mmfeatures.inference.torch_runtime import TorchRuntime
 from mmfeatures.modalities.base import Batch, Encoder, Window
 from mmfeatures.settings import device_type
 
@@ -116,7 +118,7 @@ def export(encoder: Encoder[Any], inputs: Batch, path: str, session: Callable[[s
                 if not np.allclose(given, expected, rtol=0, atol=EXPORT_TOLERANCE):
                     raise ValueError(
                         f"the ONNX export of {type(encoder).__name__} differs from torch on inputs of shapes "
-                        f"{ {name: array.shape for name, array in checked.items()} }: run it with --runtime torch"
+                        f"{ {name: array.shape for name, array in checked.items()} }"
                     )
         os.replace(partial, path)
     finally:
@@ -140,29 +142,37 @@ def _cuts(inputs: Batch, dynamic: Mapping[str, Mapping[int, str]]) -> list[Batch
 
 class OnnxEncoder(Encoder[np.ndarray]):
     """``source``'s collate, and its forward pass run by an ONNX Runtime session, made from the
-    export at ``path`` (exported from the first batch when the file is not there yet)."""
+    export at ``path`` (exported from the first batch when the file is not there yet). Without
+    ``path`` (an encoder that has no export), or where the export fails, ``source`` runs on torch,
+    at fp32, and ``fallback`` says why: the records are embedded, not lost to the runtime."""
 
-    def __init__(self, source: Encoder[Any], path: str, runtime: OnnxRuntime):
+    def __init__(self, source: Encoder[Any], path: str | None, runtime: OnnxRuntime):
         self.source = source
         self.dimension = source.dimension
         self.path = path
         self.runtime = runtime
+        self.fallback: str | None = None
+        self._torch = TorchRuntime(runtime.device, "fp32")
         self._session: Any = None
-        self._failure: str | None = None  # why the export failed: once is enough to know
         self._opening = threading.Lock()
+        if path is None:
+            self._fall_back(f"{type(source).__name__} has no ONNX export")
 
     def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
         return self.source.collate(windows, length)
 
     def forward(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         session = self._session or self._open(batch)
+        if session is None:
+            return self._torch.to_host([self._torch.forward(self.source, self._torch.to_device(batch))])
         return session.run([_OUTPUT], batch)[0]
 
     def _open(self, example: Mapping[str, np.ndarray]) -> Any:
-        """The session, exported from ``example`` if need be. An export that fails fails every
-        batch after it the same way, at once, rather than being tried again for each record."""
+        """The session, exported from ``example`` if need be; None where the encoder runs on torch.
+        An export is tried once: one that fails sends every batch after it to torch too."""
         with self._opening:
-            if self._session is None and self._failure is None:
+            if self._session is None and self.fallback is None:
+                assert self.path is not None
                 try:
                     if not os.path.exists(self.path):
                         _LOG.info("exporting %s to ONNX at %s", type(self.source).__name__, self.path)
@@ -171,11 +181,14 @@ class OnnxEncoder(Encoder[np.ndarray]):
                     # The session holds the weights now: the torch model (which only exporting
                     # needs) goes, so that a worker holds one copy of them, not two.
                     vars(self.source).pop("model", None)
-                except Exception as exc:  # noqa: BLE001 - told in every record's error row
-                    self._failure = f"{type(self.source).__name__} cannot run on ONNX Runtime: {exc}"
-            if self._failure is not None:
-                raise RuntimeError(self._failure)
+                except Exception as exc:  # noqa: BLE001 - the records run on torch; the summary tells
+                    self._fall_back(f"{type(self.source).__name__} cannot run on ONNX Runtime: {exc}")
         return self._session
+
+    def _fall_back(self, reason: str) -> None:
+        _LOG.warning("%s: its records are embedded on torch", reason)
+        self.fallback = reason
+        self._torch.prepare_process(self.runtime.threads)
 
 
 class OnnxRuntime(Runtime[np.ndarray]):
@@ -208,9 +221,12 @@ class OnnxRuntime(Runtime[np.ndarray]):
 
     def compile(self, encoder: Encoder[Any], weights_sha256: Callable[[], str]) -> Encoder[Any]:
         if encoder.export_axes is None:
-            raise ValueError(f"{type(encoder).__name__} does not export to ONNX: its modality runs on torch")
+            return OnnxEncoder(encoder, None, self)
         path = os.path.join(storage.cache_root(), "onnx", f"{export_key(encoder, weights_sha256())}.onnx")
         return OnnxEncoder(encoder, path, self)
+
+    def fallback(self, encoder: Encoder[Any]) -> str | None:
+        return encoder.fallback if isinstance(encoder, OnnxEncoder) else None
 
     def session(self, path: str) -> Any:
         """A session for the export at ``path``: every optimisation, the worker's cores as intra-op

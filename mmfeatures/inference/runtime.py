@@ -35,6 +35,11 @@ class Runtime(ABC, Generic[_Array]):
         made of them (it hashes every weight file: only one that needs it calls it)."""
         return encoder
 
+    def fallback(self, encoder: Encoder[Any]) -> str | None:
+        """Why ``encoder`` (as ``compile`` made it) runs on torch instead of this runtime, where it
+        does; known once it has run a batch."""
+        return None
+
     @abstractmethod
     def to_device(self, batch: Batch) -> dict[str, _Array]:
         """A collated batch moved onto the device."""

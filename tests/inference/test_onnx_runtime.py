@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -95,7 +95,7 @@ class _BranchOnLength(Encoder[torch.Tensor]):
     which a trace freezes at its example's."""
 
     dimension = 1
-    export_axes = {"values": {0: "rows", 1: "tokens"}}
+    export_axes: ClassVar[dict[str, dict[int, str]] | None] = {"values": {0: "rows", 1: "tokens"}}
 
     def collate(self, windows: Sequence[Window], length: int = 0) -> Batch:
         return {"values": np.stack([window["values"] for window in windows])}
@@ -113,12 +113,63 @@ def test_an_export_that_differs_from_torch_is_refused_and_leaves_no_file(tmp_pat
     assert list(tmp_path.iterdir()) == []  # neither the export nor its temporary file
 
 
-def test_an_encoder_whose_export_fails_fails_every_batch_at_once(tmp_path: Path) -> None:
-    encoder = OnnxEncoder(_BranchOnLength(), str(tmp_path / "export.onnx"), OnnxRuntime("cpu"))
+def test_an_encoder_whose_export_fails_runs_on_torch_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "export.onnx"
+    encoder = OnnxEncoder(_BranchOnLength(), str(path), OnnxRuntime("cpu"))
     batch = {"values": np.arange(2 * 12, dtype=np.float32).reshape(2, 12)}
-    for _ in range(2):
-        with pytest.raises(RuntimeError, match="_BranchOnLength cannot run on ONNX Runtime: the ONNX export"):
-            encoder.forward(batch)
+    on_torch = _BranchOnLength().forward({"values": torch.from_numpy(batch["values"])}).numpy()
+    np.testing.assert_array_equal(encoder.forward(batch), on_torch)
+    assert encoder.fallback is not None
+    assert encoder.fallback.startswith("_BranchOnLength cannot run on ONNX Runtime: the ONNX export")
+    assert list(tmp_path.iterdir()) == []
+    # Tried once: the batches after it go to torch without exporting again.
+    monkeypatch.setattr("mmfeatures.inference.onnx_runtime.export", _never)
+    np.testing.assert_array_equal(encoder.forward(batch), on_torch)
+
+
+def _never(*args: Any) -> None:
+    raise AssertionError("exported again")
+
+
+def test_an_encoder_with_no_export_runs_on_torch() -> None:
+    class Unexported(_BranchOnLength):
+        export_axes = None
+
+    encoder = OnnxRuntime("cpu").compile(Unexported(), lambda: "0" * 64)
+    assert OnnxRuntime("cpu").fallback(encoder) == "Unexported has no ONNX export"
+    batch = {"values": np.ones((2, 3), dtype=np.float32)}
+    np.testing.assert_array_equal(encoder.forward(batch), [[3.0], [3.0]])
+
+
+def test_a_job_whose_models_do_not_export_embeds_them_on_torch_and_its_summary_says_so(
+    corpus: dict[str, Any], tiny_model_options: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = write_manifest(corpus["folder"], corpus["rows"])
+    on_torch = extract(manifest, str(tmp_path / "torch"), [*tiny_model_options, "--runtime", "torch"])
+
+    def refused(encoder: Encoder[Any], *args: Any) -> None:
+        raise ValueError(f"no exporter for {type(encoder).__name__}")
+
+    monkeypatch.setattr("mmfeatures.inference.onnx_runtime.export", refused)
+    summary = extract(manifest, str(tmp_path / "onnx"), [*tiny_model_options, "--runtime", "onnx"])
+    assert summary["reconciles"] and summary["error_rows"] == 0
+    for modality in ("text", "image"):
+        counts = summary["modalities"][modality]
+        encoder = f"{modality.title()}Encoder"
+        assert counts["runtime"] == "onnx" and counts["embedded"] == len(corpus["rows"])  # copies included
+        assert counts["fallback"] == {
+            "runtime": "torch",
+            "embedded": counts["embedded"],
+            "reason": f"{encoder} cannot run on ONNX Runtime: no exporter for {encoder}",
+        }
+    assert summary["modalities"]["audio"]["fallback"] is None
+    assert on_torch["modalities"]["text"]["fallback"] is None
+    tables = {runtime: feature_rows(str(tmp_path / runtime)) for runtime in RUNTIMES}
+    for record_id, row in tables["torch"].items():
+        for column in ("text_embedding", "image_embedding", "fused"):
+            np.testing.assert_array_equal(tables["onnx"][record_id][column], row[column])
 
 
 def test_the_runtime_is_in_the_settings_fingerprint_and_the_recorded_options(tmp_path: Path) -> None:
@@ -138,6 +189,31 @@ def test_the_runtime_is_in_the_settings_fingerprint_and_the_recorded_options(tmp
     assert torch_job.fingerprint == settings_fingerprint(
         torch_job.models, torch_job.fusion.describe(), "fp32", "cpu", {"image": "torch"}
     )
+
+
+def _job(tmp_path: Path, *options: str) -> Job:
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "text": "a cat"}\n')
+    return Job.from_options(parse_options(["--input", str(manifest), "--output", str(tmp_path / "out"), *options]))
+
+
+@pytest.mark.parametrize(
+    ("options", "runtime"), [((), "onnx"), (("--precision", "bf16"), "torch"), (("--device", "cuda"), "torch")]
+)
+def test_the_default_runtime_is_onnx_on_a_cpu_at_fp32(tmp_path: Path, options: tuple[str, ...], runtime: str) -> None:
+    assert _job(tmp_path, *options).options["runtime"] == f"text={runtime},image={runtime},audio=torch"
+
+
+def test_without_onnxruntime_the_default_is_torch_and_onnx_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else find_spec(name))
+    assert _job(tmp_path).options["runtime"] == "text=torch,image=torch,audio=torch"
+    with pytest.raises(ConfigurationError, match=r"--runtime onnx needs onnxruntime: install mmfeatures\[cpu\]"):
+        _job(tmp_path, "--runtime", "onnx")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

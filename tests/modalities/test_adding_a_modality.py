@@ -177,6 +177,8 @@ def test_a_toy_fourth_modality_runs_end_to_end(tmp_path: Path) -> None:
         "kept": 0,
         "failed": 1,
         "absent": 1,
+        "runtime": "torch",  # it declares no other
+        "fallback": None,
     }
     assert summary["models"]["sensor"]["dimension"] == DIMENSION
     assert summary["models"]["sensor"]["preprocessing"] == {"readings": READINGS, "padding": "zeros"}
