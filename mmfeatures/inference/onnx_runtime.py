@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
@@ -45,7 +46,6 @@ EXPORT_TOLERANCE = 1e-4
 def export_key(encoder: Encoder[Any], weights_sha256: str) -> str:
     """The name of ``encoder``'s export: changed weights, model configuration, encoder code (this
     package's version), exporter, model library or runtime export again."""
-    import onnx
     import onnxruntime
     import torch
 
@@ -56,7 +56,8 @@ def export_key(encoder: Encoder[Any], weights_sha256: str) -> str:
         "encoder": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
         "axes": encoder.export_axes,
         "opset": OPSET,
-        "versions": [__version__, torch.__version__, onnx.__version__, onnxruntime.__version__, _transformers()],
+        # onnx's version from its metadata: importing it takes a second, and only an export needs it.
+        "versions": [__version__, torch.__version__, version("onnx"), onnxruntime.__version__, _transformers()],
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
