@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.inputs import InputSet
-from benchmarks.throughput import Settings, add_run_arguments, build_inputs, log_path, processor_name
+from benchmarks.throughput import Settings, add_run_arguments, build_inputs, log_path, processor_name, write_results
 from mmfeatures.host import available_cores
 from mmfeatures.schema import read_features
 
@@ -321,10 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_benchmark(records, settings, args.seed)
     print(format_report(runs, settings))
     results = report_json(runs, settings, started, args.quick)
-    path = args.json or settings.workdir / "incremental.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
-    print(f"\nresults: {path} ({results['wall_seconds']:.0f} s)")
+    write_results(args.json or settings.workdir / "incremental.json", results)
     return 0
 
 

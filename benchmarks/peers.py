@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from benchmarks.inputs import InputSet, build_input_set
 from benchmarks.peer_programs.models import PEER_MODALITIES, READINGS, SETUPS
-from benchmarks.throughput import add_run_arguments
+from benchmarks.throughput import add_run_arguments, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_ENV = REPO / ".peers-env"
@@ -314,10 +314,9 @@ def _read_media(input_set: InputSet) -> None:
 
 
 def _job_runtime(output: Path, modality: str) -> str:
-    """The runtime the job's run recorded for ``modality`` (its options: ``text=onnx,image=onnx,...``)."""
-    options = json.loads((output / "_run.json").read_text())["options"]
-    runtimes = dict(part.split("=", 1) for part in str(options.get("runtime", "")).split(",") if "=" in part)
-    return f"{options.get('runner')}, {runtimes.get(modality, '?')}"
+    """The runner and the runtime the job's run recorded for ``modality``."""
+    summary = json.loads((output / "_run.json").read_text())
+    return f"{summary['options']['runner']}, {summary['modalities'][modality]['runtime']}"
 
 
 def best(items: list[Measured], engine: str, reading: str) -> Measured | None:
@@ -473,9 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             for item in items
         ],
     }
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    print(f"\nresults: {json_path}")
+    write_results(json_path, report)
     return 0
 
 

@@ -283,9 +283,8 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     record_count, windows = len(windows_per_record), sum(len(w) for w in windows_per_record)
     del windows_per_record, records, batches  # only the collated tensors stay (on a GPU, only there)
     encoder, model_runtime = embedder.encoder, embedder.runtime
-    model_runtime.forward(
-        encoder, passes[0]
-    )  # the first pass sets up the kernels (or exports); the job pays that once too
+    # The first pass sets up the kernels (or exports); the job pays that once too.
+    model_runtime.forward(encoder, passes[0])
     _synchronize(settings.device)
     start = time.perf_counter()
     for tensors in passes:
@@ -315,8 +314,7 @@ def measure_job(inputs: InputSet, settings: Settings) -> Measured:
     embedded = summary["modalities"][inputs.modality]["embedded"]
     if status != 0 or embedded != inputs.count:
         raise RuntimeError(f"the job exited {status} and embedded {embedded} of {inputs.count} records")
-    runtimes = dict(item.split("=") for item in summary["options"]["runtime"].split(","))
-    return Measured(inputs.count, seconds, notes={"runtime": runtimes[inputs.modality]})
+    return Measured(inputs.count, seconds, notes={"runtime": summary["modalities"][inputs.modality]["runtime"]})
 
 
 def _load_encoder(name: str) -> Encoder[torch.Tensor]:
@@ -768,6 +766,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, results: str) -> None:
     )
 
 
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """A benchmark's results as JSON at ``path``, said on the last line it prints."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str))
+    took = f" ({results['wall_seconds']:.0f} s)" if "wall_seconds" in results else ""
+    print(f"\nresults: {path}{took}")
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args, job_options = _parser().parse_known_args(argv)
@@ -800,10 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             scalings = [run_scaling(args.scaling_modality, counts, scaling_settings, args.seed, "scaling")]
     print(format_report(reports, scalings, settings))
     results = report_json(reports, scalings, settings, started, args.quick)
-    path = args.json or settings.workdir / ("scale.json" if args.scale else "throughput.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=str))
-    print(f"\nresults: {path} ({results['wall_seconds']:.0f} s)")
+    write_results(args.json or settings.workdir / ("scale.json" if args.scale else "throughput.json"), results)
     return 0
 
 

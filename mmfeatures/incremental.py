@@ -59,7 +59,6 @@ class PreviousTable:
     fs: Any  # an fsspec file system
     parts: tuple[str, ...]
     part_rows: tuple[int, ...]
-    rows: int
     commit: str
     fingerprint: str | None
     usable: bool
@@ -85,12 +84,15 @@ class PreviousTable:
             fs,
             tuple(table.parts),
             tuple(table.part_rows),
-            table.rows,
             manifest["commit"],
             previous,
             previous == fingerprint,
             carried,
         )
+
+    @property
+    def rows(self) -> int:
+        return sum(self.part_rows)
 
     def carried_types(self) -> dict[str, pa.DataType]:
         return {field.name: field.type for field in self.carried}

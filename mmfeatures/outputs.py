@@ -123,8 +123,11 @@ class CommittedTable:
 
     fs: Any  # an fsspec file system
     parts: list[str]
-    rows: int
     part_rows: list[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.part_rows)
 
 
 def committed_table(path: str, filesystem: AbstractFileSystem | None = None) -> CommittedTable | None:
@@ -147,7 +150,6 @@ def tables_of(manifest: dict[str, Any] | None, fs: AbstractFileSystem, root: str
         name: CommittedTable(
             fs,
             [f"{root}/{part['path']}" for part in table["files"]],
-            table["rows"],
             [part["rows"] for part in table["files"]],
         )
         for name, table in tables.items()
