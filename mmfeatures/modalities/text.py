@@ -28,7 +28,10 @@ from mmfeatures.limits import Limits
 from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, Window, per_thread, round_up
 
 _WHITESPACE = re.compile(r"\s+")
-PAD_MULTIPLE = 16  # tokens
+# Windows pad to a multiple of this many tokens: their length bucket, and so their pass's shape.
+# Finer buckets pad less but leave more passes part-filled (with repeats) at each bucket's end;
+# over a stream, 4 pads 2.6% past the texts' own tokens where 16 padded 15%.
+PAD_MULTIPLE = 4  # tokens
 
 MINILM = BundledModel(
     "sentence-transformers/all-MiniLM-L6-v2",
