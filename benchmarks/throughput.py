@@ -287,8 +287,8 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
     model_runtime.forward(encoder, passes[0])
     _synchronize(settings.device)
     start = time.perf_counter()
-    for tensors in passes:
-        model_runtime.forward(encoder, tensors)
+    for _ in embedder.forward_passes(passes):
+        pass
     _synchronize(settings.device)
     seconds = time.perf_counter() - start
     rows = len(passes) * inference.micro_batch_size
@@ -296,7 +296,7 @@ def measure_model(inputs: InputSet, settings: Settings, part: slice = slice(None
         "batches": batch_count,
         "forward_passes": len(passes),
         "padding_rows": rows - windows,
-        "torch_threads": torch.get_num_threads(),
+        "lanes": model_runtime.lanes,
         "micro_batch_size": inference.micro_batch_size,
         "max_batch_cost": inference.max_batch_cost,
     }

@@ -16,9 +16,6 @@ from mmfeatures.settings import InferenceSettings
 
 Keyed = tuple[Record, Prepared | None]  # a record and its model input; None: it passes on
 
-# The batcher holds at most this many batches' cost across its length buckets: memory stays
-# bounded by the batch size, whatever the input's size or spread of lengths.
-BUFFERED_BATCHES = 4
 # Records that pass on without the model go out this many at a time, for RunInference's own
 # cost per batch to weigh little.
 PASSING_BATCH = 64
@@ -38,7 +35,8 @@ class CostBatcher:
     one length and its micro-batches are full rows, not padding; a bucket goes out once it holds
     ``max_batch_cost`` or ``micro_batches_per_batch`` micro-batches (and at least one), cut to a
     whole number of micro-batches with the rest kept for the next batch. When all buckets together
-    hold more than ``BUFFERED_BATCHES`` batches' worth, the fullest goes out early. Records with
+    hold more than the preprocessor's ``buffered_batches`` batches' worth (memory stays bounded by
+    the batch size, whatever the input's size or spread of lengths), the fullest goes out early. Records with
     nothing to embed go out in batches of their own (``PASSING_BATCH``). ``flush`` empties every
     bucket.
     """
@@ -71,7 +69,7 @@ class CostBatcher:
         enough = bucket.cost >= self.max_batch_cost or bucket.windows >= self.micro_batches_per_batch * rows
         if enough and bucket.windows >= rows:
             yield self._cut(length)
-        while self._buffered_cost > BUFFERED_BATCHES * self.max_batch_cost:
+        while self._buffered_cost > self.preprocessor.buffered_batches * self.max_batch_cost:
             yield self._cut(max(self._buckets, key=lambda key: self._buckets[key].cost))
 
     def flush(self) -> Iterator[list[Keyed]]:

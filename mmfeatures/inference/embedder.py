@@ -6,9 +6,11 @@ import contextlib
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmfeatures.host import CPU_TURNS
 from mmfeatures.inference.runtime import Runtime
@@ -37,6 +39,7 @@ class Embedder:
         self._loading = threading.Lock()
         self.runtime = runtime
         self.micro_batch_size = micro_batch_size
+        self._lanes: ThreadPoolExecutor | None = None
 
     @property
     def encoder(self) -> Encoder[Any]:
@@ -62,15 +65,20 @@ class Embedder:
         preparing threads, and pools within its turn, before they take the GIL again.
         """
         windows = [window for record in records for window in record.windows]
-        outputs, order = [], []
         passes: Iterable[tuple[list[int], dict[str, Any]]] = self.micro_batches(windows)
         asynchronous = self.runtime.asynchronous
         if not asynchronous:
             passes = list(passes)
         with contextlib.nullcontext() if asynchronous else CPU_TURNS.model_turn():
-            for indices, inputs in passes:
-                outputs.append(self.runtime.forward(self.encoder, inputs)[: len(indices)])
-                order += indices
+            chunks: list[list[int]] = []  # each pass's windows, noted as its inputs are taken
+
+            def inputs() -> Iterator[dict[str, Any]]:
+                for indices, tensors in passes:
+                    chunks.append(indices)
+                    yield tensors
+
+            outputs = [output[: len(chunks[n])] for n, output in enumerate(self.forward_passes(inputs()))]
+            order = [index for chunk in chunks for index in chunk]
             on_host = self.runtime.to_host(outputs)
             if on_host.shape[1] != self.encoder.dimension:  # the tables' columns are sized by it
                 raise ValueError(
@@ -85,6 +93,22 @@ class Embedder:
                 pooled.append(per_window[start:stop].mean(axis=0))
                 start = stop
         return pooled
+
+    def forward_passes(self, passes: Iterable[dict[str, Any]]) -> Iterator[Any]:
+        """Each pass's output, in order: side by side on the runtime's lanes where it has several."""
+        encoder = self.encoder
+        if self.runtime.lanes == 1:
+            return (self.runtime.forward(encoder, inputs) for inputs in passes)
+        if self._lanes is None:
+            with self._loading:
+                if self._lanes is None:
+                    self._lanes = ThreadPoolExecutor(
+                        self.runtime.lanes,
+                        f"{self.preprocessor.name}-lane",
+                        initializer=torch.set_num_threads,
+                        initargs=(1,),
+                    )
+        return self._lanes.map(lambda inputs: self.runtime.forward(encoder, inputs), passes)
 
     def micro_batches(self, windows: Sequence[Window]) -> Iterator[tuple[list[int], dict[str, Any]]]:
         """``(window indices, inputs on the device)`` per micro-batch.

@@ -219,6 +219,7 @@ class OnnxRuntime(Runtime[np.ndarray]):
                 "(onnxruntime-gpu for CUDA), which this worker's onnxruntime does not have"
             )
         self.threads = threads or available_cores()
+        self.lanes = 1 if self.provider == "CUDAExecutionProvider" else self.threads
 
     def compile(self, encoder: Encoder[Any], weights_sha256: Callable[[], str]) -> Encoder[Any]:
         if encoder.export_axes is None:
@@ -230,14 +231,15 @@ class OnnxRuntime(Runtime[np.ndarray]):
         return encoder.fallback if isinstance(encoder, OnnxEncoder) else None
 
     def session(self, path: str) -> Any:
-        """A session for the export at ``path``: every optimisation, the worker's cores as intra-op
-        threads that sleep rather than spin between passes (the preparing threads need the cores
-        then), and no memory arena or pattern, which would keep the largest length bucket's buffers."""
+        """A session for the export at ``path``: every optimisation, one intra-op thread per pass on
+        a CPU (its lanes run passes side by side) and the worker's cores on a GPU, threads that
+        sleep rather than spin between passes (the preparing threads need the cores then), and no
+        memory arena or pattern, which would keep the largest length bucket's buffers."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = self.threads // self.lanes
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = False
         options.enable_mem_pattern = False

@@ -23,11 +23,17 @@ class Runtime(ABC, Generic[_Array]):
     #: True where passes are queued and run beside the host (a GPU): then the host keeps preparing
     #: records meanwhile, instead of taking turns with the model at the cores.
     asynchronous: bool = False
+    #: Passes run side by side on this many threads, each pass on one core (set by
+    #: ``prepare_process``). On a CPU that is one per core: a pass of a few rows splits poorly
+    #: across cores, and two single-threaded passes ran 14 to 16% more texts and clips a second
+    #: than one pass at a time on two threads.
+    lanes: int = 1
 
     @abstractmethod
     def prepare_process(self, threads: int | None) -> None:
         """Set up this worker process for the runtime: its device checked, ``threads`` compute
-        threads (None: one per core the process may use)."""
+        threads (None: one per core the process may use): ``lanes`` of one thread each on a
+        CPU, and one lane of ``threads`` on a GPU."""
 
     def compile(self, encoder: Encoder[Any], weights_sha256: Callable[[], str]) -> Encoder[_Array]:
         """``encoder`` (as its modality loaded it, in torch) made ready for this runtime, once per

@@ -32,9 +32,11 @@ class TorchRuntime(Runtime[torch.Tensor]):
         if self.asynchronous and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
         threads = threads or available_cores()
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-            _LOG.info("torch runs %d threads in this worker process", threads)
+        self.lanes = 1 if self.asynchronous else threads
+        per_pass = threads if self.asynchronous else 1
+        if torch.get_num_threads() != per_pass:
+            torch.set_num_threads(per_pass)
+        _LOG.info("torch runs %d lane(s) of %d thread(s) in this worker process", self.lanes, per_pass)
 
     def to_device(self, batch: Batch) -> dict[str, torch.Tensor]:
         """On CUDA the host tensors are pinned and copied without blocking, overlapping the copy

@@ -81,6 +81,9 @@ class Preprocessor(ABC):
     default_model: ClassVar[BundledModel | None] = None  # what the model reference ``default`` names
     inline: ClassVar[bool] = False  # True when the manifest holds the content itself (text)
     batch_cost: ClassVar[int]  # most input values (tokens, pixels, mel values) in one batch
+    # Most batches' cost the batcher holds across this modality's length buckets before it sends
+    # the fullest out part-filled: room for every bucket to fill a batch of several passes.
+    buffered_batches: ClassVar[int] = 4
     # Records whose raw values ``preprocess_batch`` takes in one call: more than 1 where the
     # preprocessing has a faster batched form (a tokenizer's), 1 where each record stands alone.
     preprocess_batch_size: ClassVar[int] = 1

@@ -22,7 +22,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from mmfeatures.encoders import mobilenet_v2
 from mmfeatures.errors import EncodeError, Stage
 from mmfeatures.host import CPU_TURNS
-from mmfeatures.inference.batching import BUFFERED_BATCHES, BatchByCost, CostBatcher, Keyed
+from mmfeatures.inference.batching import BatchByCost, CostBatcher, Keyed
 from mmfeatures.inference.handler import EmbeddingModelHandler, Outcome
 from mmfeatures.modalities.audio import AudioPreprocessor
 from mmfeatures.modalities.base import Batch, Prepared, Preprocessor
@@ -339,7 +339,7 @@ def test_the_handler_batches_by_its_device_and_modality(
 
 def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextPreprocessor) -> None:
     """Many length buckets that never fill alone: the fullest goes out early, so what is held never
-    passes BUFFERED_BATCHES batches' worth, however long the input."""
+    passes the preprocessor's buffered_batches batches' worth, however long the input."""
     batcher = CostBatcher(
         tiny_text, InferenceSettings(max_batch_cost=64, micro_batch_size=8, micro_batches_per_batch=8)
     )
@@ -349,7 +349,7 @@ def test_buffered_records_stay_bounded_by_the_batch_cost(tiny_text: TextPreproce
         held += record.cost
         for batch in batcher.add(keyed(f"r{i}", record)):
             held -= sum(p.cost for p in inputs(batch))
-        assert held <= BUFFERED_BATCHES * 64
+        assert held <= tiny_text.buffered_batches * 64
     assert sum(p.cost for batch in batcher.flush() for p in inputs(batch)) == held
 
 
