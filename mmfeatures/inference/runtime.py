@@ -25,8 +25,7 @@ class Runtime(ABC, Generic[_Array]):
     asynchronous: bool = False
     #: Passes run side by side on this many threads, each pass on one core (set by
     #: ``prepare_process``). On a CPU that is one per core: a pass of a few rows splits poorly
-    #: across cores, and two single-threaded passes ran 14 to 16% more texts and clips a second
-    #: than one pass at a time on two threads.
+    #: across cores (docs/throughput.md has the measurements).
     lanes: int = 1
 
     @abstractmethod
