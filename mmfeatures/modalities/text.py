@@ -29,8 +29,8 @@ from mmfeatures.modalities.base import Batch, Encoder, Modality, Preprocessor, W
 
 _WHITESPACE = re.compile(r"\s+")
 # Windows pad to a multiple of this many tokens: their length bucket, and so their pass's shape.
-# Finer buckets pad less but leave more passes part-filled (with repeats) at each bucket's end;
-# over a stream, 4 pads 2.6% past the texts' own tokens where 16 padded 15%.
+# Finer buckets pad less but leave more passes part-filled (with repeats) at each bucket's end,
+# and too many outgrow the batcher's bound (docs/peers.md has the measurements).
 PAD_MULTIPLE = 4  # tokens
 
 MINILM = BundledModel(
@@ -93,8 +93,8 @@ class TextPreprocessor(Preprocessor):
     default_model = MINILM
     inline = True
     batch_cost = 8192  # tokens
-    # About 40 length buckets of 4 tokens: held to 4 batches (32,768 tokens), the fullest went out
-    # after 3 passes on average, too few to share between the cores' lanes. 16 are 2 MB of ids.
+    # Buckets of 4 tokens are many: held to 4 batches, the fullest goes out after a few passes, too
+    # few to share between the cores' lanes. Token ids are small: 16 batches are about 2 MB.
     buffered_batches = 16
     # A fast tokenizer encodes a list of texts in one call, in parallel and without the GIL.
     preprocess_batch_size = 64
